@@ -1,0 +1,4 @@
+//! One module per subcommand: an `Args` struct (clap) and a `run(Args) -> anyhow::Result<()>`.
+
+pub mod inspect;
+pub mod logits;

@@ -1,0 +1,38 @@
+//! `sobre`: the command-line front-end. It parses arguments and delegates to the library crates;
+//! no training, sampling or scoring logic lives here.
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "sobre", version, about = "Train small reasoning MoE models with GRPO and checkable rewards")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print a model's size: total and active parameters, layers, experts, weight memory.
+    Inspect(cmd::inspect::Args),
+    /// Print the logits a model gives for a sequence of token ids, as JSON.
+    Logits(cmd::logits::Args),
+    // --- further commands: one line each, the code in cmd/<name>.rs ---
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Inspect(args) => cmd::inspect::run(args),
+        Command::Logits(args) => cmd::logits::run(args),
+        // --- dispatch: one line per command ---
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
