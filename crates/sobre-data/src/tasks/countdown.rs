@@ -1,0 +1,322 @@
+//! Countdown, as TinyZero trains it: given 3–4 numbers and a target, write an equation with
+//! `+ - * /` that uses each number exactly once and equals the target.
+//!
+//! Generation: draw how many numbers and the numbers, list every target in range that the
+//! solver can reach, and pick one uniformly; so every problem is solvable by construction.
+//! The solver keeps to what the Countdown game allows on paper: intermediate results are
+//! positive integers (subtraction takes the smaller from the larger, division only when exact).
+//! Checkers such as TinyZero's accept any expression that evaluates to the target, so this
+//! only restricts which targets are *offered*, never which answers count.
+//!
+//! Demonstration format (short, for small models with 64–128 token completions):
+//!
+//! ```text
+//! <think>
+//! 15 + 3 = 18, 18 - 7 = 11
+//! </think>
+//! <answer>
+//! (15 + 3) - 7
+//! </answer>
+//! ```
+//!
+//! The reasoning is the solver's steps in order, `a op b = c` separated by `, `; the answer is
+//! one expression over the original numbers where every compound operand is parenthesised.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{Problem, Split, TaskError, TaskRng, collect, r1_completion};
+use crate::dataset::{Prompt, Sample};
+
+/// Options of the countdown generator. Defaults follow TinyZero's Countdown-Tasks-3to4
+/// (3–4 numbers in 1..=99, targets in 1..=99).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CountdownConfig {
+    /// Fewest numbers in a problem (≥ 2).
+    pub min_count: usize,
+    /// Most numbers in a problem (≤ 6; the solver enumerates every expression).
+    pub max_count: usize,
+    /// Smallest number (≥ 1).
+    pub min_number: i64,
+    pub max_number: i64,
+    /// Smallest target (≥ 1).
+    pub min_target: i64,
+    pub max_target: i64,
+}
+
+impl Default for CountdownConfig {
+    fn default() -> Self {
+        CountdownConfig {
+            min_count: 3,
+            max_count: 4,
+            min_number: 1,
+            max_number: 99,
+            min_target: 1,
+            max_target: 99,
+        }
+    }
+}
+
+impl CountdownConfig {
+    pub fn validate(&self) -> Result<(), TaskError> {
+        let bad = |message: String| {
+            Err(TaskError::Config {
+                task: "countdown",
+                message,
+            })
+        };
+        if self.min_count < 2 || self.max_count > 6 || self.min_count > self.max_count {
+            return bad(format!(
+                "count range {}..={} must lie within 2..=6 and not be empty",
+                self.min_count, self.max_count
+            ));
+        }
+        if self.min_number < 1 || self.min_number > self.max_number || self.max_number > 1_000_000
+        {
+            return bad(format!(
+                "number range {}..={} must lie within 1..=1000000 and not be empty",
+                self.min_number, self.max_number
+            ));
+        }
+        if self.min_target < 1 || self.min_target > self.max_target {
+            return bad(format!(
+                "target range {}..={} must start at 1 or more and not be empty",
+                self.min_target, self.max_target
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One countdown problem.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CountdownProblem {
+    /// The numbers in the order the prompt lists them.
+    pub nums: Vec<i64>,
+    pub target: i64,
+}
+
+/// One solver step: `a op b = result`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Step {
+    pub a: i64,
+    pub op: char,
+    pub b: i64,
+    pub result: i64,
+}
+
+/// A solution: the steps in order and the equivalent expression over the original numbers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Solution {
+    pub steps: Vec<Step>,
+    pub expression: String,
+}
+
+impl Solution {
+    /// The steps as the demonstration writes them: `15 + 3 = 18, 18 - 7 = 11`.
+    pub fn reasoning(&self) -> String {
+        self.steps
+            .iter()
+            .map(|s| format!("{} {} {} = {}", s.a, s.op, s.b, s.result))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The full R1-format demonstration.
+    pub fn demonstration(&self) -> String {
+        r1_completion(&self.reasoning(), &self.expression)
+    }
+}
+
+impl CountdownProblem {
+    /// TinyZero's question text (its `make_prefix`, without the surrounding template).
+    pub fn question(&self) -> String {
+        let nums: Vec<String> = self.nums.iter().map(i64::to_string).collect();
+        format!(
+            "Using the numbers [{}], create an equation that equals {}. You can use basic \
+             arithmetic operations (+, -, *, /) and each number can only be used once. Show your \
+             work in <think> </think> tags. And return the final answer in <answer> </answer> \
+             tags, for example <answer> (1 + 2) / 3 </answer>.",
+            nums.join(", "),
+            self.target
+        )
+    }
+
+    /// The first solution in the solver's fixed search order, if the target is reachable.
+    pub fn solve(&self) -> Option<Solution> {
+        let items: Vec<Item> = self
+            .nums
+            .iter()
+            .map(|&n| Item {
+                value: n,
+                expr: n.to_string(),
+                atom: true,
+            })
+            .collect();
+        let mut steps = Vec::new();
+        search(&items, self.target, &mut steps)
+    }
+}
+
+impl Problem for CountdownProblem {
+    /// `countdown:<sorted numbers>:<target>`, e.g. `countdown:3,7,15:11`.
+    fn key(&self) -> String {
+        let mut sorted = self.nums.clone();
+        sorted.sort_unstable();
+        let nums: Vec<String> = sorted.iter().map(i64::to_string).collect();
+        format!("countdown:{}:{}", nums.join(","), self.target)
+    }
+
+    fn to_sample(&self, with_demo: bool) -> Sample {
+        let mut fields = std::collections::BTreeMap::new();
+        fields.insert(
+            "nums".to_string(),
+            Value::Array(self.nums.iter().map(|&n| Value::from(n)).collect()),
+        );
+        fields.insert("target".to_string(), Value::from(self.target));
+        Sample {
+            prompt: Prompt::Text(self.question()),
+            answer: None,
+            // Generated problems are solvable by construction; `solve` cannot miss.
+            completion: if with_demo {
+                self.solve().map(|s| s.demonstration())
+            } else {
+                None
+            },
+            fields,
+        }
+    }
+}
+
+/// The positive-integer results of combining `a` and `b` (any order), with the operator and
+/// the operands in the order they are written: larger first for `-` and `/`.
+fn combine(a: i64, b: i64) -> impl Iterator<Item = (i64, char, i64, i64)> {
+    let (hi, lo) = if a >= b { (a, b) } else { (b, a) };
+    let add = a.checked_add(b).map(|r| (a, '+', b, r));
+    let sub = (hi > lo).then(|| (hi, '-', lo, hi - lo));
+    let mul = a.checked_mul(b).map(|r| (a, '*', b, r));
+    let div = (lo > 0 && hi % lo == 0).then(|| (hi, '/', lo, hi / lo));
+    [add, sub, mul, div].into_iter().flatten()
+}
+
+/// Every value reachable using all of `nums` exactly once.
+pub fn reachable(nums: &[i64]) -> BTreeSet<i64> {
+    let mut out = BTreeSet::new();
+    let mut work = nums.to_vec();
+    reach(&mut work, &mut out);
+    out
+}
+
+fn reach(nums: &mut Vec<i64>, out: &mut BTreeSet<i64>) {
+    if nums.len() == 1 {
+        out.insert(nums[0]);
+        return;
+    }
+    for i in 0..nums.len() {
+        for j in (i + 1)..nums.len() {
+            let (a, b) = (nums[i], nums[j]);
+            for (_, _, _, r) in combine(a, b) {
+                let mut next: Vec<i64> = Vec::with_capacity(nums.len() - 1);
+                next.extend(
+                    nums.iter()
+                        .enumerate()
+                        .filter(|(k, _)| *k != i && *k != j)
+                        .map(|(_, v)| *v),
+                );
+                next.push(r);
+                reach(&mut next, out);
+            }
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Item {
+    value: i64,
+    expr: String,
+    atom: bool,
+}
+
+fn wrap(item: &Item) -> String {
+    if item.atom {
+        item.expr.clone()
+    } else {
+        format!("({})", item.expr)
+    }
+}
+
+fn search(items: &[Item], target: i64, steps: &mut Vec<Step>) -> Option<Solution> {
+    if items.len() == 1 {
+        return (items[0].value == target).then(|| Solution {
+            steps: steps.clone(),
+            expression: items[0].expr.clone(),
+        });
+    }
+    for i in 0..items.len() {
+        for j in (i + 1)..items.len() {
+            for (x, op, y, r) in combine(items[i].value, items[j].value) {
+                // Write the operands in the order `combine` chose: as given for + and *,
+                // larger first for - and / (`combine` puts the larger first on a tie too).
+                let (left, right) = if op == '+' || op == '*' || items[i].value >= items[j].value
+                {
+                    (&items[i], &items[j])
+                } else {
+                    (&items[j], &items[i])
+                };
+                let combined = Item {
+                    value: r,
+                    expr: format!("{} {op} {}", wrap(left), wrap(right)),
+                    atom: false,
+                };
+                let mut next: Vec<Item> = items
+                    .iter()
+                    .enumerate()
+                    .filter(|(k, _)| *k != i && *k != j)
+                    .map(|(_, it)| it.clone())
+                    .collect();
+                next.push(combined);
+                steps.push(Step {
+                    a: x,
+                    op,
+                    b: y,
+                    result: r,
+                });
+                if let Some(sol) = search(&next, target, steps) {
+                    return Some(sol);
+                }
+                steps.pop();
+            }
+        }
+    }
+    None
+}
+
+fn draw(cfg: &CountdownConfig, rng: &mut TaskRng) -> Option<CountdownProblem> {
+    let count = rng.range(cfg.min_count as i64, cfg.max_count as i64) as usize;
+    let nums: Vec<i64> = (0..count)
+        .map(|_| rng.range(cfg.min_number, cfg.max_number))
+        .collect();
+    let targets: Vec<i64> = reachable(&nums)
+        .range(cfg.min_target..=cfg.max_target)
+        .copied()
+        .collect();
+    if targets.is_empty() {
+        return None;
+    }
+    let target = targets[rng.range(0, targets.len() as i64 - 1) as usize];
+    Some(CountdownProblem { nums, target })
+}
+
+/// `n` distinct countdown problems of `split` from `seed`.
+pub fn generate(
+    cfg: &CountdownConfig,
+    split: Split,
+    n: usize,
+    seed: u64,
+) -> Result<Vec<CountdownProblem>, TaskError> {
+    cfg.validate()?;
+    collect("countdown", split, n, seed, |rng| draw(cfg, rng))
+}
