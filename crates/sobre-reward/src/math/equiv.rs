@@ -299,6 +299,7 @@ fn symbols(node: &Node, out: &mut Vec<String>) {
             symbols(lo, out);
             symbols(hi, out);
         }
+        Node::Matrix(rows) => rows.iter().flatten().for_each(|n| symbols(n, out)),
         _ => {}
     }
 }
@@ -421,15 +422,28 @@ fn equivalent_at(a: &Node, b: &Node, depth: usize) -> bool {
                 || (*oa == ob.flipped() && equivalent_at(la, rb, d) && equivalent_at(ra, lb, d))
         }
         (Node::Rel(RelOp::Eq, l, r), other) | (other, Node::Rel(RelOp::Eq, l, r)) => {
-            matches!(**l, Node::Sym(_)) && equivalent_at(r, other, d)
+            is_name(l) && equivalent_at(r, other, d)
+        }
+        // A gold inequality in one variable matches the interval it describes (math-verify
+        // converts the gold side only: `x \ge 5` = `[5, \infty)`, but not the other way round).
+        (Node::Rel(op, l, r), iv @ Node::Interval { .. }) if depth == 0 => {
+            relation_interval(*op, l, r).is_some_and(|ri| equivalent_at(&ri, iv, d))
         }
         (Node::Rel(..), _) | (_, Node::Rel(..)) => false,
         (Node::Text(x), Node::Text(y)) => x == y,
         (Node::Text(_), _) | (_, Node::Text(_)) => false,
         (Node::Set(x), other) | (other, Node::Set(x)) => match elements(other) {
             Some(y) => set_equal(x, y, d),
-            None => false,
+            // `\{3\}` = `3`
+            None => x.len() == 1 && equivalent_at(&x[0], other, d),
         },
+        (Node::Matrix(x), Node::Matrix(y)) => {
+            x.len() == y.len()
+                && x.iter().zip(y).all(|(rx, ry)| {
+                    rx.len() == ry.len() && rx.iter().zip(ry).all(|(p, q)| equivalent_at(p, q, d))
+                })
+        }
+        (Node::Matrix(_), _) | (_, Node::Matrix(_)) => false,
         (Node::Tuple(x), Node::Tuple(y)) => x.len() == y.len() && x.iter().zip(y).all(|(p, q)| equivalent_at(p, q, d)),
         (Node::Tuple(t), Node::Interval { lo, hi, lo_closed: false, hi_closed: false })
         | (Node::Interval { lo, hi, lo_closed: false, hi_closed: false }, Node::Tuple(t)) => {
@@ -444,4 +458,32 @@ fn equivalent_at(a: &Node, b: &Node, depth: usize) -> bool {
         | (_, Node::Tuple(_) | Node::Interval { .. } | Node::Union(_)) => false,
         _ => scalar_equal(a, b),
     }
+}
+
+/// `x`, or a function name applied to a variable (`f(x)`, parsed as the product `f·x`).
+fn is_name(n: &Node) -> bool {
+    match n {
+        Node::Sym(_) => true,
+        Node::Mul(v) => v.len() <= 3 && v.iter().all(|f| matches!(f, Node::Sym(_))),
+        _ => false,
+    }
+}
+
+/// The interval a one-variable inequality describes (`x \ge 5` → `[5, ∞)`).
+fn relation_interval(op: RelOp, l: &Node, r: &Node) -> Option<Node> {
+    let (op, bound) = match (l, r) {
+        (Node::Sym(_), b) => (op, b),
+        (b, Node::Sym(_)) => (op.flipped(), b),
+        _ => return None,
+    };
+    let inf = || Box::new(Node::Inf);
+    let neg_inf = || Box::new(Node::Neg(Box::new(Node::Inf)));
+    let b = || Box::new(bound.clone());
+    Some(match op {
+        RelOp::Ge => Node::Interval { lo: b(), hi: inf(), lo_closed: true, hi_closed: false },
+        RelOp::Gt => Node::Interval { lo: b(), hi: inf(), lo_closed: false, hi_closed: false },
+        RelOp::Le => Node::Interval { lo: neg_inf(), hi: b(), lo_closed: false, hi_closed: true },
+        RelOp::Lt => Node::Interval { lo: neg_inf(), hi: b(), lo_closed: false, hi_closed: false },
+        _ => return None,
+    })
 }

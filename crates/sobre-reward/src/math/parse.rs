@@ -92,6 +92,8 @@ pub enum Node {
     Rel(RelOp, Box<Node>, Box<Node>),
     /// A word answer (`Evelyn`, `(B)`), lower-cased.
     Text(String),
+    /// `\begin{pmatrix}…\end{pmatrix}`: rows of cells.
+    Matrix(Vec<Vec<Node>>),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -108,6 +110,10 @@ enum Tok {
     Cup,
     /// `\text{…}` and friends: the raw content.
     Text(String),
+    /// `\begin{…matrix}`, `\end{…matrix}`, `\\` (row break), `&` (cell break).
+    MatOpen,
+    MatClose,
+    RowSep,
 }
 
 /// Parse one answer. `None` when it is not something this parser understands; the caller then
@@ -153,7 +159,7 @@ pub fn normalize(s: &str) -> String {
             out = out.replace(d, "");
         }
     }
-    const SPACE: &[&str] = &["\\,", "\\;", "\\:", "\\quad", "\\qquad", "\\ ", "~"];
+    const SPACE: &[&str] = &["\\,", "\\;", "\\:", "\\quad", "\\qquad", "~"];
     for d in SPACE {
         if out.contains(d) {
             out = out.replace(d, " ");
@@ -263,6 +269,8 @@ fn tokenize(s: &str) -> Option<Vec<Tok>> {
                     '{' => toks.push(Tok::SetOpen),
                     '}' => toks.push(Tok::SetClose),
                     '|' => toks.push(Tok::Op('|')),
+                    '\\' => toks.push(Tok::RowSep),
+                    ' ' => {} // `\ `: a space
                     _ => return None,
                 }
                 i += 2;
@@ -272,7 +280,20 @@ fn tokenize(s: &str) -> Option<Vec<Tok>> {
             i = j;
             if TEXT_CMDS.contains(&name) {
                 let (inner, next) = read_group(s, i)?;
-                toks.push(Tok::Text(inner.to_string()));
+                // `1 \text{ and } 2`, `x = 1 \text{ or } x = 2`: a list of answers.
+                match inner.trim() {
+                    "and" | "or" | "," => toks.push(Tok::Op(',')),
+                    _ => toks.push(Tok::Text(inner.to_string())),
+                }
+                i = next;
+                continue;
+            }
+            if name == "begin" || name == "end" {
+                let (env, next) = read_group(s, i)?;
+                if !env.ends_with("matrix") {
+                    return None;
+                }
+                toks.push(if name == "begin" { Tok::MatOpen } else { Tok::MatClose });
                 i = next;
                 continue;
             }
@@ -318,9 +339,12 @@ fn tokenize(s: &str) -> Option<Vec<Tok>> {
             continue;
         }
         match c {
-            '+' | '-' | '*' | '/' | '^' | '_' | '(' | ')' | '[' | ']' | '{' | '}' | ',' | '!' | '|' | '%' | ':' => {
+            '+' | '-' | '*' | '/' | '^' | '_' | '(' | ')' | '[' | ']' | '{' | '}' | ',' | '!' | '|' | '%' => {
                 toks.push(Tok::Op(c))
             }
+            // A ratio `1:4` is the fraction 1/4, as math-verify reads it.
+            ':' => toks.push(Tok::Op('/')),
+            '&' => toks.push(Tok::Op('&')),
             '=' => toks.push(Tok::Rel(RelOp::Eq)),
             '<' | '>' => {
                 let eq = b.get(i + 1) == Some(&b'=');
@@ -662,6 +686,18 @@ impl Parser {
                 self.eat(&Tok::Op('|')).then(|| Node::Abs(Box::new(inner)))
             }
             Tok::Op(open @ ('(' | '[')) => self.parse_bracketed(open == '['),
+            Tok::MatOpen => {
+                let mut rows = vec![vec![self.parse_sum()?]];
+                loop {
+                    match self.next()? {
+                        Tok::Op('&') => rows.last_mut()?.push(self.parse_sum()?),
+                        Tok::RowSep if self.peek() == Some(&Tok::MatClose) => {}
+                        Tok::RowSep => rows.push(vec![self.parse_sum()?]),
+                        Tok::MatClose => return Some(Node::Matrix(rows)),
+                        _ => return None,
+                    }
+                }
+            }
             Tok::Cmd(c) => self.parse_command(&c),
             _ => None,
         }
@@ -745,8 +781,9 @@ impl Parser {
                 });
             }
             "log" | "lg" => {
-                // `\log_2 8`, `\log_{10}(x)`; bare `\log` is natural, as sympy reads it.
-                let base = if self.eat(&Tok::Op('_')) { self.parse_group()? } else { Node::E };
+                // `\log_2 8`, `\log_{10}(x)`; bare `\log` is base 10, as math-verify reads it.
+                let ten = Node::Num { val: BigRational::from_integer(10.into()), float: false };
+                let base = if self.eat(&Tok::Op('_')) { self.parse_group()? } else { ten };
                 let x = self.parse_func_arg()?;
                 return Some(Node::Log(Box::new(base), Box::new(x)));
             }
