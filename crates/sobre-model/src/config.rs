@@ -1,0 +1,618 @@
+//! `ModelConfig`: the model's shape and options, read from and written to an HF `config.json`.
+//!
+//! The keys are those transformers writes for `qwen3_moe` and `qwen2_moe` (4.x and 5.x
+//! spellings both read); sobre's own options are extra keys that round-trip through the same
+//! file. Every key that changes the maths is honoured or refused: a value sobre cannot compute
+//! exactly (a rope scaling type, sliding-window attention, another activation) is an error that
+//! names the key and the value. Keys that carry no maths for sobre (`architectures`, `use_cache`,
+//! token ids, …) are read and kept; keys sobre has never heard of are kept in `unknown_keys` so
+//! the caller can warn about them.
+
+use serde_json::{Map, Value, json};
+
+use crate::ModelError;
+
+/// Which model family a config describes. It decides the defaults of keys that the family's
+/// transformers class hard-codes (Qwen2-MoE: q/k/v bias on; Qwen3-MoE: per-head q/k RMSNorm).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// `model_type = "qwen3_moe"`.
+    Qwen3Moe,
+    /// `model_type = "qwen2_moe"`.
+    Qwen2Moe,
+}
+
+impl Family {
+    /// The `model_type` string transformers uses.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Family::Qwen3Moe => "qwen3_moe",
+            Family::Qwen2Moe => "qwen2_moe",
+        }
+    }
+
+    fn architecture(self) -> &'static str {
+        match self {
+            Family::Qwen3Moe => "Qwen3MoeForCausalLM",
+            Family::Qwen2Moe => "Qwen2MoeForCausalLM",
+        }
+    }
+}
+
+/// How router logits become expert scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScoringFunc {
+    /// Softmax over all experts (Qwen, Mixtral, Switch).
+    Softmax,
+    /// Independent sigmoid per expert (DeepSeek-V3).
+    Sigmoid,
+}
+
+/// The full description of a model. Field names follow transformers' config keys.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub family: Family,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    /// Width of the dense SwiGLU layers (layers that are not sparse).
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// Bias on q/k/v projections (and on o for Qwen3-MoE's `attention_bias`).
+    pub attention_bias: bool,
+    /// Bias on the output projection (Qwen3-MoE `attention_bias` puts one there too; Qwen2 never).
+    pub o_proj_bias: bool,
+    /// Per-head RMSNorm on q and k before RoPE (Qwen3).
+    pub qk_norm: bool,
+    pub num_experts: usize,
+    pub num_experts_per_tok: usize,
+    pub moe_intermediate_size: usize,
+    pub decoder_sparse_step: usize,
+    pub mlp_only_layers: Vec<usize>,
+    pub norm_topk_prob: bool,
+    pub router_aux_loss_coef: f64,
+    /// Width of the shared expert (0 = none).
+    pub shared_expert_intermediate_size: usize,
+    /// Qwen2-MoE's `sigmoid(shared_expert_gate(x))` in front of the shared expert. Off gives the
+    /// DeepSeek arrangement (shared expert always added in full).
+    pub shared_expert_gate: bool,
+    pub scoring_func: ScoringFunc,
+    /// Multiplier on the routed experts' combined output (DeepSeek-V3's `routed_scaling_factor`).
+    pub routed_scaling_factor: f64,
+    /// DeepSeek-V3's auxiliary-loss-free balancing: a per-expert bias added to the scores for
+    /// the top-k choice only (`e_score_correction_bias`), updated by the trainer.
+    pub aux_loss_free_bias: bool,
+    /// Step size γ of that bias update (sign of the load error times γ).
+    pub bias_update_rate: f64,
+    pub initializer_range: f64,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Vec<u32>,
+    pub pad_token_id: Option<u32>,
+    /// Keys found in `config.json` that sobre does not know. Kept so a caller can warn.
+    pub unknown_keys: Vec<String>,
+}
+
+/// Keys transformers writes that carry nothing sobre computes with.
+const INERT_KEYS: &[&str] = &[
+    "architectures",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "use_cache",
+    "output_router_logits",
+    "_name_or_path",
+    "attention_dropout",
+    "max_window_layers",
+    "sliding_window",
+    "model_type",
+    "return_dict",
+    "output_hidden_states",
+    "output_attentions",
+    "chunk_size_feed_forward",
+    "is_encoder_decoder",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "tokenizer_class",
+    "sobre_version",
+];
+
+impl ModelConfig {
+    /// Parse the text of a `config.json`. `origin` names the file in errors.
+    pub fn from_json_str(text: &str, origin: &str) -> Result<Self, ModelError> {
+        let value: Value = serde_json::from_str(text).map_err(|e| ModelError::Config {
+            origin: origin.to_string(),
+            msg: format!("not valid JSON: {e}"),
+        })?;
+        let Value::Object(map) = value else {
+            return Err(ModelError::Config {
+                origin: origin.to_string(),
+                msg: "expected a JSON object at the top level".into(),
+            });
+        };
+        Reader { map: &map, origin }.read()
+    }
+
+    /// Read `config.json` from a file.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ModelError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        Self::from_json_str(&text, &path.display().to_string())
+    }
+
+    /// A named preset: `tiny` (tests), `small` (the CPU demo), `w1` (the benchmark model).
+    pub fn preset(name: &str) -> Result<Self, ModelError> {
+        let base = |vocab, hidden, layers, heads, kv, head_dim, experts, k, moe_inter, inter| Self {
+            family: Family::Qwen3Moe,
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: inter,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            num_key_value_heads: kv,
+            head_dim,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10000.0,
+            max_position_embeddings: 2048,
+            tie_word_embeddings: false,
+            attention_bias: false,
+            o_proj_bias: false,
+            qk_norm: true,
+            num_experts: experts,
+            num_experts_per_tok: k,
+            moe_intermediate_size: moe_inter,
+            decoder_sparse_step: 1,
+            mlp_only_layers: vec![],
+            norm_topk_prob: true,
+            router_aux_loss_coef: 0.001,
+            shared_expert_intermediate_size: 0,
+            shared_expert_gate: false,
+            scoring_func: ScoringFunc::Softmax,
+            routed_scaling_factor: 1.0,
+            aux_loss_free_bias: false,
+            bias_update_rate: 0.001,
+            initializer_range: 0.02,
+            bos_token_id: None,
+            eos_token_id: vec![],
+            pad_token_id: None,
+            unknown_keys: vec![],
+        };
+        let cfg = match name {
+            "tiny" => base(64, 32, 2, 4, 2, 8, 4, 2, 16, 64),
+            "small" => {
+                let mut c = base(1024, 128, 4, 4, 2, 32, 8, 2, 96, 384);
+                c.tie_word_embeddings = true;
+                c
+            }
+            "w1" => base(512, 256, 4, 4, 2, 64, 8, 2, 128, 512),
+            other => {
+                return Err(ModelError::Config {
+                    origin: "preset".into(),
+                    msg: format!("unknown preset `{other}`; expected one of: tiny, small, w1"),
+                });
+            }
+        };
+        cfg.validate("preset")?;
+        Ok(cfg)
+    }
+
+    /// Is decoder layer `i` a sparse (MoE) layer? The rule of transformers' Qwen MoE models.
+    pub fn is_sparse_layer(&self, i: usize) -> bool {
+        !self.mlp_only_layers.contains(&i)
+            && self.num_experts > 0
+            && (i + 1) % self.decoder_sparse_step == 0
+    }
+
+    /// Query heads served by each KV head.
+    pub fn kv_groups(&self) -> usize {
+        self.num_attention_heads / self.num_key_value_heads
+    }
+
+    /// Check the shape constraints the forward pass relies on.
+    pub fn validate(&self, origin: &str) -> Result<(), ModelError> {
+        let err = |msg: String| ModelError::Config { origin: origin.to_string(), msg };
+        for (key, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+            ("decoder_sparse_step", self.decoder_sparse_step),
+        ] {
+            if v == 0 {
+                return Err(err(format!("`{key}` must be at least 1, found 0")));
+            }
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            return Err(err(format!(
+                "`num_attention_heads` ({}) must be a multiple of `num_key_value_heads` ({})",
+                self.num_attention_heads, self.num_key_value_heads
+            )));
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(err(format!("`head_dim` must be even for RoPE, found {}", self.head_dim)));
+        }
+        let any_sparse = (0..self.num_hidden_layers).any(|i| self.is_sparse_layer(i));
+        let any_dense = (0..self.num_hidden_layers).any(|i| !self.is_sparse_layer(i));
+        if any_sparse {
+            if self.num_experts_per_tok == 0 || self.num_experts_per_tok > self.num_experts {
+                return Err(err(format!(
+                    "`num_experts_per_tok` must be in 1..={} (`num_experts`), found {}",
+                    self.num_experts, self.num_experts_per_tok
+                )));
+            }
+            if self.moe_intermediate_size == 0 {
+                return Err(err("`moe_intermediate_size` must be at least 1".into()));
+            }
+        }
+        if any_dense && self.intermediate_size == 0 {
+            return Err(err("`intermediate_size` must be at least 1 (there are dense layers)".into()));
+        }
+        if let Some(&bad) = self.mlp_only_layers.iter().find(|&&l| l >= self.num_hidden_layers) {
+            return Err(err(format!(
+                "`mlp_only_layers` names layer {bad}, but there are {} layers",
+                self.num_hidden_layers
+            )));
+        }
+        if !(self.rms_norm_eps > 0.0) || !(self.rope_theta > 0.0) {
+            return Err(err("`rms_norm_eps` and `rope_theta` must be positive".into()));
+        }
+        Ok(())
+    }
+
+    /// The `config.json` transformers reads for this model, plus sobre's own keys.
+    pub fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("architectures".into(), json!([self.family.architecture()]));
+        m.insert("model_type".into(), json!(self.family.model_type()));
+        m.insert("vocab_size".into(), json!(self.vocab_size));
+        m.insert("hidden_size".into(), json!(self.hidden_size));
+        m.insert("intermediate_size".into(), json!(self.intermediate_size));
+        m.insert("num_hidden_layers".into(), json!(self.num_hidden_layers));
+        m.insert("num_attention_heads".into(), json!(self.num_attention_heads));
+        m.insert("num_key_value_heads".into(), json!(self.num_key_value_heads));
+        m.insert("head_dim".into(), json!(self.head_dim));
+        m.insert("hidden_act".into(), json!("silu"));
+        m.insert("rms_norm_eps".into(), json!(self.rms_norm_eps));
+        // Both spellings, so transformers 4.x and 5.x read the same value.
+        m.insert("rope_theta".into(), json!(self.rope_theta));
+        m.insert(
+            "rope_parameters".into(),
+            json!({"rope_type": "default", "rope_theta": self.rope_theta}),
+        );
+        m.insert("max_position_embeddings".into(), json!(self.max_position_embeddings));
+        m.insert("tie_word_embeddings".into(), json!(self.tie_word_embeddings));
+        match self.family {
+            Family::Qwen3Moe => {
+                m.insert("attention_bias".into(), json!(self.attention_bias));
+            }
+            Family::Qwen2Moe => {
+                m.insert("qkv_bias".into(), json!(self.attention_bias));
+                m.insert(
+                    "shared_expert_intermediate_size".into(),
+                    json!(self.shared_expert_intermediate_size),
+                );
+            }
+        }
+        m.insert("num_experts".into(), json!(self.num_experts));
+        m.insert("num_experts_per_tok".into(), json!(self.num_experts_per_tok));
+        m.insert("moe_intermediate_size".into(), json!(self.moe_intermediate_size));
+        m.insert("decoder_sparse_step".into(), json!(self.decoder_sparse_step));
+        m.insert("mlp_only_layers".into(), json!(self.mlp_only_layers));
+        m.insert("norm_topk_prob".into(), json!(self.norm_topk_prob));
+        m.insert("router_aux_loss_coef".into(), json!(self.router_aux_loss_coef));
+        m.insert("use_sliding_window".into(), json!(false));
+        m.insert("initializer_range".into(), json!(self.initializer_range));
+        m.insert("bos_token_id".into(), json!(self.bos_token_id));
+        m.insert(
+            "eos_token_id".into(),
+            match self.eos_token_id.as_slice() {
+                [] => Value::Null,
+                [one] => json!(one),
+                many => json!(many),
+            },
+        );
+        m.insert("pad_token_id".into(), json!(self.pad_token_id));
+        m.insert("dtype".into(), json!("float32"));
+        // sobre's own keys. transformers keeps unknown config keys as attributes and ignores
+        // them, so these only change what sobre computes.
+        if self.family == Family::Qwen3Moe && self.shared_expert_intermediate_size > 0 {
+            m.insert(
+                "shared_expert_intermediate_size".into(),
+                json!(self.shared_expert_intermediate_size),
+            );
+        }
+        let shared_gate_default = self.family == Family::Qwen2Moe;
+        if self.shared_expert_gate != shared_gate_default {
+            m.insert("shared_expert_gate".into(), json!(self.shared_expert_gate));
+        }
+        if self.qk_norm != (self.family == Family::Qwen3Moe) {
+            m.insert("qk_norm".into(), json!(self.qk_norm));
+        }
+        m.insert(
+            "scoring_func".into(),
+            json!(match self.scoring_func {
+                ScoringFunc::Softmax => "softmax",
+                ScoringFunc::Sigmoid => "sigmoid",
+            }),
+        );
+        m.insert("routed_scaling_factor".into(), json!(self.routed_scaling_factor));
+        m.insert("aux_loss_free_bias".into(), json!(self.aux_loss_free_bias));
+        m.insert("bias_update_rate".into(), json!(self.bias_update_rate));
+        Value::Object(m)
+    }
+
+    /// Total parameter count.
+    pub fn num_parameters(&self) -> usize {
+        self.count_parameters().0
+    }
+
+    /// `(total, active per token)` parameter counts. Active counts every parameter a token
+    /// passes through, as Mixtral and Qwen report it: all but the routed experts it skips.
+    pub fn count_parameters(&self) -> (usize, usize) {
+        let h = self.hidden_size;
+        let d = self.head_dim;
+        let (nq, nkv) = (self.num_attention_heads, self.num_key_value_heads);
+        let bias = |on: bool, n: usize| if on { n } else { 0 };
+        let mut attn = h * nq * d + 2 * h * nkv * d + nq * d * h;
+        attn += bias(self.attention_bias, nq * d + 2 * nkv * d) + bias(self.o_proj_bias, h);
+        if self.qk_norm {
+            attn += 2 * d;
+        }
+        let swiglu = |inter: usize| 3 * h * inter;
+        let (mut total, mut active) = (0, 0);
+        for i in 0..self.num_hidden_layers {
+            let norms = 2 * h;
+            total += attn + norms;
+            active += attn + norms;
+            if self.is_sparse_layer(i) {
+                let router = self.num_experts * h;
+                let mut shared = 0;
+                if self.shared_expert_intermediate_size > 0 {
+                    shared = swiglu(self.shared_expert_intermediate_size);
+                    shared += bias(self.shared_expert_gate, h);
+                }
+                total += router + shared + self.num_experts * swiglu(self.moe_intermediate_size);
+                active += router + shared + self.num_experts_per_tok * swiglu(self.moe_intermediate_size);
+            } else {
+                total += swiglu(self.intermediate_size);
+                active += swiglu(self.intermediate_size);
+            }
+        }
+        let embed = self.vocab_size * h;
+        let head = if self.tie_word_embeddings { 0 } else { embed };
+        total += embed + head + h;
+        active += embed + head + h;
+        (total, active)
+    }
+}
+
+/// Reads one config object key by key, with errors that name the key.
+struct Reader<'a> {
+    map: &'a Map<String, Value>,
+    origin: &'a str,
+}
+
+impl Reader<'_> {
+    fn err(&self, msg: String) -> ModelError {
+        ModelError::Config { origin: self.origin.to_string(), msg }
+    }
+
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.map.get(key).filter(|v| !v.is_null())
+    }
+
+    fn usize_or(&self, key: &str, default: Option<usize>) -> Result<usize, ModelError> {
+        match self.get(key) {
+            Some(v) => v.as_u64().map(|n| n as usize).ok_or_else(|| {
+                self.err(format!("`{key}` must be a non-negative integer, found {v}"))
+            }),
+            None => default.ok_or_else(|| self.err(format!("missing required key `{key}`"))),
+        }
+    }
+
+    fn f64_or(&self, key: &str, default: f64) -> Result<f64, ModelError> {
+        match self.get(key) {
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| self.err(format!("`{key}` must be a number, found {v}"))),
+            None => Ok(default),
+        }
+    }
+
+    fn bool_or(&self, key: &str, default: bool) -> Result<bool, ModelError> {
+        match self.get(key) {
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| self.err(format!("`{key}` must be true or false, found {v}"))),
+            None => Ok(default),
+        }
+    }
+
+    fn token_id(&self, key: &str) -> Result<Option<u32>, ModelError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .map(Some)
+                .ok_or_else(|| self.err(format!("`{key}` must be a token id, found {v}"))),
+        }
+    }
+
+    fn read(&self) -> Result<ModelConfig, ModelError> {
+        let family = match self.get("model_type").and_then(Value::as_str) {
+            Some("qwen3_moe") => Family::Qwen3Moe,
+            Some("qwen2_moe") => Family::Qwen2Moe,
+            Some(other) => {
+                return Err(self.err(format!(
+                    "unsupported `model_type` \"{other}\"; expected \"qwen3_moe\" or \"qwen2_moe\""
+                )));
+            }
+            None => return Err(self.err("missing required key `model_type`".into())),
+        };
+        let qwen2 = family == Family::Qwen2Moe;
+
+        let act = self.get("hidden_act").and_then(Value::as_str).unwrap_or("silu");
+        if act != "silu" {
+            return Err(self.err(format!("unsupported `hidden_act` \"{act}\"; sobre computes \"silu\"")));
+        }
+        if self.bool_or("use_sliding_window", false)? {
+            return Err(self.err(
+                "unsupported `use_sliding_window` = true; sobre computes full attention only".into(),
+            ));
+        }
+        if let Some(types) = self.get("layer_types") {
+            let all_full = types
+                .as_array()
+                .is_some_and(|a| a.iter().all(|t| t.as_str() == Some("full_attention")));
+            if !all_full {
+                return Err(self.err(format!(
+                    "unsupported `layer_types` {types}; sobre computes \"full_attention\" layers only"
+                )));
+            }
+        }
+
+        // RoPE: transformers 4.x writes `rope_theta` (+ `rope_scaling`), 5.x `rope_parameters`.
+        let mut rope_theta = self.f64_or("rope_theta", 10000.0)?;
+        for key in ["rope_scaling", "rope_parameters"] {
+            let Some(v) = self.get(key) else { continue };
+            let obj = v
+                .as_object()
+                .ok_or_else(|| self.err(format!("`{key}` must be an object, found {v}")))?;
+            let kind = obj
+                .get("rope_type")
+                .or_else(|| obj.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or("default");
+            if kind != "default" {
+                return Err(self.err(format!(
+                    "unsupported `{key}.rope_type` \"{kind}\"; sobre computes \"default\" RoPE only"
+                )));
+            }
+            if let Some(t) = obj.get("rope_theta") {
+                rope_theta = t.as_f64().ok_or_else(|| {
+                    self.err(format!("`{key}.rope_theta` must be a number, found {t}"))
+                })?;
+            }
+            for sub in obj.keys() {
+                if !matches!(sub.as_str(), "rope_type" | "type" | "rope_theta") {
+                    return Err(self.err(format!(
+                        "unsupported key `{key}.{sub}`; sobre computes default RoPE only"
+                    )));
+                }
+            }
+        }
+
+        let hidden_size = self.usize_or("hidden_size", None)?;
+        let num_attention_heads = self.usize_or("num_attention_heads", None)?;
+        let num_key_value_heads = self.usize_or("num_key_value_heads", Some(num_attention_heads))?;
+        if num_attention_heads == 0 {
+            return Err(self.err("`num_attention_heads` must be at least 1, found 0".into()));
+        }
+        let head_dim = self.usize_or("head_dim", Some(hidden_size / num_attention_heads))?;
+        let num_experts = match (self.get("num_experts"), self.get("num_local_experts")) {
+            (Some(_), Some(_)) if self.usize_or("num_experts", None)? != self.usize_or("num_local_experts", None)? => {
+                return Err(self.err("`num_experts` and `num_local_experts` disagree".into()));
+            }
+            (Some(_), _) => self.usize_or("num_experts", None)?,
+            (None, Some(_)) => self.usize_or("num_local_experts", None)?,
+            (None, None) => return Err(self.err("missing required key `num_experts`".into())),
+        };
+        let attention_bias = if qwen2 {
+            self.bool_or("qkv_bias", true)?
+        } else {
+            self.bool_or("attention_bias", false)?
+        };
+        let mlp_only_layers = match self.get("mlp_only_layers") {
+            None => vec![],
+            Some(v) => v
+                .as_array()
+                .and_then(|a| a.iter().map(|x| x.as_u64().map(|n| n as usize)).collect::<Option<Vec<_>>>())
+                .ok_or_else(|| self.err(format!("`mlp_only_layers` must be a list of layer indices, found {v}")))?,
+        };
+        let shared_expert_intermediate_size = self.usize_or("shared_expert_intermediate_size", Some(0))?;
+        let scoring_func = match self.get("scoring_func").and_then(Value::as_str) {
+            None | Some("softmax") => ScoringFunc::Softmax,
+            Some("sigmoid") => ScoringFunc::Sigmoid,
+            Some(other) => {
+                return Err(self.err(format!(
+                    "unsupported `scoring_func` \"{other}\"; expected \"softmax\" or \"sigmoid\""
+                )));
+            }
+        };
+        let eos_token_id = match self.get("eos_token_id") {
+            None => vec![],
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok()))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| self.err("`eos_token_id` must be a token id or a list of them".into()))?,
+            Some(_) => self.token_id("eos_token_id")?.into_iter().collect(),
+        };
+
+        let known: &[&str] = &[
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps",
+            "rope_theta", "rope_scaling", "rope_parameters", "max_position_embeddings",
+            "tie_word_embeddings", "attention_bias", "qkv_bias", "qk_norm", "num_experts",
+            "num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
+            "decoder_sparse_step", "mlp_only_layers", "norm_topk_prob", "router_aux_loss_coef",
+            "shared_expert_intermediate_size", "shared_expert_gate", "scoring_func",
+            "routed_scaling_factor", "aux_loss_free_bias", "bias_update_rate",
+            "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",
+            "use_sliding_window", "layer_types",
+        ];
+        let unknown_keys = self
+            .map
+            .keys()
+            .filter(|k| !known.contains(&k.as_str()) && !INERT_KEYS.contains(&k.as_str()))
+            .cloned()
+            .collect();
+
+        let cfg = ModelConfig {
+            family,
+            vocab_size: self.usize_or("vocab_size", None)?,
+            hidden_size,
+            intermediate_size: self.usize_or("intermediate_size", Some(0))?,
+            num_hidden_layers: self.usize_or("num_hidden_layers", None)?,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            rms_norm_eps: self.f64_or("rms_norm_eps", 1e-6)?,
+            rope_theta,
+            max_position_embeddings: self.usize_or("max_position_embeddings", Some(32768))?,
+            tie_word_embeddings: self.bool_or("tie_word_embeddings", false)?,
+            attention_bias,
+            // Qwen2's o_proj never has a bias; Qwen3's `attention_bias` covers o_proj too.
+            o_proj_bias: !qwen2 && attention_bias,
+            qk_norm: self.bool_or("qk_norm", !qwen2)?,
+            num_experts,
+            num_experts_per_tok: self.usize_or("num_experts_per_tok", None)?,
+            moe_intermediate_size: self.usize_or("moe_intermediate_size", Some(0))?,
+            decoder_sparse_step: self.usize_or("decoder_sparse_step", Some(1))?,
+            mlp_only_layers,
+            norm_topk_prob: self.bool_or("norm_topk_prob", false)?,
+            router_aux_loss_coef: self.f64_or("router_aux_loss_coef", 0.001)?,
+            shared_expert_intermediate_size,
+            shared_expert_gate: self.bool_or("shared_expert_gate", qwen2)?,
+            scoring_func,
+            routed_scaling_factor: self.f64_or("routed_scaling_factor", 1.0)?,
+            aux_loss_free_bias: self.bool_or("aux_loss_free_bias", false)?,
+            bias_update_rate: self.f64_or("bias_update_rate", 0.001)?,
+            initializer_range: self.f64_or("initializer_range", 0.02)?,
+            bos_token_id: self.token_id("bos_token_id")?,
+            eos_token_id,
+            pad_token_id: self.token_id("pad_token_id")?,
+            unknown_keys,
+        };
+        cfg.validate(self.origin)?;
+        Ok(cfg)
+    }
+}

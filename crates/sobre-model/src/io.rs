@@ -1,0 +1,545 @@
+//! Building a [`MoeModel`] from HF-named tensors (a checkpoint directory or a seeded random
+//! init), and writing one back as an HF model directory.
+//!
+//! Every tensor passes through [`WeightSource::take`] by its HF name and HF shape, so loading,
+//! initialisation and saving share one table of names ([`build`] and [`hf_tensors`]). Problems
+//! are collected, not raised one at a time: a checkpoint with three missing tensors and one
+//! mis-shaped tensor fails with one error listing all four.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use burn::module::Param;
+use burn::prelude::*;
+use rand_chacha::ChaCha8Rng;
+use rand_chacha::rand_core::{Rng, SeedableRng};
+use safetensors::{Dtype, SafeTensors};
+
+use crate::ModelError;
+use crate::config::ModelConfig;
+use crate::model::{to_vec_f32, Attention, DecoderLayer, Ffn, Mlp, MoeBlock, MoeModel, Proj, RmsNorm};
+
+/// Where the values of named tensors come from.
+trait WeightSource {
+    /// The values of tensor `name`, row-major in HF's shape `shape`. On a problem, records it
+    /// and returns zeros so building can go on and report every problem at once.
+    fn take(&mut self, name: &str, shape: &[usize], kind: Init) -> Vec<f32>;
+    /// Does the source hold `name`? (For layouts that exist in two spellings.)
+    fn has(&self, name: &str) -> bool;
+}
+
+/// How a tensor is initialised from scratch.
+#[derive(Clone, Copy)]
+enum Init {
+    /// Normal(0, std).
+    Normal(f64),
+    Ones,
+    Zeros,
+}
+
+/// A seeded random init: each tensor's values come from its own stream, seeded by the run seed
+/// and the tensor's name, so adding or reordering tensors never changes the others.
+struct RandomInit {
+    seed: u64,
+}
+
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+}
+
+impl WeightSource for RandomInit {
+    fn take(&mut self, name: &str, shape: &[usize], kind: Init) -> Vec<f32> {
+        let n: usize = shape.iter().product();
+        match kind {
+            Init::Ones => vec![1.0; n],
+            Init::Zeros => vec![0.0; n],
+            Init::Normal(std) => {
+                let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ fnv1a(name));
+                let mut unit = || ((rng.next_u64() >> 11) as f64 + 0.5) * (1.0 / (1u64 << 53) as f64);
+                let mut out = Vec::with_capacity(n);
+                while out.len() < n {
+                    // Box–Muller: two independent normals from two uniforms in (0, 1).
+                    let (u1, u2) = (unit(), unit());
+                    let r = (-2.0 * u1.ln()).sqrt();
+                    let a = std::f64::consts::TAU * u2;
+                    out.push((std * r * a.cos()) as f32);
+                    if out.len() < n {
+                        out.push((std * r * a.sin()) as f32);
+                    }
+                }
+                out
+            }
+        }
+    }
+
+    fn has(&self, _name: &str) -> bool {
+        false
+    }
+}
+
+/// Tensors read from safetensors files, converted to f32.
+struct FileSource {
+    tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    taken: BTreeSet<String>,
+    problems: Vec<String>,
+}
+
+impl WeightSource for FileSource {
+    fn take(&mut self, name: &str, shape: &[usize], _kind: Init) -> Vec<f32> {
+        let n = shape.iter().product();
+        match self.tensors.get(name) {
+            None => {
+                self.problems.push(format!("missing tensor `{name}` (expected shape {shape:?})"));
+                vec![0.0; n]
+            }
+            Some((found, _)) if found.as_slice() != shape => {
+                self.problems.push(format!("tensor `{name}` has shape {found:?}, expected {shape:?}"));
+                self.taken.insert(name.to_string());
+                vec![0.0; n]
+            }
+            Some(_) => {
+                self.taken.insert(name.to_string());
+                self.tensors.remove(name).map(|(_, v)| v).unwrap_or_default()
+            }
+        }
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+}
+
+/// `[rows, cols]` row-major → `[cols, rows]` row-major.
+fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; v.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = v[r * cols + c];
+        }
+    }
+    out
+}
+
+struct Builder<'a> {
+    cfg: &'a ModelConfig,
+    device: &'a Device,
+    std: f64,
+    /// Residual-branch outputs (o_proj, down) start smaller so the residual stream's variance
+    /// does not grow with depth (GPT-2's scaled init).
+    residual_std: f64,
+}
+
+impl Builder<'_> {
+    fn param1(&self, src: &mut dyn WeightSource, name: &str, n: usize, init: Init) -> Param<Tensor<1>> {
+        let v = src.take(name, &[n], init);
+        Param::from_tensor(Tensor::from_data(TensorData::new(v, [n]), self.device))
+    }
+
+    /// An HF linear `[out, in]` held as `[in, out]`.
+    fn linear_t(&self, src: &mut dyn WeightSource, name: &str, out: usize, inp: usize, std: f64) -> Param<Tensor<2>> {
+        let v = src.take(name, &[out, inp], Init::Normal(std));
+        Param::from_tensor(Tensor::from_data(TensorData::new(transpose(&v, out, inp), [inp, out]), self.device))
+    }
+
+    fn proj(&self, src: &mut dyn WeightSource, prefix: &str, out: usize, inp: usize, bias: bool, std: f64) -> Proj {
+        Proj {
+            weight: self.linear_t(src, &format!("{prefix}.weight"), out, inp, std),
+            bias: bias.then(|| self.param1(src, &format!("{prefix}.bias"), out, Init::Zeros)),
+        }
+    }
+
+    fn norm(&self, src: &mut dyn WeightSource, name: &str, n: usize) -> RmsNorm {
+        RmsNorm { weight: self.param1(src, name, n, Init::Ones), eps: self.cfg.rms_norm_eps }
+    }
+
+    /// HF `gate_proj`/`up_proj`/`down_proj` → fused `[hidden, 2·inter]` and `[inter, hidden]`.
+    fn swiglu_host(&self, src: &mut dyn WeightSource, prefix: &str, inter: usize) -> (Vec<f32>, Vec<f32>) {
+        let h = self.cfg.hidden_size;
+        let gate = src.take(&format!("{prefix}.gate_proj.weight"), &[inter, h], Init::Normal(self.std));
+        let up = src.take(&format!("{prefix}.up_proj.weight"), &[inter, h], Init::Normal(self.std));
+        let down = src.take(&format!("{prefix}.down_proj.weight"), &[h, inter], Init::Normal(self.residual_std));
+        (fuse_gate_up(&gate, &up, inter, h), transpose(&down, h, inter))
+    }
+
+    fn mlp(&self, src: &mut dyn WeightSource, prefix: &str, inter: usize) -> Mlp {
+        let h = self.cfg.hidden_size;
+        let (gu, d) = self.swiglu_host(src, prefix, inter);
+        Mlp {
+            gate_up: Param::from_tensor(Tensor::from_data(TensorData::new(gu, [h, 2 * inter]), self.device)),
+            down: Param::from_tensor(Tensor::from_data(TensorData::new(d, [inter, h]), self.device)),
+        }
+    }
+
+    fn moe(&self, src: &mut dyn WeightSource, prefix: &str) -> MoeBlock {
+        let cfg = self.cfg;
+        let (h, e, inter) = (cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size);
+        let (mut gu_all, mut d_all) = (Vec::with_capacity(e * h * 2 * inter), Vec::with_capacity(e * inter * h));
+        let fused = format!("{prefix}.experts.gate_up_proj");
+        if src.has(&fused) {
+            // transformers 5's in-memory layout, should a checkpoint carry it:
+            // gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I].
+            let gu = src.take(&fused, &[e, 2 * inter, h], Init::Normal(self.std));
+            let d = src.take(&format!("{prefix}.experts.down_proj"), &[e, h, inter], Init::Normal(self.residual_std));
+            for ex in 0..e {
+                gu_all.extend(transpose(&gu[ex * 2 * inter * h..(ex + 1) * 2 * inter * h], 2 * inter, h));
+                d_all.extend(transpose(&d[ex * h * inter..(ex + 1) * h * inter], h, inter));
+            }
+        } else {
+            for ex in 0..e {
+                let (gu, d) = self.swiglu_host(src, &format!("{prefix}.experts.{ex}"), inter);
+                gu_all.extend(gu);
+                d_all.extend(d);
+            }
+        }
+        let shared = cfg.shared_expert_intermediate_size;
+        MoeBlock {
+            router: self.linear_t(src, &format!("{prefix}.gate.weight"), e, h, self.std),
+            experts_gate_up: Param::from_tensor(Tensor::from_data(TensorData::new(gu_all, [e, h, 2 * inter]), self.device)),
+            experts_down: Param::from_tensor(Tensor::from_data(TensorData::new(d_all, [e, inter, h]), self.device)),
+            shared_expert: (shared > 0).then(|| self.mlp(src, &format!("{prefix}.shared_expert"), shared)),
+            shared_expert_gate: (shared > 0 && cfg.shared_expert_gate)
+                .then(|| self.linear_t(src, &format!("{prefix}.shared_expert_gate.weight"), 1, h, self.std)),
+            expert_bias: cfg
+                .aux_loss_free_bias
+                .then(|| src.take(&format!("{prefix}.gate.e_score_correction_bias"), &[e], Init::Zeros)),
+            top_k: cfg.num_experts_per_tok,
+            norm_topk_prob: cfg.norm_topk_prob,
+            scoring: cfg.scoring_func,
+            routed_scaling_factor: cfg.routed_scaling_factor,
+        }
+    }
+
+    fn model(&self, src: &mut dyn WeightSource) -> MoeModel {
+        let cfg = self.cfg;
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        let (nq, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let embed = src.take("model.embed_tokens.weight", &[cfg.vocab_size, h], Init::Normal(self.std));
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let a = format!("{p}.self_attn");
+            let self_attn = Attention {
+                q_proj: self.proj(src, &format!("{a}.q_proj"), nq * d, h, cfg.attention_bias, self.std),
+                k_proj: self.proj(src, &format!("{a}.k_proj"), nkv * d, h, cfg.attention_bias, self.std),
+                v_proj: self.proj(src, &format!("{a}.v_proj"), nkv * d, h, cfg.attention_bias, self.std),
+                o_proj: self.proj(src, &format!("{a}.o_proj"), h, nq * d, cfg.o_proj_bias, self.residual_std),
+                q_norm: cfg.qk_norm.then(|| self.norm(src, &format!("{a}.q_norm.weight"), d)),
+                k_norm: cfg.qk_norm.then(|| self.norm(src, &format!("{a}.k_norm.weight"), d)),
+                num_heads: nq,
+                num_kv_heads: nkv,
+                head_dim: d,
+            };
+            let mlp = if cfg.is_sparse_layer(i) {
+                Ffn::Sparse(self.moe(src, &format!("{p}.mlp")))
+            } else {
+                Ffn::Dense(self.mlp(src, &format!("{p}.mlp"), cfg.intermediate_size))
+            };
+            layers.push(DecoderLayer {
+                input_layernorm: self.norm(src, &format!("{p}.input_layernorm.weight"), h),
+                self_attn,
+                post_attention_layernorm: self.norm(src, &format!("{p}.post_attention_layernorm.weight"), h),
+                mlp,
+            });
+        }
+        let norm = self.norm(src, "model.norm.weight", h);
+        let lm_head = (!cfg.tie_word_embeddings).then(|| self.linear_t(src, "lm_head.weight", cfg.vocab_size, h, self.std));
+        MoeModel {
+            embed_tokens: Param::from_tensor(Tensor::from_data(TensorData::new(embed, [cfg.vocab_size, h]), self.device)),
+            layers,
+            norm,
+            lm_head,
+            config: cfg.clone(),
+        }
+    }
+}
+
+/// `gate [I, H]`, `up [I, H]` (HF) → `[H, 2I]` with gate in the first I columns.
+fn fuse_gate_up(gate: &[f32], up: &[f32], inter: usize, h: usize) -> Vec<f32> {
+    let (gt, ut) = (transpose(gate, inter, h), transpose(up, inter, h));
+    let mut out = Vec::with_capacity(2 * inter * h);
+    for r in 0..h {
+        out.extend_from_slice(&gt[r * inter..(r + 1) * inter]);
+        out.extend_from_slice(&ut[r * inter..(r + 1) * inter]);
+    }
+    out
+}
+
+fn builder<'a>(cfg: &'a ModelConfig, device: &'a Device) -> Builder<'a> {
+    Builder {
+        cfg,
+        device,
+        std: cfg.initializer_range,
+        residual_std: cfg.initializer_range / (2.0 * cfg.num_hidden_layers as f64).sqrt(),
+    }
+}
+
+/// A randomly initialised model: Normal(0, `initializer_range`) weights, residual output
+/// projections scaled by `1/√(2·layers)`, norms at one, biases at zero. The same seed gives
+/// the same weights on every machine and backend (values are drawn on the host).
+pub fn init_model(cfg: &ModelConfig, seed: u64, device: &Device) -> MoeModel {
+    builder(cfg, device).model(&mut RandomInit { seed })
+}
+
+/// The safetensors files of a model directory: the index's shards, or `model.safetensors`.
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Weights {
+            file: index.clone(),
+            msg: format!("not valid JSON: {e}"),
+        })?;
+        let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::Weights {
+            file: index.clone(),
+            msg: "missing object `weight_map`".into(),
+        })?;
+        let files: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
+        if files.len() != map.len() && map.values().any(|f| !f.is_string()) {
+            return Err(ModelError::Weights { file: index, msg: "`weight_map` values must be file names".into() });
+        }
+        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    Err(ModelError::Weights {
+        file: dir.to_path_buf(),
+        msg: "no model.safetensors or model.safetensors.index.json in this directory".into(),
+    })
+}
+
+/// Read every tensor of the files into f32 (f32, bf16 and f16 are accepted).
+fn read_tensors(files: &[PathBuf]) -> Result<BTreeMap<String, (Vec<usize>, Vec<f32>)>, ModelError> {
+    let mut out = BTreeMap::new();
+    for file in files {
+        let f = fs::File::open(file).map_err(|e| ModelError::io(file, e))?;
+        // SAFETY: the map is read-only and dropped before this function returns; a checkpoint
+        // modified by another process while we read it is outside what we can guard against.
+        let mmap = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| ModelError::io(file, e))?;
+        let st = SafeTensors::deserialize(&mmap).map_err(|e| ModelError::Weights {
+            file: file.clone(),
+            msg: format!("not a readable safetensors file ({e}); is it truncated or corrupt?"),
+        })?;
+        for (name, view) in st.tensors() {
+            let bytes = view.data();
+            let values: Vec<f32> = match view.dtype() {
+                Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+                Dtype::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+                Dtype::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+                other => {
+                    return Err(ModelError::Weights {
+                        file: file.clone(),
+                        msg: format!("tensor `{name}` has dtype {other:?}; expected F32, BF16 or F16"),
+                    });
+                }
+            };
+            out.insert(name, (view.shape().to_vec(), values));
+        }
+    }
+    Ok(out)
+}
+
+/// Load a model directory (`config.json` + safetensors, single or sharded).
+pub fn load_model(dir: &Path, device: &Device) -> Result<MoeModel, ModelError> {
+    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    load_model_with_config(dir, cfg, device)
+}
+
+/// Load the weights of a model directory into the shape `cfg` describes.
+pub fn load_model_with_config(dir: &Path, cfg: ModelConfig, device: &Device) -> Result<MoeModel, ModelError> {
+    let files = weight_files(dir)?;
+    let mut src = FileSource { tensors: read_tensors(&files)?, taken: BTreeSet::new(), problems: vec![] };
+    let model = builder(&cfg, device).model(&mut src);
+    let mut problems = src.problems;
+    for name in src.tensors.keys().filter(|n| !src.taken.contains(*n)) {
+        // transformers writes the rotary inverse frequencies in some old checkpoints; they are
+        // a function of the config, not weights.
+        if name.ends_with("rotary_emb.inv_freq") {
+            continue;
+        }
+        problems.push(format!("unexpected tensor `{name}` (not part of this model's config)"));
+    }
+    if problems.is_empty() {
+        Ok(model)
+    } else {
+        Err(ModelError::Mismatch { dir: dir.to_path_buf(), problems })
+    }
+}
+
+/// The model's tensors under their HF names and shapes, in HF layout, as f32.
+pub fn hf_tensors(model: &MoeModel) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let cfg = &model.config;
+    let h = cfg.hidden_size;
+    let mut out: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let lin = |p: &Param<Tensor<2>>| {
+        let [i, o] = p.val().dims();
+        (vec![o, i], transpose(&to_vec_f32(p.val()), i, o))
+    };
+    let vec1 = |p: &Param<Tensor<1>>| to_vec_f32(p.val());
+    // Fused `gu: [H, 2I]`, `d: [I, H]` → HF gate/up `[I, H]` and down `[H, I]`.
+    let swiglu = |out: &mut Vec<(String, Vec<usize>, Vec<f32>)>, prefix: &str, gu: &[f32], d: &[f32], inter: usize| {
+        let mut g = Vec::with_capacity(h * inter);
+        let mut u = Vec::with_capacity(h * inter);
+        for row in gu.chunks_exact(2 * inter) {
+            g.extend_from_slice(&row[..inter]);
+            u.extend_from_slice(&row[inter..]);
+        }
+        out.push((format!("{prefix}.gate_proj.weight"), vec![inter, h], transpose(&g, h, inter)));
+        out.push((format!("{prefix}.up_proj.weight"), vec![inter, h], transpose(&u, h, inter)));
+        out.push((format!("{prefix}.down_proj.weight"), vec![h, inter], transpose(d, inter, h)));
+    };
+    out.push(("model.embed_tokens.weight".into(), vec![cfg.vocab_size, h], to_vec_f32(model.embed_tokens.val())));
+    for (i, layer) in model.layers.iter().enumerate() {
+        let pre = format!("model.layers.{i}");
+        out.push((format!("{pre}.input_layernorm.weight"), vec![h], vec1(&layer.input_layernorm.weight)));
+        out.push((format!("{pre}.post_attention_layernorm.weight"), vec![h], vec1(&layer.post_attention_layernorm.weight)));
+        let a = &layer.self_attn;
+        for (n, proj) in [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)] {
+            let (s, v) = lin(&proj.weight);
+            out.push((format!("{pre}.self_attn.{n}.weight"), s, v));
+            if let Some(b) = &proj.bias {
+                let v = vec1(b);
+                out.push((format!("{pre}.self_attn.{n}.bias"), vec![v.len()], v));
+            }
+        }
+        for (n, norm) in [("q_norm", &a.q_norm), ("k_norm", &a.k_norm)] {
+            if let Some(norm) = norm {
+                out.push((format!("{pre}.self_attn.{n}.weight"), vec![cfg.head_dim], vec1(&norm.weight)));
+            }
+        }
+        match &layer.mlp {
+            Ffn::Dense(m) => {
+                let (gu, d) = (to_vec_f32(m.gate_up.val()), to_vec_f32(m.down.val()));
+                swiglu(&mut out, &format!("{pre}.mlp"), &gu, &d, cfg.intermediate_size);
+            }
+            Ffn::Sparse(m) => {
+                let (e, inter) = (cfg.num_experts, cfg.moe_intermediate_size);
+                let (s, v) = lin(&m.router);
+                out.push((format!("{pre}.mlp.gate.weight"), s, v));
+                let gu = to_vec_f32(m.experts_gate_up.val());
+                let d = to_vec_f32(m.experts_down.val());
+                for ex in 0..e {
+                    let gu_e = &gu[ex * h * 2 * inter..(ex + 1) * h * 2 * inter];
+                    let d_e = &d[ex * inter * h..(ex + 1) * inter * h];
+                    swiglu(&mut out, &format!("{pre}.mlp.experts.{ex}"), gu_e, d_e, inter);
+                }
+                if let Some(sh) = &m.shared_expert {
+                    let (gu, d) = (to_vec_f32(sh.gate_up.val()), to_vec_f32(sh.down.val()));
+                    swiglu(&mut out, &format!("{pre}.mlp.shared_expert"), &gu, &d, cfg.shared_expert_intermediate_size);
+                }
+                if let Some(g) = &m.shared_expert_gate {
+                    let (s, v) = lin(g);
+                    out.push((format!("{pre}.mlp.shared_expert_gate.weight"), s, v));
+                }
+                if let Some(bias) = &m.expert_bias {
+                    out.push((format!("{pre}.mlp.gate.e_score_correction_bias"), vec![e], bias.clone()));
+                }
+            }
+        }
+    }
+    out.push(("model.norm.weight".into(), vec![h], vec1(&model.norm.weight)));
+    if let Some(head) = &model.lm_head {
+        let (s, v) = lin(head);
+        out.push(("lm_head.weight".into(), s, v));
+    }
+    out
+}
+
+/// Write `model` as an HF model directory (`config.json`, `model.safetensors` or shards above
+/// `max_shard_bytes` with an index, `generation_config.json`) atomically: everything goes to a
+/// temporary sibling directory that is renamed over `dir` at the end, so a crash leaves either
+/// the old directory or the new one, never a mix.
+pub fn save_model(model: &MoeModel, dir: &Path, max_shard_bytes: Option<usize>) -> Result<(), ModelError> {
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).map_err(|e| ModelError::io(parent, e))?;
+    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("model");
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
+    }
+    fs::create_dir_all(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
+    write_model_files(model, &tmp, max_shard_bytes)?;
+    replace_dir(&tmp, dir)
+}
+
+/// Rename `tmp` over `dir`. An existing `dir` is first moved aside, then removed, so there is
+/// no moment without a complete directory at one of the two names.
+pub fn replace_dir(tmp: &Path, dir: &Path) -> Result<(), ModelError> {
+    if dir.exists() {
+        let old = dir.with_extension("old");
+        if old.exists() {
+            fs::remove_dir_all(&old).map_err(|e| ModelError::io(&old, e))?;
+        }
+        fs::rename(dir, &old).map_err(|e| ModelError::io(dir, e))?;
+        fs::rename(tmp, dir).map_err(|e| ModelError::io(dir, e))?;
+        fs::remove_dir_all(&old).map_err(|e| ModelError::io(&old, e))?;
+    } else {
+        fs::rename(tmp, dir).map_err(|e| ModelError::io(dir, e))?;
+    }
+    Ok(())
+}
+
+fn write_model_files(model: &MoeModel, dir: &Path, max_shard_bytes: Option<usize>) -> Result<(), ModelError> {
+    let cfg_text = serde_json::to_string_pretty(&model.config.to_json()).unwrap_or_default();
+    let cfg_path = dir.join("config.json");
+    fs::write(&cfg_path, cfg_text).map_err(|e| ModelError::io(&cfg_path, e))?;
+    let generation = serde_json::json!({
+        "bos_token_id": model.config.bos_token_id,
+        "eos_token_id": model.config.eos_token_id,
+        "pad_token_id": model.config.pad_token_id,
+    });
+    let gen_path = dir.join("generation_config.json");
+    fs::write(&gen_path, serde_json::to_string_pretty(&generation).unwrap_or_default()).map_err(|e| ModelError::io(&gen_path, e))?;
+
+    let tensors = hf_tensors(model);
+    let limit = max_shard_bytes.unwrap_or(usize::MAX);
+    let mut shards: Vec<Vec<usize>> = vec![vec![]];
+    let mut size = 0;
+    for (i, (_, _, v)) in tensors.iter().enumerate() {
+        let bytes = v.len() * 4;
+        if size > 0 && size + bytes > limit {
+            shards.push(vec![]);
+            size = 0;
+        }
+        size += bytes;
+        if let Some(last) = shards.last_mut() {
+            last.push(i);
+        }
+    }
+    let n = shards.len();
+    let mut weight_map = serde_json::Map::new();
+    for (si, shard) in shards.iter().enumerate() {
+        let file = if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{:05}.safetensors", si + 1, n) };
+        let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = shard
+            .iter()
+            .map(|&i| {
+                let (name, shape, v) = &tensors[i];
+                (name.clone(), shape.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect())
+            })
+            .collect();
+        let views = bytes
+            .iter()
+            .map(|(name, shape, b)| {
+                safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), b).map(|v| (name.clone(), v))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ModelError::Weights { file: dir.join(&file), msg: e.to_string() })?;
+        let mut meta = std::collections::HashMap::new();
+        meta.insert("format".to_string(), "pt".to_string());
+        let path = dir.join(&file);
+        safetensors::serialize_to_file(views, Some(meta), &path)
+            .map_err(|e| ModelError::Weights { file: path.clone(), msg: e.to_string() })?;
+        for &i in shard {
+            weight_map.insert(tensors[i].0.clone(), serde_json::Value::String(file.clone()));
+        }
+    }
+    if n > 1 {
+        let total: usize = tensors.iter().map(|(_, _, v)| v.len() * 4).sum();
+        let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        let path = dir.join("model.safetensors.index.json");
+        fs::write(&path, serde_json::to_string_pretty(&index).unwrap_or_default()).map_err(|e| ModelError::io(&path, e))?;
+    }
+    Ok(())
+}

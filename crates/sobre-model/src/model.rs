@@ -1,0 +1,725 @@
+//! The Qwen3-MoE / Qwen2-MoE decoder, in one file.
+//!
+//! Embedding → N × [RMSNorm → attention → residual → RMSNorm → FFN → residual] → RMSNorm → head.
+//! The FFN of a layer is a dense SwiGLU or a sparse MoE block (`ModelConfig::is_sparse_layer`).
+//!
+//! Layout: burn's matmul wants `x · W` with `W: [in, out]`, so every projection is held
+//! transposed relative to HF's `[out, in]` (the I/O code transposes), and each SwiGLU keeps its
+//! gate and up projections side by side in one `[in, 2 · inter]` matrix so one matmul serves
+//! both. Experts of a layer are stacked into `[num_experts, …]` tensors.
+//!
+//! One forward serves training (no cache), prefill and cached decode: the caller passes the new
+//! tokens, their positions, which of them are real (padding), and optionally a [`KvCache`].
+//! Token ids, positions and masks are host data, because the rollout engine and trainer hold
+//! them on the host anyway and the router's top-k choice is made on the host (see `MoeBlock`).
+
+use burn::module::Param;
+use burn::prelude::*;
+use burn::tensor::IndexingUpdateOp;
+use burn::tensor::activation::{sigmoid, silu, softmax};
+
+use crate::config::{ModelConfig, ScoringFunc};
+
+/// Masked attention scores. Finite (not -inf) so a query row with every key masked — a padding
+/// query — gives a uniform distribution instead of NaN; its output is never used.
+const MASKED: f32 = -1.0e30;
+
+/// Which implementation computes the experts of a sparse layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MoeImpl {
+    /// Tokens grouped by expert, one matmul per expert over its tokens only.
+    #[default]
+    Dispatch,
+    /// Every expert on every token, combined with a dense `[tokens, experts]` weight matrix.
+    /// The slow reference the dispatch path is tested against.
+    DenseReference,
+}
+
+/// Which positions get logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogitsMode {
+    /// Every position: training and scoring.
+    #[default]
+    All,
+    /// Only the last column: prefill and decode, where only the next token matters.
+    Last,
+}
+
+/// Options of one forward call.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ForwardOptions {
+    pub moe: MoeImpl,
+    pub logits: LogitsMode,
+    /// Build the differentiable auxiliary balance loss (training only).
+    pub aux_loss: bool,
+}
+
+/// The tokens of one forward call, as host data.
+///
+/// # Shapes
+/// `input_ids`, `positions`, `attention_mask`: `[batch, seq]`, row-major.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub batch: usize,
+    pub seq: usize,
+    pub input_ids: Vec<u32>,
+    /// RoPE position of each token: counts from each sequence's first real token.
+    pub positions: Vec<u32>,
+    /// `true` for real tokens, `false` for padding (HF's `attention_mask`).
+    pub attention_mask: Vec<bool>,
+}
+
+impl Batch {
+    /// Left-pad sequences of unequal length into one batch (padding first, so every row ends in
+    /// the same column and decoding appends to all rows at once).
+    pub fn left_padded(seqs: &[Vec<u32>], pad_id: u32) -> Self {
+        let seq = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        let mut b = Batch {
+            batch: seqs.len(),
+            seq,
+            input_ids: Vec::with_capacity(seqs.len() * seq),
+            positions: Vec::with_capacity(seqs.len() * seq),
+            attention_mask: Vec::with_capacity(seqs.len() * seq),
+        };
+        for s in seqs {
+            let pad = seq - s.len();
+            b.input_ids.extend(std::iter::repeat_n(pad_id, pad).chain(s.iter().copied()));
+            b.positions.extend(std::iter::repeat_n(0, pad).chain(0..s.len() as u32));
+            b.attention_mask.extend(std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, s.len())));
+        }
+        b
+    }
+
+    /// Right-pad sequences (padding last), the usual layout for training batches.
+    pub fn right_padded(seqs: &[Vec<u32>], pad_id: u32) -> Self {
+        let seq = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        let mut b = Batch {
+            batch: seqs.len(),
+            seq,
+            input_ids: Vec::with_capacity(seqs.len() * seq),
+            positions: Vec::with_capacity(seqs.len() * seq),
+            attention_mask: Vec::with_capacity(seqs.len() * seq),
+        };
+        for s in seqs {
+            let pad = seq - s.len();
+            b.input_ids.extend(s.iter().copied().chain(std::iter::repeat_n(pad_id, pad)));
+            b.positions.extend((0..s.len() as u32).chain(std::iter::repeat_n(0, pad)));
+            b.attention_mask.extend(std::iter::repeat_n(true, s.len()).chain(std::iter::repeat_n(false, pad)));
+        }
+        b
+    }
+}
+
+/// Per-layer keys and values of past tokens, allocated once at full capacity and written in
+/// place, plus which past columns hold real tokens.
+///
+/// # Shapes
+/// keys, values: `[batch, num_key_value_heads, capacity, head_dim]`.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    keys: Vec<Tensor<4>>,
+    values: Vec<Tensor<4>>,
+    /// `[batch, capacity]`: column j of row b holds a real token.
+    key_valid: Vec<bool>,
+    batch: usize,
+    capacity: usize,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache for `batch` rows of up to `capacity` tokens each.
+    pub fn new(config: &ModelConfig, batch: usize, capacity: usize, device: &Device) -> Self {
+        let shape = [batch, config.num_key_value_heads, capacity, config.head_dim];
+        let layers = config.num_hidden_layers;
+        KvCache {
+            keys: (0..layers).map(|_| Tensor::zeros(shape, device)).collect(),
+            values: (0..layers).map(|_| Tensor::zeros(shape, device)).collect(),
+            key_valid: vec![false; batch * capacity],
+            batch,
+            capacity,
+            len: 0,
+        }
+    }
+
+    /// Tokens held per row (real or padding).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// A cache whose row i is this cache's row `rows[i]`: duplicates a shared prompt prefill
+    /// into its group's samples, or drops finished sequences from the batch.
+    pub fn select_rows(&self, rows: &[usize]) -> Self {
+        let Some(device) = self.keys.first().map(Tensor::device) else {
+            return self.clone();
+        };
+        let idx = int_tensor_1d(rows.iter().map(|&r| r as i64).collect(), &device);
+        let mut key_valid = Vec::with_capacity(rows.len() * self.capacity);
+        for &r in rows {
+            key_valid.extend_from_slice(&self.key_valid[r * self.capacity..(r + 1) * self.capacity]);
+        }
+        KvCache {
+            keys: self.keys.iter().map(|k| k.clone().select(0, idx.clone())).collect(),
+            values: self.values.iter().map(|v| v.clone().select(0, idx.clone())).collect(),
+            key_valid,
+            batch: rows.len(),
+            capacity: self.capacity,
+            len: self.len,
+        }
+    }
+}
+
+/// Router statistics of one forward call, for logging and for the balance loss.
+#[derive(Debug, Clone)]
+pub struct RouterStats {
+    /// `[sparse layer][expert]`: real tokens routed to each expert (each token counts k times).
+    pub expert_counts: Vec<Vec<u32>>,
+    /// Switch-style auxiliary balance loss, computed as transformers'
+    /// `load_balancing_loss_func` does (over all sparse layers, padding excluded), unscaled by
+    /// `router_aux_loss_coef`. `[1]`; present when `ForwardOptions::aux_loss` is set.
+    pub aux_loss: Option<Tensor<1>>,
+}
+
+/// What a forward call returns.
+#[derive(Debug, Clone)]
+pub struct ModelOutput {
+    /// `[batch, seq, vocab]`, or `[batch, 1, vocab]` with `LogitsMode::Last`.
+    pub logits: Tensor<3>,
+    pub router: RouterStats,
+}
+
+/// `x * rsqrt(mean(x²) + eps) * weight` over the last dimension.
+#[derive(Module, Debug)]
+pub struct RmsNorm {
+    pub weight: Param<Tensor<1>>,
+    #[module(skip)]
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let var = x.clone().square().mean_dim(D - 1);
+        x * (var + self.eps).sqrt().recip() * self.weight.val().unsqueeze()
+    }
+}
+
+/// A projection `x · W + b` with `W: [in, out]`.
+#[derive(Module, Debug)]
+pub struct Proj {
+    pub weight: Param<Tensor<2>>,
+    pub bias: Option<Param<Tensor<1>>>,
+}
+
+impl Proj {
+    /// # Shapes
+    /// `[rows, in]` → `[rows, out]`
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let y = x.matmul(self.weight.val());
+        match &self.bias {
+            Some(b) => y + b.val().unsqueeze(),
+            None => y,
+        }
+    }
+}
+
+/// `down(silu(gate(x)) * up(x))` with gate and up fused: `gate_up: [hidden, 2·inter]`
+/// (gate first), `down: [inter, hidden]`.
+fn swiglu(x: Tensor<2>, gate_up: Tensor<2>, down: Tensor<2>) -> Tensor<2> {
+    let [rows, _] = x.dims();
+    let inter = gate_up.dims()[1] / 2;
+    let h = x.matmul(gate_up);
+    let gate = h.clone().slice([0..rows, 0..inter]);
+    let up = h.slice([0..rows, inter..2 * inter]);
+    (silu(gate) * up).matmul(down)
+}
+
+/// A dense SwiGLU FFN (also the shape of the shared expert).
+#[derive(Module, Debug)]
+pub struct Mlp {
+    pub gate_up: Param<Tensor<2>>,
+    pub down: Param<Tensor<2>>,
+}
+
+impl Mlp {
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        swiglu(x, self.gate_up.val(), self.down.val())
+    }
+}
+
+/// Grouped-query self-attention with optional per-head q/k RMSNorm and rotate-half RoPE.
+#[derive(Module, Debug)]
+pub struct Attention {
+    pub q_proj: Proj,
+    pub k_proj: Proj,
+    pub v_proj: Proj,
+    pub o_proj: Proj,
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
+    #[module(skip)]
+    pub num_heads: usize,
+    #[module(skip)]
+    pub num_kv_heads: usize,
+    #[module(skip)]
+    pub head_dim: usize,
+}
+
+/// Per-call tensors shared by all layers: RoPE tables and the additive attention mask.
+struct AttnContext {
+    /// `[batch, 1, seq, head_dim]`
+    cos: Tensor<4>,
+    sin: Tensor<4>,
+    /// `[batch, 1, seq, keys]`: 0 where a query may attend, `MASKED` elsewhere.
+    mask: Tensor<4>,
+    /// Column where the new tokens go in the cache (= past length).
+    past: usize,
+}
+
+fn rotate_half(x: Tensor<4>) -> Tensor<4> {
+    let [b, h, s, d] = x.dims();
+    let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..d / 2]);
+    let x2 = x.slice([0..b, 0..h, 0..s, d / 2..d]);
+    Tensor::cat(vec![x2.neg(), x1], 3)
+}
+
+impl Attention {
+    /// # Shapes
+    /// `x: [batch, seq, hidden]` → `[batch, seq, hidden]`
+    fn forward(&self, x: Tensor<3>, ctx: &AttnContext, cache: Option<(&mut Tensor<4>, &mut Tensor<4>)>) -> Tensor<3> {
+        let [b, s, hidden] = x.dims();
+        let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let x2 = x.reshape([b * s, hidden]);
+        let heads = |t: Tensor<2>, n: usize, norm: &Option<RmsNorm>| {
+            let t = t.reshape([b, s, n, d]);
+            let t = match norm {
+                Some(norm) => norm.forward(t),
+                None => t,
+            };
+            let t = t.swap_dims(1, 2); // [b, n, s, d]
+            t.clone() * ctx.cos.clone() + rotate_half(t) * ctx.sin.clone()
+        };
+        let q = heads(self.q_proj.forward(x2.clone()), nh, &self.q_norm);
+        let k = heads(self.k_proj.forward(x2.clone()), nkv, &self.k_norm);
+        let v = self.v_proj.forward(x2).reshape([b, s, nkv, d]).swap_dims(1, 2);
+
+        let (k, v) = match cache {
+            Some((kc, vc)) => {
+                let end = ctx.past + s;
+                let range = [0..b, 0..nkv, ctx.past..end, 0..d];
+                // Take the cache out so it is uniquely owned and the write happens in place.
+                let kc_full = std::mem::replace(kc, Tensor::empty([0, 0, 0, 0], &k.device()));
+                *kc = kc_full.slice_assign(range.clone(), k);
+                let vc_full = std::mem::replace(vc, Tensor::empty([0, 0, 0, 0], &v.device()));
+                *vc = vc_full.slice_assign(range, v);
+                (kc.clone().slice([0..b, 0..nkv, 0..end, 0..d]), vc.clone().slice([0..b, 0..nkv, 0..end, 0..d]))
+            }
+            None => (k, v),
+        };
+        let keys = k.dims()[2];
+        // GQA without copying K/V: query heads sharing a KV head are stacked along the row axis
+        // ([b, nkv, group·s, d]), so one batched matmul per KV head covers the whole group.
+        let group = nh / nkv;
+        let q = q.reshape([b, nkv, group * s, d]);
+        let scores = q.matmul(k.swap_dims(2, 3)).reshape([b, nh, s, keys]);
+        let scores = scores * (1.0 / (d as f64).sqrt()) + ctx.mask.clone();
+        let probs = softmax(scores, 3).reshape([b, nkv, group * s, keys]);
+        let out = probs.matmul(v).reshape([b, nh, s, d]).swap_dims(1, 2).reshape([b * s, nh * d]);
+        self.o_proj.forward(out).reshape([b, s, hidden])
+    }
+}
+
+/// A sparse MoE FFN: router → scores → top-k → weighted sum of SwiGLU experts (+ shared expert).
+#[derive(Module, Debug)]
+pub struct MoeBlock {
+    /// `[hidden, num_experts]`
+    pub router: Param<Tensor<2>>,
+    /// `[num_experts, hidden, 2·moe_inter]`
+    pub experts_gate_up: Param<Tensor<3>>,
+    /// `[num_experts, moe_inter, hidden]`
+    pub experts_down: Param<Tensor<3>>,
+    pub shared_expert: Option<Mlp>,
+    /// `[hidden, 1]`
+    pub shared_expert_gate: Option<Param<Tensor<2>>>,
+    /// DeepSeek-V3's `e_score_correction_bias`: added to scores for the top-k choice only.
+    /// Host data: it is never differentiated, only nudged by the trainer between steps.
+    #[module(skip)]
+    pub expert_bias: Option<Vec<f32>>,
+    #[module(skip)]
+    pub top_k: usize,
+    #[module(skip)]
+    pub norm_topk_prob: bool,
+    #[module(skip)]
+    pub scoring: ScoringFunc,
+    #[module(skip)]
+    pub routed_scaling_factor: f64,
+}
+
+/// Running sums of the auxiliary loss across sparse layers (as transformers accumulates them).
+struct AuxAccumulator {
+    tokens_per_expert: Vec<f64>,
+    prob_sum: Option<Tensor<1>>,
+    rows: f64,
+}
+
+/// Top-k of each row, largest first; equal scores go to the lower expert index so the choice
+/// never depends on the sort's stability or the backend.
+fn top_k_rows(scores: &[f32], num_experts: usize, k: usize) -> Vec<usize> {
+    let mut out = Vec::with_capacity(scores.len() / num_experts * k);
+    let mut order: Vec<usize> = Vec::with_capacity(num_experts);
+    for row in scores.chunks_exact(num_experts) {
+        order.clear();
+        order.extend(0..num_experts);
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+        out.extend_from_slice(&order[..k]);
+    }
+    out
+}
+
+impl MoeBlock {
+    fn num_experts(&self) -> usize {
+        self.router.val().dims()[1]
+    }
+
+    /// # Shapes
+    /// `x: [tokens, hidden]` → `[tokens, hidden]`; `valid: [tokens]` marks real tokens (padding
+    /// is computed like any token but left out of the statistics).
+    fn forward(&self, x: Tensor<2>, valid: &[bool], moe: MoeImpl, aux: Option<&mut AuxAccumulator>) -> (Tensor<2>, Vec<u32>) {
+        let [t, hidden] = x.dims();
+        let e = self.num_experts();
+        let k = self.top_k;
+        let device = x.device();
+        let logits = x.clone().matmul(self.router.val()); // [t, e]
+        let scores = match self.scoring {
+            ScoringFunc::Softmax => softmax(logits, 1),
+            ScoringFunc::Sigmoid => sigmoid(logits),
+        };
+
+        // The choice itself is not differentiable, so it is made on the host, where ties can be
+        // broken by index and the per-expert token lists for dispatch are needed anyway.
+        let host = to_vec_f32(scores.clone().detach());
+        let choice_scores: Vec<f32> = match &self.expert_bias {
+            Some(bias) => host.chunks_exact(e).flat_map(|r| r.iter().zip(bias).map(|(s, b)| s + b)).collect(),
+            None => host.clone(),
+        };
+        let chosen = top_k_rows(&choice_scores, e, k); // [t, k]
+
+        let mut counts = vec![0u32; e];
+        for (tok, row) in chosen.chunks_exact(k).enumerate() {
+            if valid[tok] {
+                for &ex in row {
+                    counts[ex] += 1;
+                }
+            }
+        }
+
+        let idx = int_tensor_2d(chosen.iter().map(|&c| c as i64).collect(), [t, k], &device);
+        let mut weights = scores.clone().gather(1, idx); // [t, k]
+        if self.norm_topk_prob {
+            let denom = weights.clone().sum_dim(1);
+            weights = match self.scoring {
+                ScoringFunc::Softmax => weights / denom,
+                ScoringFunc::Sigmoid => weights / (denom + 1e-20),
+            };
+        }
+        if self.routed_scaling_factor != 1.0 {
+            weights = weights * self.routed_scaling_factor;
+        }
+
+        let routed = match moe {
+            MoeImpl::Dispatch => self.dispatch(x.clone(), &chosen, weights, &device),
+            MoeImpl::DenseReference => self.dense_reference(x.clone(), &chosen, weights, &device),
+        };
+        let mut out = routed;
+        if let Some(shared) = &self.shared_expert {
+            let mut s = shared.forward(x.clone());
+            if let Some(g) = &self.shared_expert_gate {
+                s = s * sigmoid(x.clone().matmul(g.val()));
+            }
+            out = out + s;
+        }
+
+        if let Some(acc) = aux {
+            let n_valid = valid.iter().filter(|&&v| v).count();
+            for (ex, c) in counts.iter().enumerate() {
+                acc.tokens_per_expert[ex] += *c as f64;
+            }
+            let probs = match self.scoring {
+                ScoringFunc::Softmax => scores,
+                ScoringFunc::Sigmoid => scores.clone() / scores.sum_dim(1),
+            };
+            let mask = Tensor::<2>::from_data(
+                TensorData::new(valid.iter().map(|&v| if v { 1.0f32 } else { 0.0 }).collect(), [t, 1]),
+                &device,
+            );
+            let psum = (probs * mask).sum_dim(0).reshape([e]);
+            acc.prob_sum = Some(match acc.prob_sum.take() {
+                Some(p) => p + psum,
+                None => psum,
+            });
+            acc.rows += n_valid as f64;
+        }
+        let _ = hidden;
+        (out, counts)
+    }
+
+    /// Tokens grouped by expert: one gather, one matmul chain per used expert, one scatter-add.
+    fn dispatch(&self, x: Tensor<2>, chosen: &[usize], weights: Tensor<2>, device: &Device) -> Tensor<2> {
+        let [t, hidden] = x.dims();
+        let e = self.num_experts();
+        let k = self.top_k;
+        // Stable grouping by expert: slot (token, j) goes to expert chosen[token·k + j].
+        let mut by_expert: Vec<Vec<usize>> = vec![Vec::new(); e];
+        for (slot, &ex) in chosen.iter().enumerate() {
+            by_expert[ex].push(slot);
+        }
+        let slots: Vec<usize> = by_expert.iter().flatten().copied().collect();
+        let tokens = int_tensor_1d(slots.iter().map(|&s| (s / k) as i64).collect(), device);
+        let slot_idx = int_tensor_1d(slots.iter().map(|&s| s as i64).collect(), device);
+        let xs = x.select(0, tokens.clone()); // [t·k, hidden]
+        let gate_up = self.experts_gate_up.val();
+        let down = self.experts_down.val();
+        let [_, _, gu] = gate_up.dims();
+        let inter = down.dims()[1];
+        let mut outs = Vec::new();
+        let mut start = 0;
+        for (ex, group) in by_expert.iter().enumerate() {
+            if group.is_empty() {
+                continue;
+            }
+            let end = start + group.len();
+            let rows = xs.clone().slice([start..end, 0..hidden]);
+            let w_gu = gate_up.clone().slice([ex..ex + 1, 0..hidden, 0..gu]).reshape([hidden, gu]);
+            let w_d = down.clone().slice([ex..ex + 1, 0..inter, 0..hidden]).reshape([inter, hidden]);
+            outs.push(swiglu(rows, w_gu, w_d));
+            start = end;
+        }
+        let ys = Tensor::cat(outs, 0); // [t·k, hidden], grouped by expert
+        let w = weights.reshape([t * k]).select(0, slot_idx).reshape([t * k, 1]);
+        Tensor::zeros([t, hidden], device).select_assign(0, tokens, ys * w, IndexingUpdateOp::Add)
+    }
+
+    /// Every expert on every token; unchosen experts get weight 0.
+    fn dense_reference(&self, x: Tensor<2>, chosen: &[usize], weights: Tensor<2>, device: &Device) -> Tensor<2> {
+        let [t, hidden] = x.dims();
+        let e = self.num_experts();
+        let k = self.top_k;
+        let mut one_hot = vec![0.0f32; t * k * e];
+        for (slot, &ex) in chosen.iter().enumerate() {
+            one_hot[slot * e + ex] = 1.0;
+        }
+        let one_hot = Tensor::<3>::from_data(TensorData::new(one_hot, [t, k, e]), device);
+        let dense = (weights.reshape([t, k, 1]) * one_hot).sum_dim(1).reshape([t, e]);
+        let gate_up = self.experts_gate_up.val();
+        let down = self.experts_down.val();
+        let [_, _, gu] = gate_up.dims();
+        let inter = down.dims()[1];
+        let mut out = Tensor::zeros([t, hidden], device);
+        for ex in 0..e {
+            let w_gu = gate_up.clone().slice([ex..ex + 1, 0..hidden, 0..gu]).reshape([hidden, gu]);
+            let w_d = down.clone().slice([ex..ex + 1, 0..inter, 0..hidden]).reshape([inter, hidden]);
+            let y = swiglu(x.clone(), w_gu, w_d);
+            out = out + y * dense.clone().slice([0..t, ex..ex + 1]);
+        }
+        out
+    }
+}
+
+/// The FFN of one layer.
+#[derive(Module, Debug)]
+pub enum Ffn {
+    Dense(Mlp),
+    Sparse(MoeBlock),
+}
+
+#[derive(Module, Debug)]
+pub struct DecoderLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Ffn,
+}
+
+/// The causal language model: `model.*` and `lm_head` of an HF checkpoint.
+#[derive(Module, Debug)]
+pub struct MoeModel {
+    /// `[vocab, hidden]`
+    pub embed_tokens: Param<Tensor<2>>,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    /// `[hidden, vocab]`; `None` when tied to `embed_tokens`.
+    pub lm_head: Option<Param<Tensor<2>>>,
+    #[module(skip)]
+    pub config: ModelConfig,
+}
+
+/// A float tensor's values on the host. Reading back a tensor this crate built as f32 cannot
+/// fail short of a backend fault, which surfaces as an empty vector and then a shape panic.
+pub(crate) fn to_vec_f32<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.try_into_vec_as::<f32>().unwrap_or_default()
+}
+
+pub(crate) fn int_tensor_1d(v: Vec<i64>, device: &Device) -> Tensor<1, Int> {
+    let n = v.len();
+    Tensor::from_data(TensorData::new(v, [n]), device)
+}
+
+fn int_tensor_2d(v: Vec<i64>, shape: [usize; 2], device: &Device) -> Tensor<2, Int> {
+    Tensor::from_data(TensorData::new(v, shape), device)
+}
+
+impl MoeModel {
+    /// The device the weights live on (with autodiff when the model is being trained).
+    pub fn device(&self) -> Device {
+        self.embed_tokens.val().device()
+    }
+
+    /// Run the model on `batch`, appending its keys and values to `cache` when one is given.
+    ///
+    /// # Shapes
+    /// logits: `[batch, seq, vocab]` (`[batch, 1, vocab]` with `LogitsMode::Last`).
+    ///
+    /// # Panics
+    /// If `batch`'s vectors do not have `batch · seq` entries, or the cache has the wrong batch
+    /// size or too little room: these are programming errors of the caller, not user input.
+    pub fn forward(&self, batch: &Batch, mut cache: Option<&mut KvCache>, opts: ForwardOptions) -> ModelOutput {
+        let (b, s) = (batch.batch, batch.seq);
+        assert_eq!(batch.input_ids.len(), b * s, "input_ids must hold batch·seq ids");
+        assert_eq!(batch.positions.len(), b * s, "positions must hold batch·seq entries");
+        assert_eq!(batch.attention_mask.len(), b * s, "attention_mask must hold batch·seq entries");
+        let cfg = &self.config;
+        let device = self.device();
+
+        // Key validity over [past | new] columns, then the causal + padding mask.
+        let past = cache.as_ref().map_or(0, |c| c.len);
+        let keys = past + s;
+        let mut key_valid = vec![false; b * keys];
+        for row in 0..b {
+            if let Some(c) = cache.as_deref_mut() {
+                assert_eq!(c.batch, b, "cache batch size differs from the input batch");
+                assert!(keys <= c.capacity, "cache capacity {} exceeded ({} tokens)", c.capacity, keys);
+                key_valid[row * keys..row * keys + past].copy_from_slice(&c.key_valid[row * c.capacity..row * c.capacity + past]);
+                c.key_valid[row * c.capacity + past..row * c.capacity + keys]
+                    .copy_from_slice(&batch.attention_mask[row * s..(row + 1) * s]);
+            }
+            key_valid[row * keys + past..(row + 1) * keys].copy_from_slice(&batch.attention_mask[row * s..(row + 1) * s]);
+        }
+        let mut mask = vec![0.0f32; b * s * keys];
+        for row in 0..b {
+            for i in 0..s {
+                for j in 0..keys {
+                    if j > past + i || !key_valid[row * keys + j] {
+                        mask[(row * s + i) * keys + j] = MASKED;
+                    }
+                }
+            }
+        }
+        let (cos, sin) = rope_tables(&batch.positions, b, s, cfg.head_dim, cfg.rope_theta as f32);
+        let ctx = AttnContext {
+            cos: Tensor::from_data(TensorData::new(cos, [b, 1, s, cfg.head_dim]), &device),
+            sin: Tensor::from_data(TensorData::new(sin, [b, 1, s, cfg.head_dim]), &device),
+            mask: Tensor::from_data(TensorData::new(mask, [b, 1, s, keys]), &device),
+            past,
+        };
+
+        let ids = int_tensor_1d(batch.input_ids.iter().map(|&i| i as i64).collect(), &device);
+        let mut h = self.embed_tokens.val().select(0, ids).reshape([b, s, cfg.hidden_size]);
+        let mut counts = Vec::new();
+        let mut acc = opts.aux_loss.then(|| AuxAccumulator {
+            tokens_per_expert: vec![0.0; cfg.num_experts],
+            prob_sum: None,
+            rows: 0.0,
+        });
+        for (li, layer) in self.layers.iter().enumerate() {
+            let kv = cache.as_deref_mut().map(|c| {
+                let (k, v) = (&mut c.keys[li], &mut c.values[li]);
+                (k, v)
+            });
+            let a = layer.self_attn.forward(layer.input_layernorm.forward(h.clone()), &ctx, kv);
+            h = h + a;
+            let x = layer.post_attention_layernorm.forward(h.clone()).reshape([b * s, cfg.hidden_size]);
+            let f = match &layer.mlp {
+                Ffn::Dense(mlp) => mlp.forward(x),
+                Ffn::Sparse(moe) => {
+                    let (y, c) = moe.forward(x, &batch.attention_mask, opts.moe, acc.as_mut());
+                    counts.push(c);
+                    y
+                }
+            };
+            h = h + f.reshape([b, s, cfg.hidden_size]);
+        }
+        if let Some(c) = cache {
+            c.len = keys;
+        }
+
+        let h = match opts.logits {
+            LogitsMode::All => h,
+            LogitsMode::Last => h.slice([0..b, s - 1..s, 0..cfg.hidden_size]),
+        };
+        let rows = h.dims()[1];
+        let h = self.norm.forward(h).reshape([b * rows, cfg.hidden_size]);
+        let logits = match &self.lm_head {
+            Some(w) => h.matmul(w.val()),
+            None => h.matmul(self.embed_tokens.val().transpose()),
+        }
+        .reshape([b, rows, cfg.vocab_size]);
+
+        let aux_loss = acc.and_then(|acc| {
+            let prob_sum = acc.prob_sum?;
+            let rows = acc.rows.max(1.0);
+            let tokens: Vec<f32> = acc.tokens_per_expert.iter().map(|&c| (c / rows) as f32).collect();
+            let n = tokens.len();
+            let tokens = Tensor::<1>::from_data(TensorData::new(tokens, [n]), &device);
+            Some((tokens * prob_sum / rows).sum() * cfg.num_experts as f64)
+        });
+        ModelOutput { logits, router: RouterStats { expert_counts: counts, aux_loss } }
+    }
+
+    /// DeepSeek-V3's auxiliary-loss-free update: every sparse layer's bias moves by
+    /// `rate · sign(mean load − load)`, so under-used experts become more likely to be chosen.
+    /// `expert_counts` is `[sparse layer][expert]` as in [`RouterStats`]. A no-op for models
+    /// without `aux_loss_free_bias`.
+    pub fn update_expert_bias(&mut self, expert_counts: &[Vec<u32>], rate: f32) {
+        let sparse = self.layers.iter_mut().filter_map(|l| match &mut l.mlp {
+            Ffn::Sparse(m) => Some(m),
+            Ffn::Dense(_) => None,
+        });
+        for (moe, counts) in sparse.zip(expert_counts) {
+            let Some(bias) = moe.expert_bias.as_mut() else { continue };
+            let mean = counts.iter().map(|&c| c as f32).sum::<f32>() / counts.len().max(1) as f32;
+            for (b, &c) in bias.iter_mut().zip(counts) {
+                let err = mean - c as f32;
+                *b += rate * if err > 0.0 { 1.0 } else if err < 0.0 { -1.0 } else { 0.0 };
+            }
+        }
+    }
+}
+
+/// RoPE `cos`/`sin` tables for each token, rotate-half layout (`[θ₀…θ_{d/2−1}, θ₀…θ_{d/2−1}]`),
+/// computed in f32 the way transformers does (`inv_freq = 1 / θ^(2i/d)`, angle = pos · inv_freq).
+///
+/// # Shapes
+/// `positions: [batch, seq]` → two `[batch, 1, seq, head_dim]` tables, flattened.
+fn rope_tables(positions: &[u32], b: usize, s: usize, head_dim: usize, theta: f32) -> (Vec<f32>, Vec<f32>) {
+    let half = head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect();
+    let mut cos = Vec::with_capacity(b * s * head_dim);
+    let mut sin = Vec::with_capacity(b * s * head_dim);
+    for &p in &positions[..b * s] {
+        let angles: Vec<f32> = inv_freq.iter().map(|f| p as f32 * f).collect();
+        for _ in 0..2 {
+            cos.extend(angles.iter().map(|a| a.cos()));
+            sin.extend(angles.iter().map(|a| a.sin()));
+        }
+    }
+    (cos, sin)
+}

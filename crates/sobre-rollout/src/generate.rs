@@ -1,0 +1,287 @@
+//! The generation loop: shared prefill, batched decode, per-sequence randomness.
+
+use rand_chacha::ChaCha8Rng;
+use rand_chacha::rand_core::{Rng, SeedableRng};
+use sobre_model::{Batch, ForwardOptions, KvCache, LogitsMode, MoeModel};
+
+use crate::sampling::{SamplingParams, sample};
+use crate::RolloutError;
+
+/// One prompt to complete. `key` identifies it for seeding: the same key, sample index and
+/// seed give the same completion whatever else is in the batch.
+#[derive(Debug, Clone)]
+pub struct Prompt {
+    pub ids: Vec<u32>,
+    pub key: u64,
+}
+
+/// Why a completion ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An eos / stop token was sampled, or a stop string appeared.
+    Stop,
+    /// `max_new_tokens` was reached.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// One sampled completion.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    /// Index of its prompt in the `prompts` slice.
+    pub prompt_index: usize,
+    /// Index within its group, `0..group_size`.
+    pub sample_index: usize,
+    /// Number of prompt tokens.
+    pub prompt_tokens: usize,
+    /// The new tokens, including the stop token when one ended it.
+    pub tokens: Vec<u32>,
+    /// `log π(token | prefix)` for each new token under `softmax(logits / temperature)`.
+    pub logprobs: Vec<f32>,
+    /// Decoded text of `tokens`, when a detokenizer was given.
+    pub text: Option<String>,
+    pub finish_reason: FinishReason,
+}
+
+/// Turns token ids into text, for stop strings and `Completion::text`. Implemented by the
+/// data crate's tokenizer; rollouts do not depend on it.
+pub trait Detokenizer {
+    fn decode(&self, ids: &[u32]) -> String;
+}
+
+/// How the engine runs; the defaults are the fast path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineMode {
+    /// Prefill each prompt once and copy its cache to the group's samples.
+    SharedPrefill,
+    /// Prefill every sample's copy of the prompt separately (what engines without prefix
+    /// sharing do). Same results; for benchmarks.
+    SeparatePrefill,
+    /// No KV cache: every step re-runs the whole sequence. The slow reference.
+    NoCache,
+}
+
+/// A sequence being decoded.
+struct Seq {
+    prompt_index: usize,
+    sample_index: usize,
+    rng: ChaCha8Rng,
+    tokens: Vec<u32>,
+    logprobs: Vec<f32>,
+    finish: Option<FinishReason>,
+}
+
+/// SplitMix64 finaliser: decorrelates nearby seeds and keys.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+    z ^ (z >> 31)
+}
+
+/// The random stream of sample `sample_index` of the prompt with `key`.
+pub fn sequence_rng(seed: u64, key: u64, sample_index: usize) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(mix(mix(seed ^ 0x5eed) ^ key).wrapping_add(mix(sample_index as u64 + 1)))
+}
+
+fn uniform(rng: &mut ChaCha8Rng) -> f64 {
+    (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
+/// Sample `group_size` completions for each prompt.
+///
+/// All live sequences decode as one batch; a finished sequence leaves the batch (its cache row
+/// is dropped). Each sequence draws exactly one uniform from its own stream per token, so its
+/// tokens do not depend on batch size, order or thread count. Completions come back ordered by
+/// prompt, then sample index.
+pub fn generate(
+    model: &MoeModel,
+    prompts: &[Prompt],
+    group_size: usize,
+    params: &SamplingParams,
+    detok: Option<&dyn Detokenizer>,
+) -> Result<Vec<Completion>, RolloutError> {
+    generate_with(model, prompts, group_size, params, detok, EngineMode::SharedPrefill)
+}
+
+/// [`generate`] with an explicit engine mode (benchmarks and tests).
+pub fn generate_with(
+    model: &MoeModel,
+    prompts: &[Prompt],
+    group_size: usize,
+    params: &SamplingParams,
+    detok: Option<&dyn Detokenizer>,
+    mode: EngineMode,
+) -> Result<Vec<Completion>, RolloutError> {
+    params.validate().map_err(RolloutError::Params)?;
+    if group_size == 0 {
+        return Err(RolloutError::Params("group_size must be at least 1".into()));
+    }
+    if !params.stop_strings.is_empty() && detok.is_none() {
+        return Err(RolloutError::Params("stop_strings need a tokenizer to decode completions".into()));
+    }
+    let vocab = model.config.vocab_size;
+    for (i, p) in prompts.iter().enumerate() {
+        if p.ids.is_empty() {
+            return Err(RolloutError::Prompt { index: i, msg: "is empty".into() });
+        }
+        if let Some(bad) = p.ids.iter().find(|&&t| t as usize >= vocab) {
+            return Err(RolloutError::Prompt { index: i, msg: format!("has token id {bad}, outside the vocabulary of {vocab}") });
+        }
+    }
+    if prompts.is_empty() {
+        return Ok(vec![]);
+    }
+    let mut stop_ids: Vec<u32> = params.stop_token_ids.clone();
+    stop_ids.extend(&model.config.eos_token_id);
+    if params.ignore_eos {
+        stop_ids.clear();
+    }
+
+    let mut seqs: Vec<Seq> = prompts
+        .iter()
+        .enumerate()
+        .flat_map(|(pi, p)| {
+            (0..group_size).map(move |g| Seq {
+                prompt_index: pi,
+                sample_index: g,
+                rng: sequence_rng(params.seed, p.key, g),
+                tokens: vec![],
+                logprobs: vec![],
+                finish: None,
+            })
+        })
+        .collect();
+
+    let step = |seq: &mut Seq, logits: &[f32]| {
+        let u = uniform(&mut seq.rng);
+        let (tok, lp) = sample(logits, params, u);
+        seq.tokens.push(tok);
+        seq.logprobs.push(lp);
+        if stop_ids.contains(&tok) {
+            seq.finish = Some(FinishReason::Stop);
+        } else if let Some(d) = detok.filter(|_| !params.stop_strings.is_empty()) {
+            let text = d.decode(&seq.tokens);
+            if params.stop_strings.iter().any(|s| text.contains(s.as_str())) {
+                seq.finish = Some(FinishReason::Stop);
+            }
+        }
+        if seq.finish.is_none() && seq.tokens.len() >= params.max_new_tokens {
+            seq.finish = Some(FinishReason::Length);
+        }
+    };
+
+    match mode {
+        EngineMode::NoCache => decode_without_cache(model, prompts, &mut seqs, vocab, &step),
+        EngineMode::SharedPrefill | EngineMode::SeparatePrefill => {
+            decode_with_cache(model, prompts, &mut seqs, group_size, params, vocab, mode, &step)
+        }
+    }
+
+    Ok(seqs
+        .into_iter()
+        .map(|s| Completion {
+            prompt_index: s.prompt_index,
+            sample_index: s.sample_index,
+            prompt_tokens: prompts[s.prompt_index].ids.len(),
+            text: detok.map(|d| d.decode(&s.tokens)),
+            tokens: s.tokens,
+            logprobs: s.logprobs,
+            finish_reason: s.finish.unwrap_or(FinishReason::Length),
+        })
+        .collect())
+}
+
+fn logits_rows(out: sobre_model::ModelOutput) -> Vec<f32> {
+    out.logits.try_into_vec_as::<f32>().unwrap_or_default()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn decode_with_cache(
+    model: &MoeModel,
+    prompts: &[Prompt],
+    seqs: &mut [Seq],
+    group_size: usize,
+    params: &SamplingParams,
+    vocab: usize,
+    mode: EngineMode,
+    step: &dyn Fn(&mut Seq, &[f32]),
+) {
+    let device = model.device();
+    let opts = ForwardOptions { logits: LogitsMode::Last, ..Default::default() };
+    let max_prompt = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
+    let capacity = max_prompt + params.max_new_tokens;
+
+    // Prefill: one row per prompt (shared) or one per sample (separate).
+    let prefill_rows: Vec<Vec<u32>> = match mode {
+        EngineMode::SharedPrefill => prompts.iter().map(|p| p.ids.clone()).collect(),
+        _ => seqs.iter().map(|s| prompts[s.prompt_index].ids.clone()).collect(),
+    };
+    let mut cache = KvCache::new(&model.config, prefill_rows.len(), capacity, &device);
+    let logits = logits_rows(model.forward(&Batch::left_padded(&prefill_rows, 0), Some(&mut cache), opts));
+    for (i, seq) in seqs.iter_mut().enumerate() {
+        let row = if mode == EngineMode::SharedPrefill { seq.prompt_index } else { i };
+        step(seq, &logits[row * vocab..(row + 1) * vocab]);
+    }
+    // Row r of the cache serves `live[r]`; start with the group copies of each prompt's row.
+    let mut live: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].finish.is_none()).collect();
+    let rows: Vec<usize> = live
+        .iter()
+        .map(|&i| if mode == EngineMode::SharedPrefill { i / group_size } else { i })
+        .collect();
+    cache = cache.select_rows(&rows);
+
+    while !live.is_empty() {
+        let batch = Batch {
+            batch: live.len(),
+            seq: 1,
+            input_ids: live.iter().map(|&i| *seqs[i].tokens.last().unwrap_or(&0)).collect(),
+            positions: live
+                .iter()
+                .map(|&i| (prompts[seqs[i].prompt_index].ids.len() + seqs[i].tokens.len() - 1) as u32)
+                .collect(),
+            attention_mask: vec![true; live.len()],
+        };
+        let logits = logits_rows(model.forward(&batch, Some(&mut cache), opts));
+        for (r, &i) in live.iter().enumerate() {
+            step(&mut seqs[i], &logits[r * vocab..(r + 1) * vocab]);
+        }
+        let keep: Vec<usize> = (0..live.len()).filter(|&r| seqs[live[r]].finish.is_none()).collect();
+        if keep.len() < live.len() {
+            live = keep.iter().map(|&r| live[r]).collect();
+            if !live.is_empty() {
+                cache = cache.select_rows(&keep);
+            }
+        }
+    }
+}
+
+/// The reference: every step runs the full prompt + completion of each live sequence.
+fn decode_without_cache(model: &MoeModel, prompts: &[Prompt], seqs: &mut [Seq], vocab: usize, step: &dyn Fn(&mut Seq, &[f32])) {
+    let opts = ForwardOptions { logits: LogitsMode::Last, ..Default::default() };
+    loop {
+        let live: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].finish.is_none()).collect();
+        if live.is_empty() {
+            break;
+        }
+        let rows: Vec<Vec<u32>> = live
+            .iter()
+            .map(|&i| {
+                let mut r = prompts[seqs[i].prompt_index].ids.clone();
+                r.extend(&seqs[i].tokens);
+                r
+            })
+            .collect();
+        let logits = logits_rows(model.forward(&Batch::left_padded(&rows, 0), None, opts));
+        for (r, &i) in live.iter().enumerate() {
+            step(&mut seqs[i], &logits[r * vocab..(r + 1) * vocab]);
+        }
+    }
+}

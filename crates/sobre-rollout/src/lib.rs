@@ -1,0 +1,32 @@
+//! sobre-rollout: fast, exact sampling of groups of completions for GRPO.
+//!
+//! [`generate`] prefills each prompt once, copies its KV cache to the prompt's `group_size`
+//! samples, and decodes every live sequence as one batch; finished sequences leave the batch.
+//! Each (prompt key, sample index) draws from its own random stream, so a completion does not
+//! depend on what else was in the batch.
+//!
+//! **Which log-probabilities a completion carries.** `Completion::logprobs[i]` is
+//! `log softmax(logits / temperature)[token_i]`: the policy's distribution *after* temperature
+//! and *before* top-k / top-p / min-p truncation (at temperature 0 it is the untempered
+//! distribution). [`completion_logprobs`] computes the same quantity with a training forward
+//! (no cache, gradients on), and the tests hold the two equal to 1e-4: the train/inference
+//! mismatch that separate inference engines introduce is zero by construction.
+//!
+//! Not here: tokenization (`sobre-data`; pass a [`Detokenizer`]), rewards, losses.
+
+pub mod generate;
+pub mod logprobs;
+pub mod sampling;
+
+pub use generate::{Completion, Detokenizer, EngineMode, FinishReason, Prompt, generate, generate_with, sequence_rng};
+pub use logprobs::{ScoredBatch, completion_logprobs};
+pub use sampling::{SamplingParams, sample, token_logprob};
+
+/// Why a generation request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    #[error("invalid sampling parameters: {0}")]
+    Params(String),
+    #[error("prompt {index} {msg}")]
+    Prompt { index: usize, msg: String },
+}

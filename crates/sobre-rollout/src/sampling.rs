@@ -1,0 +1,213 @@
+//! Turning one row of logits into one token: temperature, top-k, top-p, min-p, and the
+//! log-probability recorded for training.
+//!
+//! Everything here is host code over a `&[f32]` row, so it is exact, testable on hand-made
+//! rows, and the same whatever backend produced the logits.
+
+use serde::{Deserialize, Serialize};
+
+/// How completions are sampled. Defaults: temperature 1, no truncation, 256 new tokens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplingParams {
+    /// Logits are divided by this before sampling; 0 means greedy (argmax).
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (0 = off).
+    pub top_k: usize,
+    /// Keep the smallest set of most likely tokens whose probability reaches p (1 = off).
+    pub top_p: f32,
+    /// Keep tokens whose probability is at least `min_p` times the most likely one's (0 = off).
+    pub min_p: f32,
+    /// Completion length limit; a completion that reaches it finishes with `length`.
+    pub max_new_tokens: usize,
+    /// Token ids that end a completion (added to the model's own eos ids).
+    pub stop_token_ids: Vec<u32>,
+    /// Strings that end a completion once its decoded text contains one (needs a detokenizer).
+    /// The completion keeps the token that completed the string, and its text keeps the string:
+    /// R1-style rewards look for the closing tag.
+    pub stop_strings: Vec<String>,
+    /// Never stop on eos or stop ids: every completion runs to `max_new_tokens` (benchmarks).
+    pub ignore_eos: bool,
+    /// Base seed; each (prompt key, sample index) gets its own stream derived from it.
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            max_new_tokens: 256,
+            stop_token_ids: vec![],
+            stop_strings: vec![],
+            ignore_eos: false,
+            seed: 0,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Check ranges; the error names the field and what was expected.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(format!("temperature must be a finite number ≥ 0, found {}", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top_p must be in (0, 1], found {}", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(format!("min_p must be in [0, 1], found {}", self.min_p));
+        }
+        if self.max_new_tokens == 0 {
+            return Err("max_new_tokens must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// `log_softmax(logits / t)` evaluated at `token`, in f64 for accuracy, returned as f32.
+/// With `t = 0` (greedy) the untempered distribution (`t = 1`) is used.
+pub fn token_logprob(logits: &[f32], temperature: f32, token: u32) -> f32 {
+    let t = if temperature > 0.0 { temperature as f64 } else { 1.0 };
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+    let lse = logits.iter().map(|&x| ((x as f64 - max) / t).exp()).sum::<f64>().ln();
+    ((logits[token as usize] as f64 - max) / t - lse) as f32
+}
+
+/// Index of the largest logit; ties go to the lowest index.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in logits.iter().enumerate() {
+        if x > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Sample one token from a row of logits with the uniform draw `u ∈ [0, 1)`.
+///
+/// Order of operations, as transformers' logits warpers apply them: temperature → top-k →
+/// top-p → min-p, each on the distribution the previous one left (renormalised). Candidates
+/// are ordered by probability (ties by lower id) and `u` is inverted through their cumulative
+/// distribution, so the result is a pure function of `(logits, params, u)`.
+///
+/// Returns the token and its log-probability under `softmax(logits / temperature)`: the
+/// policy's distribution after temperature and before any truncation, which is what training
+/// recomputes (see the crate docs).
+pub fn sample(logits: &[f32], params: &SamplingParams, u: f64) -> (u32, f32) {
+    if params.temperature <= 0.0 {
+        let tok = argmax(logits);
+        return (tok, token_logprob(logits, 0.0, tok));
+    }
+    let t = params.temperature as f64;
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+    let mut cand: Vec<(u32, f64)> =
+        logits.iter().enumerate().map(|(i, &x)| (i as u32, ((x as f64 - max) / t).exp())).collect();
+    cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut keep = cand.len();
+    if params.top_k > 0 {
+        keep = keep.min(params.top_k);
+    }
+    if params.top_p < 1.0 {
+        let total: f64 = cand[..keep].iter().map(|c| c.1).sum();
+        let mut acc = 0.0;
+        for (i, c) in cand[..keep].iter().enumerate() {
+            acc += c.1 / total;
+            if acc >= params.top_p as f64 {
+                keep = i + 1;
+                break;
+            }
+        }
+    }
+    if params.min_p > 0.0 {
+        // Relative to the most likely token, so renormalisation does not change the cut.
+        let threshold = params.min_p as f64 * cand[0].1;
+        keep = cand[..keep].iter().take_while(|c| c.1 >= threshold).count().max(1);
+    }
+    let kept = &cand[..keep];
+    let total: f64 = kept.iter().map(|c| c.1).sum();
+    let target = u * total;
+    let mut acc = 0.0;
+    let mut tok = kept[keep - 1].0;
+    for c in kept {
+        acc += c.1;
+        if target < acc {
+            tok = c.0;
+            break;
+        }
+    }
+    (tok, token_logprob(logits, params.temperature, tok))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(t: f32) -> SamplingParams {
+        SamplingParams { temperature: t, ..Default::default() }
+    }
+
+    #[test]
+    fn greedy_takes_the_lowest_index_among_ties() {
+        assert_eq!(sample(&[0.5, 2.0, 2.0, -1.0], &params(0.0), 0.99).0, 1);
+    }
+
+    #[test]
+    fn logprob_is_log_softmax_after_temperature() {
+        let logits = [1.0f32, 2.0, 3.0];
+        // softmax([0.5, 1, 1.5]) at index 2 = e^1.5 / (e^.5 + e^1 + e^1.5)
+        let want = (1.5f64.exp() / (0.5f64.exp() + 1.0f64.exp() + 1.5f64.exp())).ln() as f32;
+        assert!((token_logprob(&logits, 2.0, 2) - want).abs() < 1e-6);
+        // Greedy reports the untempered distribution.
+        let want1 = (3.0f64.exp() / (1.0f64.exp() + 2.0f64.exp() + 3.0f64.exp())).ln() as f32;
+        assert!((sample(&logits, &params(0.0), 0.0).1 - want1).abs() < 1e-6);
+    }
+
+    #[test]
+    fn inverse_cdf_over_sorted_candidates() {
+        // probs with t = 1: ln([0.5, 0.3, 0.2]) → sorted order 0, 1, 2.
+        let logits = [0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln()];
+        let p = params(1.0);
+        assert_eq!(sample(&logits, &p, 0.0).0, 0);
+        assert_eq!(sample(&logits, &p, 0.49).0, 0);
+        assert_eq!(sample(&logits, &p, 0.51).0, 1);
+        assert_eq!(sample(&logits, &p, 0.79).0, 1);
+        assert_eq!(sample(&logits, &p, 0.81).0, 2);
+        assert_eq!(sample(&logits, &p, 0.999_999).0, 2);
+    }
+
+    #[test]
+    fn top_k_top_p_and_min_p_truncate() {
+        let logits = [0.4f32.ln(), 0.3f32.ln(), 0.2f32.ln(), 0.1f32.ln()];
+        // top-k 2 keeps {0: .4, 1: .3} → renormalised .571/.429; u = .6 → token 1, never 2.
+        let p = SamplingParams { top_k: 2, ..params(1.0) };
+        assert_eq!(sample(&logits, &p, 0.6).0, 1);
+        assert_eq!(sample(&logits, &p, 0.999).0, 1);
+        // top-p 0.65: 0.4 < 0.65 ≤ 0.7 → keeps 2 tokens.
+        let p = SamplingParams { top_p: 0.65, ..params(1.0) };
+        assert_eq!(sample(&logits, &p, 0.999).0, 1);
+        // top-p 0.75 keeps 3.
+        let p = SamplingParams { top_p: 0.75, ..params(1.0) };
+        assert_eq!(sample(&logits, &p, 0.999).0, 2);
+        // min-p 0.5: keep p ≥ 0.2 → tokens 0, 1, 2.
+        let p = SamplingParams { min_p: 0.5, ..params(1.0) };
+        assert_eq!(sample(&logits, &p, 0.999).0, 2);
+        // min-p 0.8: keep p ≥ 0.32 → token 0 only.
+        let p = SamplingParams { min_p: 0.8, ..params(1.0) };
+        assert_eq!(sample(&logits, &p, 0.999).0, 0);
+        // The recorded logprob ignores truncation: it is the full distribution's.
+        assert!((sample(&logits, &p, 0.999).1 - 0.4f32.ln()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn validate_names_the_field() {
+        let bad = SamplingParams { top_p: 0.0, ..Default::default() };
+        assert!(bad.validate().unwrap_err().contains("top_p"));
+        let bad = SamplingParams { temperature: -1.0, ..Default::default() };
+        assert!(bad.validate().unwrap_err().contains("temperature"));
+        assert!(SamplingParams::default().validate().is_ok());
+    }
+}

@@ -1,0 +1,156 @@
+//! The rollout engine's exactness guarantees.
+
+use std::path::Path;
+
+use sobre_model::{ForwardOptions, ModelConfig, MoeModel, default_device, init_model, load_model};
+use sobre_rollout::{
+    Completion, Detokenizer, EngineMode, FinishReason, Prompt, SamplingParams, ScoredBatch, completion_logprobs, generate,
+    generate_with,
+};
+
+fn test_model(seed: u64) -> MoeModel {
+    let mut c = ModelConfig::preset("tiny").unwrap();
+    c.initializer_range = 0.25;
+    init_model(&c, seed, &default_device())
+}
+
+fn prompt(ids: &[u32], key: u64) -> Prompt {
+    Prompt { ids: ids.to_vec(), key }
+}
+
+fn sampled(t: f32, n: usize, seed: u64) -> SamplingParams {
+    SamplingParams { temperature: t, max_new_tokens: n, seed, ..Default::default() }
+}
+
+fn assert_same(a: &Completion, b: &Completion, tol: f32) {
+    assert_eq!(a.tokens, b.tokens, "tokens differ");
+    for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
+        assert!((x - y).abs() <= tol, "logprob {x} vs {y}");
+    }
+    assert_eq!(a.finish_reason, b.finish_reason);
+}
+
+#[test]
+fn greedy_reproduces_transformers_generate() {
+    for name in ["qwen3_moe_tiny", "qwen2_moe_tiny"] {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sobre-model/tests/fixtures").join(name);
+        let model = load_model(&dir, &default_device()).unwrap();
+        let reference: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+        let cases = reference["cases"].as_array().unwrap();
+        let prompts: Vec<Prompt> = cases
+            .iter()
+            .enumerate()
+            .map(|(i, c)| prompt(&c["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect::<Vec<_>>(), i as u64))
+            .collect();
+        // All prompts in one batch (different lengths), greedy.
+        let out = generate(&model, &prompts, 1, &sampled(0.0, 12, 0), None).unwrap();
+        for (c, case) in out.iter().zip(cases) {
+            let want: Vec<u32> = case["greedy"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            assert_eq!(c.tokens, want, "{name}: greedy continuation of prompt {}", c.prompt_index);
+            assert_eq!(c.finish_reason, FinishReason::Length);
+        }
+    }
+}
+
+#[test]
+fn a_completion_alone_equals_the_same_completion_in_a_mixed_batch() {
+    let m = test_model(1);
+    let params = sampled(1.0, 10, 7);
+    let a = prompt(&[5, 9, 2], 42);
+    let alone = generate(&m, &[a.clone()], 3, &params, None).unwrap();
+    let mixed = generate(&m, &[prompt(&[1, 2, 3, 4, 5, 6, 7, 8], 1), a, prompt(&[60], 2)], 3, &params, None).unwrap();
+    let in_batch: Vec<&Completion> = mixed.iter().filter(|c| c.prompt_index == 1).collect();
+    assert_eq!(in_batch.len(), 3);
+    for (x, y) in alone.iter().zip(in_batch) {
+        assert_eq!(x.sample_index, y.sample_index);
+        assert_same(x, y, 1e-5);
+    }
+    // The group's samples differ from each other (they are not copies).
+    assert!(alone[0].tokens != alone[1].tokens || alone[1].tokens != alone[2].tokens);
+}
+
+#[test]
+fn rollout_logprobs_equal_the_training_forward() {
+    let m = test_model(2);
+    let prompts = vec![prompt(&[3, 4, 5, 6, 7], 0), prompt(&[10, 11], 1)];
+    for t in [1.0f32, 0.7] {
+        let out = generate(&m, &prompts, 2, &sampled(t, 9, 3), None).unwrap();
+        let pairs: Vec<(&[u32], &[u32])> =
+            out.iter().map(|c| (prompts[c.prompt_index].ids.as_slice(), c.tokens.as_slice())).collect();
+        let scored = ScoredBatch::new(&pairs, 0);
+        let (lp, _) = completion_logprobs(&m, &scored, t, ForwardOptions::default());
+        let lp: Vec<f32> = lp.try_into_vec_as::<f32>().unwrap();
+        let width = scored.max_completion;
+        for (r, c) in out.iter().enumerate() {
+            for (i, &x) in c.logprobs.iter().enumerate() {
+                let y = lp[r * width + i];
+                assert!((x - y).abs() < 1e-4, "t={t} row {r} token {i}: rollout {x} vs training {y}");
+            }
+        }
+    }
+}
+
+#[test]
+fn shared_prefill_separate_prefill_and_no_cache_agree() {
+    let m = test_model(3);
+    let prompts = vec![prompt(&[1, 2, 3], 0), prompt(&[9, 8, 7, 6, 5, 4], 1)];
+    let params = SamplingParams { top_k: 20, top_p: 0.9, ..sampled(0.9, 8, 11) };
+    let shared = generate_with(&m, &prompts, 4, &params, None, EngineMode::SharedPrefill).unwrap();
+    let separate = generate_with(&m, &prompts, 4, &params, None, EngineMode::SeparatePrefill).unwrap();
+    let slow = generate_with(&m, &prompts, 4, &params, None, EngineMode::NoCache).unwrap();
+    assert_eq!(shared.len(), 8);
+    for ((a, b), c) in shared.iter().zip(&separate).zip(&slow) {
+        assert_same(a, b, 1e-5);
+        assert_same(a, c, 1e-5);
+    }
+}
+
+#[test]
+fn seeds_decide_the_samples() {
+    let m = test_model(4);
+    let p = [prompt(&[7, 7, 7], 5)];
+    let a = generate(&m, &p, 4, &sampled(1.0, 12, 1), None).unwrap();
+    let b = generate(&m, &p, 4, &sampled(1.0, 12, 1), None).unwrap();
+    let c = generate(&m, &p, 4, &sampled(1.0, 12, 2), None).unwrap();
+    let toks = |v: &Vec<Completion>| v.iter().map(|c| c.tokens.clone()).collect::<Vec<_>>();
+    assert_eq!(toks(&a), toks(&b));
+    assert_ne!(toks(&a), toks(&c));
+}
+
+struct Letters;
+impl Detokenizer for Letters {
+    fn decode(&self, ids: &[u32]) -> String {
+        ids.iter().map(|&i| char::from(b'a' + (i % 26) as u8)).collect()
+    }
+}
+
+#[test]
+fn stop_tokens_stop_strings_and_length() {
+    let m = test_model(5);
+    let p = [prompt(&[1, 2, 3], 0)];
+    let greedy = generate(&m, &p, 1, &sampled(0.0, 12, 0), None).unwrap().remove(0);
+    // Stop on the 4th greedy token (its first occurrence).
+    let stop = greedy.tokens[3];
+    let first = greedy.tokens.iter().position(|&t| t == stop).unwrap();
+    let params = SamplingParams { stop_token_ids: vec![stop], ..sampled(0.0, 12, 0) };
+    let c = generate(&m, &p, 1, &params, None).unwrap().remove(0);
+    assert_eq!(c.tokens, greedy.tokens[..=first].to_vec());
+    assert_eq!(c.finish_reason, FinishReason::Stop);
+    // ignore_eos runs to the limit.
+    let params = SamplingParams { ignore_eos: true, ..params };
+    let c = generate(&m, &p, 1, &params, None).unwrap().remove(0);
+    assert_eq!((c.tokens.len(), c.finish_reason), (12, FinishReason::Length));
+    // A stop string made of the 2nd and 3rd greedy tokens' letters.
+    let text = Letters.decode(&greedy.tokens);
+    let needle = text[1..3].to_string();
+    let end = text.find(&needle).unwrap() + 2;
+    let params = SamplingParams { stop_strings: vec![needle.clone()], ..sampled(0.0, 12, 0) };
+    let c = generate(&m, &p, 1, &params, Some(&Letters)).unwrap().remove(0);
+    assert_eq!(c.tokens, greedy.tokens[..end].to_vec());
+    assert!(c.text.unwrap().ends_with(&needle));
+    // Stop strings without a detokenizer, and bad prompts, are refused.
+    assert!(generate(&m, &p, 1, &params, None).unwrap_err().to_string().contains("stop_strings need a tokenizer"));
+    let err = generate(&m, &[prompt(&[1, 999], 0)], 1, &sampled(0.0, 2, 0), None).unwrap_err().to_string();
+    assert!(err.contains("prompt 0 has token id 999"), "{err}");
+}
