@@ -18,6 +18,10 @@ enum Command {
     Inspect(cmd::inspect::Args),
     /// Print the logits a model gives for a sequence of token ids, as JSON.
     Logits(cmd::logits::Args),
+    /// Score completions in a JSONL file with rule-based rewards (accuracy, format, countdown, …).
+    Reward(cmd::reward::Args),
+    /// Measure throughput (rewards per second, …) and print it as JSON.
+    Bench(cmd::bench::Args),
     // --- further commands: one line each, the code in cmd/<name>.rs ---
 }
 
@@ -26,6 +30,8 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Inspect(args) => cmd::inspect::run(args),
         Command::Logits(args) => cmd::logits::run(args),
+        Command::Reward(args) => cmd::reward::run(args),
+        Command::Bench(args) => cmd::bench::run(args),
         // --- dispatch: one line per command ---
     };
     match result {

@@ -28,6 +28,7 @@
 //! ```
 
 pub mod accuracy;
+pub mod bench;
 pub mod countdown;
 mod error;
 pub mod format;

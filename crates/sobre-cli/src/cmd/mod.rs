@@ -2,3 +2,5 @@
 
 pub mod inspect;
 pub mod logits;
+pub mod reward;
+pub mod bench;
