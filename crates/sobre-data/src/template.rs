@@ -218,7 +218,7 @@ impl ChatTemplate {
             Value::from(add_generation_prompt),
         );
         let tmpl = self.env.get_template(NAME)?;
-        Ok(tmpl.render(Value::from_iter(ctx))?)
+        Ok(tmpl.render(Value::from_pairs(ctx))?)
     }
 }
 
