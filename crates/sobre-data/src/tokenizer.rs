@@ -355,3 +355,15 @@ impl Tokenizer {
         &self.inner
     }
 }
+
+/// The texts a sample contributes to tokenizer training: its prompt rendered with `template`
+/// (so the template's words get merges too), its answer and its completion.
+pub fn training_texts(
+    sample: &crate::dataset::Sample,
+    template: &crate::template::Template,
+) -> Result<Vec<String>, crate::template::TemplateError> {
+    let mut out = vec![template.render(&sample.prompt)?];
+    out.extend(sample.answer.iter().cloned());
+    out.extend(sample.completion.iter().cloned());
+    Ok(out)
+}
