@@ -23,12 +23,30 @@ fn scores_each_line_with_null_where_not_applicable() {
             "\n",
         ),
     );
-    let out = ok_stdout(&sobre_in(dir.path(), &["reward", "--rewards", "accuracy,format,countdown", "--input", &input]));
-    let rows: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let out = ok_stdout(&sobre_in(
+        dir.path(),
+        &[
+            "reward",
+            "--rewards",
+            "accuracy,format,countdown",
+            "--input",
+            &input,
+        ],
+    ));
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(rows.len(), 2);
-    assert_eq!(rows[0]["rewards"], serde_json::json!({"accuracy": 1.0, "format": 1.0, "countdown": null}));
+    assert_eq!(
+        rows[0]["rewards"],
+        serde_json::json!({"accuracy": 1.0, "format": 1.0, "countdown": null})
+    );
     assert_eq!(rows[0]["total"], 2.0);
-    assert_eq!(rows[1]["rewards"], serde_json::json!({"accuracy": null, "format": 0.0, "countdown": 1.0}));
+    assert_eq!(
+        rows[1]["rewards"],
+        serde_json::json!({"accuracy": null, "format": 0.0, "countdown": 1.0})
+    );
     assert_eq!(rows[1]["total"], 1.0);
 }
 
@@ -40,20 +58,49 @@ fn malformed_line_is_an_error_or_skipped_and_counted() {
         "bad.jsonl",
         "{\"completion\": \"\\\\boxed{1}\", \"answer\": \"1\"}\n{\"answer\": \"2\"}\nnot json\n",
     );
-    let err = err_stderr(&sobre(&["reward", "--rewards", "accuracy", "--input", &input]));
-    assert!(err.contains("bad.jsonl:2") && err.contains("completion"), "{err}");
+    let err = err_stderr(&sobre(&[
+        "reward",
+        "--rewards",
+        "accuracy",
+        "--input",
+        &input,
+    ]));
+    assert!(
+        err.contains("bad.jsonl:2") && err.contains("completion"),
+        "{err}"
+    );
 
     let out_path = dir.path().join("out.jsonl");
     let out = sobre(&[
-        "reward", "--rewards", "accuracy", "--input", &input, "--skip-bad", "--out", out_path.to_str().unwrap(),
+        "reward",
+        "--rewards",
+        "accuracy",
+        "--input",
+        &input,
+        "--skip-bad",
+        "--out",
+        out_path.to_str().unwrap(),
     ]);
     assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("skipped 2"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("skipped 2"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let written = std::fs::read_to_string(&out_path).unwrap();
     assert_eq!(written.lines().count(), 1);
 
-    let err = err_stderr(&sobre(&["reward", "--rewards", "acuracy", "--input", &input]));
-    assert!(err.contains("unknown reward `acuracy`") && err.contains("accuracy"), "{err}");
+    let err = err_stderr(&sobre(&[
+        "reward",
+        "--rewards",
+        "acuracy",
+        "--input",
+        &input,
+    ]));
+    assert!(
+        err.contains("unknown reward `acuracy`") && err.contains("accuracy"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -64,7 +111,11 @@ fn config_file_sets_weights_and_params() {
         "rewards.toml",
         "[[reward]]\nname = \"accuracy\"\nweight = 2.0\n\n[[reward]]\nname = \"format\"\nweight = 0.5\nmode = \"lenient\"\n",
     );
-    let input = write(dir.path(), "in.jsonl", r#"{"completion": "<think>x</think><answer>7</answer>", "answer": 7}"#);
+    let input = write(
+        dir.path(),
+        "in.jsonl",
+        r#"{"completion": "<think>x</think><answer>7</answer>", "answer": 7}"#,
+    );
     let out = ok_stdout(&sobre(&["reward", "--config", &config, "--input", &input]));
     let row: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(row["total"], 2.5);
@@ -72,7 +123,14 @@ fn config_file_sets_weights_and_params() {
 
 #[test]
 fn bench_rewards_reports_json() {
-    let out = ok_stdout(&sobre(&["bench", "rewards", "--seconds", "0.2", "--completions", "200"]));
+    let out = ok_stdout(&sobre(&[
+        "bench",
+        "rewards",
+        "--seconds",
+        "0.2",
+        "--completions",
+        "200",
+    ]));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(v["evals_per_sec"].as_f64().unwrap() > 0.0);
     assert!(v["baseline_evals_per_sec"].as_f64().unwrap() > 0.0);

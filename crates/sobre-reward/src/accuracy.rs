@@ -17,7 +17,9 @@ pub struct AccuracyParams {
 
 impl Default for AccuracyParams {
     fn default() -> Self {
-        AccuracyParams { field: "answer".into() }
+        AccuracyParams {
+            field: "answer".into(),
+        }
     }
 }
 
@@ -53,12 +55,17 @@ impl Reward for AccuracyReward {
     }
 
     fn score(&self, sample: &Sample, completion: &Completion<'_>) -> Option<f32> {
-        self.is_correct(sample, completion.text).map(|c| if c { 1.0 } else { 0.0 })
+        self.is_correct(sample, completion.text)
+            .map(|c| if c { 1.0 } else { 0.0 })
     }
 }
 
-pub(crate) fn build(params: &serde_json::Map<String, Value>) -> Result<Box<dyn Reward>, RewardError> {
-    Ok(Box::new(AccuracyReward { params: parse_params("accuracy", params)? }))
+pub(crate) fn build(
+    params: &serde_json::Map<String, Value>,
+) -> Result<Box<dyn Reward>, RewardError> {
+    Ok(Box::new(AccuracyReward {
+        params: parse_params("accuracy", params)?,
+    }))
 }
 
 #[cfg(test)]
@@ -75,10 +82,22 @@ mod tests {
     fn scores() {
         assert_eq!(score("72".into(), "<answer>72</answer>"), Some(1.0));
         assert_eq!(score(72.into(), "so \\boxed{72}"), Some(1.0));
-        assert_eq!(score("Natalia sold 48/2 = 24.\n#### 72".into(), "<answer>\n72\n</answer>"), Some(1.0));
-        assert_eq!(score("\\frac{1}{2}".into(), "<answer>0.5</answer>"), Some(1.0));
+        assert_eq!(
+            score(
+                "Natalia sold 48/2 = 24.\n#### 72".into(),
+                "<answer>\n72\n</answer>"
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            score("\\frac{1}{2}".into(), "<answer>0.5</answer>"),
+            Some(1.0)
+        );
         assert_eq!(score("72".into(), "<answer>73</answer>"), Some(0.0));
         assert_eq!(score("72".into(), "no answer"), Some(0.0));
-        assert_eq!(AccuracyReward::default().score(&Sample::new(), &Completion::new("\\boxed{1}")), None);
+        assert_eq!(
+            AccuracyReward::default().score(&Sample::new(), &Completion::new("\\boxed{1}")),
+            None
+        );
     }
 }

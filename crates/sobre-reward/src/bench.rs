@@ -44,17 +44,33 @@ pub fn realistic_completions(n: usize, seed: u64) -> Vec<(Sample, String)> {
             let (gold, right, wrong) = match rng.below(4) {
                 0 => {
                     let v = a * b;
-                    (v.to_string(), v.to_string(), (v + 1 + rng.below(9)).to_string())
+                    (
+                        v.to_string(),
+                        v.to_string(),
+                        (v + 1 + rng.below(9)).to_string(),
+                    )
                 }
                 1 => {
                     let v = a * b * 37;
-                    let sep = if v >= 1000 { format!("{},{:03}", v / 1000, v % 1000) } else { v.to_string() };
+                    let sep = if v >= 1000 {
+                        format!("{},{:03}", v / 1000, v % 1000)
+                    } else {
+                        v.to_string()
+                    };
                     (v.to_string(), sep, (v * 2).to_string())
                 }
-                2 => (format!("\\frac{{{a}}}{{{b}}}"), format!("\\dfrac{{{}}}{{{}}}", a * 2, b * 2), format!("{b}/{a}")),
+                2 => (
+                    format!("\\frac{{{a}}}{{{b}}}"),
+                    format!("\\dfrac{{{}}}{{{}}}", a * 2, b * 2),
+                    format!("{b}/{a}"),
+                ),
                 _ => {
                     let v = a as f64 / 4.0;
-                    (format!("{v}"), format!("\\frac{{{a}}}{{4}}"), format!("{:.1}", v + 0.5))
+                    (
+                        format!("{v}"),
+                        format!("\\frac{{{a}}}{{4}}"),
+                        format!("{:.1}", v + 0.5),
+                    )
                 }
             };
             let pred = if rng.below(2) == 0 { right } else { wrong };
@@ -74,7 +90,10 @@ pub fn realistic_completions(n: usize, seed: u64) -> Vec<(Sample, String)> {
             } else {
                 pred
             };
-            let text = format!("<think>\n{}\n</think>\n<answer>\n{answer}\n</answer>", think.trim_end());
+            let text = format!(
+                "<think>\n{}\n</think>\n<answer>\n{answer}\n</answer>",
+                think.trim_end()
+            );
             let mut sample = Sample::new();
             sample.insert("answer".into(), Value::String(gold));
             (sample, text)

@@ -86,9 +86,15 @@ impl CountdownReward {
         let nums = sample.get(&self.params.nums_field)?.as_array()?;
         let nums: Vec<BigInt> = nums.iter().map(json_int).collect::<Option<_>>()?;
         let target = json_int(sample.get(&self.params.target_field)?)?;
-        let Some(eq) = last_answer_tag(text) else { return Some(Verdict::NoAnswer) };
+        let Some(eq) = last_answer_tag(text) else {
+            return Some(Verdict::NoAnswer);
+        };
         let eq = eq.trim();
-        Some(if check(eq, &nums, &target, self.params.use_numbers) { Verdict::Correct } else { Verdict::Wrong })
+        Some(if check(eq, &nums, &target, self.params.use_numbers) {
+            Verdict::Correct
+        } else {
+            Verdict::Wrong
+        })
     }
 }
 
@@ -108,12 +114,18 @@ fn check(eq: &str, nums: &[BigInt], target: &BigInt, mode: NumberUse) -> bool {
     if eq.is_empty() || eq.len() > MAX_EQUATION_LEN {
         return false;
     }
-    if !eq.chars().all(|c| c.is_ascii_digit() || "+-*/().".contains(c) || c.is_whitespace()) {
+    if !eq
+        .chars()
+        .all(|c| c.is_ascii_digit() || "+-*/().".contains(c) || c.is_whitespace())
+    {
         return false;
     }
     // The numbers used: every maximal digit run, as TinyZero's `re.findall(r"\d+")`.
     let mut used: Vec<BigInt> = Vec::new();
-    for run in eq.split(|c: char| !c.is_ascii_digit()).filter(|r| !r.is_empty()) {
+    for run in eq
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|r| !r.is_empty())
+    {
         match run.parse() {
             Ok(n) => used.push(n),
             Err(_) => return false,
@@ -131,7 +143,11 @@ fn check(eq: &str, nums: &[BigInt], target: &BigInt, mode: NumberUse) -> bool {
     if mode == NumberUse::ExactlyOnce && !available.is_empty() {
         return false;
     }
-    let mut p = Arith { b: eq.as_bytes(), i: 0, depth: 0 };
+    let mut p = Arith {
+        b: eq.as_bytes(),
+        i: 0,
+        depth: 0,
+    };
     match p.expr() {
         Some(v) => {
             p.skip_ws();
@@ -223,7 +239,11 @@ impl Arith<'_> {
             }
             c if c.is_ascii_digit() || c == b'.' => {
                 let start = self.i;
-                while self.b.get(self.i).is_some_and(|c| c.is_ascii_digit() || *c == b'.') {
+                while self
+                    .b
+                    .get(self.i)
+                    .is_some_and(|c| c.is_ascii_digit() || *c == b'.')
+                {
                     self.i += 1;
                 }
                 let s = std::str::from_utf8(&self.b[start..self.i]).ok()?;
@@ -252,9 +272,15 @@ impl Reward for CountdownReward {
     }
 }
 
-pub(crate) fn build(params: &serde_json::Map<String, Value>) -> Result<Box<dyn Reward>, RewardError> {
+pub(crate) fn build(
+    params: &serde_json::Map<String, Value>,
+) -> Result<Box<dyn Reward>, RewardError> {
     let p: CountdownParams = parse_params("countdown", params)?;
-    for (key, v) in [("correct_score", p.correct_score), ("format_score", p.format_score), ("no_answer_score", p.no_answer_score)] {
+    for (key, v) in [
+        ("correct_score", p.correct_score),
+        ("format_score", p.format_score),
+        ("no_answer_score", p.no_answer_score),
+    ] {
         if !v.is_finite() {
             return Err(bad_param("countdown", key, "must be a finite number"));
         }
@@ -267,29 +293,68 @@ mod tests {
     use super::*;
 
     fn score(nums: &[i64], target: i64, text: &str) -> Option<f32> {
-        let s: Sample = serde_json::from_value(serde_json::json!({"nums": nums, "target": target})).ok()?;
+        let s: Sample =
+            serde_json::from_value(serde_json::json!({"nums": nums, "target": target})).ok()?;
         CountdownReward::default().score(&s, &Completion::new(text))
     }
 
     #[test]
     fn tinyzero_scores() {
-        assert_eq!(score(&[93, 43, 1], 51, "<think>..</think>\n<answer>(93-43)+1</answer>"), Some(1.0));
-        assert_eq!(score(&[93, 43, 1], 51, "<answer>(93-43)+2</answer>"), Some(0.1));
-        assert_eq!(score(&[93, 43, 1], 51, "<answer>(93-43)</answer>"), Some(0.1)); // 1 unused
-        assert_eq!(score(&[93, 43, 1], 51, "<answer>93-43+1 = 51</answer>"), Some(0.1)); // '=' not allowed
+        assert_eq!(
+            score(
+                &[93, 43, 1],
+                51,
+                "<think>..</think>\n<answer>(93-43)+1</answer>"
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            score(&[93, 43, 1], 51, "<answer>(93-43)+2</answer>"),
+            Some(0.1)
+        );
+        assert_eq!(
+            score(&[93, 43, 1], 51, "<answer>(93-43)</answer>"),
+            Some(0.1)
+        ); // 1 unused
+        assert_eq!(
+            score(&[93, 43, 1], 51, "<answer>93-43+1 = 51</answer>"),
+            Some(0.1)
+        ); // '=' not allowed
         assert_eq!(score(&[93, 43, 1], 51, "no answer"), Some(0.0));
-        assert_eq!(score(&[4, 2, 2], 1, "<answer>4/(2-2)*2</answer>"), Some(0.1)); // division by zero
+        assert_eq!(
+            score(&[4, 2, 2], 1, "<answer>4/(2-2)*2</answer>"),
+            Some(0.1)
+        ); // division by zero
         assert_eq!(score(&[6, 4, 3], 8, "<answer>6*4/3</answer>"), Some(1.0));
         assert_eq!(score(&[7, 3, 2], 5, "<answer>7/3*2</answer>"), Some(0.1)); // 14/3 exactly
-        assert_eq!(score(&[1, 2], 3, "<answer>1+2</answer><answer>2*1</answer>"), Some(0.1)); // last answer
-        assert_eq!(CountdownReward::default().score(&Sample::new(), &Completion::new("<answer>1</answer>")), None);
+        assert_eq!(
+            score(&[1, 2], 3, "<answer>1+2</answer><answer>2*1</answer>"),
+            Some(0.1)
+        ); // last answer
+        assert_eq!(
+            CountdownReward::default()
+                .score(&Sample::new(), &Completion::new("<answer>1</answer>")),
+            None
+        );
     }
 
     #[test]
     fn at_most_once() {
-        let r = CountdownReward { params: CountdownParams { use_numbers: NumberUse::AtMostOnce, ..Default::default() } };
-        let s: Sample = serde_json::from_value(serde_json::json!({"nums": [93, 43, 1], "target": 50})).unwrap();
-        assert_eq!(r.score(&s, &Completion::new("<answer>93-43</answer>")), Some(1.0));
-        assert_eq!(r.score(&s, &Completion::new("<answer>93-43+1-1</answer>")), Some(0.1));
+        let r = CountdownReward {
+            params: CountdownParams {
+                use_numbers: NumberUse::AtMostOnce,
+                ..Default::default()
+            },
+        };
+        let s: Sample =
+            serde_json::from_value(serde_json::json!({"nums": [93, 43, 1], "target": 50})).unwrap();
+        assert_eq!(
+            r.score(&s, &Completion::new("<answer>93-43</answer>")),
+            Some(1.0)
+        );
+        assert_eq!(
+            r.score(&s, &Completion::new("<answer>93-43+1-1</answer>")),
+            Some(0.1)
+        );
     }
 }

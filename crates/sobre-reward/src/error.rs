@@ -5,10 +5,17 @@
 pub enum RewardError {
     /// No reward is registered under this name.
     #[error("unknown reward `{name}`; valid names are: {}", valid.join(", "))]
-    UnknownReward { name: String, valid: Vec<&'static str> },
+    UnknownReward {
+        name: String,
+        valid: Vec<&'static str>,
+    },
     /// A parameter of a known reward is unknown, has the wrong type, or a bad value.
     #[error("reward `{reward}`: parameter `{key}`: {message}")]
-    Param { reward: String, key: String, message: String },
+    Param {
+        reward: String,
+        key: String,
+        message: String,
+    },
     /// A `[[reward]]` table is malformed (no `name`, non-numeric `weight`, …).
     #[error("reward table: {0}")]
     Spec(String),

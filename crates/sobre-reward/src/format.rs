@@ -62,12 +62,20 @@ impl Reward for FormatReward {
     }
 
     fn score(&self, _sample: &Sample, completion: &Completion<'_>) -> Option<f32> {
-        Some(if self.matches(completion.text) { 1.0 } else { 0.0 })
+        Some(if self.matches(completion.text) {
+            1.0
+        } else {
+            0.0
+        })
     }
 }
 
-pub(crate) fn build_format(params: &serde_json::Map<String, serde_json::Value>) -> Result<Box<dyn Reward>, RewardError> {
-    Ok(Box::new(FormatReward { params: parse_params("format", params)? }))
+pub(crate) fn build_format(
+    params: &serde_json::Map<String, serde_json::Value>,
+) -> Result<Box<dyn Reward>, RewardError> {
+    Ok(Box::new(FormatReward {
+        params: parse_params("format", params)?,
+    }))
 }
 
 /// Parameters of `tag_count` (none).
@@ -85,7 +93,13 @@ impl TagCountReward {
     pub fn count(text: &str) -> f32 {
         ["<think>\n", "\n</think>\n", "\n<answer>\n", "\n</answer>"]
             .iter()
-            .map(|tag| if text.matches(tag).take(2).count() == 1 { 0.25 } else { 0.0 })
+            .map(|tag| {
+                if text.matches(tag).take(2).count() == 1 {
+                    0.25
+                } else {
+                    0.0
+                }
+            })
             .sum()
     }
 }
@@ -100,7 +114,9 @@ impl Reward for TagCountReward {
     }
 }
 
-pub(crate) fn build_tag_count(params: &serde_json::Map<String, serde_json::Value>) -> Result<Box<dyn Reward>, RewardError> {
+pub(crate) fn build_tag_count(
+    params: &serde_json::Map<String, serde_json::Value>,
+) -> Result<Box<dyn Reward>, RewardError> {
     let _: TagCountParams = parse_params("tag_count", params)?;
     Ok(Box::new(TagCountReward))
 }
@@ -114,14 +130,21 @@ mod tests {
     }
 
     fn lenient(t: &str) -> bool {
-        FormatReward { params: FormatParams { mode: FormatMode::Lenient } }.matches(t)
+        FormatReward {
+            params: FormatParams {
+                mode: FormatMode::Lenient,
+            },
+        }
+        .matches(t)
     }
 
     #[test]
     fn strict_shape() {
         assert!(strict("<think>\nhmm\n</think>\n<answer>\n42\n</answer>"));
         assert!(strict("<think>\n\n</think>\n<answer>\n\n</answer>"));
-        assert!(!strict("<think>\nhmm\n</think>\n<answer>\n42\n</answer>\nmore"));
+        assert!(!strict(
+            "<think>\nhmm\n</think>\n<answer>\n42\n</answer>\nmore"
+        ));
         assert!(!strict("<think>hmm</think><answer>42</answer>"));
         assert!(!strict(" <think>\nhmm\n</think>\n<answer>\n42\n</answer>"));
         assert!(!strict("<answer>\n42\n</answer>"));
@@ -137,7 +160,10 @@ mod tests {
 
     #[test]
     fn tag_count() {
-        assert_eq!(TagCountReward::count("<think>\na\n</think>\n<answer>\nb\n</answer>"), 1.0);
+        assert_eq!(
+            TagCountReward::count("<think>\na\n</think>\n<answer>\nb\n</answer>"),
+            1.0
+        );
         assert_eq!(TagCountReward::count("<think>\na"), 0.25);
         assert_eq!(TagCountReward::count("<think>\n<think>\n"), 0.0);
         assert_eq!(TagCountReward::count(""), 0.0);

@@ -113,11 +113,13 @@ impl Reward for LengthReward {
             }
             LengthMode::Cosine => {
                 let correct = match p.correctness {
-                    Correctness::Accuracy => {
-                        AccuracyReward { params: AccuracyParams::default() }.is_correct(sample, completion.text)?
+                    Correctness::Accuracy => AccuracyReward {
+                        params: AccuracyParams::default(),
                     }
+                    .is_correct(sample, completion.text)?,
                     Correctness::Countdown => {
-                        CountdownReward::default().verdict(sample, completion.text)? == Verdict::Correct
+                        CountdownReward::default().verdict(sample, completion.text)?
+                            == Verdict::Correct
                     }
                 };
                 let (lo, hi) = if correct {
@@ -131,11 +133,19 @@ impl Reward for LengthReward {
     }
 }
 
-fn build_with(name: &'static str, params: &Map<String, Value>, forced: Option<LengthMode>) -> Result<Box<dyn Reward>, RewardError> {
+fn build_with(
+    name: &'static str,
+    params: &Map<String, Value>,
+    forced: Option<LengthMode>,
+) -> Result<Box<dyn Reward>, RewardError> {
     let mut p: LengthParams = parse_params(name, params)?;
     if let Some(m) = forced {
         if params.contains_key("mode") && p.mode != m {
-            return Err(bad_param(name, "mode", "`overlong` is always mode = \"overlong\""));
+            return Err(bad_param(
+                name,
+                "mode",
+                "`overlong` is always mode = \"overlong\"",
+            ));
         }
         p.mode = m;
     }
@@ -184,8 +194,22 @@ mod tests {
     fn cosine_by_correctness() {
         let r = build_length(&Map::new()).unwrap();
         let s: Sample = serde_json::from_value(serde_json::json!({"answer": "4"})).unwrap();
-        let right = r.score(&s, &Completion { text: "<answer>4</answer>", num_tokens: Some(0), ..Default::default() });
-        let wrong = r.score(&s, &Completion { text: "<answer>5</answer>", num_tokens: Some(0), ..Default::default() });
+        let right = r.score(
+            &s,
+            &Completion {
+                text: "<answer>4</answer>",
+                num_tokens: Some(0),
+                ..Default::default()
+            },
+        );
+        let wrong = r.score(
+            &s,
+            &Completion {
+                text: "<answer>5</answer>",
+                num_tokens: Some(0),
+                ..Default::default()
+            },
+        );
         assert_eq!((right, wrong), (Some(1.0), Some(-1.0)));
         assert_eq!(r.score(&Sample::new(), &Completion::new("x")), None);
     }

@@ -60,7 +60,10 @@ pub struct Completion<'a> {
 impl<'a> Completion<'a> {
     /// A completion known only by its text.
     pub fn new(text: &'a str) -> Self {
-        Completion { text, ..Default::default() }
+        Completion {
+            text,
+            ..Default::default()
+        }
     }
 
     /// Length in tokens if known, else in characters.

@@ -21,7 +21,11 @@ pub struct ExactMatchParams {
 
 impl Default for ExactMatchParams {
     fn default() -> Self {
-        ExactMatchParams { field: "answer".into(), extract: true, case_sensitive: true }
+        ExactMatchParams {
+            field: "answer".into(),
+            extract: true,
+            case_sensitive: true,
+        }
     }
 }
 
@@ -39,10 +43,18 @@ impl Reward for ExactMatchReward {
 
     fn score(&self, sample: &Sample, completion: &Completion<'_>) -> Option<f32> {
         let gold = crate::accuracy::gold_text(sample, &self.params.field)?;
-        let pred = if self.params.extract { extract_answer(completion.text) } else { Some(completion.text) };
+        let pred = if self.params.extract {
+            extract_answer(completion.text)
+        } else {
+            Some(completion.text)
+        };
         let Some(pred) = pred else { return Some(0.0) };
         let (g, p) = (gold.trim(), pred.trim());
-        let eq = if self.params.case_sensitive { g == p } else { g.to_lowercase() == p.to_lowercase() };
+        let eq = if self.params.case_sensitive {
+            g == p
+        } else {
+            g.to_lowercase() == p.to_lowercase()
+        };
         Some(if eq { 1.0 } else { 0.0 })
     }
 }
@@ -94,20 +106,35 @@ impl Reward for RegexMatchReward {
     }
 }
 
-pub(crate) fn build_exact_match(params: &Map<String, Value>) -> Result<Box<dyn Reward>, RewardError> {
-    Ok(Box::new(ExactMatchReward { params: parse_params("exact_match", params)? }))
+pub(crate) fn build_exact_match(
+    params: &Map<String, Value>,
+) -> Result<Box<dyn Reward>, RewardError> {
+    Ok(Box::new(ExactMatchReward {
+        params: parse_params("exact_match", params)?,
+    }))
 }
 
-pub(crate) fn build_regex_match(params: &Map<String, Value>) -> Result<Box<dyn Reward>, RewardError> {
+pub(crate) fn build_regex_match(
+    params: &Map<String, Value>,
+) -> Result<Box<dyn Reward>, RewardError> {
     let p: RegexMatchParams = parse_params("regex_match", params)?;
-    let Some(pattern) = p.pattern else { return Err(bad_param("regex_match", "pattern", "is required")) };
-    let pattern = if p.full { format!(r"\A(?:{pattern})\z") } else { pattern };
+    let Some(pattern) = p.pattern else {
+        return Err(bad_param("regex_match", "pattern", "is required"));
+    };
+    let pattern = if p.full {
+        format!(r"\A(?:{pattern})\z")
+    } else {
+        pattern
+    };
     // A size limit keeps a pathological pattern from taking memory; matching is linear anyway.
     let re = RegexBuilder::new(&pattern)
         .size_limit(1 << 20)
         .build()
         .map_err(|e| bad_param("regex_match", "pattern", e.to_string()))?;
-    Ok(Box::new(RegexMatchReward { re, target: p.target }))
+    Ok(Box::new(RegexMatchReward {
+        re,
+        target: p.target,
+    }))
 }
 
 #[cfg(test)]
@@ -118,14 +145,31 @@ mod tests {
     fn exact_and_regex() {
         let s: Sample = serde_json::from_value(serde_json::json!({"answer": "Paris"})).unwrap();
         let em = build_exact_match(&Map::new()).unwrap();
-        assert_eq!(em.score(&s, &Completion::new("<answer> Paris </answer>")), Some(1.0));
-        assert_eq!(em.score(&s, &Completion::new("<answer>paris</answer>")), Some(0.0));
+        assert_eq!(
+            em.score(&s, &Completion::new("<answer> Paris </answer>")),
+            Some(1.0)
+        );
+        assert_eq!(
+            em.score(&s, &Completion::new("<answer>paris</answer>")),
+            Some(0.0)
+        );
         let mut m = Map::new();
         m.insert("pattern".into(), "^[0-9]+$".into());
         m.insert("target".into(), "answer".into());
         let rm = build_regex_match(&m).unwrap();
-        assert_eq!(rm.score(&s, &Completion::new("<answer>42</answer>")), Some(1.0));
-        assert_eq!(rm.score(&s, &Completion::new("<answer>4x</answer>")), Some(0.0));
-        assert!(build_regex_match(&Map::new()).unwrap_err().to_string().contains("`pattern`"));
+        assert_eq!(
+            rm.score(&s, &Completion::new("<answer>42</answer>")),
+            Some(1.0)
+        );
+        assert_eq!(
+            rm.score(&s, &Completion::new("<answer>4x</answer>")),
+            Some(0.0)
+        );
+        assert!(
+            build_regex_match(&Map::new())
+                .unwrap_err()
+                .to_string()
+                .contains("`pattern`")
+        );
     }
 }

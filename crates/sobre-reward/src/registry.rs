@@ -31,16 +31,25 @@ pub fn reward_names() -> Vec<&'static str> {
 
 /// Build one reward by name from its parameter table (everything in `[[reward]]` except `name`
 /// and `weight`).
-pub fn build_reward(name: &str, params: &Map<String, Value>) -> Result<Box<dyn Reward>, RewardError> {
+pub fn build_reward(
+    name: &str,
+    params: &Map<String, Value>,
+) -> Result<Box<dyn Reward>, RewardError> {
     match REGISTRY.iter().find(|(n, _)| *n == name) {
         Some((_, build)) => build(params),
-        None => Err(RewardError::UnknownReward { name: name.to_string(), valid: reward_names() }),
+        None => Err(RewardError::UnknownReward {
+            name: name.to_string(),
+            valid: reward_names(),
+        }),
     }
 }
 
 /// Deserialize a reward's parameters; on failure, find the key responsible so the error can
 /// name it (serde's own type errors do not).
-pub(crate) fn parse_params<T: DeserializeOwned>(reward: &str, params: &Map<String, Value>) -> Result<T, RewardError> {
+pub(crate) fn parse_params<T: DeserializeOwned>(
+    reward: &str,
+    params: &Map<String, Value>,
+) -> Result<T, RewardError> {
     match serde_json::from_value::<T>(Value::Object(params.clone())) {
         Ok(p) => Ok(p),
         Err(err) => {
@@ -52,14 +61,22 @@ pub(crate) fn parse_params<T: DeserializeOwned>(reward: &str, params: &Map<Strin
                     serde_json::from_value::<T>(Value::Object(one)).is_err()
                 })
                 .map_or_else(|| "?".to_string(), |(k, _)| k.clone());
-            Err(RewardError::Param { reward: reward.to_string(), key, message: err.to_string() })
+            Err(RewardError::Param {
+                reward: reward.to_string(),
+                key,
+                message: err.to_string(),
+            })
         }
     }
 }
 
 /// A parameter error for a value that deserialized but is out of range.
 pub(crate) fn bad_param(reward: &str, key: &str, message: impl Into<String>) -> RewardError {
-    RewardError::Param { reward: reward.to_string(), key: key.to_string(), message: message.into() }
+    RewardError::Param {
+        reward: reward.to_string(),
+        key: key.to_string(),
+        message: message.into(),
+    }
 }
 
 /// One `[[reward]]` table: `name`, `weight` (default 1.0) and the reward's own parameters.
@@ -77,7 +94,11 @@ pub struct RewardSpec {
 impl RewardSpec {
     /// A spec with no parameters.
     pub fn new(name: impl Into<String>, weight: f32) -> Self {
-        RewardSpec { name: name.into(), weight, params: Map::new() }
+        RewardSpec {
+            name: name.into(),
+            weight,
+            params: Map::new(),
+        }
     }
 }
 
@@ -88,14 +109,27 @@ impl TryFrom<Map<String, Value>> for RewardSpec {
         let name = match table.remove("name") {
             Some(Value::String(s)) => s,
             Some(other) => return Err(format!("`name` must be a string, found {other}")),
-            None => return Err(format!("missing `name`; valid names are: {}", reward_names().join(", "))),
+            None => {
+                return Err(format!(
+                    "missing `name`; valid names are: {}",
+                    reward_names().join(", ")
+                ));
+            }
         };
         let weight = match table.remove("weight") {
             None => 1.0,
             Some(Value::Number(n)) => n.as_f64().map_or(1.0, |w| w as f32),
-            Some(other) => return Err(format!("reward `{name}`: `weight` must be a number, found {other}")),
+            Some(other) => {
+                return Err(format!(
+                    "reward `{name}`: `weight` must be a number, found {other}"
+                ));
+            }
         };
-        Ok(RewardSpec { name, weight, params: table })
+        Ok(RewardSpec {
+            name,
+            weight,
+            params: table,
+        })
     }
 }
 
@@ -123,20 +157,26 @@ struct RewardsFile {
 impl CombinedReward {
     /// Build every spec; the first bad one is the error.
     pub fn from_specs(specs: &[RewardSpec]) -> Result<Self, RewardError> {
-        let parts =
-            specs.iter().map(|s| Ok((build_reward(&s.name, &s.params)?, s.weight))).collect::<Result<Vec<_>, _>>()?;
+        let parts = specs
+            .iter()
+            .map(|s| Ok((build_reward(&s.name, &s.params)?, s.weight)))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(CombinedReward { parts })
     }
 
     /// Build from TOML text holding `[[reward]]` tables (and nothing else).
     pub fn from_toml(text: &str) -> Result<Self, RewardError> {
-        let file: RewardsFile = toml::from_str(text).map_err(|e| RewardError::Toml(e.to_string()))?;
+        let file: RewardsFile =
+            toml::from_str(text).map_err(|e| RewardError::Toml(e.to_string()))?;
         Self::from_specs(&file.reward)
     }
 
     /// Rewards given by name only (weight 1, default parameters), as the CLI's `--rewards a,b`.
     pub fn from_names<S: AsRef<str>>(names: &[S]) -> Result<Self, RewardError> {
-        let specs: Vec<RewardSpec> = names.iter().map(|n| RewardSpec::new(n.as_ref().trim(), 1.0)).collect();
+        let specs: Vec<RewardSpec> = names
+            .iter()
+            .map(|n| RewardSpec::new(n.as_ref().trim(), 1.0))
+            .collect();
         Self::from_specs(&specs)
     }
 
@@ -163,7 +203,9 @@ impl CombinedReward {
 
 impl std::fmt::Debug for CombinedReward {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list().entries(self.parts.iter().map(|(r, w)| (r.name(), w))).finish()
+        f.debug_list()
+            .entries(self.parts.iter().map(|(r, w)| (r.name(), w)))
+            .finish()
     }
 }
 
@@ -173,13 +215,24 @@ mod tests {
 
     #[test]
     fn errors_name_reward_and_key() {
-        let e = CombinedReward::from_toml("[[reward]]\nname = \"acuracy\"").unwrap_err().to_string();
-        assert!(e.contains("acuracy") && e.contains("accuracy, format"), "{e}");
-        let e = CombinedReward::from_toml("[[reward]]\nname = \"format\"\nmod = \"strict\"").unwrap_err().to_string();
+        let e = CombinedReward::from_toml("[[reward]]\nname = \"acuracy\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("acuracy") && e.contains("accuracy, format"),
+            "{e}"
+        );
+        let e = CombinedReward::from_toml("[[reward]]\nname = \"format\"\nmod = \"strict\"")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`format`") && e.contains("`mod`"), "{e}");
-        let e = CombinedReward::from_toml("[[reward]]\nname = \"length\"\nmax_len = \"long\"").unwrap_err().to_string();
+        let e = CombinedReward::from_toml("[[reward]]\nname = \"length\"\nmax_len = \"long\"")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`length`") && e.contains("`max_len`"), "{e}");
-        let e = CombinedReward::from_toml("[[reward]]\nweight = 1.0").unwrap_err().to_string();
+        let e = CombinedReward::from_toml("[[reward]]\nweight = 1.0")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("missing `name`"), "{e}");
     }
 
@@ -187,8 +240,14 @@ mod tests {
     fn none_counts_as_zero() {
         let c = CombinedReward::from_names(&["format", "countdown"]).unwrap();
         let s = Sample::new();
-        let b = c.score(&s, &Completion::new("<think>\na\n</think>\n<answer>\nb\n</answer>"));
+        let b = c.score(
+            &s,
+            &Completion::new("<think>\na\n</think>\n<answer>\nb\n</answer>"),
+        );
         assert_eq!(b.total, 1.0);
-        assert_eq!(b.components, vec![("format".into(), Some(1.0)), ("countdown".into(), None)]);
+        assert_eq!(
+            b.components,
+            vec![("format".into(), Some(1.0)), ("countdown".into(), None)]
+        );
     }
 }

@@ -20,7 +20,10 @@ pub struct RepetitionParams {
 
 impl Default for RepetitionParams {
     fn default() -> Self {
-        RepetitionParams { ngram_size: 3, max_penalty: -1.0 }
+        RepetitionParams {
+            ngram_size: 3,
+            max_penalty: -1.0,
+        }
     }
 }
 
@@ -68,13 +71,19 @@ impl Reward for RepetitionReward {
     }
 }
 
-pub(crate) fn build(params: &serde_json::Map<String, serde_json::Value>) -> Result<Box<dyn Reward>, RewardError> {
+pub(crate) fn build(
+    params: &serde_json::Map<String, serde_json::Value>,
+) -> Result<Box<dyn Reward>, RewardError> {
     let p: RepetitionParams = parse_params("repetition", params)?;
     if p.ngram_size == 0 {
         return Err(bad_param("repetition", "ngram_size", "must be at least 1"));
     }
-    if !(p.max_penalty <= 0.0) {
-        return Err(bad_param("repetition", "max_penalty", format!("{} should not be positive", p.max_penalty)));
+    if p.max_penalty.is_nan() || p.max_penalty > 0.0 {
+        return Err(bad_param(
+            "repetition",
+            "max_penalty",
+            format!("{} should not be positive", p.max_penalty),
+        ));
     }
     Ok(Box::new(RepetitionReward { params: p }))
 }
@@ -91,6 +100,9 @@ mod tests {
         // 6 trigrams, 3 distinct ("a b c", "b c a", "c a b") → 0.5
         assert!((repeated_fraction("a b c a b c A B", 3) - 0.5).abs() < 1e-6);
         let r = RepetitionReward::default();
-        assert_eq!(r.score(&Sample::new(), &Completion::new("x x x x")), Some(-(1.0 - 1.0 / 2.0)));
+        assert_eq!(
+            r.score(&Sample::new(), &Completion::new("x x x x")),
+            Some(-(1.0 - 1.0 / 2.0))
+        );
     }
 }

@@ -15,11 +15,22 @@ fn agreement_with_math_verify() {
     let reward = AccuracyReward::default();
     let (mut n, mut agree) = (0usize, 0usize);
     let mut disagreements = Vec::new();
-    for (i, line) in data.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let row: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("line {}: {e}", i + 1));
-        let gold = row["gold"].as_str().unwrap_or_else(|| panic!("line {}: no gold", i + 1));
-        let pred = row["prediction"].as_str().unwrap_or_else(|| panic!("line {}: no prediction", i + 1));
-        let expected = row["expected"].as_bool().unwrap_or_else(|| panic!("line {}: no expected", i + 1));
+    for (i, line) in data
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let row: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("line {}: {e}", i + 1));
+        let gold = row["gold"]
+            .as_str()
+            .unwrap_or_else(|| panic!("line {}: no gold", i + 1));
+        let pred = row["prediction"]
+            .as_str()
+            .unwrap_or_else(|| panic!("line {}: no prediction", i + 1));
+        let expected = row["expected"]
+            .as_bool()
+            .unwrap_or_else(|| panic!("line {}: no expected", i + 1));
         let mut sample = Sample::new();
         sample.insert("answer".into(), gold.into());
         let text = format!("The final answer is $\\boxed{{{pred}}}$.");
@@ -28,7 +39,10 @@ fn agreement_with_math_verify() {
         if got == expected {
             agree += 1;
         } else {
-            disagreements.push(format!("  line {:>3}: gold {gold:?} pred {pred:?}: math-verify {expected}, ours {got}", i + 1));
+            disagreements.push(format!(
+                "  line {:>3}: gold {gold:?} pred {pred:?}: math-verify {expected}, ours {got}",
+                i + 1
+            ));
         }
     }
     let rate = agree as f64 / n as f64;
@@ -37,5 +51,10 @@ fn agreement_with_math_verify() {
         println!("{d}");
     }
     assert!(n >= 200, "only {n} cases");
-    assert!(rate >= 0.97, "agreement {:.1}% < 97%:\n{}", 100.0 * rate, disagreements.join("\n"));
+    assert!(
+        rate >= 0.97,
+        "agreement {:.1}% < 97%:\n{}",
+        100.0 * rate,
+        disagreements.join("\n")
+    );
 }

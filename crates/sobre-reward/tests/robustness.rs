@@ -43,7 +43,9 @@ fn samples() -> Vec<Sample> {
         r#"{"answer": "(1, 2)", "nums": [99999999999, 7], "target": 3}"#,
         r#"{"answer": "x^2+1"}"#,
     ];
-    rows.iter().map(|r| serde_json::from_str(r).expect("valid json")).collect()
+    rows.iter()
+        .map(|r| serde_json::from_str(r).expect("valid json"))
+        .collect()
 }
 
 fn score_all(text: &str) {
@@ -130,17 +132,42 @@ fn pathological_inputs_are_fast() {
     let mb = 1 << 20;
     let cases: Vec<(&str, String)> = vec![
         ("1 MB of text", "lorem ipsum dolor ".repeat(mb / 18)),
-        ("deep parens", format!("<answer>{}1{}</answer>", "(".repeat(mb / 2 - 20), ")".repeat(mb / 2 - 20))),
+        (
+            "deep parens",
+            format!(
+                "<answer>{}1{}</answer>",
+                "(".repeat(mb / 2 - 20),
+                ")".repeat(mb / 2 - 20)
+            ),
+        ),
         ("deep braces", format!("\\boxed{{{}}}", "{".repeat(mb - 10))),
         ("many boxes", "\\boxed{1".repeat(mb / 8)),
         ("many answer tags", "<answer>1+2</answer>".repeat(mb / 20)),
         ("unclosed tags", "<answer><think>".repeat(mb / 15)),
-        ("tower", format!("<answer>{}9</answer>", "9^".repeat(mb / 2 - 20))),
-        ("huge integer", format!("<answer>{}</answer>", "9".repeat(mb - 20))),
+        (
+            "tower",
+            format!("<answer>{}9</answer>", "9^".repeat(mb / 2 - 20)),
+        ),
+        (
+            "huge integer",
+            format!("<answer>{}</answer>", "9".repeat(mb - 20)),
+        ),
         ("repeated words", "the same words again ".repeat(mb / 21)),
-        ("long format body", format!("<think>\n{}\n</think>\n<answer>\n42\n</answer>", "a".repeat(mb))),
-        ("small tower", "<answer>\\boxed{9^9^9^9}</answer>".to_string()),
-        ("big power", "<answer>\\boxed{10^{100000}}</answer>".to_string()),
+        (
+            "long format body",
+            format!(
+                "<think>\n{}\n</think>\n<answer>\n42\n</answer>",
+                "a".repeat(mb)
+            ),
+        ),
+        (
+            "small tower",
+            "<answer>\\boxed{9^9^9^9}</answer>".to_string(),
+        ),
+        (
+            "big power",
+            "<answer>\\boxed{10^{100000}}</answer>".to_string(),
+        ),
         ("factorial", "<answer>\\boxed{100000!}</answer>".to_string()),
     ];
     let rewards = all_rewards();
@@ -156,6 +183,9 @@ fn pathological_inputs_are_fast() {
         let per_call = start.elapsed() / calls;
         println!("{name}: {per_call:?} per reward call");
         // Generous: the test profile is lightly optimised; the bench measures real speed.
-        assert!(per_call < Duration::from_millis(50), "{name}: {per_call:?} per call");
+        assert!(
+            per_call < Duration::from_millis(50),
+            "{name}: {per_call:?} per call"
+        );
     }
 }

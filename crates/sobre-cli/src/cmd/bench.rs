@@ -41,7 +41,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// Evaluations per second of `rewards` over `data`, cycling until `budget` has passed.
-fn evals_per_sec(rewards: &CombinedReward, data: &[(sobre_reward::Sample, String)], budget: Duration) -> (f64, f64) {
+fn evals_per_sec(
+    rewards: &CombinedReward,
+    data: &[(sobre_reward::Sample, String)],
+    budget: Duration,
+) -> (f64, f64) {
     let start = Instant::now();
     let (mut n, mut sum) = (0u64, 0.0f64);
     while start.elapsed() < budget {
@@ -50,13 +54,17 @@ fn evals_per_sec(rewards: &CombinedReward, data: &[(sobre_reward::Sample, String
             n += 1;
         }
     }
-    (n as f64 / start.elapsed().as_secs_f64(), sum / n.max(1) as f64)
+    (
+        n as f64 / start.elapsed().as_secs_f64(),
+        sum / n.max(1) as f64,
+    )
 }
 
 fn rewards(a: RewardsArgs) -> anyhow::Result<()> {
     anyhow::ensure!(a.completions > 0, "--completions must be positive");
     let data = sobre_reward::bench::realistic_completions(a.completions, a.seed);
-    let mean_chars = data.iter().map(|(_, t)| t.chars().count()).sum::<usize>() as f64 / data.len() as f64;
+    let mean_chars =
+        data.iter().map(|(_, t)| t.chars().count()).sum::<usize>() as f64 / data.len() as f64;
     let budget = Duration::from_secs_f64(a.seconds.max(0.1));
     let both = CombinedReward::from_names(&["format", "accuracy"])?;
     let format_only = CombinedReward::from_names(&["format"])?;

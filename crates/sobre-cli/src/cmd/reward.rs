@@ -22,7 +22,12 @@ use std::path::PathBuf;
 Reward names: accuracy, format, tag_count, countdown, exact_match, regex_match, length, overlong, repetition")]
 pub struct Args {
     /// Comma-separated reward names, each with weight 1 and default parameters.
-    #[arg(long, value_delimiter = ',', required_unless_present = "config", conflicts_with = "config")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        required_unless_present = "config",
+        conflicts_with = "config"
+    )]
     rewards: Vec<String>,
     /// A TOML file of `[[reward]]` tables (name, weight, parameters) instead of --rewards.
     #[arg(long)]
@@ -41,12 +46,14 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let rewards = match &args.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
             CombinedReward::from_toml(&text).with_context(|| format!("{}", path.display()))?
         }
         None => CombinedReward::from_names(&args.rewards).context("--rewards")?,
     };
-    let file = std::fs::File::open(&args.input).with_context(|| format!("opening {}", args.input.display()))?;
+    let file = std::fs::File::open(&args.input)
+        .with_context(|| format!("opening {}", args.input.display()))?;
     let mut out: Box<dyn Write> = match &args.out {
         Some(p) => Box::new(BufWriter::new(
             std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
@@ -60,7 +67,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let bytes = line.with_context(|| format!("reading {name}"))?;
         let parsed = std::str::from_utf8(&bytes)
             .map_err(|e| format!("not valid UTF-8 ({e})"))
-            .and_then(|text| if text.trim().is_empty() { Ok(None) } else { parse_line(text).map(Some) });
+            .and_then(|text| {
+                if text.trim().is_empty() {
+                    Ok(None)
+                } else {
+                    parse_line(text).map(Some)
+                }
+            });
         let row = match parsed {
             Ok(Some(row)) => row,
             Ok(None) => continue,
@@ -76,7 +89,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let components: Map<String, Value> = b
             .components
             .into_iter()
-            .map(|(n, v)| (n, v.and_then(|x| serde_json::Number::from_f64(f64::from(x))).map_or(Value::Null, Value::Number)))
+            .map(|(n, v)| {
+                (
+                    n,
+                    v.and_then(|x| serde_json::Number::from_f64(f64::from(x)))
+                        .map_or(Value::Null, Value::Number),
+                )
+            })
             .collect();
         let record = serde_json::json!({ "rewards": components, "total": b.total });
         writeln!(out, "{record}")?;
@@ -90,8 +109,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 /// A line must be a JSON object with a string `completion`.
 fn parse_line(text: &str) -> Result<Map<String, Value>, String> {
-    let v: Value = serde_json::from_str(text).map_err(|e| format!("expected a JSON object: {e}"))?;
-    let Value::Object(map) = v else { return Err("expected a JSON object, found another JSON value".into()) };
+    let v: Value =
+        serde_json::from_str(text).map_err(|e| format!("expected a JSON object: {e}"))?;
+    let Value::Object(map) = v else {
+        return Err("expected a JSON object, found another JSON value".into());
+    };
     match map.get("completion") {
         Some(Value::String(_)) => Ok(map),
         Some(_) => Err("expected `completion` to be a string".into()),
@@ -101,9 +123,21 @@ fn parse_line(text: &str) -> Result<Map<String, Value>, String> {
 
 fn completion_of(row: &Map<String, Value>) -> Completion<'_> {
     Completion {
-        text: row.get("completion").and_then(Value::as_str).unwrap_or_default(),
-        num_tokens: row.get("num_tokens").and_then(Value::as_u64).map(|n| n as usize),
-        truncated: row.get("truncated").and_then(Value::as_bool).unwrap_or(false),
-        max_tokens: row.get("max_tokens").and_then(Value::as_u64).map(|n| n as usize),
+        text: row
+            .get("completion")
+            .and_then(Value::as_str)
+            .unwrap_or_default(),
+        num_tokens: row
+            .get("num_tokens")
+            .and_then(Value::as_u64)
+            .map(|n| n as usize),
+        truncated: row
+            .get("truncated")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        max_tokens: row
+            .get("max_tokens")
+            .and_then(Value::as_u64)
+            .map(|n| n as usize),
     }
 }

@@ -78,7 +78,10 @@ fn approx(v: f64, float: bool) -> Val {
 /// undefined (division by zero).
 pub fn eval(node: &Node) -> Option<Val> {
     Some(match node {
-        Node::Num { val, float } => Val::Exact { v: val.clone(), float: *float },
+        Node::Num { val, float } => Val::Exact {
+            v: val.clone(),
+            float: *float,
+        },
         Node::Pi => approx(std::f64::consts::PI, false),
         Node::E => approx(std::f64::consts::E, false),
         Node::Inf => approx(f64::INFINITY, false),
@@ -102,17 +105,22 @@ pub fn eval(node: &Node) -> Option<Val> {
         },
         Node::Div(a, b) => {
             let (a, b) = (eval(a)?, eval(b)?);
-            if let Val::Exact { v, .. } = &b {
-                if v.is_zero() {
-                    return None;
-                }
+            if let Val::Exact { v, .. } = &b
+                && v.is_zero()
+            {
+                return None;
             }
             binop(a, b, |a, b| Some(a / b), |a, b| a / b)?
         }
         Node::Pow(b, e) => pow(eval(b)?, eval(e)?)?,
         Node::Percent(x) => {
             let v = eval(x)?;
-            binop(v, Val::exact(BigRational::from_integer(100.into())), |a, b| Some(a / b), |a, b| a / b)?
+            binop(
+                v,
+                Val::exact(BigRational::from_integer(100.into())),
+                |a, b| Some(a / b),
+                |a, b| a / b,
+            )?
         }
         Node::Abs(x) => match eval(x)? {
             Val::Exact { v, float } => Val::Exact { v: v.abs(), float },
@@ -136,28 +144,44 @@ pub fn eval(node: &Node) -> Option<Val> {
             }
             let mut acc = BigRational::one();
             for i in 0..k {
-                acc = acc * BigRational::from_integer((n - i).into()) / BigRational::from_integer((i + 1).into());
+                acc = acc * BigRational::from_integer((n - i).into())
+                    / BigRational::from_integer((i + 1).into());
             }
             Val::exact(acc)
         }
         Node::Log(base, x) => {
             let (b, x) = (eval(base)?, eval(x)?);
             // `\log_2 8` = 3 exactly when the argument is an exact power of the base.
-            if let (Val::Exact { v: bv, float: false }, Val::Exact { v: xv, float: false }) = (&b, &x) {
-                if bv.is_integer() && bv > &BigRational::one() && xv.is_integer() && xv.is_positive() {
-                    let mut p = BigRational::one();
-                    for k in 0..64u32 {
-                        if &p == xv {
-                            return Some(Val::exact(BigRational::from_integer(k.into())));
-                        }
-                        if &p > xv {
-                            break;
-                        }
-                        p *= bv;
+            if let (
+                Val::Exact {
+                    v: bv,
+                    float: false,
+                },
+                Val::Exact {
+                    v: xv,
+                    float: false,
+                },
+            ) = (&b, &x)
+                && bv.is_integer()
+                && bv > &BigRational::one()
+                && xv.is_integer()
+                && xv.is_positive()
+            {
+                let mut p = BigRational::one();
+                for k in 0..64u32 {
+                    if &p == xv {
+                        return Some(Val::exact(BigRational::from_integer(k.into())));
                     }
+                    if &p > xv {
+                        break;
+                    }
+                    p *= bv;
                 }
             }
-            approx(x.to_f64().ln() / b.to_f64().ln(), b.float_flag() || x.float_flag())
+            approx(
+                x.to_f64().ln() / b.to_f64().ln(),
+                b.float_flag() || x.float_flag(),
+            )
         }
         Node::Func(f, x) => {
             let x = eval(x)?;
@@ -182,7 +206,10 @@ fn binop(
 ) -> Option<Val> {
     let flag = a.float_flag() || b.float_flag();
     Some(match (a, b) {
-        (Val::Exact { v: x, .. }, Val::Exact { v: y, .. }) => Val::Exact { v: exact(x, y)?, float: flag },
+        (Val::Exact { v: x, .. }, Val::Exact { v: y, .. }) => Val::Exact {
+            v: exact(x, y)?,
+            float: flag,
+        },
         (a, b) => approx(float(a.to_f64(), b.to_f64()), flag),
     })
 }
@@ -193,25 +220,32 @@ fn pow(base: Val, exp: Val) -> Option<Val> {
         if e.is_integer() {
             let n = e.to_integer().abs().to_u64();
             let bits = b.numer().bits().max(b.denom().bits()).max(1);
-            if let Some(n) = n {
-                if n <= MAX_EXACT_EXP && bits.saturating_mul(n) <= MAX_EXACT_BITS {
-                    if b.is_zero() && e.is_negative() {
-                        return None;
-                    }
-                    let p = num_traits::pow(b.clone(), n as usize);
-                    let v = if e.is_negative() { p.recip() } else { p };
-                    return Some(Val::Exact { v, float: flag });
+            if let Some(n) = n
+                && n <= MAX_EXACT_EXP
+                && bits.saturating_mul(n) <= MAX_EXACT_BITS
+            {
+                if b.is_zero() && e.is_negative() {
+                    return None;
                 }
+                let p = num_traits::pow(b.clone(), n as usize);
+                let v = if e.is_negative() { p.recip() } else { p };
+                return Some(Val::Exact { v, float: flag });
             }
         } else if !b.is_negative() {
             // Perfect roots stay exact: `\sqrt{81}` = 9, `27^{1/3}` = 3, `4^{3/2}` = 8.
-            if let (Some(q), Some(p)) = (e.denom().to_u32(), e.numer().to_i32()) {
-                if q <= 16 && p.unsigned_abs() <= 64 {
-                    if let (Some(rn), Some(rd)) = (int_root(b.numer(), q), int_root(b.denom(), q)) {
-                        let root = BigRational::new(rn, rd);
-                        return pow(Val::Exact { v: root, float: flag }, Val::exact(BigRational::from_integer(p.into())));
-                    }
-                }
+            if let (Some(q), Some(p)) = (e.denom().to_u32(), e.numer().to_i32())
+                && q <= 16
+                && p.unsigned_abs() <= 64
+                && let (Some(rn), Some(rd)) = (int_root(b.numer(), q), int_root(b.denom(), q))
+            {
+                let root = BigRational::new(rn, rd);
+                return pow(
+                    Val::Exact {
+                        v: root,
+                        float: flag,
+                    },
+                    Val::exact(BigRational::from_integer(p.into())),
+                );
             }
         }
     }
@@ -266,7 +300,10 @@ fn apply(f: Func, x: f64) -> f64 {
 /// f64 value with variables bound by `env`; NaN where undefined.
 fn eval_at(node: &Node, env: &[(String, f64)]) -> f64 {
     match node {
-        Node::Sym(s) => env.iter().find(|(k, _)| k == s).map_or(f64::NAN, |(_, v)| *v),
+        Node::Sym(s) => env
+            .iter()
+            .find(|(k, _)| k == s)
+            .map_or(f64::NAN, |(_, v)| *v),
         Node::Add(ts) => ts.iter().map(|t| eval_at(t, env)).sum(),
         Node::Mul(fs) => fs.iter().map(|f| eval_at(f, env)).product(),
         Node::Neg(x) => -eval_at(x, env),
@@ -282,16 +319,20 @@ fn eval_at(node: &Node, env: &[(String, f64)]) -> f64 {
 
 fn symbols(node: &Node, out: &mut Vec<String>) {
     match node {
-        Node::Sym(s) => {
-            if !out.contains(s) {
-                out.push(s.clone());
-            }
+        Node::Sym(s) if !out.contains(s) => {
+            out.push(s.clone());
         }
         Node::Add(v) | Node::Mul(v) | Node::Tuple(v) | Node::Set(v) | Node::Union(v) => {
             v.iter().for_each(|n| symbols(n, out))
         }
-        Node::Neg(x) | Node::Fact(x) | Node::Abs(x) | Node::Percent(x) | Node::Func(_, x) => symbols(x, out),
-        Node::Div(a, b) | Node::Pow(a, b) | Node::Log(a, b) | Node::Binom(a, b) | Node::Rel(_, a, b) => {
+        Node::Neg(x) | Node::Fact(x) | Node::Abs(x) | Node::Percent(x) | Node::Func(_, x) => {
+            symbols(x, out)
+        }
+        Node::Div(a, b)
+        | Node::Pow(a, b)
+        | Node::Log(a, b)
+        | Node::Binom(a, b)
+        | Node::Rel(_, a, b) => {
             symbols(a, out);
             symbols(b, out);
         }
@@ -345,12 +386,11 @@ fn candidates(node: &Node) -> Vec<Val> {
     if let Some(v) = eval(node) {
         out.push(v);
     }
-    if let Node::Percent(x) = node {
-        if let Some(v) = eval(x) {
-            if v.is_plain_integer() {
-                out.push(v);
-            }
-        }
+    if let Node::Percent(x) = node
+        && let Some(v) = eval(x)
+        && v.is_plain_integer()
+    {
+        out.push(v);
     }
     out
 }
@@ -371,8 +411,11 @@ fn scalar_equal(a: &Node, b: &Node) -> bool {
     }
     let mut valid = 0;
     for (k, base) in SAMPLES.iter().enumerate() {
-        let env: Vec<(String, f64)> =
-            syms.iter().enumerate().map(|(i, s)| (s.clone(), base + 0.41 * i as f64 * (1.0 + k as f64 * 0.1))).collect();
+        let env: Vec<(String, f64)> = syms
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.clone(), base + 0.41 * i as f64 * (1.0 + k as f64 * 0.1)))
+            .collect();
         let (x, y) = (eval_at(a, &env), eval_at(b, &env));
         match (x.is_nan(), y.is_nan()) {
             (true, true) => continue,
@@ -402,8 +445,10 @@ fn elements(n: &Node) -> Option<&[Node]> {
 }
 
 fn set_equal(a: &[Node], b: &[Node], depth: usize) -> bool {
-    a.iter().all(|x| b.iter().any(|y| equivalent_at(x, y, depth)))
-        && b.iter().all(|y| a.iter().any(|x| equivalent_at(x, y, depth)))
+    a.iter()
+        .all(|x| b.iter().any(|y| equivalent_at(x, y, depth)))
+        && b.iter()
+            .all(|y| a.iter().any(|x| equivalent_at(x, y, depth)))
 }
 
 /// Is `pred` mathematically equivalent to `gold`?
@@ -444,14 +489,40 @@ fn equivalent_at(a: &Node, b: &Node, depth: usize) -> bool {
                 })
         }
         (Node::Matrix(_), _) | (_, Node::Matrix(_)) => false,
-        (Node::Tuple(x), Node::Tuple(y)) => x.len() == y.len() && x.iter().zip(y).all(|(p, q)| equivalent_at(p, q, d)),
-        (Node::Tuple(t), Node::Interval { lo, hi, lo_closed: false, hi_closed: false })
-        | (Node::Interval { lo, hi, lo_closed: false, hi_closed: false }, Node::Tuple(t)) => {
-            t.len() == 2 && equivalent_at(&t[0], lo, d) && equivalent_at(&t[1], hi, d)
+        (Node::Tuple(x), Node::Tuple(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(p, q)| equivalent_at(p, q, d))
         }
         (
-            Node::Interval { lo: l1, hi: h1, lo_closed: a1, hi_closed: b1 },
-            Node::Interval { lo: l2, hi: h2, lo_closed: a2, hi_closed: b2 },
+            Node::Tuple(t),
+            Node::Interval {
+                lo,
+                hi,
+                lo_closed: false,
+                hi_closed: false,
+            },
+        )
+        | (
+            Node::Interval {
+                lo,
+                hi,
+                lo_closed: false,
+                hi_closed: false,
+            },
+            Node::Tuple(t),
+        ) => t.len() == 2 && equivalent_at(&t[0], lo, d) && equivalent_at(&t[1], hi, d),
+        (
+            Node::Interval {
+                lo: l1,
+                hi: h1,
+                lo_closed: a1,
+                hi_closed: b1,
+            },
+            Node::Interval {
+                lo: l2,
+                hi: h2,
+                lo_closed: a2,
+                hi_closed: b2,
+            },
         ) => a1 == a2 && b1 == b2 && equivalent_at(l1, l2, d) && equivalent_at(h1, h2, d),
         (Node::Union(x), Node::Union(y)) => set_equal(x, y, d),
         (Node::Tuple(_) | Node::Interval { .. } | Node::Union(_), _)
@@ -480,10 +551,30 @@ fn relation_interval(op: RelOp, l: &Node, r: &Node) -> Option<Node> {
     let neg_inf = || Box::new(Node::Neg(Box::new(Node::Inf)));
     let b = || Box::new(bound.clone());
     Some(match op {
-        RelOp::Ge => Node::Interval { lo: b(), hi: inf(), lo_closed: true, hi_closed: false },
-        RelOp::Gt => Node::Interval { lo: b(), hi: inf(), lo_closed: false, hi_closed: false },
-        RelOp::Le => Node::Interval { lo: neg_inf(), hi: b(), lo_closed: false, hi_closed: true },
-        RelOp::Lt => Node::Interval { lo: neg_inf(), hi: b(), lo_closed: false, hi_closed: false },
+        RelOp::Ge => Node::Interval {
+            lo: b(),
+            hi: inf(),
+            lo_closed: true,
+            hi_closed: false,
+        },
+        RelOp::Gt => Node::Interval {
+            lo: b(),
+            hi: inf(),
+            lo_closed: false,
+            hi_closed: false,
+        },
+        RelOp::Le => Node::Interval {
+            lo: neg_inf(),
+            hi: b(),
+            lo_closed: false,
+            hi_closed: true,
+        },
+        RelOp::Lt => Node::Interval {
+            lo: neg_inf(),
+            hi: b(),
+            lo_closed: false,
+            hi_closed: false,
+        },
         _ => return None,
     })
 }

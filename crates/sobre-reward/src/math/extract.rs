@@ -58,7 +58,9 @@ fn braced_after(text: &str, start: usize) -> Option<&str> {
         None
     } else if rest.len() != trimmed.len() {
         // `\boxed 5`: the next whitespace-delimited word, minus trailing `$` or punctuation.
-        let word = trimmed.split(|c: char| c.is_whitespace() || c == '$').next()?;
+        let word = trimmed
+            .split(|c: char| c.is_whitespace() || c == '$')
+            .next()?;
         (!word.is_empty()).then_some(word)
     } else {
         None
@@ -102,17 +104,29 @@ mod tests {
 
     #[test]
     fn answer_tag_then_boxed_then_marker() {
-        assert_eq!(extract_answer("<think>x</think><answer> 42 </answer>"), Some("42"));
+        assert_eq!(
+            extract_answer("<think>x</think><answer> 42 </answer>"),
+            Some("42")
+        );
         assert_eq!(extract_answer("<answer>so \\boxed{7}</answer>"), Some("7"));
-        assert_eq!(extract_answer("a \\boxed{1} b \\boxed{\\frac{1}{2}}."), Some("\\frac{1}{2}"));
+        assert_eq!(
+            extract_answer("a \\boxed{1} b \\boxed{\\frac{1}{2}}."),
+            Some("\\frac{1}{2}")
+        );
         assert_eq!(extract_answer("so\n#### 1,234\n"), Some("1,234"));
         assert_eq!(extract_answer("nothing here"), None);
-        assert_eq!(extract_answer("<answer>1</answer> <answer>2</answer>"), Some("2"));
+        assert_eq!(
+            extract_answer("<answer>1</answer> <answer>2</answer>"),
+            Some("2")
+        );
     }
 
     #[test]
     fn nested_and_unbalanced_boxes() {
-        assert_eq!(last_boxed("\\boxed{\\frac{a}{b^{2}}}"), Some("\\frac{a}{b^{2}}"));
+        assert_eq!(
+            last_boxed("\\boxed{\\frac{a}{b^{2}}}"),
+            Some("\\frac{a}{b^{2}}")
+        );
         assert_eq!(last_boxed("\\boxed{3} then \\boxed{oops"), Some("3"));
         assert_eq!(last_boxed("\\boxed 5$"), Some("5"));
         assert_eq!(last_boxed("\\fbox{9}"), Some("9"));

@@ -9,7 +9,10 @@ pub use extract::{extract_answer, extract_gold};
 
 /// Whitespace-free form used for the quick string check and the string fallback.
 fn squash(s: &str) -> String {
-    parse::normalize(s).chars().filter(|c| !c.is_whitespace()).collect()
+    parse::normalize(s)
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect()
 }
 
 /// Is the answer `pred` mathematically equivalent to the gold answer `gold`?

@@ -67,7 +67,10 @@ pub enum Func {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Node {
     /// An exact number; `float` marks a decimal literal (math-verify rounds those to 6 places).
-    Num { val: BigRational, float: bool },
+    Num {
+        val: BigRational,
+        float: bool,
+    },
     Sym(String),
     Pi,
     E,
@@ -87,7 +90,12 @@ pub enum Node {
     Percent(Box<Node>),
     Tuple(Vec<Node>),
     Set(Vec<Node>),
-    Interval { lo: Box<Node>, hi: Box<Node>, lo_closed: bool, hi_closed: bool },
+    Interval {
+        lo: Box<Node>,
+        hi: Box<Node>,
+        lo_closed: bool,
+        hi_closed: bool,
+    },
     Union(Vec<Node>),
     Rel(RelOp, Box<Node>, Box<Node>),
     /// A word answer (`Evelyn`, `(B)`), lower-cased.
@@ -132,16 +140,17 @@ pub fn parse_answer(s: &str) -> Option<Node> {
         return None;
     }
     // `\pm` at the top level expands to the set of both signs.
-    if let Some(i) = toks.iter().position(|t| *t == Tok::Pm) {
-        if toks.iter().filter(|t| **t == Tok::Pm).count() == 1 && !toks.contains(&Tok::Op(',')) {
-            let mut plus = toks.clone();
-            let mut minus = toks;
-            plus[i] = Tok::Op('+');
-            minus[i] = Tok::Op('-');
-            let a = Parser::new(plus).parse_top()?;
-            let b = Parser::new(minus).parse_top()?;
-            return Some(Node::Set(vec![a, b]));
-        }
+    if let Some(i) = toks.iter().position(|t| *t == Tok::Pm)
+        && toks.iter().filter(|t| **t == Tok::Pm).count() == 1
+        && !toks.contains(&Tok::Op(','))
+    {
+        let mut plus = toks.clone();
+        let mut minus = toks;
+        plus[i] = Tok::Op('+');
+        minus[i] = Tok::Op('-');
+        let a = Parser::new(plus).parse_top()?;
+        let b = Parser::new(minus).parse_top()?;
+        return Some(Node::Set(vec![a, b]));
     }
     Parser::new(toks).parse_top()
 }
@@ -151,8 +160,24 @@ pub fn parse_answer(s: &str) -> Option<Node> {
 pub fn normalize(s: &str) -> String {
     let mut out = s.to_string();
     const DROP: &[&str] = &[
-        "\\left", "\\right", "\\bigl", "\\bigr", "\\Bigl", "\\Bigr", "\\big", "\\Big", "\\displaystyle",
-        "\\!", "^{\\circ}", "^\\circ", "\\circ", "°", "\\degree", "\\$", "$", "\\limits",
+        "\\left",
+        "\\right",
+        "\\bigl",
+        "\\bigr",
+        "\\Bigl",
+        "\\Bigr",
+        "\\big",
+        "\\Big",
+        "\\displaystyle",
+        "\\!",
+        "^{\\circ}",
+        "^\\circ",
+        "\\circ",
+        "°",
+        "\\degree",
+        "\\$",
+        "$",
+        "\\limits",
     ];
     for d in DROP {
         if out.contains(d) {
@@ -196,7 +221,14 @@ pub fn normalize(s: &str) -> String {
 /// case-insensitively, as math-verify ends up doing. `e` alone stays Euler's number.
 fn word_answer(s: &str) -> Option<String> {
     let mut t = s.trim();
-    for cmd in ["\\text{", "\\textbf{", "\\mathrm{", "\\mathbf{", "\\textit{", "\\mbox{"] {
+    for cmd in [
+        "\\text{",
+        "\\textbf{",
+        "\\mathrm{",
+        "\\mathbf{",
+        "\\textit{",
+        "\\mbox{",
+    ] {
         if let Some(inner) = t.strip_prefix(cmd).and_then(|r| r.strip_suffix('}')) {
             if !inner.contains(['{', '}']) {
                 t = inner.trim();
@@ -204,7 +236,11 @@ fn word_answer(s: &str) -> Option<String> {
             break;
         }
     }
-    let t = t.strip_prefix('(').and_then(|r| r.strip_suffix(')')).unwrap_or(t).trim();
+    let t = t
+        .strip_prefix('(')
+        .and_then(|r| r.strip_suffix(')'))
+        .unwrap_or(t)
+        .trim();
     let letters = !t.is_empty() && t.chars().all(|c| c.is_ascii_alphabetic() || c == ' ');
     if !letters || t == "e" || is_known_word(t) {
         return None;
@@ -213,10 +249,22 @@ fn word_answer(s: &str) -> Option<String> {
 }
 
 fn is_known_word(t: &str) -> bool {
-    matches!(t, "pi" | "infty" | "inf" | "sqrt" | "exp" | "ln" | "log" | "sin" | "cos" | "tan")
+    matches!(
+        t,
+        "pi" | "infty" | "inf" | "sqrt" | "exp" | "ln" | "log" | "sin" | "cos" | "tan"
+    )
 }
 
-const TEXT_CMDS: &[&str] = &["text", "textbf", "mathrm", "mathbf", "textit", "mbox", "operatorname", "textrm"];
+const TEXT_CMDS: &[&str] = &[
+    "text",
+    "textbf",
+    "mathrm",
+    "mathbf",
+    "textit",
+    "mbox",
+    "operatorname",
+    "textrm",
+];
 
 fn tokenize(s: &str) -> Option<Vec<Tok>> {
     let b = s.as_bytes();
@@ -247,7 +295,9 @@ fn tokenize(s: &str) -> Option<Vec<Tok>> {
                 j += 1;
             }
             let word = &s[i..j];
-            let known = ["sqrt", "pi", "sin", "cos", "tan", "ln", "log", "exp", "infty"];
+            let known = [
+                "sqrt", "pi", "sin", "cos", "tan", "ln", "log", "exp", "infty",
+            ];
             if let Some(k) = known.iter().find(|k| word == **k) {
                 toks.push(Tok::Cmd((*k).to_string()));
                 i = j;
@@ -293,7 +343,11 @@ fn tokenize(s: &str) -> Option<Vec<Tok>> {
                 if !env.ends_with("matrix") {
                     return None;
                 }
-                toks.push(if name == "begin" { Tok::MatOpen } else { Tok::MatClose });
+                toks.push(if name == "begin" {
+                    Tok::MatOpen
+                } else {
+                    Tok::MatClose
+                });
                 i = next;
                 continue;
             }
@@ -339,9 +393,8 @@ fn tokenize(s: &str) -> Option<Vec<Tok>> {
             continue;
         }
         match c {
-            '+' | '-' | '*' | '/' | '^' | '_' | '(' | ')' | '[' | ']' | '{' | '}' | ',' | '!' | '|' | '%' => {
-                toks.push(Tok::Op(c))
-            }
+            '+' | '-' | '*' | '/' | '^' | '_' | '(' | ')' | '[' | ']' | '{' | '}' | ',' | '!'
+            | '|' | '%' => toks.push(Tok::Op(c)),
             // A ratio `1:4` is the fraction 1/4, as math-verify reads it.
             ':' => toks.push(Tok::Op('/')),
             '&' => toks.push(Tok::Op('&')),
@@ -378,7 +431,8 @@ fn read_number(b: &[u8], start: usize) -> Option<(String, usize)> {
     // thousands separators
     while i + 3 < b.len() + 1
         && b.get(i) == Some(&b',')
-        && b.get(i + 1..i + 4).is_some_and(|g| g.iter().all(u8::is_ascii_digit))
+        && b.get(i + 1..i + 4)
+            .is_some_and(|g| g.iter().all(u8::is_ascii_digit))
         && !b.get(i + 4).is_some_and(u8::is_ascii_digit)
         && !s.is_empty()
     {
@@ -432,7 +486,11 @@ pub fn decimal_to_rational(s: &str) -> Option<BigRational> {
         None => (s, ""),
     };
     let digits = format!("{int}{frac}");
-    let num: BigInt = if digits.is_empty() { BigInt::zero() } else { digits.parse().ok()? };
+    let num: BigInt = if digits.is_empty() {
+        BigInt::zero()
+    } else {
+        digits.parse().ok()?
+    };
     let den = num_traits::pow(BigInt::from(10u32), frac.len());
     Some(BigRational::new(num, den))
 }
@@ -445,7 +503,11 @@ struct Parser {
 
 impl Parser {
     fn new(toks: Vec<Tok>) -> Self {
-        Parser { toks, pos: 0, depth: 0 }
+        Parser {
+            toks,
+            pos: 0,
+            depth: 0,
+        }
     }
 
     fn peek(&self) -> Option<&Tok> {
@@ -485,7 +547,11 @@ impl Parser {
         if self.pos != self.toks.len() {
             return None;
         }
-        Some(if items.len() == 1 { items.pop()? } else { Node::Set(items) })
+        Some(if items.len() == 1 {
+            items.pop()?
+        } else {
+            Node::Set(items)
+        })
     }
 
     fn parse_union(&mut self) -> Option<Node> {
@@ -531,7 +597,11 @@ impl Parser {
             }
         }
         self.leave();
-        Some(if terms.len() == 1 { terms.pop()? } else { Node::Add(terms) })
+        Some(if terms.len() == 1 {
+            terms.pop()?
+        } else {
+            Node::Add(terms)
+        })
     }
 
     fn parse_term(&mut self) -> Option<Node> {
@@ -558,18 +628,19 @@ impl Parser {
                 Some(t) if starts_primary(t) => {
                     // Implicit multiplication: `2x`, `2\sqrt{2}`, `(x+1)(x-1)`; a number
                     // followed by `\frac{int}{int}` is a mixed number (`2\frac{1}{4}` = 9/4).
-                    if let (Node::Num { .. }, Tok::Cmd(c)) = (&acc, t) {
-                        if c == "frac" {
-                            let save = self.pos;
-                            let r = self.parse_postfix()?;
-                            if let Node::Div(n, d) = &r {
-                                if is_int_lit(n) && is_int_lit(d) {
-                                    acc = Node::Add(vec![acc, r]);
-                                    continue;
-                                }
-                            }
-                            self.pos = save;
+                    if let (Node::Num { .. }, Tok::Cmd(c)) = (&acc, t)
+                        && c == "frac"
+                    {
+                        let save = self.pos;
+                        let r = self.parse_postfix()?;
+                        if let Node::Div(n, d) = &r
+                            && is_int_lit(n)
+                            && is_int_lit(d)
+                        {
+                            acc = Node::Add(vec![acc, r]);
+                            continue;
                         }
+                        self.pos = save;
                     }
                     let r = self.parse_postfix()?;
                     acc = mul(acc, r);
@@ -658,7 +729,10 @@ impl Parser {
         match self.next()? {
             Tok::Num(s) => {
                 let float = s.contains('.');
-                Some(Node::Num { val: decimal_to_rational(&s)?, float })
+                Some(Node::Num {
+                    val: decimal_to_rational(&s)?,
+                    float,
+                })
             }
             Tok::Letter('e') => Some(Node::E),
             Tok::Letter(c) => Some(Node::Sym(c.to_ascii_lowercase().to_string())),
@@ -729,7 +803,12 @@ impl Parser {
             (2, _, _) => {
                 let hi = items.pop()?;
                 let lo = items.pop()?;
-                Some(Node::Interval { lo: Box::new(lo), hi: Box::new(hi), lo_closed: open_square, hi_closed: close_square })
+                Some(Node::Interval {
+                    lo: Box::new(lo),
+                    hi: Box::new(hi),
+                    lo_closed: open_square,
+                    hi_closed: close_square,
+                })
             }
             (_, false, false) | (_, true, true) => Some(Node::Tuple(items)),
             _ => None,
@@ -757,11 +836,20 @@ impl Parser {
                         return None;
                     }
                     let x = self.parse_group()?;
-                    let one = Node::Num { val: BigRational::one(), float: false };
-                    return Some(Node::Pow(Box::new(x), Box::new(Node::Div(Box::new(one), Box::new(n)))));
+                    let one = Node::Num {
+                        val: BigRational::one(),
+                        float: false,
+                    };
+                    return Some(Node::Pow(
+                        Box::new(x),
+                        Box::new(Node::Div(Box::new(one), Box::new(n))),
+                    ));
                 }
                 let x = self.parse_group()?;
-                let half = Node::Num { val: BigRational::new(1.into(), 2.into()), float: false };
+                let half = Node::Num {
+                    val: BigRational::new(1.into(), 2.into()),
+                    float: false,
+                };
                 return Some(Node::Pow(Box::new(x), Box::new(half)));
             }
             "pi" => return Some(Node::Pi),
@@ -782,8 +870,15 @@ impl Parser {
             }
             "log" | "lg" => {
                 // `\log_2 8`, `\log_{10}(x)`; bare `\log` is base 10, as math-verify reads it.
-                let ten = Node::Num { val: BigRational::from_integer(10.into()), float: false };
-                let base = if self.eat(&Tok::Op('_')) { self.parse_group()? } else { ten };
+                let ten = Node::Num {
+                    val: BigRational::from_integer(10.into()),
+                    float: false,
+                };
+                let base = if self.eat(&Tok::Op('_')) {
+                    self.parse_group()?
+                } else {
+                    ten
+                };
                 let x = self.parse_func_arg()?;
                 return Some(Node::Log(Box::new(base), Box::new(x)));
             }
@@ -805,14 +900,19 @@ impl Parser {
             "cosh" => Func::Cosh,
             "tanh" => Func::Tanh,
             // Greek letters and other symbols are variables.
-            "alpha" | "beta" | "gamma" | "delta" | "theta" | "lambda" | "mu" | "sigma" | "phi" | "omega" | "tau"
-            | "rho" | "epsilon" | "varepsilon" | "varphi" | "psi" | "eta" | "xi" | "zeta" | "kappa" | "nu" => {
+            "alpha" | "beta" | "gamma" | "delta" | "theta" | "lambda" | "mu" | "sigma" | "phi"
+            | "omega" | "tau" | "rho" | "epsilon" | "varepsilon" | "varphi" | "psi" | "eta"
+            | "xi" | "zeta" | "kappa" | "nu" => {
                 return Some(Node::Sym(c.to_string()));
             }
             _ => return None,
         };
         // `\sin^2 x` = (sin x)^2
-        let power = if self.eat(&Tok::Op('^')) { Some(self.parse_group()?) } else { None };
+        let power = if self.eat(&Tok::Op('^')) {
+            Some(self.parse_group()?)
+        } else {
+            None
+        };
         let x = self.parse_func_arg()?;
         let applied = Node::Func(f, Box::new(x));
         Some(match power {
@@ -883,7 +983,14 @@ mod tests {
     #[test]
     fn structures() {
         assert!(matches!(p("(1,2)"), Node::Tuple(_)));
-        assert!(matches!(p("[1,2)"), Node::Interval { lo_closed: true, hi_closed: false, .. }));
+        assert!(matches!(
+            p("[1,2)"),
+            Node::Interval {
+                lo_closed: true,
+                hi_closed: false,
+                ..
+            }
+        ));
         assert!(matches!(p("\\{1,2\\}"), Node::Set(_)));
         assert!(matches!(p("(0,1)\\cup(2,3)"), Node::Union(_)));
         assert!(matches!(p("x \\le 3"), Node::Rel(RelOp::Le, _, _)));
@@ -893,7 +1000,15 @@ mod tests {
 
     #[test]
     fn latex_forms() {
-        for s in ["\\frac{1}{2}", "\\frac12", "\\sqrt[3]{27}", "2\\sqrt{2}", "\\sin^2 x + \\cos^2 x", "\\log_2 8", "3\\text{ cm}"] {
+        for s in [
+            "\\frac{1}{2}",
+            "\\frac12",
+            "\\sqrt[3]{27}",
+            "2\\sqrt{2}",
+            "\\sin^2 x + \\cos^2 x",
+            "\\log_2 8",
+            "3\\text{ cm}",
+        ] {
             p(s);
         }
     }
