@@ -471,7 +471,7 @@ fn equivalent_at(a: &Node, b: &Node, depth: usize) -> bool {
         }
         // A gold inequality in one variable matches the interval it describes (math-verify
         // converts the gold side only: `x \ge 5` = `[5, \infty)`, but not the other way round).
-        (Node::Rel(op, l, r), iv @ Node::Interval { .. }) if depth == 0 => {
+        (Node::Rel(op, l, r), iv @ (Node::Interval { .. } | Node::Tuple(_))) if depth == 0 => {
             relation_interval(*op, l, r).is_some_and(|ri| equivalent_at(&ri, iv, d))
         }
         (Node::Rel(..), _) | (_, Node::Rel(..)) => false,
