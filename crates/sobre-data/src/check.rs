@@ -109,7 +109,8 @@ pub fn check(cfg: &DatasetConfig) -> Result<CheckReport, DataError> {
                 continue;
             }
         };
-        let has_countdown = sample.fields.contains_key("nums") || sample.fields.contains_key("target");
+        let has_countdown =
+            sample.fields.contains_key("nums") || sample.fields.contains_key("target");
         let key = if has_countdown {
             report.key_kind = "countdown";
             match (sample.field_i64s("nums"), sample.field_i64("target")) {
@@ -166,14 +167,23 @@ impl fmt::Display for CheckReport {
             "rows: {} (valid {}, invalid {})",
             self.rows, self.valid, self.invalid
         )?;
-        writeln!(f, "duplicates: {} (by {} key)", self.duplicates, self.key_kind)?;
+        writeln!(
+            f,
+            "duplicates: {} (by {} key)",
+            self.duplicates, self.key_kind
+        )?;
         if self.key_kind == "countdown" {
             writeln!(f, "unsolvable (integer steps): {}", self.unsolvable)?;
         }
         writeln!(f, "fields:")?;
         for (name, s) in &self.fields {
             let types: Vec<String> = s.types.iter().map(|(t, n)| format!("{t}×{n}")).collect();
-            write!(f, "  {name}: present {}, type {}", s.present, types.join(" "))?;
+            write!(
+                f,
+                "  {name}: present {}, type {}",
+                s.present,
+                types.join(" ")
+            )?;
             if let (Some(lo), Some(hi)) = (s.min_len, s.max_len) {
                 write!(f, ", length {lo}..{hi}")?;
             }
@@ -183,7 +193,12 @@ impl fmt::Display for CheckReport {
             writeln!(f)?;
         }
         if !self.errors.is_empty() {
-            writeln!(f, "errors (first {} of {}):", self.errors.len(), self.invalid)?;
+            writeln!(
+                f,
+                "errors (first {} of {}):",
+                self.errors.len(),
+                self.invalid
+            )?;
             for e in &self.errors {
                 writeln!(f, "  {e}")?;
             }

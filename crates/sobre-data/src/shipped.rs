@@ -86,7 +86,8 @@ pub fn shipped_files() -> Vec<ShippedFile> {
 impl ShippedFile {
     /// The file's exact bytes.
     pub fn generate(&self) -> Result<String, crate::tasks::TaskError> {
-        let samples = crate::tasks::generate(&self.task, self.split, self.n, self.seed, self.demos)?;
+        let samples =
+            crate::tasks::generate(&self.task, self.split, self.n, self.seed, self.demos)?;
         Ok(crate::dataset::to_jsonl(&samples))
     }
 }

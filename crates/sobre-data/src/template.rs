@@ -68,11 +68,9 @@ impl Template {
     pub fn render(&self, prompt: &Prompt) -> Result<String, TemplateError> {
         match self {
             Template::R1Zero => {
-                let text = prompt
-                    .user_text()
-                    .ok_or(TemplateError::NoUserMessage {
-                        template: "r1_zero",
-                    })?;
+                let text = prompt.user_text().ok_or(TemplateError::NoUserMessage {
+                    template: "r1_zero",
+                })?;
                 // The template supplies the period after the question; don't double it.
                 let text = text.trim().strip_suffix('.').unwrap_or(text.trim());
                 Ok(R1_ZERO.replace("{prompt}", text))
@@ -192,7 +190,9 @@ impl ChatTemplate {
         };
         let bos = special_token_text(cfg.get("bos_token")).unwrap_or_default();
         let eos = special_token_text(cfg.get("eos_token")).unwrap_or_default();
-        Ok(Some(ChatTemplate::new(source)?.with_special_tokens(&bos, &eos)))
+        Ok(Some(
+            ChatTemplate::new(source)?.with_special_tokens(&bos, &eos),
+        ))
     }
 
     /// Renders a conversation, like transformers'
@@ -329,7 +329,9 @@ fn write_json(v: &Value, opts: &JsonOpts, level: usize, out: &mut String) -> Res
         ValueKind::Undefined | ValueKind::None => out.push_str("null"),
         ValueKind::Bool => out.push_str(if v.is_true() { "true" } else { "false" }),
         ValueKind::Number => out.push_str(&v.to_string()),
-        ValueKind::String => out.push_str(&json_string(v.as_str().unwrap_or(""), opts.ensure_ascii)),
+        ValueKind::String => {
+            out.push_str(&json_string(v.as_str().unwrap_or(""), opts.ensure_ascii))
+        }
         ValueKind::Map => {
             let mut keys: Vec<Value> = v.try_iter()?.collect();
             if opts.sort_keys {
@@ -447,7 +449,10 @@ pub fn strftime(secs: i64, format: &str) -> Result<String, Error> {
             other => {
                 return Err(Error::new(
                     ErrorKind::InvalidOperation,
-                    format!("strftime_now: unsupported format code %{}", other.unwrap_or(' ')),
+                    format!(
+                        "strftime_now: unsupported format code %{}",
+                        other.unwrap_or(' ')
+                    ),
                 ));
             }
         }

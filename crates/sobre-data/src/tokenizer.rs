@@ -53,7 +53,9 @@ pub enum TokenizerError {
     File { path: String, message: String },
     #[error("tokenizer: {0}")]
     Tokenizers(String),
-    #[error("vocab size {got} is too small: it must be at least {min} (256 bytes + 6 added tokens)")]
+    #[error(
+        "vocab size {got} is too small: it must be at least {min} (256 bytes + 6 added tokens)"
+    )]
     VocabTooSmall { got: usize, min: usize },
     #[error("the tokenizer has no end-of-text token: set `eos_token` in tokenizer_config.json")]
     NoEos,
@@ -232,11 +234,10 @@ impl Tokenizer {
             })?;
         let cfg_path = dir.join("tokenizer_config.json");
         let config = if cfg_path.is_file() {
-            let text =
-                std::fs::read_to_string(&cfg_path).map_err(|e| TokenizerError::File {
-                    path: cfg_path.display().to_string(),
-                    message: e.to_string(),
-                })?;
+            let text = std::fs::read_to_string(&cfg_path).map_err(|e| TokenizerError::File {
+                path: cfg_path.display().to_string(),
+                message: e.to_string(),
+            })?;
             serde_json::from_str(&text).map_err(|e| TokenizerError::File {
                 path: cfg_path.display().to_string(),
                 message: format!("not valid JSON: {e}"),
@@ -247,10 +248,12 @@ impl Tokenizer {
         Tokenizer::with_config(inner, config)
     }
 
-    fn with_config(inner: tokenizers::Tokenizer, config: Value) -> Result<Tokenizer, TokenizerError> {
-        let id_of = |key: &str| {
-            special_token_text(config.get(key)).and_then(|t| inner.token_to_id(&t))
-        };
+    fn with_config(
+        inner: tokenizers::Tokenizer,
+        config: Value,
+    ) -> Result<Tokenizer, TokenizerError> {
+        let id_of =
+            |key: &str| special_token_text(config.get(key)).and_then(|t| inner.token_to_id(&t));
         // Without a config, fall back on the end-of-text names common model families use.
         let eos = id_of("eos_token")
             .or_else(|| {

@@ -9,7 +9,9 @@ use sobre_data::dataset::{
 use sobre_data::{Message, Sample};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 fn jsonl(dir: &tempfile::TempDir, name: &str, lines: &[&str]) -> PathBuf {
@@ -36,14 +38,23 @@ fn trl_defaults_read_text_and_message_prompts() {
     let loaded = load(&DatasetConfig::new(&path)).unwrap();
     assert_eq!(loaded.skipped, 0);
     assert_eq!(loaded.samples.len(), 2);
-    assert_eq!(loaded.samples[0].prompt, Prompt::Text("What is 2 + 2?".into()));
+    assert_eq!(
+        loaded.samples[0].prompt,
+        Prompt::Text("What is 2 + 2?".into())
+    );
     assert_eq!(loaded.samples[0].answer.as_deref(), Some("4"));
     let s = &loaded.samples[1];
     assert_eq!(
         s.prompt,
         Prompt::Messages(vec![
-            Message { role: "system".into(), content: "Be brief.".into() },
-            Message { role: "user".into(), content: "Hi".into() },
+            Message {
+                role: "system".into(),
+                content: "Be brief.".into()
+            },
+            Message {
+                role: "user".into(),
+                content: "Hi".into()
+            },
         ])
     );
     assert_eq!(s.prompt.user_text(), Some("Hi"));
@@ -59,7 +70,11 @@ fn bad_row_error_names_file_line_and_field() {
     let path = jsonl(
         &dir,
         "bad.jsonl",
-        &[r#"{"prompt": "ok"}"#, r#"{"prompt": 5}"#, r#"{"prompt": "ok"}"#],
+        &[
+            r#"{"prompt": "ok"}"#,
+            r#"{"prompt": 5}"#,
+            r#"{"prompt": "ok"}"#,
+        ],
     );
     let err = load(&DatasetConfig::new(&path)).unwrap_err();
     let msg = err.to_string();
@@ -99,7 +114,9 @@ fn skip_mode_counts_bad_rows() {
     assert_eq!(reader.skipped(), 5);
     let first = &reader.skipped_examples()[0];
     assert!(first.ends_with("mixed.jsonl:2: field `prompt`: expected a string or a list of {\"role\", \"content\"} messages, missing"), "{first}");
-    assert!(reader.skipped_examples()[2].ends_with("mixed.jsonl:4: not a JSON object: found array"));
+    assert!(
+        reader.skipped_examples()[2].ends_with("mixed.jsonl:4: not a JSON object: found array")
+    );
     assert!(reader.skipped_examples()[3].contains("field `prompt[0]`"));
 }
 
@@ -127,15 +144,20 @@ fn config_rejects_unknown_keys() {
         "path": "x.jsonl", "promt_field": "q"
     }))
     .unwrap_err();
-    assert!(err.to_string().contains("unknown field `promt_field`"), "{err}");
+    assert!(
+        err.to_string().contains("unknown field `promt_field`"),
+        "{err}"
+    );
 }
 
 #[test]
 fn verl_parquet_with_nested_ground_truth() {
     let mut cfg = DatasetConfig::new(fixture("verl_countdown.parquet"));
     assert_eq!(Format::from_path(&cfg.path), Format::Parquet);
-    cfg.fields.insert("target".into(), "reward_model.ground_truth.target".into());
-    cfg.fields.insert("nums".into(), "reward_model.ground_truth.numbers".into());
+    cfg.fields
+        .insert("target".into(), "reward_model.ground_truth.target".into());
+    cfg.fields
+        .insert("nums".into(), "reward_model.ground_truth.numbers".into());
     let loaded = load(&cfg).unwrap();
     assert_eq!(loaded.samples.len(), 3);
     let s = &loaded.samples[2];
@@ -155,7 +177,8 @@ fn verl_parquet_with_nested_ground_truth() {
 #[test]
 fn parquet_bad_row_names_row_group_and_field() {
     let mut cfg = DatasetConfig::new(fixture("verl_countdown.parquet"));
-    cfg.fields.insert("target".into(), "reward_model.ground_truth.missing".into());
+    cfg.fields
+        .insert("target".into(), "reward_model.ground_truth.missing".into());
     let err = load(&cfg).unwrap_err().to_string();
     assert!(
         err.ends_with(
@@ -177,7 +200,11 @@ fn parquet_bad_row_names_row_group_and_field() {
     cfg.on_bad_row = OnBadRow::Skip;
     let loaded = load(&cfg).unwrap();
     assert_eq!(loaded.skipped, 1);
-    let answers: Vec<_> = loaded.samples.iter().map(|s| s.answer.clone().unwrap()).collect();
+    let answers: Vec<_> = loaded
+        .samples
+        .iter()
+        .map(|s| s.answer.clone().unwrap())
+        .collect();
     assert_eq!(answers, ["7", "1234"]);
 }
 
@@ -187,10 +214,16 @@ fn parquet_second_row_group_location() {
     cfg.answer_field = "data_source".into();
     cfg.prompt_field = "extra_info.index".into();
     let err = load(&cfg).unwrap_err().to_string();
-    assert!(err.contains("row group 0, row 0: field `extra_info.index`"), "{err}");
+    assert!(
+        err.contains("row group 0, row 0: field `extra_info.index`"),
+        "{err}"
+    );
     let mut reader = sobre_data::dataset::RawRows::open(&cfg.path, Format::Parquet).unwrap();
     let third = reader.nth(2).unwrap().unwrap().0.to_string();
-    assert!(third.ends_with("verl_countdown.parquet: row group 1, row 0"), "{third}");
+    assert!(
+        third.ends_with("verl_countdown.parquet: row group 1, row 0"),
+        "{third}"
+    );
 }
 
 #[test]

@@ -14,7 +14,9 @@ fn datasets_dir() -> PathBuf {
 
 /// The checksum the README gives for `path`: the first 64-hex-digit word on its table row.
 fn readme_sha(readme: &str, path: &str) -> Option<String> {
-    let row = readme.lines().find(|l| l.starts_with('|') && l.contains(&format!("`{path}`")))?;
+    let row = readme
+        .lines()
+        .find(|l| l.starts_with('|') && l.contains(&format!("`{path}`")))?;
     row.split(|c: char| !c.is_ascii_hexdigit())
         .find(|w| w.len() == 64)
         .map(str::to_string)
@@ -29,16 +31,30 @@ fn shipped_datasets_regenerate_with_their_checksums() {
             let path = dir.join(f.path);
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(&path, &text).unwrap();
-            println!("| `{}` | {} | `{}` |", f.path, f.n, sha256_hex(text.as_bytes()));
+            println!(
+                "| `{}` | {} | `{}` |",
+                f.path,
+                f.n,
+                sha256_hex(text.as_bytes())
+            );
         }
     }
     let readme = std::fs::read_to_string(dir.join("README.md")).expect("datasets/README.md");
     for f in shipped_files() {
         let want = readme_sha(&readme, f.path)
             .unwrap_or_else(|| panic!("README has no checksum row for {}", f.path));
-        assert!(readme.contains(f.command), "README lacks the command for {}", f.path);
+        assert!(
+            readme.contains(f.command),
+            "README lacks the command for {}",
+            f.path
+        );
         let regenerated = f.generate().unwrap();
-        assert_eq!(sha256_hex(regenerated.as_bytes()), want, "regenerated {}", f.path);
+        assert_eq!(
+            sha256_hex(regenerated.as_bytes()),
+            want,
+            "regenerated {}",
+            f.path
+        );
         let on_disk = std::fs::read(dir.join(f.path)).unwrap();
         assert_eq!(sha256_hex(&on_disk), want, "committed {}", f.path);
         assert_eq!(regenerated.lines().count(), f.n);

@@ -25,7 +25,10 @@ fn rng_range_is_uniform_in_bounds_and_seeded() {
     assert!(xs.iter().all(|x| (1..=6).contains(x)));
     for v in 1..=6 {
         let n = xs.iter().filter(|&&x| x == v).count();
-        assert!((120..=220).contains(&n), "value {v} drawn {n} times of 1000");
+        assert!(
+            (120..=220).contains(&n),
+            "value {v} drawn {n} times of 1000"
+        );
     }
 }
 
@@ -56,17 +59,30 @@ fn countdown_train_and_eval_never_share_a_problem() {
     let train_keys: BTreeSet<String> = train.iter().map(|p| p.key()).collect();
     assert!(eval.iter().all(|p| !train_keys.contains(&p.key())));
     assert!(eval.iter().all(|p| Split::of_key(&p.key()) == Split::Eval));
-    assert!(train.iter().all(|p| Split::of_key(&p.key()) == Split::Train));
+    assert!(
+        train
+            .iter()
+            .all(|p| Split::of_key(&p.key()) == Split::Train)
+    );
     // Shuffled numbers are the same problem.
-    let p = CountdownProblem { nums: vec![15, 3, 7], target: 11 };
-    let q = CountdownProblem { nums: vec![7, 15, 3], target: 11 };
+    let p = CountdownProblem {
+        nums: vec![15, 3, 7],
+        target: 11,
+    };
+    let q = CountdownProblem {
+        nums: vec![7, 15, 3],
+        target: 11,
+    };
     assert_eq!(p.key(), "countdown:3,7,15:11");
     assert_eq!(p.key(), q.key());
 }
 
 #[test]
 fn countdown_solver_and_demonstration_format() {
-    let p = CountdownProblem { nums: vec![15, 3, 7], target: 11 };
+    let p = CountdownProblem {
+        nums: vec![15, 3, 7],
+        target: 11,
+    };
     let sol = p.solve().unwrap();
     assert_eq!(sol.reasoning(), "15 + 3 = 18, 18 - 7 = 11");
     assert_eq!(sol.expression, "(15 + 3) - 7");
@@ -75,14 +91,27 @@ fn countdown_solver_and_demonstration_format() {
         "<think>\n15 + 3 = 18, 18 - 7 = 11\n</think>\n<answer>\n(15 + 3) - 7\n</answer>"
     );
     // Subtraction and division take the larger operand first; four numbers nest.
-    let p = CountdownProblem { nums: vec![2, 8, 3, 5], target: 20 };
+    let p = CountdownProblem {
+        nums: vec![2, 8, 3, 5],
+        target: 20,
+    };
     let sol = p.solve().unwrap();
     assert_eq!(sol.reasoning(), "2 + 8 = 10, 5 - 3 = 2, 10 * 2 = 20");
     assert_eq!(sol.expression, "(2 + 8) * (5 - 3)");
     assert_eq!(eval(&sol.expression), 20);
-    let p = CountdownProblem { nums: vec![3, 12], target: 4 };
+    let p = CountdownProblem {
+        nums: vec![3, 12],
+        target: 4,
+    };
     assert_eq!(p.solve().unwrap().expression, "12 / 3");
-    assert_eq!(CountdownProblem { nums: vec![3, 5], target: 7 }.solve(), None);
+    assert_eq!(
+        CountdownProblem {
+            nums: vec![3, 5],
+            target: 7
+        }
+        .solve(),
+        None
+    );
     assert_eq!(reachable(&[3, 5]), BTreeSet::from([2, 8, 15]));
     assert_eq!(
         p.question(),
@@ -127,7 +156,13 @@ fn eval(expr: &str) -> i64 {
 fn every_demo_expression_evaluates_to_its_target() {
     for p in countdown::generate(&CountdownConfig::default(), Split::Train, 200, 5).unwrap() {
         let sol = p.solve().unwrap();
-        assert_eq!(eval(&sol.expression), p.target, "{:?} -> {}", p, sol.expression);
+        assert_eq!(
+            eval(&sol.expression),
+            p.target,
+            "{:?} -> {}",
+            p,
+            sol.expression
+        );
         let mut used: Vec<i64> = sol
             .expression
             .replace(['(', ')'], " ")
@@ -154,7 +189,10 @@ fn insta_like(got: &[String], expected: &str) {
     let joined = got.join("\n") + "\n";
     if std::env::var_os("SOBRE_BLESS").is_some() {
         std::fs::write(
-            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/countdown_first3.txt"),
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/countdown_first3.txt"
+            ),
             &joined,
         )
         .unwrap();
@@ -165,29 +203,78 @@ fn insta_like(got: &[String], expected: &str) {
 
 #[test]
 fn arithmetic_reasoning_by_place_value() {
-    let p = ArithmeticProblem { a: 123, op: '+', b: 45 };
+    let p = ArithmeticProblem {
+        a: 123,
+        op: '+',
+        b: 45,
+    };
     assert_eq!(p.reasoning(), "123 + 40 = 163, 163 + 5 = 168");
-    let p = ArithmeticProblem { a: 123, op: '-', b: 45 };
+    let p = ArithmeticProblem {
+        a: 123,
+        op: '-',
+        b: 45,
+    };
     assert_eq!(p.reasoning(), "123 - 40 = 83, 83 - 5 = 78");
-    let p = ArithmeticProblem { a: 123, op: '*', b: 45 };
-    assert_eq!(p.reasoning(), "123 * 40 = 4920, 123 * 5 = 615, 4920 + 615 = 5535");
-    let p = ArithmeticProblem { a: 7, op: '*', b: 0 };
+    let p = ArithmeticProblem {
+        a: 123,
+        op: '*',
+        b: 45,
+    };
+    assert_eq!(
+        p.reasoning(),
+        "123 * 40 = 4920, 123 * 5 = 615, 4920 + 615 = 5535"
+    );
+    let p = ArithmeticProblem {
+        a: 7,
+        op: '*',
+        b: 0,
+    };
     assert_eq!(p.reasoning(), "7 * 0 = 0");
-    let p = ArithmeticProblem { a: 12, op: '*', b: 305 };
-    assert_eq!(p.reasoning(), "12 * 300 = 3600, 12 * 5 = 60, 3600 + 60 = 3660");
+    let p = ArithmeticProblem {
+        a: 12,
+        op: '*',
+        b: 305,
+    };
+    assert_eq!(
+        p.reasoning(),
+        "12 * 300 = 3600, 12 * 5 = 60, 3600 + 60 = 3660"
+    );
     let s = p.to_sample(true);
     assert_eq!(s.answer.as_deref(), Some("3660"));
     assert_eq!(
         s.completion.as_deref(),
-        Some("<think>\n12 * 300 = 3600, 12 * 5 = 60, 3600 + 60 = 3660\n</think>\n<answer>\n3660\n</answer>")
+        Some(
+            "<think>\n12 * 300 = 3600, 12 * 5 = 60, 3600 + 60 = 3660\n</think>\n<answer>\n3660\n</answer>"
+        )
     );
-    assert_eq!(ArithmeticProblem { a: 9, op: '+', b: 3 }.key(), "arithmetic:3 + 9");
-    assert_eq!(ArithmeticProblem { a: 9, op: '-', b: 3 }.key(), "arithmetic:9 - 3");
+    assert_eq!(
+        ArithmeticProblem {
+            a: 9,
+            op: '+',
+            b: 3
+        }
+        .key(),
+        "arithmetic:3 + 9"
+    );
+    assert_eq!(
+        ArithmeticProblem {
+            a: 9,
+            op: '-',
+            b: 3
+        }
+        .key(),
+        "arithmetic:9 - 3"
+    );
 }
 
 #[test]
 fn arithmetic_splits_digits_and_options() {
-    let cfg = ArithmeticConfig { min_digits: 2, max_digits: 2, ops: vec!['-'], allow_negative: false };
+    let cfg = ArithmeticConfig {
+        min_digits: 2,
+        max_digits: 2,
+        ops: vec!['-'],
+        allow_negative: false,
+    };
     let train = arithmetic::generate(&cfg, Split::Train, 500, 3).unwrap();
     let eval = arithmetic::generate(&cfg, Split::Eval, 100, 3).unwrap();
     let keys: BTreeSet<String> = train.iter().map(|p| p.key()).collect();
@@ -196,16 +283,31 @@ fn arithmetic_splits_digits_and_options() {
         assert!((10..=99).contains(&p.a) && (10..=99).contains(&p.b));
         assert!(p.a >= p.b && p.op == '-');
     }
-    let bad = ArithmeticConfig { ops: vec!['/'], ..Default::default() };
+    let bad = ArithmeticConfig {
+        ops: vec!['/'],
+        ..Default::default()
+    };
     assert_eq!(
-        arithmetic::generate(&bad, Split::Train, 1, 0).unwrap_err().to_string(),
+        arithmetic::generate(&bad, Split::Train, 1, 0)
+            .unwrap_err()
+            .to_string(),
         "invalid arithmetic option: operator `/` is not one of +, -, *"
     );
 }
 
 #[test]
 fn tiny_problem_space_is_an_error_not_a_hang() {
-    let cfg = CountdownConfig { min_count: 2, max_count: 2, min_number: 1, max_number: 2, min_target: 1, max_target: 99 };
+    let cfg = CountdownConfig {
+        min_count: 2,
+        max_count: 2,
+        min_number: 1,
+        max_number: 2,
+        min_target: 1,
+        max_target: 99,
+    };
     let err = countdown::generate(&cfg, Split::Train, 50, 0).unwrap_err();
-    assert!(matches!(err, TaskError::Exhausted { wanted: 50, .. }), "{err}");
+    assert!(
+        matches!(err, TaskError::Exhausted { wanted: 50, .. }),
+        "{err}"
+    );
 }

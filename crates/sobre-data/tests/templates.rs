@@ -8,7 +8,9 @@ use sobre_data::{Message, Prompt};
 
 #[test]
 fn r1_zero_template_text() {
-    let out = Template::R1Zero.render(&Prompt::Text("What is 2 + 3?".into())).unwrap();
+    let out = Template::R1Zero
+        .render(&Prompt::Text("What is 2 + 3?".into()))
+        .unwrap();
     assert_eq!(
         out,
         "A conversation between User and Assistant. The user asks a question, and the Assistant \
@@ -19,16 +21,39 @@ fn r1_zero_template_text() {
     );
     // A trailing period is not doubled; a conversation contributes its last user message.
     let msgs = Prompt::Messages(vec![
-        Message { role: "user".into(), content: "first".into() },
-        Message { role: "assistant".into(), content: "x".into() },
-        Message { role: "user".into(), content: "Make 24.".into() },
+        Message {
+            role: "user".into(),
+            content: "first".into(),
+        },
+        Message {
+            role: "assistant".into(),
+            content: "x".into(),
+        },
+        Message {
+            role: "user".into(),
+            content: "Make 24.".into(),
+        },
     ]);
-    assert!(Template::R1Zero.render(&msgs).unwrap().ends_with("User: Make 24. Assistant:"));
+    assert!(
+        Template::R1Zero
+            .render(&msgs)
+            .unwrap()
+            .ends_with("User: Make 24. Assistant:")
+    );
     assert_eq!(Template::Plain.render(&msgs).unwrap(), "Make 24.");
     assert!(R1_ZERO.contains("{prompt}"));
-    let none = Prompt::Messages(vec![Message { role: "system".into(), content: "s".into() }]);
-    assert!(matches!(Template::Plain.render(&none), Err(TemplateError::NoUserMessage { .. })));
-    assert!(matches!(Template::from_name("r1_zero"), Ok(Template::R1Zero)));
+    let none = Prompt::Messages(vec![Message {
+        role: "system".into(),
+        content: "s".into(),
+    }]);
+    assert!(matches!(
+        Template::Plain.render(&none),
+        Err(TemplateError::NoUserMessage { .. })
+    ));
+    assert!(matches!(
+        Template::from_name("r1_zero"),
+        Ok(Template::R1Zero)
+    ));
     assert!(Template::from_name("chatml").is_err());
 }
 
@@ -57,18 +82,36 @@ fn hf_templates_render_exactly_as_transformers() {
 #[test]
 fn chat_template_wraps_a_text_prompt_as_one_user_message() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat");
-    let tmpl = ChatTemplate::from_tokenizer_config(&dir.join("qwen3.json")).unwrap().unwrap();
-    let out = Template::Chat(tmpl.into()).render(&Prompt::Text("Hi".into())).unwrap();
-    assert_eq!(out, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+    let tmpl = ChatTemplate::from_tokenizer_config(&dir.join("qwen3.json"))
+        .unwrap()
+        .unwrap();
+    let out = Template::Chat(tmpl.into())
+        .render(&Prompt::Text("Hi".into()))
+        .unwrap();
+    assert_eq!(
+        out,
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    );
 }
 
 fn render(src: &str) -> Result<String, TemplateError> {
     let msgs = vec![
-        Message { role: "system".into(), content: " sys ".into() },
-        Message { role: "user".into(), content: "hello".into() },
-        Message { role: "assistant".into(), content: "yo".into() },
+        Message {
+            role: "system".into(),
+            content: " sys ".into(),
+        },
+        Message {
+            role: "user".into(),
+            content: "hello".into(),
+        },
+        Message {
+            role: "assistant".into(),
+            content: "yo".into(),
+        },
     ];
-    ChatTemplate::new(src)?.with_special_tokens("<s>", "</s>").apply(&msgs, true)
+    ChatTemplate::new(src)?
+        .with_special_tokens("<s>", "</s>")
+        .apply(&msgs, true)
 }
 
 #[test]
@@ -84,7 +127,11 @@ fn loop_controls_pycompat_and_variables() {
 #[test]
 fn raise_exception_is_an_error_with_its_message() {
     let err = render("{{ raise_exception('Conversation roles must alternate') }}").unwrap_err();
-    assert!(err.to_string().contains("Conversation roles must alternate"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("Conversation roles must alternate"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -107,8 +154,14 @@ fn strftime_formats_like_python() {
     // 2024-07-26 13:05:09 UTC, a Friday.
     let t = 1_721_999_109;
     assert_eq!(strftime(t, "%d %b %Y").unwrap(), "26 Jul 2024");
-    assert_eq!(strftime(t, "%A %B %e %H:%M:%S %y %m %%").unwrap(), "Friday July 26 13:05:09 24 07 %");
+    assert_eq!(
+        strftime(t, "%A %B %e %H:%M:%S %y %m %%").unwrap(),
+        "Friday July 26 13:05:09 24 07 %"
+    );
     assert_eq!(strftime(0, "%Y-%m-%d %a").unwrap(), "1970-01-01 Thu");
-    let now = ChatTemplate::new("{{ strftime_now('%Y') }}").unwrap().apply(&[], false).unwrap();
+    let now = ChatTemplate::new("{{ strftime_now('%Y') }}")
+        .unwrap()
+        .apply(&[], false)
+        .unwrap();
     assert!(now.parse::<i32>().unwrap() >= 2025);
 }

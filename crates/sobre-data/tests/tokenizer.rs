@@ -22,7 +22,10 @@ fn trained(samples: &[Sample], vocab: usize) -> Tokenizer {
         .iter()
         .flat_map(|s| training_texts(s, &Template::R1Zero).unwrap())
         .collect();
-    let opts = TrainOptions { vocab_size: vocab, ..Default::default() };
+    let opts = TrainOptions {
+        vocab_size: vocab,
+        ..Default::default()
+    };
     Tokenizer::train(texts.iter(), &opts).unwrap()
 }
 
@@ -47,7 +50,10 @@ fn trained_tokenizer_round_trips_every_shipped_sample() {
     let mut total = 0usize;
     for s in &samples {
         let prompt = Template::R1Zero.render(&s.prompt).unwrap();
-        for text in [Some(prompt), s.completion.clone(), s.answer.clone()].into_iter().flatten() {
+        for text in [Some(prompt), s.completion.clone(), s.answer.clone()]
+            .into_iter()
+            .flatten()
+        {
             let ids = tok.encode(&text).unwrap();
             assert_eq!(tok.decode(&ids, false).unwrap(), text);
             total += ids.len();
@@ -67,7 +73,10 @@ fn trained_tokenizer_round_trips_every_shipped_sample() {
     // eos/pad are special (dropped when skipping), the tags are not.
     let with_eos = [ids.clone(), vec![0, 1, 1]].concat();
     assert_eq!(tok.decode(&with_eos, true).unwrap(), demo);
-    assert_eq!(tok.decode(&with_eos, false).unwrap(), format!("{demo}<|endoftext|><|pad|><|pad|>"));
+    assert_eq!(
+        tok.decode(&with_eos, false).unwrap(),
+        format!("{demo}<|endoftext|><|pad|><|pad|>")
+    );
     assert_eq!(tok.encode("<|endoftext|>").unwrap(), [0]);
 
     // Text the training data never had still round-trips (byte fallback through the alphabet).
@@ -82,7 +91,10 @@ fn training_is_deterministic_and_save_load_is_lossless() {
     let samples: Vec<Sample> = shipped_samples().into_iter().step_by(7).collect();
     let a = trained(&samples, 512);
     let b = trained(&samples, 512);
-    assert_eq!(a.inner().to_string(false).unwrap(), b.inner().to_string(false).unwrap());
+    assert_eq!(
+        a.inner().to_string(false).unwrap(),
+        b.inner().to_string(false).unwrap()
+    );
 
     let dir = tempfile::tempdir().unwrap();
     a.save(dir.path()).unwrap();
@@ -109,9 +121,18 @@ fn training_is_deterministic_and_save_load_is_lossless() {
 
 #[test]
 fn vocab_smaller_than_the_byte_alphabet_is_an_error() {
-    let err = Tokenizer::train(["a b c"].iter(), &TrainOptions { vocab_size: 100, ..Default::default() })
-        .unwrap_err();
-    assert!(matches!(err, TokenizerError::VocabTooSmall { got: 100, min: 262 }));
+    let err = Tokenizer::train(
+        ["a b c"].iter(),
+        &TrainOptions {
+            vocab_size: 100,
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(
+        err,
+        TokenizerError::VocabTooSmall { got: 100, min: 262 }
+    ));
 }
 
 #[test]
@@ -143,12 +164,21 @@ fn export_for_transformers_check() {
         })
         .collect();
     texts.extend(
-        ["héllo wörld ✓ 🦀", "tab\there\r\nand  spaces  ", "12345 + 678<|endoftext|>", ""]
-            .map(String::from),
+        [
+            "héllo wörld ✓ 🦀",
+            "tab\there\r\nand  spaces  ",
+            "12345 + 678<|endoftext|>",
+            "",
+        ]
+        .map(String::from),
     );
     let cases: Vec<serde_json::Value> = texts
         .iter()
         .map(|t| serde_json::json!({"text": t, "ids": tok.encode(t).unwrap()}))
         .collect();
-    std::fs::write(out.join("parity.json"), serde_json::to_string_pretty(&cases).unwrap()).unwrap();
+    std::fs::write(
+        out.join("parity.json"),
+        serde_json::to_string_pretty(&cases).unwrap(),
+    )
+    .unwrap();
 }

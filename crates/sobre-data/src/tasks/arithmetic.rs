@@ -163,7 +163,11 @@ impl Problem for ArithmeticProblem {
 
 fn operand(rng: &mut TaskRng, cfg: &ArithmeticConfig) -> i64 {
     let digits = rng.range(cfg.min_digits as i64, cfg.max_digits as i64) as u32;
-    let lo = if digits == 1 { 0 } else { 10i64.pow(digits - 1) };
+    let lo = if digits == 1 {
+        0
+    } else {
+        10i64.pow(digits - 1)
+    };
     rng.range(lo, 10i64.pow(digits) - 1)
 }
 

@@ -74,8 +74,7 @@ impl CountdownConfig {
                 self.min_count, self.max_count
             ));
         }
-        if self.min_number < 1 || self.min_number > self.max_number || self.max_number > 1_000_000
-        {
+        if self.min_number < 1 || self.min_number > self.max_number || self.max_number > 1_000_000 {
             return bad(format!(
                 "number range {}..={} must lie within 1..=1000000 and not be empty",
                 self.min_number, self.max_number
@@ -205,12 +204,11 @@ fn combine(a: i64, b: i64) -> impl Iterator<Item = (i64, char, i64, i64)> {
 /// Every value reachable using all of `nums` exactly once.
 pub fn reachable(nums: &[i64]) -> BTreeSet<i64> {
     let mut out = BTreeSet::new();
-    let mut work = nums.to_vec();
-    reach(&mut work, &mut out);
+    reach(nums, &mut out);
     out
 }
 
-fn reach(nums: &mut Vec<i64>, out: &mut BTreeSet<i64>) {
+fn reach(nums: &[i64], out: &mut BTreeSet<i64>) {
     if nums.len() == 1 {
         out.insert(nums[0]);
         return;
@@ -227,7 +225,7 @@ fn reach(nums: &mut Vec<i64>, out: &mut BTreeSet<i64>) {
                         .map(|(_, v)| *v),
                 );
                 next.push(r);
-                reach(&mut next, out);
+                reach(&next, out);
             }
         }
     }
@@ -260,8 +258,7 @@ fn search(items: &[Item], target: i64, steps: &mut Vec<Step>) -> Option<Solution
             for (x, op, y, r) in combine(items[i].value, items[j].value) {
                 // Write the operands in the order `combine` chose: as given for + and *,
                 // larger first for - and / (`combine` puts the larger first on a tie too).
-                let (left, right) = if op == '+' || op == '*' || items[i].value >= items[j].value
-                {
+                let (left, right) = if op == '+' || op == '*' || items[i].value >= items[j].value {
                     (&items[i], &items[j])
                 } else {
                     (&items[j], &items[i])
