@@ -22,6 +22,10 @@ enum Command {
     Reward(cmd::reward::Args),
     /// Measure throughput (rewards per second, …) and print it as JSON.
     Bench(cmd::bench::Args),
+    /// Generate task datasets (countdown, arithmetic) and check dataset files.
+    Data(cmd::data::Args),
+    /// Train a byte-level BPE tokenizer or encode text with one.
+    Tokenizer(cmd::tokenizer::Args),
     // --- further commands: one line each, the code in cmd/<name>.rs ---
 }
 
@@ -32,6 +36,8 @@ fn main() -> std::process::ExitCode {
         Command::Logits(args) => cmd::logits::run(args),
         Command::Reward(args) => cmd::reward::run(args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::Data(args) => cmd::data::run(args),
+        Command::Tokenizer(args) => cmd::tokenizer::run(args),
         // --- dispatch: one line per command ---
     };
     match result {

@@ -4,3 +4,5 @@ pub mod inspect;
 pub mod logits;
 pub mod reward;
 pub mod bench;
+pub mod data;
+pub mod tokenizer;
