@@ -21,7 +21,7 @@ use burn::tensor::activation::{sigmoid, silu, softmax};
 use crate::config::{ModelConfig, ScoringFunc};
 
 /// Masked attention scores. Finite (not -inf) so a query row with every key masked — a padding
-/// query — gives a uniform distribution instead of NaN; its output is never used.
+/// query in a left-padded batch — gives no NaN; such rows are then zeroed (see `AttnContext`).
 const MASKED: f32 = -1.0e30;
 
 /// Which implementation computes the experts of a sparse layer.
@@ -281,6 +281,11 @@ struct AttnContext {
     sin: Tensor<4>,
     /// `[batch, 1, seq, keys]`: 0 where a query may attend, `MASKED` elsewhere.
     mask: Tensor<4>,
+    /// `[batch, 1, seq, 1]`: 0 for query rows with no key to attend to, 1 elsewhere; present
+    /// only when such rows exist. Softmax over an all-masked row is uniform over every key, which
+    /// would let padding read real tokens (and, through the softmax Jacobian, send gradient to
+    /// them that the f32 forward never shows); zeroing the row makes padding inert.
+    empty_rows: Option<Tensor<4>>,
     /// Column where the new tokens go in the cache (= past length).
     past: usize,
 }
@@ -332,7 +337,11 @@ impl Attention {
         let q = q.reshape([b, nkv, group * s, d]);
         let scores = q.matmul(k.swap_dims(2, 3)).reshape([b, nh, s, keys]);
         let scores = scores * (1.0 / (d as f64).sqrt()) + ctx.mask.clone();
-        let probs = softmax(scores, 3).reshape([b, nkv, group * s, keys]);
+        let mut probs = softmax(scores, 3);
+        if let Some(keep) = &ctx.empty_rows {
+            probs = probs * keep.clone();
+        }
+        let probs = probs.reshape([b, nkv, group * s, keys]);
         let out = probs.matmul(v).reshape([b, nh, s, d]).swap_dims(1, 2).reshape([b * s, nh * d]);
         self.o_proj.forward(out).reshape([b, s, hidden])
     }
@@ -614,20 +623,27 @@ impl MoeModel {
             key_valid[row * keys + past..(row + 1) * keys].copy_from_slice(&batch.attention_mask[row * s..(row + 1) * s]);
         }
         let mut mask = vec![0.0f32; b * s * keys];
+        let mut row_has_key = vec![0.0f32; b * s];
         for row in 0..b {
             for i in 0..s {
                 for j in 0..keys {
                     if j > past + i || !key_valid[row * keys + j] {
                         mask[(row * s + i) * keys + j] = MASKED;
+                    } else {
+                        row_has_key[row * s + i] = 1.0;
                     }
                 }
             }
         }
+        let empty_rows = row_has_key
+            .contains(&0.0)
+            .then(|| Tensor::from_data(TensorData::new(row_has_key, [b, 1, s, 1]), &device));
         let (cos, sin) = rope_tables(&batch.positions, b, s, cfg.head_dim, cfg.rope_theta as f32);
         let ctx = AttnContext {
             cos: Tensor::from_data(TensorData::new(cos, [b, 1, s, cfg.head_dim]), &device),
             sin: Tensor::from_data(TensorData::new(sin, [b, 1, s, cfg.head_dim]), &device),
             mask: Tensor::from_data(TensorData::new(mask, [b, 1, s, keys]), &device),
+            empty_rows,
             past,
         };
 
@@ -722,4 +738,29 @@ fn rope_tables(positions: &[u32], b: usize, s: usize, head_dim: usize, theta: f3
         }
     }
     (cos, sin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_breaks_ties_by_lower_index() {
+        // Row 0: experts 1 and 3 tie for first; row 1: all equal.
+        let scores = [0.1, 0.4, 0.1, 0.4, 0.25, 0.25, 0.25, 0.25];
+        assert_eq!(top_k_rows(&scores, 4, 2), vec![1, 3, 0, 1]);
+        assert_eq!(top_k_rows(&scores, 4, 3), vec![1, 3, 0, 0, 1, 2]);
+    }
+
+    #[test]
+    fn rope_tables_follow_the_rotate_half_layout() {
+        let (cos, sin) = rope_tables(&[0, 3], 1, 2, 4, 100.0);
+        // inv_freq = [1, 100^(-1/2)] = [1, 0.1]; position 3 → angles [3, 0.3], repeated.
+        assert_eq!(&cos[..4], &[1.0; 4]);
+        let want = [3.0f32.cos(), 0.3f32.cos(), 3.0f32.cos(), 0.3f32.cos()];
+        for (a, b) in cos[4..].iter().zip(want) {
+            assert!((a - b).abs() < 1e-6);
+        }
+        assert!((sin[4] - 3.0f32.sin()).abs() < 1e-6 && (sin[7] - 0.3f32.sin()).abs() < 1e-6);
+    }
 }
