@@ -147,41 +147,42 @@ impl ModelConfig {
 
     /// A named preset: `tiny` (tests), `small` (the CPU demo), `w1` (the benchmark model).
     pub fn preset(name: &str) -> Result<Self, ModelError> {
-        let base = |vocab, hidden, layers, heads, kv, head_dim, experts, k, moe_inter, inter| Self {
-            family: Family::Qwen3Moe,
-            vocab_size: vocab,
-            hidden_size: hidden,
-            intermediate_size: inter,
-            num_hidden_layers: layers,
-            num_attention_heads: heads,
-            num_key_value_heads: kv,
-            head_dim,
-            rms_norm_eps: 1e-6,
-            rope_theta: 10000.0,
-            max_position_embeddings: 2048,
-            tie_word_embeddings: false,
-            attention_bias: false,
-            o_proj_bias: false,
-            qk_norm: true,
-            num_experts: experts,
-            num_experts_per_tok: k,
-            moe_intermediate_size: moe_inter,
-            decoder_sparse_step: 1,
-            mlp_only_layers: vec![],
-            norm_topk_prob: true,
-            router_aux_loss_coef: 0.001,
-            shared_expert_intermediate_size: 0,
-            shared_expert_gate: false,
-            scoring_func: ScoringFunc::Softmax,
-            routed_scaling_factor: 1.0,
-            aux_loss_free_bias: false,
-            bias_update_rate: 0.001,
-            initializer_range: 0.02,
-            bos_token_id: None,
-            eos_token_id: vec![],
-            pad_token_id: None,
-            unknown_keys: vec![],
-        };
+        let base =
+            |vocab, hidden, layers, heads, kv, head_dim, experts, k, moe_inter, inter| Self {
+                family: Family::Qwen3Moe,
+                vocab_size: vocab,
+                hidden_size: hidden,
+                intermediate_size: inter,
+                num_hidden_layers: layers,
+                num_attention_heads: heads,
+                num_key_value_heads: kv,
+                head_dim,
+                rms_norm_eps: 1e-6,
+                rope_theta: 10000.0,
+                max_position_embeddings: 2048,
+                tie_word_embeddings: false,
+                attention_bias: false,
+                o_proj_bias: false,
+                qk_norm: true,
+                num_experts: experts,
+                num_experts_per_tok: k,
+                moe_intermediate_size: moe_inter,
+                decoder_sparse_step: 1,
+                mlp_only_layers: vec![],
+                norm_topk_prob: true,
+                router_aux_loss_coef: 0.001,
+                shared_expert_intermediate_size: 0,
+                shared_expert_gate: false,
+                scoring_func: ScoringFunc::Softmax,
+                routed_scaling_factor: 1.0,
+                aux_loss_free_bias: false,
+                bias_update_rate: 0.001,
+                initializer_range: 0.02,
+                bos_token_id: None,
+                eos_token_id: vec![],
+                pad_token_id: None,
+                unknown_keys: vec![],
+            };
         let cfg = match name {
             "tiny" => base(64, 32, 2, 4, 2, 8, 4, 2, 16, 64),
             "small" => {
@@ -215,7 +216,10 @@ impl ModelConfig {
 
     /// Check the shape constraints the forward pass relies on.
     pub fn validate(&self, origin: &str) -> Result<(), ModelError> {
-        let err = |msg: String| ModelError::Config { origin: origin.to_string(), msg };
+        let err = |msg: String| ModelError::Config {
+            origin: origin.to_string(),
+            msg,
+        };
         for (key, v) in [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
@@ -236,7 +240,10 @@ impl ModelConfig {
             )));
         }
         if self.head_dim % 2 != 0 {
-            return Err(err(format!("`head_dim` must be even for RoPE, found {}", self.head_dim)));
+            return Err(err(format!(
+                "`head_dim` must be even for RoPE, found {}",
+                self.head_dim
+            )));
         }
         let any_sparse = (0..self.num_hidden_layers).any(|i| self.is_sparse_layer(i));
         let any_dense = (0..self.num_hidden_layers).any(|i| !self.is_sparse_layer(i));
@@ -252,16 +259,24 @@ impl ModelConfig {
             }
         }
         if any_dense && self.intermediate_size == 0 {
-            return Err(err("`intermediate_size` must be at least 1 (there are dense layers)".into()));
+            return Err(err(
+                "`intermediate_size` must be at least 1 (there are dense layers)".into(),
+            ));
         }
-        if let Some(&bad) = self.mlp_only_layers.iter().find(|&&l| l >= self.num_hidden_layers) {
+        if let Some(&bad) = self
+            .mlp_only_layers
+            .iter()
+            .find(|&&l| l >= self.num_hidden_layers)
+        {
             return Err(err(format!(
                 "`mlp_only_layers` names layer {bad}, but there are {} layers",
                 self.num_hidden_layers
             )));
         }
         if !(self.rms_norm_eps > 0.0) || !(self.rope_theta > 0.0) {
-            return Err(err("`rms_norm_eps` and `rope_theta` must be positive".into()));
+            return Err(err(
+                "`rms_norm_eps` and `rope_theta` must be positive".into()
+            ));
         }
         Ok(())
     }
@@ -275,8 +290,14 @@ impl ModelConfig {
         m.insert("hidden_size".into(), json!(self.hidden_size));
         m.insert("intermediate_size".into(), json!(self.intermediate_size));
         m.insert("num_hidden_layers".into(), json!(self.num_hidden_layers));
-        m.insert("num_attention_heads".into(), json!(self.num_attention_heads));
-        m.insert("num_key_value_heads".into(), json!(self.num_key_value_heads));
+        m.insert(
+            "num_attention_heads".into(),
+            json!(self.num_attention_heads),
+        );
+        m.insert(
+            "num_key_value_heads".into(),
+            json!(self.num_key_value_heads),
+        );
         m.insert("head_dim".into(), json!(self.head_dim));
         m.insert("hidden_act".into(), json!("silu"));
         m.insert("rms_norm_eps".into(), json!(self.rms_norm_eps));
@@ -286,8 +307,14 @@ impl ModelConfig {
             "rope_parameters".into(),
             json!({"rope_type": "default", "rope_theta": self.rope_theta}),
         );
-        m.insert("max_position_embeddings".into(), json!(self.max_position_embeddings));
-        m.insert("tie_word_embeddings".into(), json!(self.tie_word_embeddings));
+        m.insert(
+            "max_position_embeddings".into(),
+            json!(self.max_position_embeddings),
+        );
+        m.insert(
+            "tie_word_embeddings".into(),
+            json!(self.tie_word_embeddings),
+        );
         match self.family {
             Family::Qwen3Moe => {
                 m.insert("attention_bias".into(), json!(self.attention_bias));
@@ -301,12 +328,24 @@ impl ModelConfig {
             }
         }
         m.insert("num_experts".into(), json!(self.num_experts));
-        m.insert("num_experts_per_tok".into(), json!(self.num_experts_per_tok));
-        m.insert("moe_intermediate_size".into(), json!(self.moe_intermediate_size));
-        m.insert("decoder_sparse_step".into(), json!(self.decoder_sparse_step));
+        m.insert(
+            "num_experts_per_tok".into(),
+            json!(self.num_experts_per_tok),
+        );
+        m.insert(
+            "moe_intermediate_size".into(),
+            json!(self.moe_intermediate_size),
+        );
+        m.insert(
+            "decoder_sparse_step".into(),
+            json!(self.decoder_sparse_step),
+        );
         m.insert("mlp_only_layers".into(), json!(self.mlp_only_layers));
         m.insert("norm_topk_prob".into(), json!(self.norm_topk_prob));
-        m.insert("router_aux_loss_coef".into(), json!(self.router_aux_loss_coef));
+        m.insert(
+            "router_aux_loss_coef".into(),
+            json!(self.router_aux_loss_coef),
+        );
         m.insert("use_sliding_window".into(), json!(false));
         m.insert("initializer_range".into(), json!(self.initializer_range));
         m.insert("bos_token_id".into(), json!(self.bos_token_id));
@@ -342,7 +381,10 @@ impl ModelConfig {
                 ScoringFunc::Sigmoid => "sigmoid",
             }),
         );
-        m.insert("routed_scaling_factor".into(), json!(self.routed_scaling_factor));
+        m.insert(
+            "routed_scaling_factor".into(),
+            json!(self.routed_scaling_factor),
+        );
         m.insert("aux_loss_free_bias".into(), json!(self.aux_loss_free_bias));
         m.insert("bias_update_rate".into(), json!(self.bias_update_rate));
         Value::Object(m)
@@ -379,7 +421,8 @@ impl ModelConfig {
                     shared += bias(self.shared_expert_gate, h);
                 }
                 total += router + shared + self.num_experts * swiglu(self.moe_intermediate_size);
-                active += router + shared + self.num_experts_per_tok * swiglu(self.moe_intermediate_size);
+                active +=
+                    router + shared + self.num_experts_per_tok * swiglu(self.moe_intermediate_size);
             } else {
                 total += swiglu(self.intermediate_size);
                 active += swiglu(self.intermediate_size);
@@ -401,7 +444,10 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn err(&self, msg: String) -> ModelError {
-        ModelError::Config { origin: self.origin.to_string(), msg }
+        ModelError::Config {
+            origin: self.origin.to_string(),
+            msg,
+        }
     }
 
     fn get(&self, key: &str) -> Option<&Value> {
@@ -459,13 +505,19 @@ impl Reader<'_> {
         };
         let qwen2 = family == Family::Qwen2Moe;
 
-        let act = self.get("hidden_act").and_then(Value::as_str).unwrap_or("silu");
+        let act = self
+            .get("hidden_act")
+            .and_then(Value::as_str)
+            .unwrap_or("silu");
         if act != "silu" {
-            return Err(self.err(format!("unsupported `hidden_act` \"{act}\"; sobre computes \"silu\"")));
+            return Err(self.err(format!(
+                "unsupported `hidden_act` \"{act}\"; sobre computes \"silu\""
+            )));
         }
         if self.bool_or("use_sliding_window", false)? {
             return Err(self.err(
-                "unsupported `use_sliding_window` = true; sobre computes full attention only".into(),
+                "unsupported `use_sliding_window` = true; sobre computes full attention only"
+                    .into(),
             ));
         }
         if let Some(types) = self.get("layer_types") {
@@ -512,13 +564,17 @@ impl Reader<'_> {
 
         let hidden_size = self.usize_or("hidden_size", None)?;
         let num_attention_heads = self.usize_or("num_attention_heads", None)?;
-        let num_key_value_heads = self.usize_or("num_key_value_heads", Some(num_attention_heads))?;
+        let num_key_value_heads =
+            self.usize_or("num_key_value_heads", Some(num_attention_heads))?;
         if num_attention_heads == 0 {
             return Err(self.err("`num_attention_heads` must be at least 1, found 0".into()));
         }
         let head_dim = self.usize_or("head_dim", Some(hidden_size / num_attention_heads))?;
         let num_experts = match (self.get("num_experts"), self.get("num_local_experts")) {
-            (Some(_), Some(_)) if self.usize_or("num_experts", None)? != self.usize_or("num_local_experts", None)? => {
+            (Some(_), Some(_))
+                if self.usize_or("num_experts", None)?
+                    != self.usize_or("num_local_experts", None)? =>
+            {
                 return Err(self.err("`num_experts` and `num_local_experts` disagree".into()));
             }
             (Some(_), _) => self.usize_or("num_experts", None)?,
@@ -534,10 +590,19 @@ impl Reader<'_> {
             None => vec![],
             Some(v) => v
                 .as_array()
-                .and_then(|a| a.iter().map(|x| x.as_u64().map(|n| n as usize)).collect::<Option<Vec<_>>>())
-                .ok_or_else(|| self.err(format!("`mlp_only_layers` must be a list of layer indices, found {v}")))?,
+                .and_then(|a| {
+                    a.iter()
+                        .map(|x| x.as_u64().map(|n| n as usize))
+                        .collect::<Option<Vec<_>>>()
+                })
+                .ok_or_else(|| {
+                    self.err(format!(
+                        "`mlp_only_layers` must be a list of layer indices, found {v}"
+                    ))
+                })?,
         };
-        let shared_expert_intermediate_size = self.usize_or("shared_expert_intermediate_size", Some(0))?;
+        let shared_expert_intermediate_size =
+            self.usize_or("shared_expert_intermediate_size", Some(0))?;
         let scoring_func = match self.get("scoring_func").and_then(Value::as_str) {
             None | Some("softmax") => ScoringFunc::Softmax,
             Some("sigmoid") => ScoringFunc::Sigmoid,
@@ -553,21 +618,50 @@ impl Reader<'_> {
                 .iter()
                 .map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok()))
                 .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| self.err("`eos_token_id` must be a token id or a list of them".into()))?,
+                .ok_or_else(|| {
+                    self.err("`eos_token_id` must be a token id or a list of them".into())
+                })?,
             Some(_) => self.token_id("eos_token_id")?.into_iter().collect(),
         };
 
         let known: &[&str] = &[
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps",
-            "rope_theta", "rope_scaling", "rope_parameters", "max_position_embeddings",
-            "tie_word_embeddings", "attention_bias", "qkv_bias", "qk_norm", "num_experts",
-            "num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
-            "decoder_sparse_step", "mlp_only_layers", "norm_topk_prob", "router_aux_loss_coef",
-            "shared_expert_intermediate_size", "shared_expert_gate", "scoring_func",
-            "routed_scaling_factor", "aux_loss_free_bias", "bias_update_rate",
-            "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",
-            "use_sliding_window", "layer_types",
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "hidden_act",
+            "rms_norm_eps",
+            "rope_theta",
+            "rope_scaling",
+            "rope_parameters",
+            "max_position_embeddings",
+            "tie_word_embeddings",
+            "attention_bias",
+            "qkv_bias",
+            "qk_norm",
+            "num_experts",
+            "num_local_experts",
+            "num_experts_per_tok",
+            "moe_intermediate_size",
+            "decoder_sparse_step",
+            "mlp_only_layers",
+            "norm_topk_prob",
+            "router_aux_loss_coef",
+            "shared_expert_intermediate_size",
+            "shared_expert_gate",
+            "scoring_func",
+            "routed_scaling_factor",
+            "aux_loss_free_bias",
+            "bias_update_rate",
+            "initializer_range",
+            "bos_token_id",
+            "eos_token_id",
+            "pad_token_id",
+            "use_sliding_window",
+            "layer_types",
         ];
         let unknown_keys = self
             .map

@@ -18,7 +18,9 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::ModelError;
 use crate::config::ModelConfig;
-use crate::model::{to_vec_f32, Attention, DecoderLayer, Ffn, Mlp, MoeBlock, MoeModel, Proj, RmsNorm};
+use crate::model::{
+    Attention, DecoderLayer, Ffn, Mlp, MoeBlock, MoeModel, Proj, RmsNorm, to_vec_f32,
+};
 
 /// Where the values of named tensors come from.
 trait WeightSource {
@@ -45,7 +47,9 @@ struct RandomInit {
 }
 
 fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+    s.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    })
 }
 
 impl WeightSource for RandomInit {
@@ -56,7 +60,8 @@ impl WeightSource for RandomInit {
             Init::Zeros => vec![0.0; n],
             Init::Normal(std) => {
                 let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ fnv1a(name));
-                let mut unit = || ((rng.next_u64() >> 11) as f64 + 0.5) * (1.0 / (1u64 << 53) as f64);
+                let mut unit =
+                    || ((rng.next_u64() >> 11) as f64 + 0.5) * (1.0 / (1u64 << 53) as f64);
                 let mut out = Vec::with_capacity(n);
                 while out.len() < n {
                     // Box–Muller: two independent normals from two uniforms in (0, 1).
@@ -90,17 +95,24 @@ impl WeightSource for FileSource {
         let n = shape.iter().product();
         match self.tensors.get(name) {
             None => {
-                self.problems.push(format!("missing tensor `{name}` (expected shape {shape:?})"));
+                self.problems.push(format!(
+                    "missing tensor `{name}` (expected shape {shape:?})"
+                ));
                 vec![0.0; n]
             }
             Some((found, _)) if found.as_slice() != shape => {
-                self.problems.push(format!("tensor `{name}` has shape {found:?}, expected {shape:?}"));
+                self.problems.push(format!(
+                    "tensor `{name}` has shape {found:?}, expected {shape:?}"
+                ));
                 self.taken.insert(name.to_string());
                 vec![0.0; n]
             }
             Some(_) => {
                 self.taken.insert(name.to_string());
-                self.tensors.remove(name).map(|(_, v)| v).unwrap_or_default()
+                self.tensors
+                    .remove(name)
+                    .map(|(_, v)| v)
+                    .unwrap_or_default()
             }
         }
     }
@@ -131,18 +143,42 @@ struct Builder<'a> {
 }
 
 impl Builder<'_> {
-    fn param1(&self, src: &mut dyn WeightSource, name: &str, n: usize, init: Init) -> Param<Tensor<1>> {
+    fn param1(
+        &self,
+        src: &mut dyn WeightSource,
+        name: &str,
+        n: usize,
+        init: Init,
+    ) -> Param<Tensor<1>> {
         let v = src.take(name, &[n], init);
         Param::from_tensor(Tensor::from_data(TensorData::new(v, [n]), self.device))
     }
 
     /// An HF linear `[out, in]` held as `[in, out]`.
-    fn linear_t(&self, src: &mut dyn WeightSource, name: &str, out: usize, inp: usize, std: f64) -> Param<Tensor<2>> {
+    fn linear_t(
+        &self,
+        src: &mut dyn WeightSource,
+        name: &str,
+        out: usize,
+        inp: usize,
+        std: f64,
+    ) -> Param<Tensor<2>> {
         let v = src.take(name, &[out, inp], Init::Normal(std));
-        Param::from_tensor(Tensor::from_data(TensorData::new(transpose(&v, out, inp), [inp, out]), self.device))
+        Param::from_tensor(Tensor::from_data(
+            TensorData::new(transpose(&v, out, inp), [inp, out]),
+            self.device,
+        ))
     }
 
-    fn proj(&self, src: &mut dyn WeightSource, prefix: &str, out: usize, inp: usize, bias: bool, std: f64) -> Proj {
+    fn proj(
+        &self,
+        src: &mut dyn WeightSource,
+        prefix: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+        std: f64,
+    ) -> Proj {
         Proj {
             weight: self.linear_t(src, &format!("{prefix}.weight"), out, inp, std),
             bias: bias.then(|| self.param1(src, &format!("{prefix}.bias"), out, Init::Zeros)),
@@ -150,40 +186,84 @@ impl Builder<'_> {
     }
 
     fn norm(&self, src: &mut dyn WeightSource, name: &str, n: usize) -> RmsNorm {
-        RmsNorm { weight: self.param1(src, name, n, Init::Ones), eps: self.cfg.rms_norm_eps }
+        RmsNorm {
+            weight: self.param1(src, name, n, Init::Ones),
+            eps: self.cfg.rms_norm_eps,
+        }
     }
 
     /// HF `gate_proj`/`up_proj`/`down_proj` → fused `[hidden, 2·inter]` and `[inter, hidden]`.
-    fn swiglu_host(&self, src: &mut dyn WeightSource, prefix: &str, inter: usize) -> (Vec<f32>, Vec<f32>) {
+    fn swiglu_host(
+        &self,
+        src: &mut dyn WeightSource,
+        prefix: &str,
+        inter: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
         let h = self.cfg.hidden_size;
-        let gate = src.take(&format!("{prefix}.gate_proj.weight"), &[inter, h], Init::Normal(self.std));
-        let up = src.take(&format!("{prefix}.up_proj.weight"), &[inter, h], Init::Normal(self.std));
-        let down = src.take(&format!("{prefix}.down_proj.weight"), &[h, inter], Init::Normal(self.residual_std));
-        (fuse_gate_up(&gate, &up, inter, h), transpose(&down, h, inter))
+        let gate = src.take(
+            &format!("{prefix}.gate_proj.weight"),
+            &[inter, h],
+            Init::Normal(self.std),
+        );
+        let up = src.take(
+            &format!("{prefix}.up_proj.weight"),
+            &[inter, h],
+            Init::Normal(self.std),
+        );
+        let down = src.take(
+            &format!("{prefix}.down_proj.weight"),
+            &[h, inter],
+            Init::Normal(self.residual_std),
+        );
+        (
+            fuse_gate_up(&gate, &up, inter, h),
+            transpose(&down, h, inter),
+        )
     }
 
     fn mlp(&self, src: &mut dyn WeightSource, prefix: &str, inter: usize) -> Mlp {
         let h = self.cfg.hidden_size;
         let (gu, d) = self.swiglu_host(src, prefix, inter);
         Mlp {
-            gate_up: Param::from_tensor(Tensor::from_data(TensorData::new(gu, [h, 2 * inter]), self.device)),
-            down: Param::from_tensor(Tensor::from_data(TensorData::new(d, [inter, h]), self.device)),
+            gate_up: Param::from_tensor(Tensor::from_data(
+                TensorData::new(gu, [h, 2 * inter]),
+                self.device,
+            )),
+            down: Param::from_tensor(Tensor::from_data(
+                TensorData::new(d, [inter, h]),
+                self.device,
+            )),
         }
     }
 
     fn moe(&self, src: &mut dyn WeightSource, prefix: &str) -> MoeBlock {
         let cfg = self.cfg;
         let (h, e, inter) = (cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size);
-        let (mut gu_all, mut d_all) = (Vec::with_capacity(e * h * 2 * inter), Vec::with_capacity(e * inter * h));
+        let (mut gu_all, mut d_all) = (
+            Vec::with_capacity(e * h * 2 * inter),
+            Vec::with_capacity(e * inter * h),
+        );
         let fused = format!("{prefix}.experts.gate_up_proj");
         if src.has(&fused) {
             // transformers 5's in-memory layout, should a checkpoint carry it:
             // gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I].
             let gu = src.take(&fused, &[e, 2 * inter, h], Init::Normal(self.std));
-            let d = src.take(&format!("{prefix}.experts.down_proj"), &[e, h, inter], Init::Normal(self.residual_std));
+            let d = src.take(
+                &format!("{prefix}.experts.down_proj"),
+                &[e, h, inter],
+                Init::Normal(self.residual_std),
+            );
             for ex in 0..e {
-                gu_all.extend(transpose(&gu[ex * 2 * inter * h..(ex + 1) * 2 * inter * h], 2 * inter, h));
-                d_all.extend(transpose(&d[ex * h * inter..(ex + 1) * h * inter], h, inter));
+                gu_all.extend(transpose(
+                    &gu[ex * 2 * inter * h..(ex + 1) * 2 * inter * h],
+                    2 * inter,
+                    h,
+                ));
+                d_all.extend(transpose(
+                    &d[ex * h * inter..(ex + 1) * h * inter],
+                    h,
+                    inter,
+                ));
             }
         } else {
             for ex in 0..e {
@@ -195,14 +275,32 @@ impl Builder<'_> {
         let shared = cfg.shared_expert_intermediate_size;
         MoeBlock {
             router: self.linear_t(src, &format!("{prefix}.gate.weight"), e, h, self.std),
-            experts_gate_up: Param::from_tensor(Tensor::from_data(TensorData::new(gu_all, [e, h, 2 * inter]), self.device)),
-            experts_down: Param::from_tensor(Tensor::from_data(TensorData::new(d_all, [e, inter, h]), self.device)),
-            shared_expert: (shared > 0).then(|| self.mlp(src, &format!("{prefix}.shared_expert"), shared)),
-            shared_expert_gate: (shared > 0 && cfg.shared_expert_gate)
-                .then(|| self.linear_t(src, &format!("{prefix}.shared_expert_gate.weight"), 1, h, self.std)),
-            expert_bias: cfg
-                .aux_loss_free_bias
-                .then(|| src.take(&format!("{prefix}.gate.e_score_correction_bias"), &[e], Init::Zeros)),
+            experts_gate_up: Param::from_tensor(Tensor::from_data(
+                TensorData::new(gu_all, [e, h, 2 * inter]),
+                self.device,
+            )),
+            experts_down: Param::from_tensor(Tensor::from_data(
+                TensorData::new(d_all, [e, inter, h]),
+                self.device,
+            )),
+            shared_expert: (shared > 0)
+                .then(|| self.mlp(src, &format!("{prefix}.shared_expert"), shared)),
+            shared_expert_gate: (shared > 0 && cfg.shared_expert_gate).then(|| {
+                self.linear_t(
+                    src,
+                    &format!("{prefix}.shared_expert_gate.weight"),
+                    1,
+                    h,
+                    self.std,
+                )
+            }),
+            expert_bias: cfg.aux_loss_free_bias.then(|| {
+                src.take(
+                    &format!("{prefix}.gate.e_score_correction_bias"),
+                    &[e],
+                    Init::Zeros,
+                )
+            }),
             top_k: cfg.num_experts_per_tok,
             norm_topk_prob: cfg.norm_topk_prob,
             scoring: cfg.scoring_func,
@@ -214,18 +312,54 @@ impl Builder<'_> {
         let cfg = self.cfg;
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let (nq, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-        let embed = src.take("model.embed_tokens.weight", &[cfg.vocab_size, h], Init::Normal(self.std));
+        let embed = src.take(
+            "model.embed_tokens.weight",
+            &[cfg.vocab_size, h],
+            Init::Normal(self.std),
+        );
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let a = format!("{p}.self_attn");
             let self_attn = Attention {
-                q_proj: self.proj(src, &format!("{a}.q_proj"), nq * d, h, cfg.attention_bias, self.std),
-                k_proj: self.proj(src, &format!("{a}.k_proj"), nkv * d, h, cfg.attention_bias, self.std),
-                v_proj: self.proj(src, &format!("{a}.v_proj"), nkv * d, h, cfg.attention_bias, self.std),
-                o_proj: self.proj(src, &format!("{a}.o_proj"), h, nq * d, cfg.o_proj_bias, self.residual_std),
-                q_norm: cfg.qk_norm.then(|| self.norm(src, &format!("{a}.q_norm.weight"), d)),
-                k_norm: cfg.qk_norm.then(|| self.norm(src, &format!("{a}.k_norm.weight"), d)),
+                q_proj: self.proj(
+                    src,
+                    &format!("{a}.q_proj"),
+                    nq * d,
+                    h,
+                    cfg.attention_bias,
+                    self.std,
+                ),
+                k_proj: self.proj(
+                    src,
+                    &format!("{a}.k_proj"),
+                    nkv * d,
+                    h,
+                    cfg.attention_bias,
+                    self.std,
+                ),
+                v_proj: self.proj(
+                    src,
+                    &format!("{a}.v_proj"),
+                    nkv * d,
+                    h,
+                    cfg.attention_bias,
+                    self.std,
+                ),
+                o_proj: self.proj(
+                    src,
+                    &format!("{a}.o_proj"),
+                    h,
+                    nq * d,
+                    cfg.o_proj_bias,
+                    self.residual_std,
+                ),
+                q_norm: cfg
+                    .qk_norm
+                    .then(|| self.norm(src, &format!("{a}.q_norm.weight"), d)),
+                k_norm: cfg
+                    .qk_norm
+                    .then(|| self.norm(src, &format!("{a}.k_norm.weight"), d)),
                 num_heads: nq,
                 num_kv_heads: nkv,
                 head_dim: d,
@@ -238,14 +372,22 @@ impl Builder<'_> {
             layers.push(DecoderLayer {
                 input_layernorm: self.norm(src, &format!("{p}.input_layernorm.weight"), h),
                 self_attn,
-                post_attention_layernorm: self.norm(src, &format!("{p}.post_attention_layernorm.weight"), h),
+                post_attention_layernorm: self.norm(
+                    src,
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    h,
+                ),
                 mlp,
             });
         }
         let norm = self.norm(src, "model.norm.weight", h);
-        let lm_head = (!cfg.tie_word_embeddings).then(|| self.linear_t(src, "lm_head.weight", cfg.vocab_size, h, self.std));
+        let lm_head = (!cfg.tie_word_embeddings)
+            .then(|| self.linear_t(src, "lm_head.weight", cfg.vocab_size, h, self.std));
         MoeModel {
-            embed_tokens: Param::from_tensor(Tensor::from_data(TensorData::new(embed, [cfg.vocab_size, h]), self.device)),
+            embed_tokens: Param::from_tensor(Tensor::from_data(
+                TensorData::new(embed, [cfg.vocab_size, h]),
+                self.device,
+            )),
             layers,
             norm,
             lm_head,
@@ -286,17 +428,24 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         let text = fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Weights {
-            file: index.clone(),
-            msg: format!("not valid JSON: {e}"),
-        })?;
-        let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::Weights {
-            file: index.clone(),
-            msg: "missing object `weight_map`".into(),
-        })?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| ModelError::Weights {
+                file: index.clone(),
+                msg: format!("not valid JSON: {e}"),
+            })?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| ModelError::Weights {
+                file: index.clone(),
+                msg: "missing object `weight_map`".into(),
+            })?;
         let files: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
         if files.len() != map.len() && map.values().any(|f| !f.is_string()) {
-            return Err(ModelError::Weights { file: index, msg: "`weight_map` values must be file names".into() });
+            return Err(ModelError::Weights {
+                file: index,
+                msg: "`weight_map` values must be file names".into(),
+            });
         }
         return Ok(files.into_iter().map(|f| dir.join(f)).collect());
     }
@@ -325,13 +474,24 @@ fn read_tensors(files: &[PathBuf]) -> Result<BTreeMap<String, (Vec<usize>, Vec<f
         for (name, view) in st.tensors() {
             let bytes = view.data();
             let values: Vec<f32> = match view.dtype() {
-                Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-                Dtype::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-                Dtype::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+                Dtype::F32 => bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+                Dtype::BF16 => bytes
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+                Dtype::F16 => bytes
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
                 other => {
                     return Err(ModelError::Weights {
                         file: file.clone(),
-                        msg: format!("tensor `{name}` has dtype {other:?}; expected F32, BF16 or F16"),
+                        msg: format!(
+                            "tensor `{name}` has dtype {other:?}; expected F32, BF16 or F16"
+                        ),
                     });
                 }
             };
@@ -348,9 +508,17 @@ pub fn load_model(dir: &Path, device: &Device) -> Result<MoeModel, ModelError> {
 }
 
 /// Load the weights of a model directory into the shape `cfg` describes.
-pub fn load_model_with_config(dir: &Path, cfg: ModelConfig, device: &Device) -> Result<MoeModel, ModelError> {
+pub fn load_model_with_config(
+    dir: &Path,
+    cfg: ModelConfig,
+    device: &Device,
+) -> Result<MoeModel, ModelError> {
     let files = weight_files(dir)?;
-    let mut src = FileSource { tensors: read_tensors(&files)?, taken: BTreeSet::new(), problems: vec![] };
+    let mut src = FileSource {
+        tensors: read_tensors(&files)?,
+        taken: BTreeSet::new(),
+        problems: vec![],
+    };
     let model = builder(&cfg, device).model(&mut src);
     let mut problems = src.problems;
     for name in src.tensors.keys().filter(|n| !src.taken.contains(*n)) {
@@ -359,12 +527,17 @@ pub fn load_model_with_config(dir: &Path, cfg: ModelConfig, device: &Device) -> 
         if name.ends_with("rotary_emb.inv_freq") {
             continue;
         }
-        problems.push(format!("unexpected tensor `{name}` (not part of this model's config)"));
+        problems.push(format!(
+            "unexpected tensor `{name}` (not part of this model's config)"
+        ));
     }
     if problems.is_empty() {
         Ok(model)
     } else {
-        Err(ModelError::Mismatch { dir: dir.to_path_buf(), problems })
+        Err(ModelError::Mismatch {
+            dir: dir.to_path_buf(),
+            problems,
+        })
     }
 }
 
@@ -379,24 +552,57 @@ pub fn hf_tensors(model: &MoeModel) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     };
     let vec1 = |p: &Param<Tensor<1>>| to_vec_f32(p.val());
     // Fused `gu: [H, 2I]`, `d: [I, H]` → HF gate/up `[I, H]` and down `[H, I]`.
-    let swiglu = |out: &mut Vec<(String, Vec<usize>, Vec<f32>)>, prefix: &str, gu: &[f32], d: &[f32], inter: usize| {
+    let swiglu = |out: &mut Vec<(String, Vec<usize>, Vec<f32>)>,
+                  prefix: &str,
+                  gu: &[f32],
+                  d: &[f32],
+                  inter: usize| {
         let mut g = Vec::with_capacity(h * inter);
         let mut u = Vec::with_capacity(h * inter);
         for row in gu.chunks_exact(2 * inter) {
             g.extend_from_slice(&row[..inter]);
             u.extend_from_slice(&row[inter..]);
         }
-        out.push((format!("{prefix}.gate_proj.weight"), vec![inter, h], transpose(&g, h, inter)));
-        out.push((format!("{prefix}.up_proj.weight"), vec![inter, h], transpose(&u, h, inter)));
-        out.push((format!("{prefix}.down_proj.weight"), vec![h, inter], transpose(d, inter, h)));
+        out.push((
+            format!("{prefix}.gate_proj.weight"),
+            vec![inter, h],
+            transpose(&g, h, inter),
+        ));
+        out.push((
+            format!("{prefix}.up_proj.weight"),
+            vec![inter, h],
+            transpose(&u, h, inter),
+        ));
+        out.push((
+            format!("{prefix}.down_proj.weight"),
+            vec![h, inter],
+            transpose(d, inter, h),
+        ));
     };
-    out.push(("model.embed_tokens.weight".into(), vec![cfg.vocab_size, h], to_vec_f32(model.embed_tokens.val())));
+    out.push((
+        "model.embed_tokens.weight".into(),
+        vec![cfg.vocab_size, h],
+        to_vec_f32(model.embed_tokens.val()),
+    ));
     for (i, layer) in model.layers.iter().enumerate() {
         let pre = format!("model.layers.{i}");
-        out.push((format!("{pre}.input_layernorm.weight"), vec![h], vec1(&layer.input_layernorm.weight)));
-        out.push((format!("{pre}.post_attention_layernorm.weight"), vec![h], vec1(&layer.post_attention_layernorm.weight)));
+        out.push((
+            format!("{pre}.input_layernorm.weight"),
+            vec![h],
+            vec1(&layer.input_layernorm.weight),
+        ));
+        out.push((
+            format!("{pre}.post_attention_layernorm.weight"),
+            vec![h],
+            vec1(&layer.post_attention_layernorm.weight),
+        ));
         let a = &layer.self_attn;
-        for (n, proj) in [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)] {
+        for (n, proj) in [
+            ("q_proj", &a.q_proj),
+            ("k_proj", &a.k_proj),
+            ("v_proj", &a.v_proj),
+            ("o_proj", &a.o_proj),
+        ] {
             let (s, v) = lin(&proj.weight);
             out.push((format!("{pre}.self_attn.{n}.weight"), s, v));
             if let Some(b) = &proj.bias {
@@ -406,13 +612,23 @@ pub fn hf_tensors(model: &MoeModel) -> Vec<(String, Vec<usize>, Vec<f32>)> {
         }
         for (n, norm) in [("q_norm", &a.q_norm), ("k_norm", &a.k_norm)] {
             if let Some(norm) = norm {
-                out.push((format!("{pre}.self_attn.{n}.weight"), vec![cfg.head_dim], vec1(&norm.weight)));
+                out.push((
+                    format!("{pre}.self_attn.{n}.weight"),
+                    vec![cfg.head_dim],
+                    vec1(&norm.weight),
+                ));
             }
         }
         match &layer.mlp {
             Ffn::Dense(m) => {
                 let (gu, d) = (to_vec_f32(m.gate_up.val()), to_vec_f32(m.down.val()));
-                swiglu(&mut out, &format!("{pre}.mlp"), &gu, &d, cfg.intermediate_size);
+                swiglu(
+                    &mut out,
+                    &format!("{pre}.mlp"),
+                    &gu,
+                    &d,
+                    cfg.intermediate_size,
+                );
             }
             Ffn::Sparse(m) => {
                 let (e, inter) = (cfg.num_experts, cfg.moe_intermediate_size);
@@ -423,23 +639,43 @@ pub fn hf_tensors(model: &MoeModel) -> Vec<(String, Vec<usize>, Vec<f32>)> {
                 for ex in 0..e {
                     let gu_e = &gu[ex * h * 2 * inter..(ex + 1) * h * 2 * inter];
                     let d_e = &d[ex * inter * h..(ex + 1) * inter * h];
-                    swiglu(&mut out, &format!("{pre}.mlp.experts.{ex}"), gu_e, d_e, inter);
+                    swiglu(
+                        &mut out,
+                        &format!("{pre}.mlp.experts.{ex}"),
+                        gu_e,
+                        d_e,
+                        inter,
+                    );
                 }
                 if let Some(sh) = &m.shared_expert {
                     let (gu, d) = (to_vec_f32(sh.gate_up.val()), to_vec_f32(sh.down.val()));
-                    swiglu(&mut out, &format!("{pre}.mlp.shared_expert"), &gu, &d, cfg.shared_expert_intermediate_size);
+                    swiglu(
+                        &mut out,
+                        &format!("{pre}.mlp.shared_expert"),
+                        &gu,
+                        &d,
+                        cfg.shared_expert_intermediate_size,
+                    );
                 }
                 if let Some(g) = &m.shared_expert_gate {
                     let (s, v) = lin(g);
                     out.push((format!("{pre}.mlp.shared_expert_gate.weight"), s, v));
                 }
                 if let Some(bias) = &m.expert_bias {
-                    out.push((format!("{pre}.mlp.gate.e_score_correction_bias"), vec![e], bias.clone()));
+                    out.push((
+                        format!("{pre}.mlp.gate.e_score_correction_bias"),
+                        vec![e],
+                        bias.clone(),
+                    ));
                 }
             }
         }
     }
-    out.push(("model.norm.weight".into(), vec![h], vec1(&model.norm.weight)));
+    out.push((
+        "model.norm.weight".into(),
+        vec![h],
+        vec1(&model.norm.weight),
+    ));
     if let Some(head) = &model.lm_head {
         let (s, v) = lin(head);
         out.push(("lm_head.weight".into(), s, v));
@@ -451,8 +687,15 @@ pub fn hf_tensors(model: &MoeModel) -> Vec<(String, Vec<usize>, Vec<f32>)> {
 /// `max_shard_bytes` with an index, `generation_config.json`) atomically: everything goes to a
 /// temporary sibling directory that is renamed over `dir` at the end, so a crash leaves either
 /// the old directory or the new one, never a mix.
-pub fn save_model(model: &MoeModel, dir: &Path, max_shard_bytes: Option<usize>) -> Result<(), ModelError> {
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+pub fn save_model(
+    model: &MoeModel,
+    dir: &Path,
+    max_shard_bytes: Option<usize>,
+) -> Result<(), ModelError> {
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     fs::create_dir_all(parent).map_err(|e| ModelError::io(parent, e))?;
     let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("model");
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
@@ -481,7 +724,11 @@ pub fn replace_dir(tmp: &Path, dir: &Path) -> Result<(), ModelError> {
     Ok(())
 }
 
-fn write_model_files(model: &MoeModel, dir: &Path, max_shard_bytes: Option<usize>) -> Result<(), ModelError> {
+fn write_model_files(
+    model: &MoeModel,
+    dir: &Path,
+    max_shard_bytes: Option<usize>,
+) -> Result<(), ModelError> {
     let cfg_text = serde_json::to_string_pretty(&model.config.to_json()).unwrap_or_default();
     let cfg_path = dir.join("config.json");
     fs::write(&cfg_path, cfg_text).map_err(|e| ModelError::io(&cfg_path, e))?;
@@ -491,7 +738,11 @@ fn write_model_files(model: &MoeModel, dir: &Path, max_shard_bytes: Option<usize
         "pad_token_id": model.config.pad_token_id,
     });
     let gen_path = dir.join("generation_config.json");
-    fs::write(&gen_path, serde_json::to_string_pretty(&generation).unwrap_or_default()).map_err(|e| ModelError::io(&gen_path, e))?;
+    fs::write(
+        &gen_path,
+        serde_json::to_string_pretty(&generation).unwrap_or_default(),
+    )
+    .map_err(|e| ModelError::io(&gen_path, e))?;
 
     let tensors = hf_tensors(model);
     let limit = max_shard_bytes.unwrap_or(usize::MAX);
@@ -511,35 +762,59 @@ fn write_model_files(model: &MoeModel, dir: &Path, max_shard_bytes: Option<usize
     let n = shards.len();
     let mut weight_map = serde_json::Map::new();
     for (si, shard) in shards.iter().enumerate() {
-        let file = if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{:05}.safetensors", si + 1, n) };
+        let file = if n == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", si + 1, n)
+        };
         let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = shard
             .iter()
             .map(|&i| {
                 let (name, shape, v) = &tensors[i];
-                (name.clone(), shape.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect())
+                (
+                    name.clone(),
+                    shape.clone(),
+                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                )
             })
             .collect();
         let views = bytes
             .iter()
             .map(|(name, shape, b)| {
-                safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), b).map(|v| (name.clone(), v))
+                safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), b)
+                    .map(|v| (name.clone(), v))
             })
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ModelError::Weights { file: dir.join(&file), msg: e.to_string() })?;
+            .map_err(|e| ModelError::Weights {
+                file: dir.join(&file),
+                msg: e.to_string(),
+            })?;
         let mut meta = std::collections::HashMap::new();
         meta.insert("format".to_string(), "pt".to_string());
         let path = dir.join(&file);
-        safetensors::serialize_to_file(views, Some(meta), &path)
-            .map_err(|e| ModelError::Weights { file: path.clone(), msg: e.to_string() })?;
+        safetensors::serialize_to_file(views, Some(meta), &path).map_err(|e| {
+            ModelError::Weights {
+                file: path.clone(),
+                msg: e.to_string(),
+            }
+        })?;
         for &i in shard {
-            weight_map.insert(tensors[i].0.clone(), serde_json::Value::String(file.clone()));
+            weight_map.insert(
+                tensors[i].0.clone(),
+                serde_json::Value::String(file.clone()),
+            );
         }
     }
     if n > 1 {
         let total: usize = tensors.iter().map(|(_, _, v)| v.len() * 4).sum();
-        let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        let index =
+            serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
         let path = dir.join("model.safetensors.index.json");
-        fs::write(&path, serde_json::to_string_pretty(&index).unwrap_or_default()).map_err(|e| ModelError::io(&path, e))?;
+        fs::write(
+            &path,
+            serde_json::to_string_pretty(&index).unwrap_or_default(),
+        )
+        .map_err(|e| ModelError::io(&path, e))?;
     }
     Ok(())
 }

@@ -17,7 +17,9 @@ use std::path::{Path, PathBuf};
 
 pub use config::{Family, ModelConfig, ScoringFunc};
 pub use io::{init_model, load_model, load_model_with_config, save_model};
-pub use model::{Batch, ForwardOptions, KvCache, LogitsMode, ModelOutput, MoeImpl, MoeModel, RouterStats};
+pub use model::{
+    Batch, ForwardOptions, KvCache, LogitsMode, ModelOutput, MoeImpl, MoeModel, RouterStats,
+};
 
 /// Everything that can go wrong reading or writing a model.
 #[derive(Debug, thiserror::Error)]
@@ -32,12 +34,18 @@ pub enum ModelError {
     #[error("{}: the checkpoint does not match the config:\n  {}", dir.display(), problems.join("\n  "))]
     Mismatch { dir: PathBuf, problems: Vec<String> },
     #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl ModelError {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
-        ModelError::Io { path: path.to_path_buf(), source }
+        ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     }
 }
 

@@ -83,9 +83,12 @@ impl Batch {
         };
         for s in seqs {
             let pad = seq - s.len();
-            b.input_ids.extend(std::iter::repeat_n(pad_id, pad).chain(s.iter().copied()));
-            b.positions.extend(std::iter::repeat_n(0, pad).chain(0..s.len() as u32));
-            b.attention_mask.extend(std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, s.len())));
+            b.input_ids
+                .extend(std::iter::repeat_n(pad_id, pad).chain(s.iter().copied()));
+            b.positions
+                .extend(std::iter::repeat_n(0, pad).chain(0..s.len() as u32));
+            b.attention_mask
+                .extend(std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, s.len())));
         }
         b
     }
@@ -102,9 +105,12 @@ impl Batch {
         };
         for s in seqs {
             let pad = seq - s.len();
-            b.input_ids.extend(s.iter().copied().chain(std::iter::repeat_n(pad_id, pad)));
-            b.positions.extend((0..s.len() as u32).chain(std::iter::repeat_n(0, pad)));
-            b.attention_mask.extend(std::iter::repeat_n(true, s.len()).chain(std::iter::repeat_n(false, pad)));
+            b.input_ids
+                .extend(s.iter().copied().chain(std::iter::repeat_n(pad_id, pad)));
+            b.positions
+                .extend((0..s.len() as u32).chain(std::iter::repeat_n(0, pad)));
+            b.attention_mask
+                .extend(std::iter::repeat_n(true, s.len()).chain(std::iter::repeat_n(false, pad)));
         }
         b
     }
@@ -167,11 +173,20 @@ impl KvCache {
         let idx = int_tensor_1d(rows.iter().map(|&r| r as i64).collect(), &device);
         let mut key_valid = Vec::with_capacity(rows.len() * self.capacity);
         for &r in rows {
-            key_valid.extend_from_slice(&self.key_valid[r * self.capacity..(r + 1) * self.capacity]);
+            key_valid
+                .extend_from_slice(&self.key_valid[r * self.capacity..(r + 1) * self.capacity]);
         }
         KvCache {
-            keys: self.keys.iter().map(|k| k.clone().select(0, idx.clone())).collect(),
-            values: self.values.iter().map(|v| v.clone().select(0, idx.clone())).collect(),
+            keys: self
+                .keys
+                .iter()
+                .map(|k| k.clone().select(0, idx.clone()))
+                .collect(),
+            values: self
+                .values
+                .iter()
+                .map(|v| v.clone().select(0, idx.clone()))
+                .collect(),
             key_valid,
             batch: rows.len(),
             capacity: self.capacity,
@@ -300,7 +315,12 @@ fn rotate_half(x: Tensor<4>) -> Tensor<4> {
 impl Attention {
     /// # Shapes
     /// `x: [batch, seq, hidden]` → `[batch, seq, hidden]`
-    fn forward(&self, x: Tensor<3>, ctx: &AttnContext, cache: Option<(&mut Tensor<4>, &mut Tensor<4>)>) -> Tensor<3> {
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        ctx: &AttnContext,
+        cache: Option<(&mut Tensor<4>, &mut Tensor<4>)>,
+    ) -> Tensor<3> {
         let [b, s, hidden] = x.dims();
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let x2 = x.reshape([b * s, hidden]);
@@ -315,7 +335,11 @@ impl Attention {
         };
         let q = heads(self.q_proj.forward(x2.clone()), nh, &self.q_norm);
         let k = heads(self.k_proj.forward(x2.clone()), nkv, &self.k_norm);
-        let v = self.v_proj.forward(x2).reshape([b, s, nkv, d]).swap_dims(1, 2);
+        let v = self
+            .v_proj
+            .forward(x2)
+            .reshape([b, s, nkv, d])
+            .swap_dims(1, 2);
 
         let (k, v) = match cache {
             Some((kc, vc)) => {
@@ -326,7 +350,10 @@ impl Attention {
                 *kc = kc_full.slice_assign(range.clone(), k);
                 let vc_full = std::mem::replace(vc, Tensor::empty([0, 0, 0, 0], &v.device()));
                 *vc = vc_full.slice_assign(range, v);
-                (kc.clone().slice([0..b, 0..nkv, 0..end, 0..d]), vc.clone().slice([0..b, 0..nkv, 0..end, 0..d]))
+                (
+                    kc.clone().slice([0..b, 0..nkv, 0..end, 0..d]),
+                    vc.clone().slice([0..b, 0..nkv, 0..end, 0..d]),
+                )
             }
             None => (k, v),
         };
@@ -342,7 +369,11 @@ impl Attention {
             probs = probs * keep.clone();
         }
         let probs = probs.reshape([b, nkv, group * s, keys]);
-        let out = probs.matmul(v).reshape([b, nh, s, d]).swap_dims(1, 2).reshape([b * s, nh * d]);
+        let out = probs
+            .matmul(v)
+            .reshape([b, nh, s, d])
+            .swap_dims(1, 2)
+            .reshape([b * s, nh * d]);
         self.o_proj.forward(out).reshape([b, s, hidden])
     }
 }
@@ -402,7 +433,13 @@ impl MoeBlock {
     /// # Shapes
     /// `x: [tokens, hidden]` → `[tokens, hidden]`; `valid: [tokens]` marks real tokens (padding
     /// is computed like any token but left out of the statistics).
-    fn forward(&self, x: Tensor<2>, valid: &[bool], moe: MoeImpl, aux: Option<&mut AuxAccumulator>) -> (Tensor<2>, Vec<u32>) {
+    fn forward(
+        &self,
+        x: Tensor<2>,
+        valid: &[bool],
+        moe: MoeImpl,
+        aux: Option<&mut AuxAccumulator>,
+    ) -> (Tensor<2>, Vec<u32>) {
         let [t, hidden] = x.dims();
         let e = self.num_experts();
         let k = self.top_k;
@@ -417,7 +454,10 @@ impl MoeBlock {
         // broken by index and the per-expert token lists for dispatch are needed anyway.
         let host = to_vec_f32(scores.clone().detach());
         let choice_scores: Vec<f32> = match &self.expert_bias {
-            Some(bias) => host.chunks_exact(e).flat_map(|r| r.iter().zip(bias).map(|(s, b)| s + b)).collect(),
+            Some(bias) => host
+                .chunks_exact(e)
+                .flat_map(|r| r.iter().zip(bias).map(|(s, b)| s + b))
+                .collect(),
             None => host.clone(),
         };
         let chosen = top_k_rows(&choice_scores, e, k); // [t, k]
@@ -467,7 +507,13 @@ impl MoeBlock {
                 ScoringFunc::Sigmoid => scores.clone() / scores.sum_dim(1),
             };
             let mask = Tensor::<2>::from_data(
-                TensorData::new(valid.iter().map(|&v| if v { 1.0f32 } else { 0.0 }).collect(), [t, 1]),
+                TensorData::new(
+                    valid
+                        .iter()
+                        .map(|&v| if v { 1.0f32 } else { 0.0 })
+                        .collect(),
+                    [t, 1],
+                ),
                 &device,
             );
             let psum = (probs * mask).sum_dim(0).reshape([e]);
@@ -482,7 +528,13 @@ impl MoeBlock {
     }
 
     /// Tokens grouped by expert: one gather, one matmul chain per used expert, one scatter-add.
-    fn dispatch(&self, x: Tensor<2>, chosen: &[usize], weights: Tensor<2>, device: &Device) -> Tensor<2> {
+    fn dispatch(
+        &self,
+        x: Tensor<2>,
+        chosen: &[usize],
+        weights: Tensor<2>,
+        device: &Device,
+    ) -> Tensor<2> {
         let [t, hidden] = x.dims();
         let e = self.num_experts();
         let k = self.top_k;
@@ -507,18 +559,33 @@ impl MoeBlock {
             }
             let end = start + group.len();
             let rows = xs.clone().slice([start..end, 0..hidden]);
-            let w_gu = gate_up.clone().slice([ex..ex + 1, 0..hidden, 0..gu]).reshape([hidden, gu]);
-            let w_d = down.clone().slice([ex..ex + 1, 0..inter, 0..hidden]).reshape([inter, hidden]);
+            let w_gu = gate_up
+                .clone()
+                .slice([ex..ex + 1, 0..hidden, 0..gu])
+                .reshape([hidden, gu]);
+            let w_d = down
+                .clone()
+                .slice([ex..ex + 1, 0..inter, 0..hidden])
+                .reshape([inter, hidden]);
             outs.push(swiglu(rows, w_gu, w_d));
             start = end;
         }
         let ys = Tensor::cat(outs, 0); // [t·k, hidden], grouped by expert
-        let w = weights.reshape([t * k]).select(0, slot_idx).reshape([t * k, 1]);
+        let w = weights
+            .reshape([t * k])
+            .select(0, slot_idx)
+            .reshape([t * k, 1]);
         Tensor::zeros([t, hidden], device).select_assign(0, tokens, ys * w, IndexingUpdateOp::Add)
     }
 
     /// Every expert on every token; unchosen experts get weight 0.
-    fn dense_reference(&self, x: Tensor<2>, chosen: &[usize], weights: Tensor<2>, device: &Device) -> Tensor<2> {
+    fn dense_reference(
+        &self,
+        x: Tensor<2>,
+        chosen: &[usize],
+        weights: Tensor<2>,
+        device: &Device,
+    ) -> Tensor<2> {
         let [t, hidden] = x.dims();
         let e = self.num_experts();
         let k = self.top_k;
@@ -527,15 +594,23 @@ impl MoeBlock {
             one_hot[slot * e + ex] = 1.0;
         }
         let one_hot = Tensor::<3>::from_data(TensorData::new(one_hot, [t, k, e]), device);
-        let dense = (weights.reshape([t, k, 1]) * one_hot).sum_dim(1).reshape([t, e]);
+        let dense = (weights.reshape([t, k, 1]) * one_hot)
+            .sum_dim(1)
+            .reshape([t, e]);
         let gate_up = self.experts_gate_up.val();
         let down = self.experts_down.val();
         let [_, _, gu] = gate_up.dims();
         let inter = down.dims()[1];
         let mut out = Tensor::zeros([t, hidden], device);
         for ex in 0..e {
-            let w_gu = gate_up.clone().slice([ex..ex + 1, 0..hidden, 0..gu]).reshape([hidden, gu]);
-            let w_d = down.clone().slice([ex..ex + 1, 0..inter, 0..hidden]).reshape([inter, hidden]);
+            let w_gu = gate_up
+                .clone()
+                .slice([ex..ex + 1, 0..hidden, 0..gu])
+                .reshape([hidden, gu]);
+            let w_d = down
+                .clone()
+                .slice([ex..ex + 1, 0..inter, 0..hidden])
+                .reshape([inter, hidden]);
             let y = swiglu(x.clone(), w_gu, w_d);
             out = out + y * dense.clone().slice([0..t, ex..ex + 1]);
         }
@@ -600,11 +675,28 @@ impl MoeModel {
     /// # Panics
     /// If `batch`'s vectors do not have `batch · seq` entries, or the cache has the wrong batch
     /// size or too little room: these are programming errors of the caller, not user input.
-    pub fn forward(&self, batch: &Batch, mut cache: Option<&mut KvCache>, opts: ForwardOptions) -> ModelOutput {
+    pub fn forward(
+        &self,
+        batch: &Batch,
+        mut cache: Option<&mut KvCache>,
+        opts: ForwardOptions,
+    ) -> ModelOutput {
         let (b, s) = (batch.batch, batch.seq);
-        assert_eq!(batch.input_ids.len(), b * s, "input_ids must hold batch·seq ids");
-        assert_eq!(batch.positions.len(), b * s, "positions must hold batch·seq entries");
-        assert_eq!(batch.attention_mask.len(), b * s, "attention_mask must hold batch·seq entries");
+        assert_eq!(
+            batch.input_ids.len(),
+            b * s,
+            "input_ids must hold batch·seq ids"
+        );
+        assert_eq!(
+            batch.positions.len(),
+            b * s,
+            "positions must hold batch·seq entries"
+        );
+        assert_eq!(
+            batch.attention_mask.len(),
+            b * s,
+            "attention_mask must hold batch·seq entries"
+        );
         let cfg = &self.config;
         let device = self.device();
 
@@ -615,12 +707,19 @@ impl MoeModel {
         for row in 0..b {
             if let Some(c) = cache.as_deref_mut() {
                 assert_eq!(c.batch, b, "cache batch size differs from the input batch");
-                assert!(keys <= c.capacity, "cache capacity {} exceeded ({} tokens)", c.capacity, keys);
-                key_valid[row * keys..row * keys + past].copy_from_slice(&c.key_valid[row * c.capacity..row * c.capacity + past]);
+                assert!(
+                    keys <= c.capacity,
+                    "cache capacity {} exceeded ({} tokens)",
+                    c.capacity,
+                    keys
+                );
+                key_valid[row * keys..row * keys + past]
+                    .copy_from_slice(&c.key_valid[row * c.capacity..row * c.capacity + past]);
                 c.key_valid[row * c.capacity + past..row * c.capacity + keys]
                     .copy_from_slice(&batch.attention_mask[row * s..(row + 1) * s]);
             }
-            key_valid[row * keys + past..(row + 1) * keys].copy_from_slice(&batch.attention_mask[row * s..(row + 1) * s]);
+            key_valid[row * keys + past..(row + 1) * keys]
+                .copy_from_slice(&batch.attention_mask[row * s..(row + 1) * s]);
         }
         let mut mask = vec![0.0f32; b * s * keys];
         let mut row_has_key = vec![0.0f32; b * s];
@@ -648,7 +747,11 @@ impl MoeModel {
         };
 
         let ids = int_tensor_1d(batch.input_ids.iter().map(|&i| i as i64).collect(), &device);
-        let mut h = self.embed_tokens.val().select(0, ids).reshape([b, s, cfg.hidden_size]);
+        let mut h = self
+            .embed_tokens
+            .val()
+            .select(0, ids)
+            .reshape([b, s, cfg.hidden_size]);
         let mut counts = Vec::new();
         let mut acc = opts.aux_loss.then(|| AuxAccumulator {
             tokens_per_expert: vec![0.0; cfg.num_experts],
@@ -660,9 +763,14 @@ impl MoeModel {
                 let (k, v) = (&mut c.keys[li], &mut c.values[li]);
                 (k, v)
             });
-            let a = layer.self_attn.forward(layer.input_layernorm.forward(h.clone()), &ctx, kv);
+            let a = layer
+                .self_attn
+                .forward(layer.input_layernorm.forward(h.clone()), &ctx, kv);
             h = h + a;
-            let x = layer.post_attention_layernorm.forward(h.clone()).reshape([b * s, cfg.hidden_size]);
+            let x = layer
+                .post_attention_layernorm
+                .forward(h.clone())
+                .reshape([b * s, cfg.hidden_size]);
             let f = match &layer.mlp {
                 Ffn::Dense(mlp) => mlp.forward(x),
                 Ffn::Sparse(moe) => {
@@ -692,12 +800,22 @@ impl MoeModel {
         let aux_loss = acc.and_then(|acc| {
             let prob_sum = acc.prob_sum?;
             let rows = acc.rows.max(1.0);
-            let tokens: Vec<f32> = acc.tokens_per_expert.iter().map(|&c| (c / rows) as f32).collect();
+            let tokens: Vec<f32> = acc
+                .tokens_per_expert
+                .iter()
+                .map(|&c| (c / rows) as f32)
+                .collect();
             let n = tokens.len();
             let tokens = Tensor::<1>::from_data(TensorData::new(tokens, [n]), &device);
             Some((tokens * prob_sum / rows).sum() * cfg.num_experts as f64)
         });
-        ModelOutput { logits, router: RouterStats { expert_counts: counts, aux_loss } }
+        ModelOutput {
+            logits,
+            router: RouterStats {
+                expert_counts: counts,
+                aux_loss,
+            },
+        }
     }
 
     /// DeepSeek-V3's auxiliary-loss-free update: every sparse layer's bias moves by
@@ -710,11 +828,20 @@ impl MoeModel {
             Ffn::Dense(_) => None,
         });
         for (moe, counts) in sparse.zip(expert_counts) {
-            let Some(bias) = moe.expert_bias.as_mut() else { continue };
+            let Some(bias) = moe.expert_bias.as_mut() else {
+                continue;
+            };
             let mean = counts.iter().map(|&c| c as f32).sum::<f32>() / counts.len().max(1) as f32;
             for (b, &c) in bias.iter_mut().zip(counts) {
                 let err = mean - c as f32;
-                *b += rate * if err > 0.0 { 1.0 } else if err < 0.0 { -1.0 } else { 0.0 };
+                *b += rate
+                    * if err > 0.0 {
+                        1.0
+                    } else if err < 0.0 {
+                        -1.0
+                    } else {
+                        0.0
+                    };
             }
         }
     }
@@ -725,9 +852,17 @@ impl MoeModel {
 ///
 /// # Shapes
 /// `positions: [batch, seq]` → two `[batch, 1, seq, head_dim]` tables, flattened.
-fn rope_tables(positions: &[u32], b: usize, s: usize, head_dim: usize, theta: f32) -> (Vec<f32>, Vec<f32>) {
+fn rope_tables(
+    positions: &[u32],
+    b: usize,
+    s: usize,
+    head_dim: usize,
+    theta: f32,
+) -> (Vec<f32>, Vec<f32>) {
     let half = head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect();
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
+        .collect();
     let mut cos = Vec::with_capacity(b * s * head_dim);
     let mut sin = Vec::with_capacity(b * s * head_dim);
     for &p in &positions[..b * s] {

@@ -4,19 +4,28 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use sobre_model::{Batch, ForwardOptions, KvCache, LogitsMode, MoeModel, default_device, load_model};
+use sobre_model::{
+    Batch, ForwardOptions, KvCache, LogitsMode, MoeModel, default_device, load_model,
+};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 fn reference(name: &str) -> Value {
-    let text = std::fs::read_to_string(fixture(name).join("reference.json")).expect("fixture reference.json");
+    let text = std::fs::read_to_string(fixture(name).join("reference.json"))
+        .expect("fixture reference.json");
     serde_json::from_str(&text).expect("reference.json is JSON")
 }
 
 fn logits_of(model: &MoeModel, ids: &[u32]) -> Vec<f32> {
-    let out = model.forward(&Batch::left_padded(&[ids.to_vec()], 0), None, ForwardOptions::default());
+    let out = model.forward(
+        &Batch::left_padded(&[ids.to_vec()], 0),
+        None,
+        ForwardOptions::default(),
+    );
     out.logits.try_into_vec_as::<f32>().expect("f32 logits")
 }
 
@@ -24,12 +33,22 @@ fn logits_of(model: &MoeModel, ids: &[u32]) -> Vec<f32> {
 fn check_logits(model: &MoeModel, reference: &Value, tol: f32) {
     let mut worst = 0.0f32;
     for case in reference["cases"].as_array().expect("cases") {
-        let ids: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let ids: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
         let want: Vec<f32> = case["logits"]
             .as_array()
             .unwrap()
             .iter()
-            .flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32))
+            .flat_map(|row| {
+                row.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_f64().unwrap() as f32)
+            })
             .collect();
         let got = logits_of(model, &ids);
         assert_eq!(got.len(), want.len(), "logit count for {ids:?}");
@@ -37,24 +56,49 @@ fn check_logits(model: &MoeModel, reference: &Value, tol: f32) {
             worst = worst.max((g - w).abs());
         }
         // The fixtures are not near-uniform: the test would be weak if they were.
-        let spread = want.iter().cloned().fold(f32::MIN, f32::max) - want.iter().cloned().fold(f32::MAX, f32::min);
-        assert!(spread > 1.0, "reference logits too flat to be a meaningful test: spread {spread}");
+        let spread = want.iter().cloned().fold(f32::MIN, f32::max)
+            - want.iter().cloned().fold(f32::MAX, f32::min);
+        assert!(
+            spread > 1.0,
+            "reference logits too flat to be a meaningful test: spread {spread}"
+        );
     }
-    assert!(worst <= tol, "max |logit − transformers| = {worst:e} > {tol:e}");
+    assert!(
+        worst <= tol,
+        "max |logit − transformers| = {worst:e} > {tol:e}"
+    );
 }
 
 /// Greedy decoding with the KV cache, one token at a time.
 fn greedy(model: &MoeModel, prompt: &[u32], n: usize) -> Vec<u32> {
     let device = model.device();
     let mut cache = KvCache::new(&model.config, 1, prompt.len() + n, &device);
-    let opts = ForwardOptions { logits: LogitsMode::Last, ..Default::default() };
-    let mut out = model.forward(&Batch::left_padded(&[prompt.to_vec()], 0), Some(&mut cache), opts);
+    let opts = ForwardOptions {
+        logits: LogitsMode::Last,
+        ..Default::default()
+    };
+    let mut out = model.forward(
+        &Batch::left_padded(&[prompt.to_vec()], 0),
+        Some(&mut cache),
+        opts,
+    );
     let mut tokens = Vec::new();
     for step in 0..n {
-        let next = out.logits.clone().argmax(2).try_into_vec_as::<i64>().unwrap()[0] as u32;
+        let next = out
+            .logits
+            .clone()
+            .argmax(2)
+            .try_into_vec_as::<i64>()
+            .unwrap()[0] as u32;
         tokens.push(next);
         let pos = (prompt.len() + step) as u32;
-        let b = Batch { batch: 1, seq: 1, input_ids: vec![next], positions: vec![pos], attention_mask: vec![true] };
+        let b = Batch {
+            batch: 1,
+            seq: 1,
+            input_ids: vec![next],
+            positions: vec![pos],
+            attention_mask: vec![true],
+        };
         out = model.forward(&b, Some(&mut cache), opts);
     }
     tokens
@@ -66,17 +110,46 @@ fn check_family(name: &str) {
     let reference = reference(name);
     check_logits(&model, &reference, 1e-4);
     for case in reference["cases"].as_array().unwrap() {
-        let ids: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-        let opts = ForwardOptions { aux_loss: true, ..Default::default() };
+        let ids: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let opts = ForwardOptions {
+            aux_loss: true,
+            ..Default::default()
+        };
         let out = model.forward(&Batch::left_padded(&[ids.clone()], 0), None, opts);
-        let aux = out.router.aux_loss.expect("aux loss requested").into_scalar::<f32>();
+        let aux = out
+            .router
+            .aux_loss
+            .expect("aux loss requested")
+            .into_scalar::<f32>();
         let want = case["aux_loss"].as_f64().unwrap() as f32;
-        assert!((aux - want).abs() < 1e-5, "aux loss {aux} vs transformers {want} for {ids:?}");
+        assert!(
+            (aux - want).abs() < 1e-5,
+            "aux loss {aux} vs transformers {want} for {ids:?}"
+        );
     }
     for case in reference["cases"].as_array().unwrap() {
-        let ids: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-        let want: Vec<u32> = case["greedy"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-        assert_eq!(greedy(&model, &ids, want.len()), want, "greedy continuation of {ids:?}");
+        let ids: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let want: Vec<u32> = case["greedy"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(
+            greedy(&model, &ids, want.len()),
+            want,
+            "greedy continuation of {ids:?}"
+        );
     }
 }
 
@@ -99,7 +172,8 @@ fn transformers_4x_config_spellings_read_the_same() {
     for f in ["model.safetensors", "reference.json"] {
         std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
     }
-    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
     let obj = cfg.as_object_mut().unwrap();
     let theta = obj.remove("rope_parameters").unwrap()["rope_theta"].clone();
     obj.insert("rope_theta".into(), theta);

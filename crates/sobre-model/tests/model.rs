@@ -5,8 +5,8 @@ use burn::module::Param;
 use burn::prelude::*;
 use sobre_model::model::Ffn;
 use sobre_model::{
-    Batch, ForwardOptions, KvCache, LogitsMode, ModelConfig, ModelError, MoeImpl, MoeModel, default_device, init_model,
-    load_model, save_model,
+    Batch, ForwardOptions, KvCache, LogitsMode, ModelConfig, ModelError, MoeImpl, MoeModel,
+    default_device, init_model, load_model, save_model,
 };
 
 fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
@@ -15,7 +15,10 @@ fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// The tiny preset with weights large enough that routing and attention are far from uniform.
@@ -36,7 +39,9 @@ fn model(cfg: &ModelConfig, seed: u64) -> MoeModel {
 }
 
 fn ids(n: usize, salt: u32, vocab: usize) -> Vec<u32> {
-    (0..n as u32).map(|i| (i * 7 + salt * 13 + 3) % vocab as u32).collect()
+    (0..n as u32)
+        .map(|i| (i * 7 + salt * 13 + 3) % vocab as u32)
+        .collect()
 }
 
 #[test]
@@ -45,29 +50,45 @@ fn cached_decode_equals_full_forward() {
     let m = model(&cfg, 1);
     let seqs = vec![ids(11, 1, cfg.vocab_size), ids(6, 2, cfg.vocab_size)];
     // Full forward over the left-padded batch.
-    let full = m.forward(&Batch::left_padded(&seqs, 0), None, ForwardOptions::default());
+    let full = m.forward(
+        &Batch::left_padded(&seqs, 0),
+        None,
+        ForwardOptions::default(),
+    );
     let full = values(full.logits); // [2, 11, V]
     let v = cfg.vocab_size;
     // Prefill the first 5 columns, then decode the remaining 6 one column at a time.
     let batch = Batch::left_padded(&seqs, 0);
     let mut cache = KvCache::new(&cfg, 2, 11, &m.device());
     let cols = |lo: usize, hi: usize| {
-        let pick = |x: &Vec<u32>| (0..2).flat_map(|r| x[r * 11 + lo..r * 11 + hi].to_vec()).collect::<Vec<_>>();
+        let pick = |x: &Vec<u32>| {
+            (0..2)
+                .flat_map(|r| x[r * 11 + lo..r * 11 + hi].to_vec())
+                .collect::<Vec<_>>()
+        };
         Batch {
             batch: 2,
             seq: hi - lo,
             input_ids: pick(&batch.input_ids),
             positions: pick(&batch.positions),
-            attention_mask: (0..2).flat_map(|r| batch.attention_mask[r * 11 + lo..r * 11 + hi].to_vec()).collect(),
+            attention_mask: (0..2)
+                .flat_map(|r| batch.attention_mask[r * 11 + lo..r * 11 + hi].to_vec())
+                .collect(),
         }
     };
     let mut got = vec![vec![]; 2];
-    let out = values(m.forward(&cols(0, 5), Some(&mut cache), ForwardOptions::default()).logits);
+    let out = values(
+        m.forward(&cols(0, 5), Some(&mut cache), ForwardOptions::default())
+            .logits,
+    );
     for r in 0..2 {
         got[r].extend_from_slice(&out[r * 5 * v..(r + 1) * 5 * v]);
     }
     for c in 5..11 {
-        let out = values(m.forward(&cols(c, c + 1), Some(&mut cache), ForwardOptions::default()).logits);
+        let out = values(
+            m.forward(&cols(c, c + 1), Some(&mut cache), ForwardOptions::default())
+                .logits,
+        );
         for r in 0..2 {
             got[r].extend_from_slice(&out[r * v..(r + 1) * v]);
         }
@@ -78,7 +99,10 @@ fn cached_decode_equals_full_forward() {
         // Compare only real positions: padding positions' outputs are never used.
         let want = &full[(r * 11 + pad) * v..(r + 1) * 11 * v];
         let d = max_diff(&got[r][pad * v..], want);
-        assert!(d < 1e-5, "row {r}: cached decode differs from full forward by {d:e}");
+        assert!(
+            d < 1e-5,
+            "row {r}: cached decode differs from full forward by {d:e}"
+        );
     }
 }
 
@@ -88,10 +112,23 @@ fn last_only_logits_equal_the_last_column() {
     let m = model(&cfg, 2);
     let b = Batch::left_padded(&[ids(9, 3, cfg.vocab_size), ids(4, 4, cfg.vocab_size)], 0);
     let full = values(m.forward(&b, None, ForwardOptions::default()).logits);
-    let last = values(m.forward(&b, None, ForwardOptions { logits: LogitsMode::Last, ..Default::default() }).logits);
+    let last = values(
+        m.forward(
+            &b,
+            None,
+            ForwardOptions {
+                logits: LogitsMode::Last,
+                ..Default::default()
+            },
+        )
+        .logits,
+    );
     let v = cfg.vocab_size;
     for r in 0..2 {
-        let d = max_diff(&last[r * v..(r + 1) * v], &full[(r * 9 + 8) * v..(r * 9 + 9) * v]);
+        let d = max_diff(
+            &last[r * v..(r + 1) * v],
+            &full[(r * 9 + 8) * v..(r * 9 + 9) * v],
+        );
         assert!(d < 1e-6, "row {r}: {d:e}");
     }
 }
@@ -113,17 +150,45 @@ fn dispatch_equals_dense_reference() {
             // A non-zero bias so the choice differs from plain top-k.
             m.update_expert_bias(&[vec![9, 0, 3, 3, 1, 2], vec![0, 0, 0, 9, 9, 0]], 0.05);
         }
-        let b = Batch::left_padded(&[ids(13, 5, cfg.vocab_size), ids(8, 6, cfg.vocab_size), ids(2, 7, cfg.vocab_size)], 0);
-        let fast = m.forward(&b, None, ForwardOptions { aux_loss: true, ..Default::default() });
-        let slow = m.forward(&b, None, ForwardOptions { moe: MoeImpl::DenseReference, aux_loss: true, ..Default::default() });
+        let b = Batch::left_padded(
+            &[
+                ids(13, 5, cfg.vocab_size),
+                ids(8, 6, cfg.vocab_size),
+                ids(2, 7, cfg.vocab_size),
+            ],
+            0,
+        );
+        let fast = m.forward(
+            &b,
+            None,
+            ForwardOptions {
+                aux_loss: true,
+                ..Default::default()
+            },
+        );
+        let slow = m.forward(
+            &b,
+            None,
+            ForwardOptions {
+                moe: MoeImpl::DenseReference,
+                aux_loss: true,
+                ..Default::default()
+            },
+        );
         let d = max_diff(&values(fast.logits), &values(slow.logits));
-        assert!(d < 1e-5, "{scoring:?} norm={norm}: dispatch vs reference {d:e}");
+        assert!(
+            d < 1e-5,
+            "{scoring:?} norm={norm}: dispatch vs reference {d:e}"
+        );
         assert_eq!(fast.router.expert_counts, slow.router.expert_counts);
         // Every real token counts k times in each sparse layer: (13 + 8 + 2) · 3.
         for layer in &fast.router.expert_counts {
             assert_eq!(layer.iter().sum::<u32>(), 23 * 3);
         }
-        let (a, b) = (fast.router.aux_loss.unwrap().into_scalar::<f32>(), slow.router.aux_loss.unwrap().into_scalar::<f32>());
+        let (a, b) = (
+            fast.router.aux_loss.unwrap().into_scalar::<f32>(),
+            slow.router.aux_loss.unwrap().into_scalar::<f32>(),
+        );
         assert!((a - b).abs() < 1e-6 && a > 0.0, "aux loss {a} vs {b}");
     }
 }
@@ -135,10 +200,21 @@ fn batched_unequal_lengths_equal_each_sequence_alone() {
     let v = cfg.vocab_size;
     let seqs = vec![ids(7, 8, v), ids(3, 9, v), ids(5, 10, v)];
     for left in [true, false] {
-        let b = if left { Batch::left_padded(&seqs, 0) } else { Batch::right_padded(&seqs, 0) };
+        let b = if left {
+            Batch::left_padded(&seqs, 0)
+        } else {
+            Batch::right_padded(&seqs, 0)
+        };
         let out = values(m.forward(&b, None, ForwardOptions::default()).logits);
         for (r, s) in seqs.iter().enumerate() {
-            let alone = values(m.forward(&Batch::left_padded(&[s.clone()], 0), None, ForwardOptions::default()).logits);
+            let alone = values(
+                m.forward(
+                    &Batch::left_padded(&[s.clone()], 0),
+                    None,
+                    ForwardOptions::default(),
+                )
+                .logits,
+            );
             let offset = if left { 7 - s.len() } else { 0 };
             let got = &out[(r * 7 + offset) * v..(r * 7 + offset + s.len()) * v];
             let d = max_diff(got, &alone);
@@ -159,15 +235,27 @@ fn save_then_load_gives_identical_logits() {
     for (name, shard) in [("single", None), ("sharded", Some(20_000))] {
         let path = dir.path().join(name);
         save_model(&m, &path, shard).unwrap();
-        assert_eq!(path.join("model.safetensors.index.json").exists(), shard.is_some());
+        assert_eq!(
+            path.join("model.safetensors.index.json").exists(),
+            shard.is_some()
+        );
         let loaded = load_model(&path, &default_device()).unwrap();
-        assert_eq!(loaded.config, { let mut c = cfg.clone(); c.unknown_keys.clear(); c });
+        assert_eq!(loaded.config, {
+            let mut c = cfg.clone();
+            c.unknown_keys.clear();
+            c
+        });
         let after = values(loaded.forward(&b, None, ForwardOptions::default()).logits);
         assert_eq!(before, after, "{name}: logits changed across save/load");
     }
     // Saving over an existing directory replaces it whole.
     save_model(&m, &dir.path().join("single"), None).unwrap();
-    assert!(!dir.path().join("single").join("model.safetensors.index.json").exists());
+    assert!(
+        !dir.path()
+            .join("single")
+            .join("model.safetensors.index.json")
+            .exists()
+    );
 }
 
 #[test]
@@ -201,9 +289,18 @@ fn gradients_match_finite_differences() {
     let b = Batch::left_padded(&[ids(6, 12, cfg.vocab_size), ids(4, 13, cfg.vocab_size)], 0);
     let v = cfg.vocab_size;
     let n = 2 * 6 * v;
-    let r: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 / 101.0) - 0.5).collect();
+    let r: Vec<f32> = (0..n)
+        .map(|i| ((i * 37 % 101) as f32 / 101.0) - 0.5)
+        .collect();
     let loss_of = |m: &MoeModel| {
-        let out = m.forward(&b, None, ForwardOptions { aux_loss: true, ..Default::default() });
+        let out = m.forward(
+            &b,
+            None,
+            ForwardOptions {
+                aux_loss: true,
+                ..Default::default()
+            },
+        );
         let w = Tensor::<3>::from_data(TensorData::new(r.clone(), [2, 6, v]), &out.logits.device());
         (out.logits * w).sum() + out.router.aux_loss.unwrap() * 0.5
     };
@@ -213,11 +310,33 @@ fn gradients_match_finite_differences() {
     type Get = fn(&MoeModel) -> Param<Tensor<2>>;
     type Set = fn(&mut MoeModel, Param<Tensor<2>>);
     let cases: Vec<(&str, Get, Set)> = vec![
-        ("embed_tokens", |m| m.embed_tokens.clone(), |m, p| m.embed_tokens = p),
-        ("layers.0.q_proj", |m| m.layers[0].self_attn.q_proj.weight.clone(), |m, p| m.layers[0].self_attn.q_proj.weight = p),
-        ("layers.2.router", |m| match &m.layers[2].mlp { Ffn::Sparse(s) => s.router.clone(), _ => unreachable!() },
-            |m, p| if let Ffn::Sparse(s) = &mut m.layers[2].mlp { s.router = p }),
-        ("lm_head", |m| m.lm_head.clone().unwrap(), |m, p| m.lm_head = Some(p)),
+        (
+            "embed_tokens",
+            |m| m.embed_tokens.clone(),
+            |m, p| m.embed_tokens = p,
+        ),
+        (
+            "layers.0.q_proj",
+            |m| m.layers[0].self_attn.q_proj.weight.clone(),
+            |m, p| m.layers[0].self_attn.q_proj.weight = p,
+        ),
+        (
+            "layers.2.router",
+            |m| match &m.layers[2].mlp {
+                Ffn::Sparse(s) => s.router.clone(),
+                _ => unreachable!(),
+            },
+            |m, p| {
+                if let Ffn::Sparse(s) = &mut m.layers[2].mlp {
+                    s.router = p
+                }
+            },
+        ),
+        (
+            "lm_head",
+            |m| m.lm_head.clone().unwrap(),
+            |m, p| m.lm_head = Some(p),
+        ),
     ];
     let base = m.valid();
     for (name, get, set) in cases {
@@ -230,7 +349,10 @@ fn gradients_match_finite_differences() {
                 let mut w = w0.clone();
                 w[idx] += delta;
                 let mut mm = base.clone();
-                set(&mut mm, Param::from_tensor(Tensor::from_data(TensorData::new(w, dims), &device)));
+                set(
+                    &mut mm,
+                    Param::from_tensor(Tensor::from_data(TensorData::new(w, dims), &device)),
+                );
                 loss_of(&mm).into_scalar::<f32>() as f64
             };
             // Top-k routing is piecewise: a step that flips an expert choice shows up as one-sided
@@ -247,7 +369,11 @@ fn gradients_match_finite_differences() {
                 })
                 .unwrap_or_else(|| panic!("{name}[{idx}]: no step size gives a smooth difference"));
             let tol = 2e-2 * g[idx].abs() + noise;
-            assert!((fd - g[idx]).abs() <= tol, "{name}[{idx}]: autodiff {} vs finite difference {fd}", g[idx]);
+            assert!(
+                (fd - g[idx]).abs() <= tol,
+                "{name}[{idx}]: autodiff {} vs finite difference {fd}",
+                g[idx]
+            );
         }
     }
 }
@@ -259,17 +385,35 @@ fn expert_gradients_agree_between_dispatch_and_reference() {
     let m = init_model(&cfg, 10, &device);
     let b = Batch::left_padded(&[ids(9, 14, cfg.vocab_size)], 0);
     let grad_of = |moe: MoeImpl| {
-        let out = m.forward(&b, None, ForwardOptions { moe, ..Default::default() });
+        let out = m.forward(
+            &b,
+            None,
+            ForwardOptions {
+                moe,
+                ..Default::default()
+            },
+        );
         let grads = out.logits.square().sum().backward();
-        let Ffn::Sparse(s) = &m.layers[0].mlp else { unreachable!() };
-        (values(s.experts_gate_up.val().grad(&grads).unwrap()), values(s.router.val().grad(&grads).unwrap()))
+        let Ffn::Sparse(s) = &m.layers[0].mlp else {
+            unreachable!()
+        };
+        (
+            values(s.experts_gate_up.val().grad(&grads).unwrap()),
+            values(s.router.val().grad(&grads).unwrap()),
+        )
     };
     let (a_gu, a_r) = grad_of(MoeImpl::Dispatch);
     let (b_gu, b_r) = grad_of(MoeImpl::DenseReference);
     let scale = a_gu.iter().fold(0.0f32, |m, x| m.max(x.abs()));
     assert!(scale > 0.0);
-    assert!(max_diff(&a_gu, &b_gu) < 1e-4 * scale.max(1.0), "expert grads differ");
-    assert!(max_diff(&a_r, &b_r) < 1e-4 * a_r.iter().fold(1.0f32, |m, x| m.max(x.abs())), "router grads differ");
+    assert!(
+        max_diff(&a_gu, &b_gu) < 1e-4 * scale.max(1.0),
+        "expert grads differ"
+    );
+    assert!(
+        max_diff(&a_r, &b_r) < 1e-4 * a_r.iter().fold(1.0f32, |m, x| m.max(x.abs())),
+        "router grads differ"
+    );
 }
 
 // ---- bad inputs ----
@@ -294,7 +438,10 @@ fn truncated_safetensors_is_a_clear_error() {
     let bytes = std::fs::read(&f).unwrap();
     std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
     let msg = err_text(load_model(&dir.path().join("m"), &default_device()));
-    assert!(msg.contains("model.safetensors") && msg.contains("truncated or corrupt"), "{msg}");
+    assert!(
+        msg.contains("model.safetensors") && msg.contains("truncated or corrupt"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -302,10 +449,17 @@ fn wrong_dtype_is_a_clear_error() {
     let dir = saved_fixture();
     let f = dir.path().join("m/model.safetensors");
     let data: Vec<u8> = (0..8 * 4u64).flat_map(|x| x.to_le_bytes()).collect();
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![8, 4], &data).unwrap();
-    safetensors::serialize_to_file(vec![("model.norm.weight".to_string(), view)], None, &f).unwrap();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![8, 4], &data).unwrap();
+    safetensors::serialize_to_file(vec![("model.norm.weight".to_string(), view)], None, &f)
+        .unwrap();
     let msg = err_text(load_model(&dir.path().join("m"), &default_device()));
-    assert!(msg.contains("model.norm.weight") && msg.contains("I64") && msg.contains("expected F32, BF16 or F16"), "{msg}");
+    assert!(
+        msg.contains("model.norm.weight")
+            && msg.contains("I64")
+            && msg.contains("expected F32, BF16 or F16"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -318,14 +472,32 @@ fn missing_unexpected_and_misshapen_tensors_are_listed_together() {
         t.1 = vec![t.1[1], t.1[0]];
     }
     let dir = tempfile::tempdir().unwrap();
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> =
-        tensors.iter().map(|(n, s, v)| (n.clone(), s.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect())).collect();
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, s, v)| {
+            (
+                n.clone(),
+                s.clone(),
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            )
+        })
+        .collect();
     let views: Vec<_> = bytes
         .iter()
-        .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap()))
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
-    std::fs::write(dir.path().join("config.json"), m.config.to_json().to_string()).unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        m.config.to_json().to_string(),
+    )
+    .unwrap();
     let msg = err_text(load_model(dir.path(), &default_device()));
     for needle in [
         "missing tensor `model.norm.weight` (expected shape [32])",
@@ -347,22 +519,51 @@ fn bf16_and_f16_weights_read_as_f32() {
         .iter()
         .map(|(n, s, v)| {
             if n == "model.norm.weight" {
-                (n.clone(), s.clone(), safetensors::Dtype::F16, v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect())
+                (
+                    n.clone(),
+                    s.clone(),
+                    safetensors::Dtype::F16,
+                    v.iter()
+                        .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                        .collect(),
+                )
             } else {
-                (n.clone(), s.clone(), safetensors::Dtype::BF16, v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect())
+                (
+                    n.clone(),
+                    s.clone(),
+                    safetensors::Dtype::BF16,
+                    v.iter()
+                        .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                        .collect(),
+                )
             }
         })
         .collect();
     let views: Vec<_> = bytes
         .iter()
-        .map(|(n, s, d, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .map(|(n, s, d, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
-    std::fs::write(dir.path().join("config.json"), m.config.to_json().to_string()).unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        m.config.to_json().to_string(),
+    )
+    .unwrap();
     let loaded = load_model(dir.path(), &default_device()).unwrap();
-    let want: Vec<f32> = values(m.embed_tokens.val()).iter().map(|x| half::bf16::from_f32(*x).to_f32()).collect();
+    let want: Vec<f32> = values(m.embed_tokens.val())
+        .iter()
+        .map(|x| half::bf16::from_f32(*x).to_f32())
+        .collect();
     assert_eq!(values(loaded.embed_tokens.val()), want);
-    let want: Vec<f32> = values(m.norm.weight.val()).iter().map(|x| half::f16::from_f32(*x).to_f32()).collect();
+    let want: Vec<f32> = values(m.norm.weight.val())
+        .iter()
+        .map(|x| half::f16::from_f32(*x).to_f32())
+        .collect();
     assert_eq!(values(loaded.norm.weight.val()), want);
 }
 
@@ -370,31 +571,77 @@ fn bf16_and_f16_weights_read_as_f32() {
 fn bad_configs_name_the_key_and_value() {
     let base = model(&test_config(), 14).config.to_json();
     let cases: Vec<(&str, serde_json::Value, &str)> = vec![
-        ("rope_scaling", serde_json::json!({"rope_type": "yarn", "factor": 4.0}), "unsupported `rope_scaling.rope_type` \"yarn\""),
-        ("use_sliding_window", serde_json::json!(true), "unsupported `use_sliding_window` = true"),
-        ("hidden_act", serde_json::json!("gelu"), "unsupported `hidden_act` \"gelu\""),
-        ("model_type", serde_json::json!("llama"), "unsupported `model_type` \"llama\""),
-        ("num_key_value_heads", serde_json::json!(3), "must be a multiple of `num_key_value_heads` (3)"),
-        ("hidden_size", serde_json::json!("big"), "`hidden_size` must be a non-negative integer, found \"big\""),
-        ("scoring_func", serde_json::json!("relu"), "unsupported `scoring_func` \"relu\""),
-        ("num_experts_per_tok", serde_json::json!(9), "`num_experts_per_tok` must be in 1..=6"),
+        (
+            "rope_scaling",
+            serde_json::json!({"rope_type": "yarn", "factor": 4.0}),
+            "unsupported `rope_scaling.rope_type` \"yarn\"",
+        ),
+        (
+            "use_sliding_window",
+            serde_json::json!(true),
+            "unsupported `use_sliding_window` = true",
+        ),
+        (
+            "hidden_act",
+            serde_json::json!("gelu"),
+            "unsupported `hidden_act` \"gelu\"",
+        ),
+        (
+            "model_type",
+            serde_json::json!("llama"),
+            "unsupported `model_type` \"llama\"",
+        ),
+        (
+            "num_key_value_heads",
+            serde_json::json!(3),
+            "must be a multiple of `num_key_value_heads` (3)",
+        ),
+        (
+            "hidden_size",
+            serde_json::json!("big"),
+            "`hidden_size` must be a non-negative integer, found \"big\"",
+        ),
+        (
+            "scoring_func",
+            serde_json::json!("relu"),
+            "unsupported `scoring_func` \"relu\"",
+        ),
+        (
+            "num_experts_per_tok",
+            serde_json::json!(9),
+            "`num_experts_per_tok` must be in 1..=6",
+        ),
     ];
     for (key, value, want) in cases {
         let mut cfg = base.clone();
         cfg[key] = value;
-        let err = ModelConfig::from_json_str(&cfg.to_string(), "x/config.json").unwrap_err().to_string();
-        assert!(err.starts_with("x/config.json: ") && err.contains(want), "{key}: {err}");
+        let err = ModelConfig::from_json_str(&cfg.to_string(), "x/config.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("x/config.json: ") && err.contains(want),
+            "{key}: {err}"
+        );
     }
     let mut cfg = base.clone();
     cfg.as_object_mut().unwrap().remove("vocab_size");
-    let err = ModelConfig::from_json_str(&cfg.to_string(), "c.json").unwrap_err().to_string();
+    let err = ModelConfig::from_json_str(&cfg.to_string(), "c.json")
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("missing required key `vocab_size`"), "{err}");
-    let err = ModelConfig::from_json_str("{\"model_type\": ", "c.json").unwrap_err().to_string();
+    let err = ModelConfig::from_json_str("{\"model_type\": ", "c.json")
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("c.json: not valid JSON"), "{err}");
     // Unknown keys are kept for the caller to warn about, not silently dropped.
     let mut cfg = base.clone();
     cfg["fancy_new_option"] = serde_json::json!(1);
-    assert_eq!(ModelConfig::from_json_str(&cfg.to_string(), "c").unwrap().unknown_keys, vec!["fancy_new_option"]);
+    assert_eq!(
+        ModelConfig::from_json_str(&cfg.to_string(), "c")
+            .unwrap()
+            .unknown_keys,
+        vec!["fancy_new_option"]
+    );
 }
 
 #[test]
@@ -409,12 +656,38 @@ fn config_round_trips_through_json() {
     assert_eq!(back, cfg);
     for name in ["tiny", "small", "w1"] {
         let p = ModelConfig::preset(name).unwrap();
-        assert_eq!(ModelConfig::from_json_str(&p.to_json().to_string(), "c").unwrap(), p);
+        assert_eq!(
+            ModelConfig::from_json_str(&p.to_json().to_string(), "c").unwrap(),
+            p
+        );
     }
     let w1 = ModelConfig::preset("w1").unwrap();
-    assert_eq!((w1.vocab_size, w1.hidden_size, w1.num_hidden_layers, w1.num_attention_heads), (512, 256, 4, 4));
-    assert_eq!((w1.num_key_value_heads, w1.head_dim, w1.num_experts, w1.num_experts_per_tok), (2, 64, 8, 2));
-    assert_eq!((w1.moe_intermediate_size, w1.intermediate_size, w1.tie_word_embeddings), (128, 512, false));
+    assert_eq!(
+        (
+            w1.vocab_size,
+            w1.hidden_size,
+            w1.num_hidden_layers,
+            w1.num_attention_heads
+        ),
+        (512, 256, 4, 4)
+    );
+    assert_eq!(
+        (
+            w1.num_key_value_heads,
+            w1.head_dim,
+            w1.num_experts,
+            w1.num_experts_per_tok
+        ),
+        (2, 64, 8, 2)
+    );
+    assert_eq!(
+        (
+            w1.moe_intermediate_size,
+            w1.intermediate_size,
+            w1.tie_word_embeddings
+        ),
+        (128, 512, false)
+    );
     assert!((0..4).all(|i| w1.is_sparse_layer(i)));
 }
 
@@ -423,7 +696,10 @@ fn parameter_counts_match_the_tensors() {
     for name in ["tiny", "small", "w1"] {
         let cfg = ModelConfig::preset(name).unwrap();
         let m = model(&cfg, 0);
-        let actual: usize = sobre_model::io::hf_tensors(&m).iter().map(|(_, _, v)| v.len()).sum();
+        let actual: usize = sobre_model::io::hf_tensors(&m)
+            .iter()
+            .map(|(_, _, v)| v.len())
+            .sum();
         assert_eq!(cfg.count_parameters().0, actual, "{name}");
     }
     // w1 by hand: attention 4·(256·256 + 2·256·128 + 256·256) + qk norms 4·128 + layer norms

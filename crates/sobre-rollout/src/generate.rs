@@ -4,8 +4,8 @@ use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{Rng, SeedableRng};
 use sobre_model::{Batch, ForwardOptions, KvCache, LogitsMode, MoeModel};
 
-use crate::sampling::{SamplingParams, sample};
 use crate::RolloutError;
+use crate::sampling::{SamplingParams, sample};
 
 /// One prompt to complete. `key` identifies it for seeding: the same key, sample index and
 /// seed give the same completion whatever else is in the batch.
@@ -88,7 +88,9 @@ fn mix(mut z: u64) -> u64 {
 
 /// The random stream of sample `sample_index` of the prompt with `key`.
 pub fn sequence_rng(seed: u64, key: u64, sample_index: usize) -> ChaCha8Rng {
-    ChaCha8Rng::seed_from_u64(mix(mix(seed ^ 0x5eed) ^ key).wrapping_add(mix(sample_index as u64 + 1)))
+    ChaCha8Rng::seed_from_u64(
+        mix(mix(seed ^ 0x5eed) ^ key).wrapping_add(mix(sample_index as u64 + 1)),
+    )
 }
 
 fn uniform(rng: &mut ChaCha8Rng) -> f64 {
@@ -108,7 +110,14 @@ pub fn generate(
     params: &SamplingParams,
     detok: Option<&dyn Detokenizer>,
 ) -> Result<Vec<Completion>, RolloutError> {
-    generate_with(model, prompts, group_size, params, detok, EngineMode::SharedPrefill)
+    generate_with(
+        model,
+        prompts,
+        group_size,
+        params,
+        detok,
+        EngineMode::SharedPrefill,
+    )
 }
 
 /// [`generate`] with an explicit engine mode (benchmarks and tests).
@@ -125,15 +134,23 @@ pub fn generate_with(
         return Err(RolloutError::Params("group_size must be at least 1".into()));
     }
     if !params.stop_strings.is_empty() && detok.is_none() {
-        return Err(RolloutError::Params("stop_strings need a tokenizer to decode completions".into()));
+        return Err(RolloutError::Params(
+            "stop_strings need a tokenizer to decode completions".into(),
+        ));
     }
     let vocab = model.config.vocab_size;
     for (i, p) in prompts.iter().enumerate() {
         if p.ids.is_empty() {
-            return Err(RolloutError::Prompt { index: i, msg: "is empty".into() });
+            return Err(RolloutError::Prompt {
+                index: i,
+                msg: "is empty".into(),
+            });
         }
         if let Some(bad) = p.ids.iter().find(|&&t| t as usize >= vocab) {
-            return Err(RolloutError::Prompt { index: i, msg: format!("has token id {bad}, outside the vocabulary of {vocab}") });
+            return Err(RolloutError::Prompt {
+                index: i,
+                msg: format!("has token id {bad}, outside the vocabulary of {vocab}"),
+            });
         }
     }
     if prompts.is_empty() {
@@ -169,7 +186,11 @@ pub fn generate_with(
             seq.finish = Some(FinishReason::Stop);
         } else if let Some(d) = detok.filter(|_| !params.stop_strings.is_empty()) {
             let text = d.decode(&seq.tokens);
-            if params.stop_strings.iter().any(|s| text.contains(s.as_str())) {
+            if params
+                .stop_strings
+                .iter()
+                .any(|s| text.contains(s.as_str()))
+            {
                 seq.finish = Some(FinishReason::Stop);
             }
         }
@@ -180,9 +201,9 @@ pub fn generate_with(
 
     match mode {
         EngineMode::NoCache => decode_without_cache(model, prompts, &mut seqs, vocab, &step),
-        EngineMode::SharedPrefill | EngineMode::SeparatePrefill => {
-            decode_with_cache(model, prompts, &mut seqs, group_size, params, vocab, mode, &step)
-        }
+        EngineMode::SharedPrefill | EngineMode::SeparatePrefill => decode_with_cache(
+            model, prompts, &mut seqs, group_size, params, vocab, mode, &step,
+        ),
     }
 
     Ok(seqs
@@ -215,26 +236,48 @@ fn decode_with_cache(
     step: &dyn Fn(&mut Seq, &[f32]),
 ) {
     let device = model.device();
-    let opts = ForwardOptions { logits: LogitsMode::Last, ..Default::default() };
+    let opts = ForwardOptions {
+        logits: LogitsMode::Last,
+        ..Default::default()
+    };
     let max_prompt = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
     let capacity = max_prompt + params.max_new_tokens;
 
     // Prefill: one row per prompt (shared) or one per sample (separate).
     let prefill_rows: Vec<Vec<u32>> = match mode {
         EngineMode::SharedPrefill => prompts.iter().map(|p| p.ids.clone()).collect(),
-        _ => seqs.iter().map(|s| prompts[s.prompt_index].ids.clone()).collect(),
+        _ => seqs
+            .iter()
+            .map(|s| prompts[s.prompt_index].ids.clone())
+            .collect(),
     };
     let mut cache = KvCache::new(&model.config, prefill_rows.len(), capacity, &device);
-    let logits = logits_rows(model.forward(&Batch::left_padded(&prefill_rows, 0), Some(&mut cache), opts));
+    let logits = logits_rows(model.forward(
+        &Batch::left_padded(&prefill_rows, 0),
+        Some(&mut cache),
+        opts,
+    ));
     for (i, seq) in seqs.iter_mut().enumerate() {
-        let row = if mode == EngineMode::SharedPrefill { seq.prompt_index } else { i };
+        let row = if mode == EngineMode::SharedPrefill {
+            seq.prompt_index
+        } else {
+            i
+        };
         step(seq, &logits[row * vocab..(row + 1) * vocab]);
     }
     // Row r of the cache serves `live[r]`; start with the group copies of each prompt's row.
-    let mut live: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].finish.is_none()).collect();
+    let mut live: Vec<usize> = (0..seqs.len())
+        .filter(|&i| seqs[i].finish.is_none())
+        .collect();
     let rows: Vec<usize> = live
         .iter()
-        .map(|&i| if mode == EngineMode::SharedPrefill { i / group_size } else { i })
+        .map(|&i| {
+            if mode == EngineMode::SharedPrefill {
+                i / group_size
+            } else {
+                i
+            }
+        })
         .collect();
     cache = cache.select_rows(&rows);
 
@@ -242,10 +285,15 @@ fn decode_with_cache(
         let batch = Batch {
             batch: live.len(),
             seq: 1,
-            input_ids: live.iter().map(|&i| *seqs[i].tokens.last().unwrap_or(&0)).collect(),
+            input_ids: live
+                .iter()
+                .map(|&i| *seqs[i].tokens.last().unwrap_or(&0))
+                .collect(),
             positions: live
                 .iter()
-                .map(|&i| (prompts[seqs[i].prompt_index].ids.len() + seqs[i].tokens.len() - 1) as u32)
+                .map(|&i| {
+                    (prompts[seqs[i].prompt_index].ids.len() + seqs[i].tokens.len() - 1) as u32
+                })
                 .collect(),
             attention_mask: vec![true; live.len()],
         };
@@ -253,7 +301,9 @@ fn decode_with_cache(
         for (r, &i) in live.iter().enumerate() {
             step(&mut seqs[i], &logits[r * vocab..(r + 1) * vocab]);
         }
-        let keep: Vec<usize> = (0..live.len()).filter(|&r| seqs[live[r]].finish.is_none()).collect();
+        let keep: Vec<usize> = (0..live.len())
+            .filter(|&r| seqs[live[r]].finish.is_none())
+            .collect();
         if keep.len() < live.len() {
             live = keep.iter().map(|&r| live[r]).collect();
             if !live.is_empty() {
@@ -264,10 +314,21 @@ fn decode_with_cache(
 }
 
 /// The reference: every step runs the full prompt + completion of each live sequence.
-fn decode_without_cache(model: &MoeModel, prompts: &[Prompt], seqs: &mut [Seq], vocab: usize, step: &dyn Fn(&mut Seq, &[f32])) {
-    let opts = ForwardOptions { logits: LogitsMode::Last, ..Default::default() };
+fn decode_without_cache(
+    model: &MoeModel,
+    prompts: &[Prompt],
+    seqs: &mut [Seq],
+    vocab: usize,
+    step: &dyn Fn(&mut Seq, &[f32]),
+) {
+    let opts = ForwardOptions {
+        logits: LogitsMode::Last,
+        ..Default::default()
+    };
     loop {
-        let live: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].finish.is_none()).collect();
+        let live: Vec<usize> = (0..seqs.len())
+            .filter(|&i| seqs[i].finish.is_none())
+            .collect();
         if live.is_empty() {
             break;
         }

@@ -18,7 +18,10 @@ pub mod generate;
 pub mod logprobs;
 pub mod sampling;
 
-pub use generate::{Completion, Detokenizer, EngineMode, FinishReason, Prompt, generate, generate_with, sequence_rng};
+pub use generate::{
+    Completion, Detokenizer, EngineMode, FinishReason, Prompt, generate, generate_with,
+    sequence_rng,
+};
 pub use logprobs::{ScoredBatch, completion_logprobs};
 pub use sampling::{SamplingParams, sample, token_logprob};
 

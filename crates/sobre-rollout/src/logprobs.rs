@@ -21,7 +21,10 @@ pub struct ScoredBatch {
 
 impl ScoredBatch {
     pub fn new(pairs: &[(&[u32], &[u32])], pad_id: u32) -> Self {
-        let seqs: Vec<Vec<u32>> = pairs.iter().map(|(p, c)| p.iter().chain(c.iter()).copied().collect()).collect();
+        let seqs: Vec<Vec<u32>> = pairs
+            .iter()
+            .map(|(p, c)| p.iter().chain(c.iter()).copied().collect())
+            .collect();
         let max_completion = pairs.iter().map(|(_, c)| c.len()).max().unwrap_or(0);
         let mut completion_mask = vec![0.0; pairs.len() * max_completion];
         let mut targets = vec![0i64; pairs.len() * max_completion];
@@ -67,7 +70,11 @@ pub fn completion_logprobs(
         let p = scored.prompt_lens[r];
         for i in 0..m {
             let valid = scored.completion_mask[r * m + i] > 0.0;
-            index.push(if valid { (r * seq + p + i - 1) as i64 } else { (r * seq) as i64 });
+            index.push(if valid {
+                (r * seq + p + i - 1) as i64
+            } else {
+                (r * seq) as i64
+            });
         }
     }
     let index = Tensor::<1, Int>::from_data(TensorData::new(index, [rows * m]), &device);
@@ -76,7 +83,13 @@ pub fn completion_logprobs(
         picked = picked / temperature as f64;
     }
     let lp = log_softmax(picked, 1);
-    let targets = Tensor::<2, Int>::from_data(TensorData::new(scored.targets.clone(), [rows * m, 1]), &device);
-    let mask = Tensor::<2>::from_data(TensorData::new(scored.completion_mask.clone(), [rows, m]), &device);
+    let targets = Tensor::<2, Int>::from_data(
+        TensorData::new(scored.targets.clone(), [rows * m, 1]),
+        &device,
+    );
+    let mask = Tensor::<2>::from_data(
+        TensorData::new(scored.completion_mask.clone(), [rows, m]),
+        &device,
+    );
     (lp.gather(1, targets).reshape([rows, m]) * mask, out.router)
 }

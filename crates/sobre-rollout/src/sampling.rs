@@ -52,7 +52,10 @@ impl SamplingParams {
     /// Check ranges; the error names the field and what was expected.
     pub fn validate(&self) -> Result<(), String> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(format!("temperature must be a finite number ≥ 0, found {}", self.temperature));
+            return Err(format!(
+                "temperature must be a finite number ≥ 0, found {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(format!("top_p must be in (0, 1], found {}", self.top_p));
@@ -70,9 +73,17 @@ impl SamplingParams {
 /// `log_softmax(logits / t)` evaluated at `token`, in f64 for accuracy, returned as f32.
 /// With `t = 0` (greedy) the untempered distribution (`t = 1`) is used.
 pub fn token_logprob(logits: &[f32], temperature: f32, token: u32) -> f32 {
-    let t = if temperature > 0.0 { temperature as f64 } else { 1.0 };
+    let t = if temperature > 0.0 {
+        temperature as f64
+    } else {
+        1.0
+    };
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-    let lse = logits.iter().map(|&x| ((x as f64 - max) / t).exp()).sum::<f64>().ln();
+    let lse = logits
+        .iter()
+        .map(|&x| ((x as f64 - max) / t).exp())
+        .sum::<f64>()
+        .ln();
     ((logits[token as usize] as f64 - max) / t - lse) as f32
 }
 
@@ -104,8 +115,11 @@ pub fn sample(logits: &[f32], params: &SamplingParams, u: f64) -> (u32, f32) {
     }
     let t = params.temperature as f64;
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-    let mut cand: Vec<(u32, f64)> =
-        logits.iter().enumerate().map(|(i, &x)| (i as u32, ((x as f64 - max) / t).exp())).collect();
+    let mut cand: Vec<(u32, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| (i as u32, ((x as f64 - max) / t).exp()))
+        .collect();
     cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     let mut keep = cand.len();
     if params.top_k > 0 {
@@ -125,7 +139,11 @@ pub fn sample(logits: &[f32], params: &SamplingParams, u: f64) -> (u32, f32) {
     if params.min_p > 0.0 {
         // Relative to the most likely token, so renormalisation does not change the cut.
         let threshold = params.min_p as f64 * cand[0].1;
-        keep = cand[..keep].iter().take_while(|c| c.1 >= threshold).count().max(1);
+        keep = cand[..keep]
+            .iter()
+            .take_while(|c| c.1 >= threshold)
+            .count()
+            .max(1);
     }
     let kept = &cand[..keep];
     let total: f64 = kept.iter().map(|c| c.1).sum();
@@ -147,7 +165,10 @@ mod tests {
     use super::*;
 
     fn params(t: f32) -> SamplingParams {
-        SamplingParams { temperature: t, ..Default::default() }
+        SamplingParams {
+            temperature: t,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -183,20 +204,35 @@ mod tests {
     fn top_k_top_p_and_min_p_truncate() {
         let logits = [0.4f32.ln(), 0.3f32.ln(), 0.2f32.ln(), 0.1f32.ln()];
         // top-k 2 keeps {0: .4, 1: .3} → renormalised .571/.429; u = .6 → token 1, never 2.
-        let p = SamplingParams { top_k: 2, ..params(1.0) };
+        let p = SamplingParams {
+            top_k: 2,
+            ..params(1.0)
+        };
         assert_eq!(sample(&logits, &p, 0.6).0, 1);
         assert_eq!(sample(&logits, &p, 0.999).0, 1);
         // top-p 0.65: 0.4 < 0.65 ≤ 0.7 → keeps 2 tokens.
-        let p = SamplingParams { top_p: 0.65, ..params(1.0) };
+        let p = SamplingParams {
+            top_p: 0.65,
+            ..params(1.0)
+        };
         assert_eq!(sample(&logits, &p, 0.999).0, 1);
         // top-p 0.75 keeps 3.
-        let p = SamplingParams { top_p: 0.75, ..params(1.0) };
+        let p = SamplingParams {
+            top_p: 0.75,
+            ..params(1.0)
+        };
         assert_eq!(sample(&logits, &p, 0.999).0, 2);
-        // min-p 0.5: keep p ≥ 0.2 → tokens 0, 1, 2.
-        let p = SamplingParams { min_p: 0.5, ..params(1.0) };
+        // min-p 0.45: keep p ≥ 0.18 → tokens 0, 1, 2.
+        let p = SamplingParams {
+            min_p: 0.45,
+            ..params(1.0)
+        };
         assert_eq!(sample(&logits, &p, 0.999).0, 2);
         // min-p 0.8: keep p ≥ 0.32 → token 0 only.
-        let p = SamplingParams { min_p: 0.8, ..params(1.0) };
+        let p = SamplingParams {
+            min_p: 0.8,
+            ..params(1.0)
+        };
         assert_eq!(sample(&logits, &p, 0.999).0, 0);
         // The recorded logprob ignores truncation: it is the full distribution's.
         assert!((sample(&logits, &p, 0.999).1 - 0.4f32.ln()).abs() < 1e-6);
@@ -204,9 +240,15 @@ mod tests {
 
     #[test]
     fn validate_names_the_field() {
-        let bad = SamplingParams { top_p: 0.0, ..Default::default() };
+        let bad = SamplingParams {
+            top_p: 0.0,
+            ..Default::default()
+        };
         assert!(bad.validate().unwrap_err().contains("top_p"));
-        let bad = SamplingParams { temperature: -1.0, ..Default::default() };
+        let bad = SamplingParams {
+            temperature: -1.0,
+            ..Default::default()
+        };
         assert!(bad.validate().unwrap_err().contains("temperature"));
         assert!(SamplingParams::default().validate().is_ok());
     }

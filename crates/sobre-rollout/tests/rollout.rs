@@ -4,8 +4,8 @@ use std::path::Path;
 
 use sobre_model::{ForwardOptions, ModelConfig, MoeModel, default_device, init_model, load_model};
 use sobre_rollout::{
-    Completion, Detokenizer, EngineMode, FinishReason, Prompt, SamplingParams, ScoredBatch, completion_logprobs, generate,
-    generate_with,
+    Completion, Detokenizer, EngineMode, FinishReason, Prompt, SamplingParams, ScoredBatch,
+    completion_logprobs, generate, generate_with,
 };
 
 fn test_model(seed: u64) -> MoeModel {
@@ -15,11 +15,19 @@ fn test_model(seed: u64) -> MoeModel {
 }
 
 fn prompt(ids: &[u32], key: u64) -> Prompt {
-    Prompt { ids: ids.to_vec(), key }
+    Prompt {
+        ids: ids.to_vec(),
+        key,
+    }
 }
 
 fn sampled(t: f32, n: usize, seed: u64) -> SamplingParams {
-    SamplingParams { temperature: t, max_new_tokens: n, seed, ..Default::default() }
+    SamplingParams {
+        temperature: t,
+        max_new_tokens: n,
+        seed,
+        ..Default::default()
+    }
 }
 
 fn assert_same(a: &Completion, b: &Completion, tol: f32) {
@@ -33,21 +41,43 @@ fn assert_same(a: &Completion, b: &Completion, tol: f32) {
 #[test]
 fn greedy_reproduces_transformers_generate() {
     for name in ["qwen3_moe_tiny", "qwen2_moe_tiny"] {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sobre-model/tests/fixtures").join(name);
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../sobre-model/tests/fixtures")
+            .join(name);
         let model = load_model(&dir, &default_device()).unwrap();
         let reference: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+                .unwrap();
         let cases = reference["cases"].as_array().unwrap();
         let prompts: Vec<Prompt> = cases
             .iter()
             .enumerate()
-            .map(|(i, c)| prompt(&c["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect::<Vec<_>>(), i as u64))
+            .map(|(i, c)| {
+                prompt(
+                    &c["ids"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.as_u64().unwrap() as u32)
+                        .collect::<Vec<_>>(),
+                    i as u64,
+                )
+            })
             .collect();
         // All prompts in one batch (different lengths), greedy.
         let out = generate(&model, &prompts, 1, &sampled(0.0, 12, 0), None).unwrap();
         for (c, case) in out.iter().zip(cases) {
-            let want: Vec<u32> = case["greedy"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-            assert_eq!(c.tokens, want, "{name}: greedy continuation of prompt {}", c.prompt_index);
+            let want: Vec<u32> = case["greedy"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
+            assert_eq!(
+                c.tokens, want,
+                "{name}: greedy continuation of prompt {}",
+                c.prompt_index
+            );
             assert_eq!(c.finish_reason, FinishReason::Length);
         }
     }
@@ -59,7 +89,14 @@ fn a_completion_alone_equals_the_same_completion_in_a_mixed_batch() {
     let params = sampled(1.0, 10, 7);
     let a = prompt(&[5, 9, 2], 42);
     let alone = generate(&m, &[a.clone()], 3, &params, None).unwrap();
-    let mixed = generate(&m, &[prompt(&[1, 2, 3, 4, 5, 6, 7, 8], 1), a, prompt(&[60], 2)], 3, &params, None).unwrap();
+    let mixed = generate(
+        &m,
+        &[prompt(&[1, 2, 3, 4, 5, 6, 7, 8], 1), a, prompt(&[60], 2)],
+        3,
+        &params,
+        None,
+    )
+    .unwrap();
     let in_batch: Vec<&Completion> = mixed.iter().filter(|c| c.prompt_index == 1).collect();
     assert_eq!(in_batch.len(), 3);
     for (x, y) in alone.iter().zip(in_batch) {
@@ -76,8 +113,10 @@ fn rollout_logprobs_equal_the_training_forward() {
     let prompts = vec![prompt(&[3, 4, 5, 6, 7], 0), prompt(&[10, 11], 1)];
     for t in [1.0f32, 0.7] {
         let out = generate(&m, &prompts, 2, &sampled(t, 9, 3), None).unwrap();
-        let pairs: Vec<(&[u32], &[u32])> =
-            out.iter().map(|c| (prompts[c.prompt_index].ids.as_slice(), c.tokens.as_slice())).collect();
+        let pairs: Vec<(&[u32], &[u32])> = out
+            .iter()
+            .map(|c| (prompts[c.prompt_index].ids.as_slice(), c.tokens.as_slice()))
+            .collect();
         let scored = ScoredBatch::new(&pairs, 0);
         let (lp, _) = completion_logprobs(&m, &scored, t, ForwardOptions::default());
         let lp: Vec<f32> = lp.try_into_vec_as::<f32>().unwrap();
@@ -85,7 +124,10 @@ fn rollout_logprobs_equal_the_training_forward() {
         for (r, c) in out.iter().enumerate() {
             for (i, &x) in c.logprobs.iter().enumerate() {
                 let y = lp[r * width + i];
-                assert!((x - y).abs() < 1e-4, "t={t} row {r} token {i}: rollout {x} vs training {y}");
+                assert!(
+                    (x - y).abs() < 1e-4,
+                    "t={t} row {r} token {i}: rollout {x} vs training {y}"
+                );
             }
         }
     }
@@ -95,9 +137,14 @@ fn rollout_logprobs_equal_the_training_forward() {
 fn shared_prefill_separate_prefill_and_no_cache_agree() {
     let m = test_model(3);
     let prompts = vec![prompt(&[1, 2, 3], 0), prompt(&[9, 8, 7, 6, 5, 4], 1)];
-    let params = SamplingParams { top_k: 20, top_p: 0.9, ..sampled(0.9, 8, 11) };
+    let params = SamplingParams {
+        top_k: 20,
+        top_p: 0.9,
+        ..sampled(0.9, 8, 11)
+    };
     let shared = generate_with(&m, &prompts, 4, &params, None, EngineMode::SharedPrefill).unwrap();
-    let separate = generate_with(&m, &prompts, 4, &params, None, EngineMode::SeparatePrefill).unwrap();
+    let separate =
+        generate_with(&m, &prompts, 4, &params, None, EngineMode::SeparatePrefill).unwrap();
     let slow = generate_with(&m, &prompts, 4, &params, None, EngineMode::NoCache).unwrap();
     assert_eq!(shared.len(), 8);
     for ((a, b), c) in shared.iter().zip(&separate).zip(&slow) {
@@ -121,7 +168,9 @@ fn seeds_decide_the_samples() {
 struct Letters;
 impl Detokenizer for Letters {
     fn decode(&self, ids: &[u32]) -> String {
-        ids.iter().map(|&i| char::from(b'a' + (i % 26) as u8)).collect()
+        ids.iter()
+            .map(|&i| char::from(b'a' + (i % 26) as u8))
+            .collect()
     }
 }
 
@@ -129,28 +178,51 @@ impl Detokenizer for Letters {
 fn stop_tokens_stop_strings_and_length() {
     let m = test_model(5);
     let p = [prompt(&[1, 2, 3], 0)];
-    let greedy = generate(&m, &p, 1, &sampled(0.0, 12, 0), None).unwrap().remove(0);
+    let greedy = generate(&m, &p, 1, &sampled(0.0, 12, 0), None)
+        .unwrap()
+        .remove(0);
     // Stop on the 4th greedy token (its first occurrence).
     let stop = greedy.tokens[3];
     let first = greedy.tokens.iter().position(|&t| t == stop).unwrap();
-    let params = SamplingParams { stop_token_ids: vec![stop], ..sampled(0.0, 12, 0) };
+    let params = SamplingParams {
+        stop_token_ids: vec![stop],
+        ..sampled(0.0, 12, 0)
+    };
     let c = generate(&m, &p, 1, &params, None).unwrap().remove(0);
     assert_eq!(c.tokens, greedy.tokens[..=first].to_vec());
     assert_eq!(c.finish_reason, FinishReason::Stop);
     // ignore_eos runs to the limit.
-    let params = SamplingParams { ignore_eos: true, ..params };
+    let params = SamplingParams {
+        ignore_eos: true,
+        ..params
+    };
     let c = generate(&m, &p, 1, &params, None).unwrap().remove(0);
-    assert_eq!((c.tokens.len(), c.finish_reason), (12, FinishReason::Length));
+    assert_eq!(
+        (c.tokens.len(), c.finish_reason),
+        (12, FinishReason::Length)
+    );
     // A stop string made of the 2nd and 3rd greedy tokens' letters.
     let text = Letters.decode(&greedy.tokens);
     let needle = text[1..3].to_string();
     let end = text.find(&needle).unwrap() + 2;
-    let params = SamplingParams { stop_strings: vec![needle.clone()], ..sampled(0.0, 12, 0) };
-    let c = generate(&m, &p, 1, &params, Some(&Letters)).unwrap().remove(0);
+    let params = SamplingParams {
+        stop_strings: vec![needle.clone()],
+        ..sampled(0.0, 12, 0)
+    };
+    let c = generate(&m, &p, 1, &params, Some(&Letters))
+        .unwrap()
+        .remove(0);
     assert_eq!(c.tokens, greedy.tokens[..end].to_vec());
     assert!(c.text.unwrap().ends_with(&needle));
     // Stop strings without a detokenizer, and bad prompts, are refused.
-    assert!(generate(&m, &p, 1, &params, None).unwrap_err().to_string().contains("stop_strings need a tokenizer"));
-    let err = generate(&m, &[prompt(&[1, 999], 0)], 1, &sampled(0.0, 2, 0), None).unwrap_err().to_string();
+    assert!(
+        generate(&m, &p, 1, &params, None)
+            .unwrap_err()
+            .to_string()
+            .contains("stop_strings need a tokenizer")
+    );
+    let err = generate(&m, &[prompt(&[1, 999], 0)], 1, &sampled(0.0, 2, 0), None)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("prompt 0 has token id 999"), "{err}");
 }
