@@ -14,6 +14,7 @@
 //!
 //! Not here: tokenization (`sobre-data`; pass a [`Detokenizer`]), rewards, losses.
 
+pub mod bench;
 pub mod generate;
 pub mod logprobs;
 pub mod sampling;

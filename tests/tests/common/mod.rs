@@ -1,0 +1,78 @@
+//! Shared helpers for the end-to-end tests: build the `sobre` binary once, run it.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the workspace")
+        .to_path_buf()
+}
+
+/// Path to a `sobre` binary built from the current sources, in the same profile as this test.
+/// A binary of another package is not built by `cargo test` for this one, so the first call
+/// runs `cargo build -p sobre-cli` (a no-op when it is up to date; cargo releases its build
+/// lock before running tests, so this nested build does not deadlock).
+pub fn sobre_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test binary path");
+        // target/<profile>/deps/<test-binary>
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>/deps layout");
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "-p", "sobre-cli", "--bin", "sobre"])
+            .current_dir(root());
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd
+            .status()
+            .expect("running cargo build for the sobre binary");
+        assert!(status.success(), "cargo build -p sobre-cli failed");
+        profile_dir.join(format!("sobre{}", std::env::consts::EXE_SUFFIX))
+    })
+}
+
+/// Run `sobre` with `args` in `dir` and return its output.
+pub fn sobre_in(dir: &Path, args: &[&str]) -> Output {
+    Command::new(sobre_bin())
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("running sobre")
+}
+
+/// Run `sobre` with `args` from the workspace root.
+pub fn sobre(args: &[&str]) -> Output {
+    sobre_in(&root(), args)
+}
+
+/// Stdout as text, asserting the command succeeded (stderr shown if not).
+pub fn ok_stdout(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "sobre failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Stderr as text, asserting the command failed.
+pub fn err_stderr(out: &Output) -> String {
+    assert!(
+        !out.status.success(),
+        "expected failure, got success:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
