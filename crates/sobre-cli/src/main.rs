@@ -26,6 +26,8 @@ enum Command {
     Data(cmd::data::Args),
     /// Train a byte-level BPE tokenizer or encode text with one.
     Tokenizer(cmd::tokenizer::Args),
+    /// Sample completions from a model directory.
+    Generate(cmd::generate::Args),
     // --- further commands: one line each, the code in cmd/<name>.rs ---
 }
 
@@ -38,6 +40,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(args) => cmd::bench::run(args),
         Command::Data(args) => cmd::data::run(args),
         Command::Tokenizer(args) => cmd::tokenizer::run(args),
+        Command::Generate(args) => cmd::generate::run(args),
         // --- dispatch: one line per command ---
     };
     match result {

@@ -19,6 +19,28 @@ pub struct Args {
 enum What {
     /// Evaluations per second of format + accuracy on ~500-character R1 completions, one thread.
     Rewards(RewardsArgs),
+    /// Completion tokens per second of the rollout engine on the `w1` preset: shared prefill
+    /// vs separate prefill vs a no-cache loop, measured in one run.
+    Rollout(RolloutArgs),
+}
+
+#[derive(ClapArgs)]
+struct RolloutArgs {
+    #[arg(long, default_value = "w1")]
+    preset: String,
+    #[arg(long, default_value_t = 8)]
+    prompts: usize,
+    #[arg(long, default_value_t = 8)]
+    group_size: usize,
+    #[arg(long, default_value_t = 64)]
+    new_tokens: usize,
+    #[arg(long, default_value_t = 32)]
+    prompt_len: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Leave out the (slow) no-cache reference loop.
+    #[arg(long)]
+    skip_no_cache: bool,
 }
 
 #[derive(ClapArgs)]
@@ -37,6 +59,7 @@ struct RewardsArgs {
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.what {
         What::Rewards(a) => rewards(a),
+        What::Rollout(a) => rollout(a),
     }
 }
 
@@ -86,4 +109,48 @@ fn rewards(a: RewardsArgs) -> anyhow::Result<()> {
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
+}
+
+fn rollout(a: RolloutArgs) -> anyhow::Result<()> {
+    use sobre_rollout::EngineMode;
+    use sobre_rollout::bench::{RolloutWorkload, bench_rollout};
+    let cfg = sobre_model::ModelConfig::preset(&a.preset)?;
+    let model = sobre_model::init_model(&cfg, a.seed, &sobre_model::default_device());
+    let w = RolloutWorkload {
+        prompts: a.prompts,
+        group_size: a.group_size,
+        new_tokens: a.new_tokens,
+        prompt_len: a.prompt_len,
+        seed: a.seed,
+    };
+    anyhow::ensure!(w.prompts > 0 && w.group_size > 0 && w.new_tokens > 0 && w.prompt_len > 0, "all sizes must be positive");
+    let mut modes = vec![EngineMode::SharedPrefill, EngineMode::SeparatePrefill];
+    if !a.skip_no_cache {
+        modes.push(EngineMode::NoCache);
+    }
+    // Warm-up: one short run so allocation and thread-pool start-up are not timed.
+    let warm = RolloutWorkload { new_tokens: 2, ..w.clone() };
+    bench_rollout(&model, &warm, &[EngineMode::SharedPrefill])?;
+    let figures = bench_rollout(&model, &w, &modes)?;
+    let base = figures[0].tokens_per_sec;
+    let report = serde_json::json!({
+        "benchmark": "rollout",
+        "preset": a.preset,
+        "workload": w,
+        "threads_available": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "figures": figures,
+        "speedup_of_shared_prefill": figures.iter().map(|f| (f.mode, (base / f.tokens_per_sec * 100.0).round() / 100.0)).collect::<std::collections::BTreeMap<_, _>>(),
+        "peak_rss_mib": peak_rss_mib(),
+        "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`), in MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some((kib / 1024.0 * 10.0).round() / 10.0)
 }

@@ -1,8 +1,86 @@
+//! `sobre inspect`: what a model is, without running it.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
 use clap::Args as ClapArgs;
+use sobre_model::ModelConfig;
 
 #[derive(ClapArgs)]
-pub struct Args {}
+#[command(after_help = "Examples:\n  sobre inspect --preset small\n  sobre inspect --model runs/demo/checkpoints/step-000100 --json")]
+pub struct Args {
+    /// A model directory (HF layout: config.json + safetensors).
+    #[arg(long, conflicts_with = "preset", required_unless_present = "preset")]
+    model: Option<PathBuf>,
+    /// A built-in preset: tiny, small or w1.
+    #[arg(long)]
+    preset: Option<String>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("inspect: not yet wired")
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let (cfg, source) = match (&args.model, &args.preset) {
+        (Some(dir), _) => {
+            let path = dir.join("config.json");
+            let cfg = ModelConfig::from_file(&path).with_context(|| format!("reading the model in {}", dir.display()))?;
+            (cfg, dir.display().to_string())
+        }
+        (None, Some(name)) => (ModelConfig::preset(name)?, format!("preset {name}")),
+        (None, None) => anyhow::bail!("give --model DIR or --preset NAME"),
+    };
+    for key in &cfg.unknown_keys {
+        eprintln!("warning: {source}: config key `{key}` is not known to sobre and has no effect");
+    }
+    let (total, active) = cfg.count_parameters();
+    let sparse: Vec<usize> = (0..cfg.num_hidden_layers).filter(|&i| cfg.is_sparse_layer(i)).collect();
+    let weight_bytes = total * 4;
+    if args.json {
+        let v = serde_json::json!({
+            "source": source,
+            "model_type": cfg.family.model_type(),
+            "total_parameters": total,
+            "active_parameters_per_token": active,
+            "num_hidden_layers": cfg.num_hidden_layers,
+            "sparse_layers": sparse,
+            "num_experts": cfg.num_experts,
+            "num_experts_per_tok": cfg.num_experts_per_tok,
+            "hidden_size": cfg.hidden_size,
+            "vocab_size": cfg.vocab_size,
+            "weight_bytes_f32": weight_bytes,
+        });
+        println!("{v}");
+    } else {
+        println!("model               {source} ({})", cfg.family.model_type());
+        println!("parameters          {} total, {} active per token", human(total), human(active));
+        println!(
+            "layers              {} ({} sparse: {:?})",
+            cfg.num_hidden_layers,
+            sparse.len(),
+            sparse
+        );
+        println!(
+            "experts             {} routed, top-{}{}",
+            cfg.num_experts,
+            cfg.num_experts_per_tok,
+            if cfg.shared_expert_intermediate_size > 0 { " + shared expert" } else { "" }
+        );
+        println!(
+            "attention           {} heads / {} kv heads, head_dim {}",
+            cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        );
+        println!("hidden / vocab      {} / {}", cfg.hidden_size, cfg.vocab_size);
+        println!("weight memory       {:.2} MiB in f32", weight_bytes as f64 / (1024.0 * 1024.0));
+    }
+    Ok(())
+}
+
+fn human(n: usize) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2}B", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.2}M", n as f64 / 1e6),
+        n if n >= 1_000 => format!("{:.1}K", n as f64 / 1e3),
+        n => n.to_string(),
+    }
 }

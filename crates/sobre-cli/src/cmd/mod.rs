@@ -1,5 +1,6 @@
 //! One module per subcommand: an `Args` struct (clap) and a `run(Args) -> anyhow::Result<()>`.
 
+pub mod generate;
 pub mod inspect;
 pub mod logits;
 pub mod reward;
