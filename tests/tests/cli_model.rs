@@ -9,13 +9,13 @@ fn inspect_w1_preset_reports_its_size() {
     let out = ok_stdout(&sobre(&["inspect", "--preset", "w1", "--json"]));
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     // Counted by hand in sobre-model's tests/model.rs.
-    assert_eq!(v["total_parameters"], 3_704_064);
-    assert_eq!(v["active_parameters_per_token"], 1_345_792);
+    assert_eq!(v["total_parameters"], 4_205_312);
+    assert_eq!(v["active_parameters_per_token"], 1_846_016);
     assert_eq!(v["num_experts"], 8);
     assert_eq!(v["sparse_layers"], serde_json::json!([0, 1, 2, 3]));
-    assert_eq!(v["weight_bytes_f32"], 3_704_064 * 4);
+    assert_eq!(v["weight_bytes_f32"], 4_205_312 * 4);
     let text = ok_stdout(&sobre(&["inspect", "--preset", "w1"]));
-    assert!(text.contains("3.70M total, 1.35M active per token"), "{text}");
+    assert!(text.contains("4.21M total, 1.85M active per token"), "{text}");
 }
 
 #[test]
@@ -45,4 +45,30 @@ fn bad_model_directory_and_ids_are_clear_errors() {
     assert!(err.contains("token id 999 is out of range for a vocabulary of 128"), "{err}");
     let err = err_stderr(&sobre(&["inspect", "--preset", "huge"]));
     assert!(err.contains("unknown preset `huge`"), "{err}");
+}
+
+#[test]
+fn generate_greedy_matches_transformers_and_json_lines_are_complete() {
+    let dir = "crates/sobre-model/tests/fixtures/qwen2_moe_tiny";
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(common::root().join(dir).join("reference.json")).unwrap()).unwrap();
+    let case = &reference["cases"][1];
+    let ids: Vec<String> = case["ids"].as_array().unwrap().iter().map(|v| v.to_string()).collect();
+    let out = ok_stdout(&sobre(&[
+        "generate", "--model", dir, "--ids", &ids.join(","), "--temperature", "0", "--max-new-tokens", "12", "--json",
+    ]));
+    let line: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(line["tokens"], case["greedy"]);
+    assert_eq!(line["finish_reason"], "length");
+    assert_eq!(line["logprobs"].as_array().unwrap().len(), 12);
+    assert!(line["logprobs"].as_array().unwrap().iter().all(|x| x.as_f64().unwrap() <= 0.0));
+    // Sampling: n completions, one JSON line each, reproducible by seed.
+    let args = ["generate", "--model", dir, "--ids", "1,2,3", "-n", "3", "--max-new-tokens", "5", "--seed", "4", "--json"];
+    let a = ok_stdout(&sobre(&args));
+    assert_eq!(a.lines().count(), 3);
+    assert_eq!(a, ok_stdout(&sobre(&args)));
+    let err = err_stderr(&sobre(&["generate", "--model", dir, "--prompt", "hi"]));
+    assert!(err.contains("--prompt needs a tokenizer.json"), "{err}");
+    let err = err_stderr(&sobre(&["generate", "--model", dir, "--ids", "1", "--top-p", "0"]));
+    assert!(err.contains("top_p must be in (0, 1]"), "{err}");
 }
