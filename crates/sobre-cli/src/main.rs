@@ -28,6 +28,8 @@ enum Command {
     Tokenizer(cmd::tokenizer::Args),
     /// Sample completions from a model directory.
     Generate(cmd::generate::Args),
+    /// Train with SFT then GRPO from a TOML config (checkpoints, resume, metrics).
+    Train(cmd::train::Args),
     // --- further commands: one line each, the code in cmd/<name>.rs ---
 }
 
@@ -41,6 +43,7 @@ fn main() -> std::process::ExitCode {
         Command::Data(args) => cmd::data::run(args),
         Command::Tokenizer(args) => cmd::tokenizer::run(args),
         Command::Generate(args) => cmd::generate::run(args),
+        Command::Train(args) => cmd::train::run(args),
         // --- dispatch: one line per command ---
     };
     match result {

@@ -7,3 +7,4 @@ pub mod reward;
 pub mod bench;
 pub mod data;
 pub mod tokenizer;
+pub mod train;

@@ -1,0 +1,66 @@
+//! `sobre train`: run the SFT + GRPO pipeline a TOML config describes.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use sobre_train::Config;
+use sobre_train::pipeline::{Pipeline, RunOptions, install_ctrlc};
+
+/// Train a model with SFT then GRPO from one TOML config.
+#[derive(clap::Args, Debug)]
+#[command(after_help = "Examples:
+  sobre train --config configs/smoke.toml
+  sobre train --config configs/smoke.toml --out runs/try1 --set grpo.beta=0 --set run.steps=10
+  sobre train --config configs/smoke.toml --out runs/try1 --resume
+
+The run directory holds config.toml (resolved), metrics.jsonl, samples.jsonl and
+checkpoints/step-NNNNNN/ (HF model directory + optimizer + trainer state).
+Ctrl-C finishes the current step, saves a checkpoint and prints the command that resumes.")]
+pub struct Args {
+    /// The run's TOML config.
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// Override a config value: section.key=value (repeatable; value parsed as TOML).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Run directory (default: run.out_dir of the config).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Continue from the newest complete checkpoint in the run directory.
+    #[arg(long)]
+    pub resume: bool,
+    /// Device: cpu (burn's flex backend; the only one in the default build).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// No progress bar or summaries.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    match args.device.as_str() {
+        "cpu" | "flex" => {}
+        "cuda" | "tch" => bail!("device `{}` needs sobre built with the cargo feature `{}` (not in the default build)", args.device, args.device),
+        other => bail!("unknown device `{other}`: expected cpu (flex)"),
+    }
+    let (cfg, source) = Config::load(&args.config, &args.set)?;
+    let stop = install_ctrlc();
+    let opts = RunOptions { resume: args.resume, out_dir: args.out.clone(), stop: Some(stop), quiet: args.quiet };
+    let pipeline = Pipeline::new(cfg, source, opts)?;
+    let run_dir = pipeline.run_dir();
+    let summary = pipeline.run().with_context(|| format!("training run in {}", run_dir.display()))?;
+    let ckpt = summary.last_checkpoint.as_ref().map_or("none".to_string(), |p| p.display().to_string());
+    if summary.interrupted {
+        let mut cmd = format!("sobre train --config {} --out {} --resume", args.config.display(), summary.run_dir.display());
+        for s in &args.set {
+            cmd.push_str(&format!(" --set {s}"));
+        }
+        eprintln!("interrupted after {} SFT + {} GRPO steps; saved {ckpt}\nresume with:\n  {cmd}", summary.sft_steps, summary.grpo_steps);
+        std::process::exit(130);
+    }
+    println!(
+        "done: {} SFT + {} GRPO steps in {:.1}s → {} (last checkpoint {ckpt})",
+        summary.sft_steps, summary.grpo_steps, summary.seconds, summary.run_dir.display()
+    );
+    Ok(())
+}

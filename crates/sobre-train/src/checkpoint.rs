@@ -1,0 +1,128 @@
+//! Checkpoints: `checkpoints/<name>/` = an HF model directory (config.json, model.safetensors,
+//! generation_config.json, tokenizer.json, tokenizer_config.json) + `optimizer.safetensors` +
+//! `trainer_state.json`, written into a temporary sibling and renamed into place, so a process
+//! killed at any moment leaves the previous checkpoint intact. `trainer_state.json` is written
+//! last: a directory without it is incomplete and ignored on resume.
+//!
+//! Names: `step-NNNNNN` (GRPO, after step N), `sft` (end of the SFT stage), `sft-NNNNNN`
+//! (inside the SFT stage, on Ctrl-C or `save_every`). Resume takes the newest by (stage, step).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sobre_data::Tokenizer;
+use sobre_model::MoeModel;
+
+use crate::TrainError;
+use crate::optim::AdamW;
+
+/// The stage a checkpoint was taken in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// Inside SFT.
+    Sft,
+    /// SFT finished; GRPO not started.
+    SftDone,
+    Grpo,
+}
+
+/// What besides weights and moments a resumed run needs to continue bit-for-bit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub format: u32,
+    pub stage: Stage,
+    /// Completed steps of the stage (SFT steps, or GRPO steps).
+    pub step: usize,
+    /// Completed SFT steps.
+    pub sft_steps: usize,
+    /// Data cursors: positions in the seeded sample orders (see `data::Order`).
+    pub prompt_position: u64,
+    pub demo_position: u64,
+    /// The run seed every random stream is derived from, with (stage, step) counters.
+    pub seed: u64,
+    /// Non-finite steps in a row when saved.
+    pub consecutive_nonfinite: usize,
+    /// Seconds of training so far.
+    pub elapsed_seconds: f64,
+    /// The metrics line of the last step (for the resume message).
+    pub last_metrics: Option<serde_json::Value>,
+}
+
+pub const STATE_FILE: &str = "trainer_state.json";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+
+/// The checkpoint directory name for a state.
+pub fn name_for(state: &TrainerState) -> String {
+    match state.stage {
+        Stage::Sft => format!("sft-{:06}", state.step),
+        Stage::SftDone => "sft".to_string(),
+        Stage::Grpo => format!("step-{:06}", state.step),
+    }
+}
+
+/// Write a checkpoint atomically into `root/<name>`; returns its path.
+pub fn save(root: &Path, model: &MoeModel, opt: &AdamW, tok: &Tokenizer, state: &TrainerState) -> Result<PathBuf, TrainError> {
+    std::fs::create_dir_all(root).map_err(|e| TrainError::io(root, e))?;
+    let name = name_for(state);
+    let dir = root.join(&name);
+    let tmp = root.join(format!(".{name}.partial-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+    }
+    sobre_model::save_model(model, &tmp, None)?;
+    tok.save(&tmp).map_err(|e| TrainError::Checkpoint(format!("tokenizer: {e}")))?;
+    opt.save(&tmp.join(OPTIMIZER_FILE))?;
+    let text = serde_json::to_string_pretty(state).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+    let sp = tmp.join(STATE_FILE);
+    std::fs::write(&sp, text + "\n").map_err(|e| TrainError::io(&sp, e))?;
+    sobre_model::io::replace_dir(&tmp, &dir)?;
+    Ok(dir)
+}
+
+/// Read a checkpoint's trainer state (None when the directory is incomplete).
+pub fn read_state(dir: &Path) -> Option<TrainerState> {
+    let text = std::fs::read_to_string(dir.join(STATE_FILE)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Complete checkpoints under `root`, oldest first by (stage, step).
+pub fn list(root: &Path) -> Vec<(PathBuf, TrainerState)> {
+    let Ok(entries) = std::fs::read_dir(root) else { return vec![] };
+    let mut out: Vec<(PathBuf, TrainerState)> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| !n.starts_with('.')))
+        .filter_map(|p| read_state(&p).map(|s| (p, s)))
+        .collect();
+    out.sort_by(|a, b| (a.1.stage, a.1.step).cmp(&(b.1.stage, b.1.step)));
+    out
+}
+
+/// The newest complete checkpoint.
+pub fn latest(root: &Path) -> Option<(PathBuf, TrainerState)> {
+    list(root).pop()
+}
+
+/// Remove all but the newest `keep` checkpoints of `stage` (the `sft` stage-end one is never
+/// removed: it is the GRPO reference model).
+pub fn prune(root: &Path, stage: Stage, keep: usize) -> Result<(), TrainError> {
+    let of_stage: Vec<PathBuf> = list(root).into_iter().filter(|(_, s)| s.stage == stage && stage != Stage::SftDone).map(|(p, _)| p).collect();
+    let n = of_stage.len().saturating_sub(keep);
+    for p in &of_stage[..n] {
+        std::fs::remove_dir_all(p).map_err(|e| TrainError::io(p, e))?;
+    }
+    Ok(())
+}
+
+/// Remove partial directories a killed process left behind.
+pub fn clean_partials(root: &Path) {
+    if let Ok(entries) = std::fs::read_dir(root) {
+        for e in entries.filter_map(Result::ok) {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with('.') && (name.contains(".partial-") || name.contains(".tmp-")) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}

@@ -1,0 +1,769 @@
+//! The run configuration: one TOML file, every default in one place, validated before any work.
+//!
+//! Parsing goes in three passes so every error can point at something a user can fix:
+//! 1. the file's own text through `toml`'s deserializer, so syntax errors, unknown keys and
+//!    wrong types carry the file's line and column (an unknown key also gets the closest valid
+//!    key of its section, by edit distance);
+//! 2. `--set section.key=value` overrides applied to the parsed document (each value parsed as a
+//!    TOML value, falling back to a string), then deserialised again; errors name the `--set`;
+//! 3. [`Config::validate`] checks values (ranges, divisibility, registered names) and names the
+//!    file, line and key, found by scanning the text for the key under its section header.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sobre_data::DatasetConfig;
+use sobre_data::tasks::{ArithmeticConfig, CountdownConfig};
+use sobre_rollout::SamplingParams;
+
+/// A configuration error, located where it can be.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{origin}: {key}{msg}", key = key_prefix(.key))]
+pub struct ConfigError {
+    /// `file:line:col`, `file`, or `--set a.b=v`.
+    pub origin: String,
+    /// Dotted key (`grpo.group_size`), when known.
+    pub key: Option<String>,
+    pub msg: String,
+}
+
+fn key_prefix(key: &Option<String>) -> String {
+    key.as_ref().map(|k| format!("`{k}`: ")).unwrap_or_default()
+}
+
+/// `[model]`: what to train.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// A built-in architecture (`tiny`, `small`, `w1`), initialised from `seed`. Its vocabulary
+    /// is resized to the tokenizer's.
+    pub preset: Option<String>,
+    /// An HF model directory to start from (overrides `preset`).
+    pub path: Option<PathBuf>,
+    /// Initialisation seed of a preset (default: `run.seed`).
+    pub seed: Option<u64>,
+    /// Override the model's `router_aux_loss_coef` (Switch balance loss weight; 0 = off).
+    pub router_aux_loss_coef: Option<f64>,
+    /// Override the model's `aux_loss_free_bias` (DeepSeek-V3 bias balancing).
+    pub aux_loss_free_bias: Option<bool>,
+    /// Override the model's `bias_update_rate`.
+    pub bias_update_rate: Option<f64>,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        ModelSection {
+            preset: None,
+            path: None,
+            seed: None,
+            router_aux_loss_coef: None,
+            aux_loss_free_bias: None,
+            bias_update_rate: None,
+        }
+    }
+}
+
+/// `[tokenizer]`: load one, or train a byte-level BPE on the training data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenizerSection {
+    /// A directory with `tokenizer.json` (default: the model directory when `model.path` is set,
+    /// else a tokenizer is trained).
+    pub path: Option<PathBuf>,
+    /// Vocabulary size of a trained tokenizer (≥ 262).
+    pub vocab_size: usize,
+    pub min_frequency: u64,
+    /// Training samples whose texts (rendered prompt, answer, demonstration) train it.
+    pub train_samples: usize,
+}
+
+impl Default for TokenizerSection {
+    fn default() -> Self {
+        TokenizerSection { path: None, vocab_size: 512, min_frequency: 2, train_samples: 2000 }
+    }
+}
+
+/// `[data]`: prompts for GRPO, demonstrations for SFT, held-out problems for evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    /// A task generator: `countdown` or `arithmetic` (used when `dataset` is not set).
+    pub task: Option<String>,
+    /// Options of the countdown generator.
+    pub countdown: CountdownConfig,
+    /// Options of the arithmetic generator.
+    pub arithmetic: ArithmeticConfig,
+    /// Generated training problems (each with a solver-written demonstration).
+    pub train_size: usize,
+    /// Generated held-out problems.
+    pub eval_size: usize,
+    /// Generator seed (default: `run.seed`).
+    pub seed: Option<u64>,
+    /// A JSONL/Parquet training set instead of a generator.
+    pub dataset: Option<DatasetConfig>,
+    /// A held-out set for evaluation (default: the generator's eval split).
+    pub eval_dataset: Option<DatasetConfig>,
+    /// SFT demonstrations (rows with `completion`; default: the training rows that have one).
+    pub sft_dataset: Option<DatasetConfig>,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        DataSection {
+            task: None,
+            countdown: CountdownConfig::default(),
+            arithmetic: ArithmeticConfig::default(),
+            train_size: 2000,
+            eval_size: 200,
+            seed: None,
+            dataset: None,
+            eval_dataset: None,
+            sft_dataset: None,
+        }
+    }
+}
+
+/// `[template]`: how a sample's prompt becomes model text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TemplateSection {
+    /// `r1_zero`, `plain`, or `chat` (the tokenizer's `tokenizer_config.json` chat template).
+    pub name: String,
+}
+
+impl Default for TemplateSection {
+    fn default() -> Self {
+        TemplateSection { name: "r1_zero".into() }
+    }
+}
+
+/// `[sft]`: the optional cold-start stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SftSection {
+    /// Optimizer steps (0 = no SFT stage).
+    pub steps: usize,
+    /// Sequences per step.
+    pub batch_size: usize,
+    /// Peak learning rate (the schedule and other AdamW settings come from `[optim]`).
+    pub lr: f64,
+    /// Warmup steps of the SFT stage.
+    pub warmup_steps: usize,
+    /// Longest prompt + completion in tokens; longer demonstrations are cut at the end.
+    pub max_length: usize,
+}
+
+impl Default for SftSection {
+    fn default() -> Self {
+        SftSection { steps: 0, batch_size: 8, lr: 1e-4, warmup_steps: 0, max_length: 1024 }
+    }
+}
+
+/// `[grpo]`: the RL stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpoSection {
+    /// Prompts per step (P).
+    pub num_prompts: usize,
+    /// Completions per prompt (G, ≥ 2).
+    pub group_size: usize,
+    /// Policy updates per generation batch (μ); > 1 uses the rollout's logprobs as old ones.
+    pub num_iterations: usize,
+    /// Completions per optimizer step (0 = all P·G); must divide P·G.
+    pub mini_batch_size: usize,
+    /// `grpo`, `bnpo`, `dr_grpo`, `dapo`, `gspo`.
+    pub loss: String,
+    /// Lower clip range: ratio ≥ 1 − epsilon.
+    pub epsilon: f64,
+    /// Upper clip range (clip-higher, DAPO); default: `epsilon`.
+    pub epsilon_high: Option<f64>,
+    /// KL coefficient; 0 skips the reference model entirely.
+    pub beta: f64,
+    /// `k1`, `k2` or `k3`.
+    pub kl_estimator: String,
+    /// `group` (TRL default), `batch`, or `none` (Dr. GRPO).
+    pub scale_rewards: String,
+    /// Truncated completions (finish reason `length`) take no part in the loss.
+    pub mask_truncated_completions: bool,
+    /// Drop groups whose rewards all tie and draw more prompts (DAPO dynamic sampling).
+    pub filter_zero_std_groups: bool,
+    /// Extra rounds of P prompts drawn to fill the batch when filtering.
+    pub max_resample_rounds: usize,
+    /// Weight of the MoE balance loss (default: the model's `router_aux_loss_coef`).
+    pub aux_loss_coef: Option<f64>,
+}
+
+impl Default for GrpoSection {
+    fn default() -> Self {
+        GrpoSection {
+            num_prompts: 8,
+            group_size: 8,
+            num_iterations: 1,
+            mini_batch_size: 0,
+            loss: "grpo".into(),
+            epsilon: 0.2,
+            epsilon_high: None,
+            beta: 0.0,
+            kl_estimator: "k3".into(),
+            scale_rewards: "group".into(),
+            mask_truncated_completions: false,
+            filter_zero_std_groups: false,
+            max_resample_rounds: 3,
+            aux_loss_coef: None,
+        }
+    }
+}
+
+/// `[optim]`: AdamW and the learning-rate schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimSection {
+    pub lr: f64,
+    /// Decoupled weight decay; never applied to 1-D parameters (norms, biases).
+    pub weight_decay: f64,
+    pub betas: [f64; 2],
+    pub eps: f64,
+    pub warmup_steps: usize,
+    /// `constant`, `linear` or `cosine` (after warmup).
+    pub schedule: String,
+    /// Final learning rate as a fraction of `lr` (linear, cosine).
+    pub min_lr_ratio: f64,
+    /// Global gradient-norm clip (0 = off).
+    pub max_grad_norm: f64,
+}
+
+impl Default for OptimSection {
+    fn default() -> Self {
+        OptimSection {
+            lr: 1e-5,
+            weight_decay: 0.0,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            warmup_steps: 0,
+            schedule: "constant".into(),
+            min_lr_ratio: 0.0,
+            max_grad_norm: 1.0,
+        }
+    }
+}
+
+/// `[run]`: length, seed, where results go, how often to save and log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunSection {
+    /// GRPO steps.
+    pub steps: usize,
+    pub seed: u64,
+    pub out_dir: PathBuf,
+    /// Checkpoint every N GRPO steps (0 = only at the end).
+    pub save_every: usize,
+    /// Step checkpoints kept (the newest ones).
+    pub keep_last: usize,
+    /// One summary line every N steps.
+    pub log_every: usize,
+    /// Completions written to `samples.jsonl` per step.
+    pub samples_per_step: usize,
+    /// Worker threads (0 = all cores).
+    pub threads: usize,
+    /// Non-finite losses or gradients in a row that stop the run.
+    pub max_consecutive_nonfinite: usize,
+    /// Show a progress bar (on a terminal).
+    pub progress: bool,
+}
+
+impl Default for RunSection {
+    fn default() -> Self {
+        RunSection {
+            steps: 100,
+            seed: 42,
+            out_dir: PathBuf::from("runs/run"),
+            save_every: 50,
+            keep_last: 2,
+            log_every: 1,
+            samples_per_step: 2,
+            threads: 0,
+            max_consecutive_nonfinite: 3,
+            progress: true,
+        }
+    }
+}
+
+/// `[eval]`: held-out pass@1 every `eval_every` steps (greedy unless `temperature` > 0).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSection {
+    /// 0 = no evaluation during training.
+    pub eval_every: usize,
+    /// Held-out problems per evaluation.
+    pub n: usize,
+    /// Sampling seed (default: `run.seed`).
+    pub seed: Option<u64>,
+    /// Completions written to `eval_samples.jsonl` per evaluation.
+    pub samples: usize,
+    pub temperature: f32,
+    /// New tokens per completion (default: `rollout.max_new_tokens`).
+    pub max_new_tokens: Option<usize>,
+    /// Reward component whose score ≥ 1 counts as solved (default: `countdown` for the
+    /// countdown task, else `accuracy`).
+    pub reward: Option<String>,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        EvalSection { eval_every: 0, n: 100, seed: None, samples: 4, temperature: 0.0, max_new_tokens: None, reward: None }
+    }
+}
+
+/// A whole run. `[[reward]]` tables go to `sobre_reward::CombinedReward`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub model: ModelSection,
+    pub tokenizer: TokenizerSection,
+    pub data: DataSection,
+    pub template: TemplateSection,
+    pub sft: SftSection,
+    pub rollout: SamplingParams,
+    pub grpo: GrpoSection,
+    pub optim: OptimSection,
+    pub run: RunSection,
+    pub eval: EvalSection,
+    /// `[[reward]] name = "…" weight = …` (default: R1's format + the task's accuracy reward).
+    pub reward: Vec<toml::Table>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            model: ModelSection::default(),
+            tokenizer: TokenizerSection::default(),
+            data: DataSection::default(),
+            template: TemplateSection::default(),
+            sft: SftSection::default(),
+            rollout: SamplingParams::default(),
+            grpo: GrpoSection::default(),
+            optim: OptimSection::default(),
+            run: RunSection::default(),
+            eval: EvalSection::default(),
+            reward: vec![],
+        }
+    }
+}
+
+/// Where the configuration came from, for error messages and the resolved copy.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub name: String,
+    pub text: String,
+    /// The overrides applied, as given.
+    pub overrides: Vec<String>,
+}
+
+/// The keys of every section, for "did you mean" on errors that do not list them.
+pub const LOSSES: &[&str] = &["grpo", "bnpo", "dr_grpo", "dapo", "gspo"];
+pub const KL_ESTIMATORS: &[&str] = &["k1", "k2", "k3"];
+pub const SCALE_REWARDS: &[&str] = &["group", "batch", "none"];
+pub const SCHEDULES: &[&str] = &["constant", "linear", "cosine"];
+pub const TASKS: &[&str] = &["countdown", "arithmetic"];
+pub const TEMPLATES: &[&str] = &["r1_zero", "plain", "chat"];
+
+/// Levenshtein distance (small strings only).
+pub fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, &cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// The valid name closest to `name`, if it is close enough to be a typo.
+pub fn closest<'a>(name: &str, valid: &[&'a str]) -> Option<&'a str> {
+    valid
+        .iter()
+        .map(|v| (edit_distance(name, v), *v))
+        .min()
+        .filter(|(d, v)| *d <= (v.len().max(name.len()) / 2).max(2))
+        .map(|(_, v)| v)
+}
+
+fn one_of(value: &str, valid: &[&str]) -> Result<(), String> {
+    if valid.contains(&value) {
+        return Ok(());
+    }
+    let hint = closest(value, valid).map(|c| format!(" (did you mean `{c}`?)")).unwrap_or_default();
+    Err(format!("unknown value `{value}`{hint}; expected one of: {}", valid.join(", ")))
+}
+
+/// Byte offset → 1-based (line, column).
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rfind('\n').map_or(before.len(), |p| before.len() - p - 1) + 1;
+    (line, col)
+}
+
+/// Improve serde's "unknown field `x`, expected one of `a`, `b`" with the closest key.
+fn suggest(msg: &str) -> String {
+    let Some(rest) = msg.split("unknown field `").nth(1) else { return msg.to_string() };
+    let Some(bad) = rest.split('`').next() else { return msg.to_string() };
+    let valid: Vec<&str> = rest.split('`').skip(1).enumerate().filter(|(i, _)| i % 2 == 1).map(|(_, s)| s).collect();
+    match closest(bad, &valid) {
+        Some(c) => format!("{} (did you mean `{c}`?)", msg.trim_end()),
+        None => msg.to_string(),
+    }
+}
+
+fn toml_error(origin: &str, text: &str, e: &toml::de::Error) -> ConfigError {
+    let loc = match e.span() {
+        Some(span) => {
+            let (l, c) = line_col(text, span.start);
+            format!("{origin}:{l}:{c}")
+        }
+        None => origin.to_string(),
+    };
+    ConfigError { origin: loc, key: None, msg: suggest(e.message()) }
+}
+
+/// The line of `key` under `[section]` in `text` (1-based), scanning headers and `key =` lines.
+pub fn find_key_line(text: &str, dotted: &str) -> Option<usize> {
+    let (section, key) = dotted.rsplit_once('.').unwrap_or(("", dotted));
+    let mut current = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if let Some(h) = t.strip_prefix('[') {
+            current = h.trim_start_matches('[').split(']').next().unwrap_or("").trim().to_string();
+            continue;
+        }
+        if current == section {
+            if let Some(rest) = t.strip_prefix(key)
+                && rest.trim_start().starts_with('=')
+            {
+                return Some(i + 1);
+            }
+        }
+        // `section.key = v` written at the top level or in a parent table.
+        let full = if current.is_empty() { dotted.to_string() } else { dotted.strip_prefix(&format!("{current}.")).unwrap_or("").to_string() };
+        if !full.is_empty() && full != key {
+            if let Some(rest) = t.strip_prefix(full.as_str())
+                && rest.trim_start().starts_with('=')
+            {
+                return Some(i + 1);
+            }
+        }
+    }
+    None
+}
+
+/// Parse a `--set a.b.c=value` into the document.
+fn apply_override(doc: &mut toml::Table, spec: &str) -> Result<(), ConfigError> {
+    let err = |msg: String| ConfigError { origin: format!("--set {spec}"), key: None, msg };
+    let (path, raw) = spec.split_once('=').ok_or_else(|| err("expected section.key=value".into()))?;
+    let path = path.trim();
+    let parts: Vec<&str> = path.split('.').collect();
+    if parts.len() < 2 || parts.iter().any(|p| p.is_empty()) {
+        return Err(err("expected section.key=value (e.g. grpo.beta=0.04)".into()));
+    }
+    let value: toml::Value = match format!("v = {}", raw.trim()).parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.trim().to_string()),
+    };
+    let mut table = doc;
+    for p in &parts[..parts.len() - 1] {
+        let entry = table.entry(p.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = match entry {
+            toml::Value::Table(t) => t,
+            _ => return Err(err(format!("`{p}` is not a table"))),
+        };
+    }
+    table.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+impl Config {
+    /// Read, override and validate a config file.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<(Config, Source), ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            origin: path.display().to_string(),
+            key: None,
+            msg: format!("cannot read: {e}"),
+        })?;
+        Self::parse(&text, &path.display().to_string(), overrides)
+    }
+
+    /// [`Config::load`] on text; `name` is used in error messages.
+    pub fn parse(text: &str, name: &str, overrides: &[String]) -> Result<(Config, Source), ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| toml_error(name, text, &e))?;
+        if !overrides.is_empty() {
+            let mut doc: toml::Table = toml::from_str(text).map_err(|e| toml_error(name, text, &e))?;
+            for o in overrides {
+                apply_override(&mut doc, o)?;
+                let t = toml::to_string(&doc).map_err(|e| ConfigError { origin: format!("--set {o}"), key: None, msg: e.to_string() })?;
+                cfg = toml::from_str(&t).map_err(|e| ConfigError { origin: format!("--set {o}"), key: None, msg: suggest(e.message()) })?;
+            }
+        }
+        let source = Source { name: name.to_string(), text: text.to_string(), overrides: overrides.to_vec() };
+        cfg.validate(&source)?;
+        Ok((cfg, source))
+    }
+
+    /// The config as TOML with every default filled in (`config.toml` of a run).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_default()
+    }
+
+    /// The reward specs of `[[reward]]`, or the default pair for the task.
+    pub fn reward_specs(&self) -> Vec<toml::Table> {
+        if !self.reward.is_empty() {
+            return self.reward.clone();
+        }
+        let task_reward = match self.data.task.as_deref() {
+            Some("countdown") => "countdown",
+            _ => "accuracy",
+        };
+        let spec = |name: &str, w: f64| {
+            let mut t = toml::Table::new();
+            t.insert("name".into(), toml::Value::String(name.into()));
+            t.insert("weight".into(), toml::Value::Float(w));
+            t
+        };
+        vec![spec(task_reward, 1.0), spec("format", 0.1)]
+    }
+
+    /// Build the combined reward.
+    pub fn build_rewards(&self) -> Result<sobre_reward::CombinedReward, String> {
+        let mut specs = Vec::new();
+        for (i, t) in self.reward_specs().iter().enumerate() {
+            let v = serde_json::to_value(t).map_err(|e| format!("[[reward]] #{}: {e}", i + 1))?;
+            let spec: sobre_reward::RewardSpec = serde_json::from_value(v).map_err(|e| format!("[[reward]] #{}: {e}", i + 1))?;
+            specs.push(spec);
+        }
+        sobre_reward::CombinedReward::from_specs(&specs).map_err(|e| e.to_string())
+    }
+
+    /// The upper clip range.
+    pub fn epsilon_high(&self) -> f64 {
+        self.grpo.epsilon_high.unwrap_or(self.grpo.epsilon)
+    }
+
+    /// Completions per optimizer step.
+    pub fn mini_batch(&self) -> usize {
+        let total = self.grpo.num_prompts * self.grpo.group_size;
+        if self.grpo.mini_batch_size == 0 { total } else { self.grpo.mini_batch_size }
+    }
+
+    /// Every value check; the first failure is the error, located in the file.
+    pub fn validate(&self, source: &Source) -> Result<(), ConfigError> {
+        let fail = |key: &str, msg: String| {
+            let overridden = source.overrides.iter().rev().find(|o| o.split('=').next().map(str::trim) == Some(key));
+            let origin = match (overridden, find_key_line(&source.text, key)) {
+                (Some(o), _) => format!("--set {o}"),
+                (None, Some(l)) => format!("{}:{l}", source.name),
+                (None, None) => source.name.clone(),
+            };
+            Err(ConfigError { origin, key: Some(key.to_string()), msg })
+        };
+        let pos = |key: &str, v: f64| if v > 0.0 && v.is_finite() { Ok(()) } else { fail(key, format!("must be a finite number > 0, found {v}")) };
+        let nonneg = |key: &str, v: f64| if v >= 0.0 && v.is_finite() { Ok(()) } else { fail(key, format!("must be a finite number ≥ 0, found {v}")) };
+
+        // [model]
+        if let Some(p) = &self.model.preset
+            && let Err(e) = sobre_model::ModelConfig::preset(p)
+        {
+            return fail("model.preset", e.to_string());
+        }
+        if let Some(r) = self.model.router_aux_loss_coef {
+            nonneg("model.router_aux_loss_coef", r)?;
+        }
+        if let Some(r) = self.model.bias_update_rate {
+            nonneg("model.bias_update_rate", r)?;
+        }
+        // [tokenizer]
+        if self.tokenizer.path.is_none() && self.model.path.is_none() && self.tokenizer.vocab_size < 262 {
+            return fail("tokenizer.vocab_size", format!("must be at least 262 (256 bytes + special tokens), found {}", self.tokenizer.vocab_size));
+        }
+        // [data]
+        match (&self.data.task, &self.data.dataset) {
+            (None, None) => return fail("data.task", "set `task` (countdown or arithmetic) or a `[data.dataset]` path".into()),
+            (Some(t), _) => {
+                if let Err(m) = one_of(t, TASKS) {
+                    return fail("data.task", m);
+                }
+                let r = match t.as_str() {
+                    "countdown" => self.data.countdown.validate().map_err(|e| e.to_string()),
+                    _ => self.data.arithmetic.validate().map_err(|e| e.to_string()),
+                };
+                if let Err(m) = r {
+                    return fail(&format!("data.{t}"), m);
+                }
+                if self.data.train_size == 0 {
+                    return fail("data.train_size", "must be at least 1".into());
+                }
+            }
+            (None, Some(_)) => {}
+        }
+        for (key, d) in [("data.dataset.path", &self.data.dataset), ("data.eval_dataset.path", &self.data.eval_dataset), ("data.sft_dataset.path", &self.data.sft_dataset)] {
+            if let Some(d) = d
+                && !d.path.exists()
+            {
+                return fail(key, format!("{} does not exist", d.path.display()));
+            }
+        }
+        // [template]
+        if let Err(m) = one_of(&self.template.name, TEMPLATES) {
+            return fail("template.name", m);
+        }
+        // [sft]
+        if self.sft.steps > 0 {
+            if self.sft.batch_size == 0 {
+                return fail("sft.batch_size", "must be at least 1".into());
+            }
+            pos("sft.lr", self.sft.lr)?;
+            if self.sft.max_length < 2 {
+                return fail("sft.max_length", "must be at least 2".into());
+            }
+        }
+        // [rollout]
+        if let Err(m) = self.rollout.validate() {
+            let key = m.split_whitespace().next().unwrap_or("temperature");
+            return fail(&format!("rollout.{key}"), m);
+        }
+        // [grpo]
+        let g = &self.grpo;
+        if g.num_prompts == 0 {
+            return fail("grpo.num_prompts", "must be at least 1".into());
+        }
+        if g.group_size < 2 {
+            return fail("grpo.group_size", format!("must be at least 2 (advantages compare completions of a prompt), found {}", g.group_size));
+        }
+        if g.num_iterations == 0 {
+            return fail("grpo.num_iterations", "must be at least 1".into());
+        }
+        let total = g.num_prompts * g.group_size;
+        if g.mini_batch_size > 0 && total % g.mini_batch_size != 0 {
+            return fail(
+                "grpo.mini_batch_size",
+                format!("must divide num_prompts × group_size = {} × {} = {total}, found {}", g.num_prompts, g.group_size, g.mini_batch_size),
+            );
+        }
+        if let Err(m) = one_of(&g.loss, LOSSES) {
+            return fail("grpo.loss", m);
+        }
+        pos("grpo.epsilon", g.epsilon)?;
+        if let Some(h) = g.epsilon_high {
+            pos("grpo.epsilon_high", h)?;
+        }
+        nonneg("grpo.beta", g.beta)?;
+        if let Err(m) = one_of(&g.kl_estimator, KL_ESTIMATORS) {
+            return fail("grpo.kl_estimator", m);
+        }
+        if let Err(m) = one_of(&g.scale_rewards, SCALE_REWARDS) {
+            return fail("grpo.scale_rewards", m);
+        }
+        if let Some(a) = g.aux_loss_coef {
+            nonneg("grpo.aux_loss_coef", a)?;
+        }
+        // [optim]
+        let o = &self.optim;
+        pos("optim.lr", o.lr)?;
+        nonneg("optim.weight_decay", o.weight_decay)?;
+        for b in o.betas {
+            if !(0.0..1.0).contains(&b) {
+                return fail("optim.betas", format!("each beta must be in [0, 1), found {b}"));
+            }
+        }
+        pos("optim.eps", o.eps)?;
+        if let Err(m) = one_of(&o.schedule, SCHEDULES) {
+            return fail("optim.schedule", m);
+        }
+        if !(0.0..=1.0).contains(&o.min_lr_ratio) {
+            return fail("optim.min_lr_ratio", format!("must be in [0, 1], found {}", o.min_lr_ratio));
+        }
+        nonneg("optim.max_grad_norm", o.max_grad_norm)?;
+        // [run]
+        if self.run.keep_last == 0 {
+            return fail("run.keep_last", "must be at least 1".into());
+        }
+        if self.run.max_consecutive_nonfinite == 0 {
+            return fail("run.max_consecutive_nonfinite", "must be at least 1".into());
+        }
+        // [eval]
+        if self.eval.eval_every > 0 && self.eval.n == 0 {
+            return fail("eval.n", "must be at least 1 when eval_every > 0".into());
+        }
+        if !(self.eval.temperature >= 0.0 && self.eval.temperature.is_finite()) {
+            return fail("eval.temperature", format!("must be a finite number ≥ 0, found {}", self.eval.temperature));
+        }
+        // [[reward]]
+        if let Err(m) = self.build_rewards() {
+            return fail("reward", m);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_with_a_task() {
+        let (cfg, _) = Config::parse("[data]\ntask = \"countdown\"\n", "t.toml", &[]).unwrap();
+        assert_eq!(cfg.grpo.group_size, 8);
+        // The resolved config round-trips.
+        let (again, _) = Config::parse(&cfg.to_toml(), "resolved", &[]).unwrap();
+        assert_eq!(again, cfg);
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_suggests() {
+        let text = "[data]\ntask = \"countdown\"\n\n[grpo]\ngroup_size = 4\nepsilonn = 0.2\n";
+        let e = Config::parse(text, "run.toml", &[]).unwrap_err().to_string();
+        assert!(e.starts_with("run.toml:6:1"), "{e}");
+        assert!(e.contains("unknown field `epsilonn`"), "{e}");
+        assert!(e.contains("did you mean `epsilon`?"), "{e}");
+    }
+
+    #[test]
+    fn bad_value_names_file_line_and_key() {
+        let text = "[data]\ntask = \"countdown\"\n[grpo]\nnum_prompts = 3\ngroup_size = 1\n";
+        let e = Config::parse(text, "run.toml", &[]).unwrap_err().to_string();
+        assert!(e.starts_with("run.toml:5: `grpo.group_size`: must be at least 2"), "{e}");
+        let text = "[data]\ntask = \"countdown\"\n[grpo]\nnum_prompts = 3\ngroup_size = 4\nmini_batch_size = 5\n";
+        let e = Config::parse(text, "run.toml", &[]).unwrap_err().to_string();
+        assert!(e.starts_with("run.toml:6: `grpo.mini_batch_size`: must divide"), "{e}");
+        let text = "[data]\ntask = \"countdown\"\n[grpo]\nloss = \"gpro\"\n";
+        let e = Config::parse(text, "run.toml", &[]).unwrap_err().to_string();
+        assert!(e.contains("did you mean `grpo`"), "{e}");
+    }
+
+    #[test]
+    fn overrides_apply_and_are_named_in_errors() {
+        let text = "[data]\ntask = \"countdown\"\n";
+        let (cfg, _) = Config::parse(text, "t", &["grpo.beta=0.04".into(), "run.out_dir=/tmp/x".into()]).unwrap();
+        assert_eq!(cfg.grpo.beta, 0.04);
+        assert_eq!(cfg.run.out_dir, PathBuf::from("/tmp/x"));
+        let e = Config::parse(text, "t", &["grpo.group_size=1".into()]).unwrap_err().to_string();
+        assert!(e.starts_with("--set grpo.group_size=1"), "{e}");
+        let e = Config::parse(text, "t", &["grpo.bta=1".into()]).unwrap_err().to_string();
+        assert!(e.contains("did you mean `beta`"), "{e}");
+    }
+
+    #[test]
+    fn bad_reward_is_an_error() {
+        let text = "[data]\ntask = \"countdown\"\n[[reward]]\nname = \"acuracy\"\n";
+        let e = Config::parse(text, "t", &[]).unwrap_err().to_string();
+        assert!(e.contains("reward"), "{e}");
+    }
+
+    #[test]
+    fn closest_is_edit_distance() {
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(closest("cosin", SCHEDULES), Some("cosine"));
+        assert_eq!(closest("zzzzzzzzzz", SCHEDULES), None);
+    }
+}

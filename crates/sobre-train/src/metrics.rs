@@ -1,0 +1,143 @@
+//! `metrics.jsonl` and `samples.jsonl`: one JSON object per line, flushed every step, and the
+//! one-line summaries printed every `log_every` steps.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use crate::TrainError;
+
+/// Appends JSON lines to a file.
+pub struct JsonlWriter {
+    path: PathBuf,
+    file: File,
+}
+
+impl JsonlWriter {
+    /// Open for appending; lines whose `step` (in `stage`) is beyond `keep_until` are dropped
+    /// first, so a resumed run does not repeat steps it redoes.
+    pub fn open(path: &Path, keep_until: Option<(&str, usize)>) -> Result<Self, TrainError> {
+        if let Some((stage, last)) = keep_until
+            && let Ok(text) = std::fs::read_to_string(path)
+        {
+            let kept: Vec<&str> = text
+                .lines()
+                .filter(|l| {
+                    let Ok(v) = serde_json::from_str::<Value>(l) else { return false };
+                    let s = v.get("stage").and_then(Value::as_str).unwrap_or("");
+                    let step = v.get("step").and_then(Value::as_u64).unwrap_or(0) as usize;
+                    stage_rank(s) < stage_rank(stage) || (s == stage && step <= last)
+                })
+                .collect();
+            let mut body = kept.join("\n");
+            if !body.is_empty() {
+                body.push('\n');
+            }
+            std::fs::write(path, body).map_err(|e| TrainError::io(path, e))?;
+        }
+        let file = OpenOptions::new().create(true).append(true).open(path).map_err(|e| TrainError::io(path, e))?;
+        Ok(JsonlWriter { path: path.to_path_buf(), file })
+    }
+
+    pub fn write(&mut self, value: &Value) -> Result<(), TrainError> {
+        let line = serde_json::to_string(value).unwrap_or_default();
+        writeln!(self.file, "{line}").and_then(|_| self.file.flush()).map_err(|e| TrainError::io(&self.path, e))
+    }
+}
+
+fn stage_rank(s: &str) -> u8 {
+    match s {
+        "sft" => 0,
+        "grpo" => 1,
+        "eval" => 1,
+        _ => 2,
+    }
+}
+
+/// Peak resident set size in MiB (`VmHWM` of `/proc/self/status`; None off Linux).
+pub fn peak_rss_mib() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = text.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Per-expert load of each sparse layer as fractions, and the mean over layers of
+/// max load / mean load (1 = perfectly balanced).
+pub fn expert_load(counts: &[Vec<u64>]) -> (Vec<Vec<f64>>, Option<f64>) {
+    let mut loads = Vec::new();
+    let mut imb = Vec::new();
+    for layer in counts {
+        let total: u64 = layer.iter().sum();
+        if total == 0 || layer.is_empty() {
+            continue;
+        }
+        let frac: Vec<f64> = layer.iter().map(|&c| c as f64 / total as f64).collect();
+        let mean = 1.0 / layer.len() as f64;
+        imb.push(frac.iter().cloned().fold(0.0, f64::max) / mean);
+        loads.push(frac);
+    }
+    let imbalance = (!imb.is_empty()).then(|| imb.iter().sum::<f64>() / imb.len() as f64);
+    (loads, imbalance)
+}
+
+/// Add `counts` (`[layer][expert]`) into `acc`.
+pub fn add_counts(acc: &mut Vec<Vec<u64>>, counts: &[Vec<u32>]) {
+    if acc.len() < counts.len() {
+        acc.resize(counts.len(), vec![]);
+    }
+    for (a, c) in acc.iter_mut().zip(counts) {
+        if a.len() < c.len() {
+            a.resize(c.len(), 0);
+        }
+        for (x, &y) in a.iter_mut().zip(c) {
+            *x += y as u64;
+        }
+    }
+}
+
+/// A number for JSON: non-finite values become `null`.
+pub fn num(x: f64) -> Value {
+    serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number)
+}
+
+/// The one-line summary of a metrics object.
+pub fn summary_line(m: &Map<String, Value>) -> String {
+    let f = |k: &str| m.get(k).and_then(Value::as_f64);
+    let mut parts = vec![format!("{} {}", m.get("stage").and_then(Value::as_str).unwrap_or(""), m.get("step").and_then(Value::as_u64).unwrap_or(0))];
+    for (k, label) in [("reward_mean", "reward"), ("accuracy", "acc"), ("loss", "loss"), ("kl", "kl"), ("entropy", "ent"), ("completion_length_mean", "len"), ("grad_norm", "gnorm"), ("lr", "lr"), ("time_step", "s")] {
+        if let Some(v) = f(k) {
+            parts.push(if k == "lr" { format!("{label} {v:.2e}") } else { format!("{label} {v:.4}") });
+        }
+    }
+    if m.get("skipped").and_then(Value::as_bool) == Some(true) {
+        parts.push("SKIPPED (non-finite)".into());
+    }
+    parts.join(" · ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expert_imbalance_by_hand() {
+        // [3, 1] → fractions .75/.25, max/mean = 1.5; [2, 2] → 1.0; mean 1.25.
+        let (loads, imb) = expert_load(&[vec![3, 1], vec![2, 2]]);
+        assert_eq!(loads[0], vec![0.75, 0.25]);
+        assert!((imb.unwrap() - 1.25).abs() < 1e-12);
+    }
+
+    #[test]
+    fn resume_truncates_later_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.jsonl");
+        std::fs::write(&p, "{\"stage\":\"sft\",\"step\":2}\n{\"stage\":\"grpo\",\"step\":1}\n{\"stage\":\"grpo\",\"step\":2}\n").unwrap();
+        let mut w = JsonlWriter::open(&p, Some(("grpo", 1))).unwrap();
+        w.write(&serde_json::json!({"stage": "grpo", "step": 2})).unwrap();
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert_eq!(text.lines().count(), 3);
+    }
+}

@@ -1,0 +1,384 @@
+//! AdamW with per-parameter decay exclusion, exact save/restore, a warmup + decay schedule,
+//! and global-norm gradient clipping.
+//!
+//! Why not burn's `AdamW`: burn-optim 0.22.1 applies one weight decay to every parameter (no
+//! exclusion of norms and biases, which HF's Trainer and nanoGPT-style recipes exclude), clips
+//! gradients per tensor only, and keeps its moments in records keyed by `ParamId`s that change
+//! when a model is re-loaded from safetensors — awkward to checkpoint bit-exactly. This AdamW
+//! keeps its moments on the host as `f32` vectors keyed by the parameter's module path
+//! (`layers.0.self_attn.q_proj.weight`), saves them as safetensors, and performs the update
+//! with plain host arithmetic, so an update is the same bits on every run and after a resume.
+//! The models it trains are small enough that moving weights and gradients to the host once
+//! per step costs little next to the forward and backward passes.
+//!
+//! Update (Loshchilov & Hutter; PyTorch's `AdamW`): `p ← p − lr·wd·p` (decoupled, skipped for
+//! 1-D parameters), `m ← β₁m + (1−β₁)g`, `v ← β₂v + (1−β₂)g²`,
+//! `p ← p − lr · (m / (1−β₁ᵗ)) / (√(v / (1−β₂ᵗ)) + ε)`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::prelude::*;
+use burn::tensor::Gradients;
+use sobre_model::MoeModel;
+
+use crate::TrainError;
+
+/// The learning-rate schedule: linear warmup from 0, then constant, linear or cosine decay to
+/// `min_lr_ratio · lr` at `total` steps (HF's `get_*_schedule_with_warmup`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Schedule {
+    pub lr: f64,
+    pub warmup: usize,
+    pub total: usize,
+    pub kind: ScheduleKind,
+    pub min_lr_ratio: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScheduleKind {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+impl ScheduleKind {
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "constant" => Some(ScheduleKind::Constant),
+            "linear" => Some(ScheduleKind::Linear),
+            "cosine" => Some(ScheduleKind::Cosine),
+            _ => None,
+        }
+    }
+}
+
+impl Schedule {
+    /// Learning rate of optimizer step `step` (0-based).
+    pub fn lr_at(&self, step: usize) -> f64 {
+        if step < self.warmup {
+            return self.lr * (step + 1) as f64 / self.warmup as f64;
+        }
+        let span = self.total.saturating_sub(self.warmup).max(1) as f64;
+        let progress = ((step - self.warmup) as f64 / span).min(1.0);
+        let floor = self.min_lr_ratio;
+        let factor = match self.kind {
+            ScheduleKind::Constant => 1.0,
+            ScheduleKind::Linear => floor + (1.0 - floor) * (1.0 - progress),
+            ScheduleKind::Cosine => floor + (1.0 - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+        };
+        self.lr * factor
+    }
+}
+
+/// Hyper-parameters of [`AdamW`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+/// One parameter's moments.
+#[derive(Debug, Clone, PartialEq)]
+struct Moments {
+    m: Vec<f32>,
+    v: Vec<f32>,
+}
+
+/// AdamW over host moments keyed by parameter path (see the module docs).
+#[derive(Debug, Clone)]
+pub struct AdamW {
+    pub config: AdamWConfig,
+    /// Updates applied so far (t in the bias corrections).
+    pub step: u64,
+    state: BTreeMap<String, Moments>,
+}
+
+/// A parameter's gradient on the host.
+#[derive(Debug, Clone)]
+pub struct HostGrad {
+    pub path: String,
+    pub shape: Vec<usize>,
+    pub values: Vec<f32>,
+}
+
+struct PathTracker(Vec<String>);
+
+impl PathTracker {
+    fn enter(&mut self, name: &str) {
+        self.0.push(name.to_string());
+    }
+    fn exit(&mut self) {
+        self.0.pop();
+    }
+    fn path(&self) -> String {
+        self.0.join(".")
+    }
+}
+
+struct GradCollector<'a> {
+    path: PathTracker,
+    grads: &'a Gradients,
+    out: Vec<HostGrad>,
+}
+
+impl ModuleVisitor for GradCollector<'_> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.enter(name);
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.exit();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let t = param.val();
+        if let Some(g) = t.grad(self.grads) {
+            let shape = g.dims().to_vec();
+            let values = g.try_into_vec_as::<f32>().unwrap_or_default();
+            self.out.push(HostGrad { path: self.path.path(), shape, values });
+        }
+    }
+}
+
+/// Every parameter gradient of `model` in `grads`, in module order.
+pub fn collect_grads(model: &MoeModel, grads: &Gradients) -> Vec<HostGrad> {
+    let mut c = GradCollector { path: PathTracker(vec![]), grads, out: vec![] };
+    model.visit(&mut c);
+    c.out
+}
+
+/// Add `other` into `acc` (gradient accumulation).
+pub fn accumulate(acc: &mut Vec<HostGrad>, other: Vec<HostGrad>) {
+    if acc.is_empty() {
+        *acc = other;
+        return;
+    }
+    for (a, b) in acc.iter_mut().zip(other) {
+        for (x, y) in a.values.iter_mut().zip(b.values) {
+            *x += y;
+        }
+    }
+}
+
+/// √Σg² over every gradient (f64 accumulation).
+pub fn global_norm(grads: &[HostGrad]) -> f64 {
+    grads.iter().flat_map(|g| g.values.iter()).map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt()
+}
+
+/// The factor that brings the norm down to `max_norm` (1 when it is within, or clipping off),
+/// as `torch.nn.utils.clip_grad_norm_`: `max_norm / (norm + 1e-6)`, capped at 1.
+pub fn clip_coefficient(norm: f64, max_norm: f64) -> f64 {
+    if max_norm <= 0.0 { 1.0 } else { (max_norm / (norm + 1e-6)).min(1.0) }
+}
+
+struct Updater<'a> {
+    path: PathTracker,
+    opt: &'a mut AdamW,
+    grads: BTreeMap<String, Vec<f32>>,
+    lr: f64,
+    scale: f32,
+}
+
+impl ModuleMapper for Updater<'_> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.enter(name);
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.exit();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let path = self.path.path();
+        let Some(grad) = self.grads.remove(&path) else { return param };
+        let (lr, scale) = (self.lr, self.scale);
+        let opt = &mut *self.opt;
+        param.map(|tensor| {
+            let device = tensor.device();
+            let shape = tensor.dims();
+            let require_grad = tensor.is_require_grad();
+            let mut values = tensor.try_into_vec_as::<f32>().unwrap_or_default();
+            opt.update(&path, &mut values, &grad, scale, lr, D < 2);
+            let t = Tensor::<D>::from_data(TensorData::new(values, shape), &device);
+            if require_grad { t.require_grad() } else { t }
+        })
+    }
+}
+
+impl AdamW {
+    pub fn new(config: AdamWConfig) -> Self {
+        AdamW { config, step: 0, state: BTreeMap::new() }
+    }
+
+    /// One AdamW update of one parameter. `scale` multiplies the gradient (clipping);
+    /// `no_decay` skips weight decay (norms, biases).
+    pub fn update(&mut self, path: &str, p: &mut [f32], g: &[f32], scale: f32, lr: f64, no_decay: bool) {
+        let c = self.config;
+        let t = (self.step + 1) as i32;
+        let st = self.state.entry(path.to_string()).or_insert_with(|| Moments { m: vec![0.0; p.len()], v: vec![0.0; p.len()] });
+        let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
+        let bc1 = 1.0 - c.beta1.powi(t);
+        let bc2 = 1.0 - c.beta2.powi(t);
+        let step_size = (lr / bc1) as f32;
+        let bc2_sqrt = bc2.sqrt() as f32;
+        let decay = if no_decay { 1.0 } else { 1.0 - (lr * c.weight_decay) as f32 };
+        let eps = c.eps as f32;
+        for i in 0..p.len() {
+            let gi = g[i] * scale;
+            st.m[i] = b1 * st.m[i] + (1.0 - b1) * gi;
+            st.v[i] = b2 * st.v[i] + (1.0 - b2) * gi * gi;
+            let denom = st.v[i].sqrt() / bc2_sqrt + eps;
+            p[i] = p[i] * decay - step_size * st.m[i] / denom;
+        }
+    }
+
+    /// Apply one update to every parameter with a gradient. `scale` is the clip coefficient.
+    pub fn step(&mut self, model: MoeModel, grads: Vec<HostGrad>, lr: f64, scale: f64) -> MoeModel {
+        let grads = grads.into_iter().map(|g| (g.path, g.values)).collect();
+        let mut u = Updater { path: PathTracker(vec![]), opt: self, grads, lr, scale: scale as f32 };
+        let model = model.map(&mut u);
+        self.step += 1;
+        model
+    }
+
+    /// Save the moments and step count as safetensors (`<path>.m` / `<path>.v` tensors and a
+    /// `step` entry in the metadata).
+    pub fn save(&self, file: &Path) -> Result<(), TrainError> {
+        let mut bytes: Vec<(String, Vec<u8>, usize)> = Vec::new();
+        for (name, st) in &self.state {
+            for (suffix, v) in [("m", &st.m), ("v", &st.v)] {
+                bytes.push((format!("{name}.{suffix}"), v.iter().flat_map(|x| x.to_le_bytes()).collect(), v.len()));
+            }
+        }
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
+            .iter()
+            .map(|(n, b, len)| {
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![*len], b)
+                    .map(|v| (n.clone(), v))
+                    .map_err(|e| TrainError::Checkpoint(format!("optimizer state: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        let mut meta = std::collections::HashMap::new();
+        meta.insert("step".to_string(), self.step.to_string());
+        meta.insert("format".to_string(), "sobre-adamw-v1".to_string());
+        safetensors::serialize_to_file(views, Some(meta), file).map_err(|e| TrainError::Checkpoint(format!("{}: {e}", file.display())))
+    }
+
+    /// Load what [`AdamW::save`] wrote.
+    pub fn load(config: AdamWConfig, file: &Path) -> Result<Self, TrainError> {
+        let data = std::fs::read(file).map_err(|e| TrainError::io(file, e))?;
+        let bad = |m: String| TrainError::Checkpoint(format!("{}: {m}", file.display()));
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&data).map_err(|e| bad(e.to_string()))?;
+        let step = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("step"))
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad("missing `step` metadata".into()))?;
+        let st = safetensors::SafeTensors::deserialize(&data).map_err(|e| bad(e.to_string()))?;
+        let mut state: BTreeMap<String, Moments> = BTreeMap::new();
+        for (name, view) in st.tensors() {
+            let values: Vec<f32> = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            let (param, which) = name.rsplit_once('.').ok_or_else(|| bad(format!("unexpected tensor {name}")))?;
+            let e = state.entry(param.to_string()).or_insert_with(|| Moments { m: vec![], v: vec![] });
+            match which {
+                "m" => e.m = values,
+                "v" => e.v = values,
+                _ => return Err(bad(format!("unexpected tensor {name}"))),
+            }
+        }
+        Ok(AdamW { config, step, state })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules_by_hand() {
+        let s = |kind| Schedule { lr: 1.0, warmup: 2, total: 6, kind, min_lr_ratio: 0.0 };
+        // warmup: steps 0, 1 → 0.5, 1.0
+        assert_eq!(s(ScheduleKind::Cosine).lr_at(0), 0.5);
+        assert_eq!(s(ScheduleKind::Cosine).lr_at(1), 1.0);
+        // after warmup, progress = (step − 2) / 4
+        assert_eq!(s(ScheduleKind::Constant).lr_at(5), 1.0);
+        assert!((s(ScheduleKind::Linear).lr_at(3) - 0.75).abs() < 1e-12);
+        // cosine at progress 0.5: 0.5·(1 + cos(π/2)) = 0.5
+        assert!((s(ScheduleKind::Cosine).lr_at(4) - 0.5).abs() < 1e-12);
+        assert!((s(ScheduleKind::Cosine).lr_at(3) - 0.853_553_390_6).abs() < 1e-9);
+        let floor = Schedule { min_lr_ratio: 0.1, ..s(ScheduleKind::Linear) };
+        assert!((floor.lr_at(6) - 0.1).abs() < 1e-12);
+    }
+
+    #[test]
+    fn adamw_first_steps_by_hand() {
+        // lr 0.1, β = (0.9, 0.999), eps 1e-8, wd 0.1; p = 1, g = 0.5.
+        // t=1: decay p = 1·(1 − 0.01) = 0.99; m = 0.05, v = 0.00025; m̂ = 0.5, v̂ = 0.25;
+        //      p = 0.99 − 0.1·0.5/(0.5 + 1e-8) = 0.89.
+        let mut o = AdamW::new(AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 });
+        let mut p = [1.0f32];
+        o.update("w", &mut p, &[0.5], 1.0, 0.1, false);
+        assert!((p[0] - 0.89).abs() < 1e-6, "{}", p[0]);
+        // no-decay parameter: 1 − 0.1 = 0.9.
+        let mut q = [1.0f32];
+        o.update("b", &mut q, &[0.5], 1.0, 0.1, true);
+        assert!((q[0] - 0.9).abs() < 1e-6, "{}", q[0]);
+        // t=2 (step counter advanced by `step`, here by hand): g = 0.5 again → m̂ = 0.5, v̂ = 0.25
+        o.step = 1;
+        o.update("b", &mut q, &[0.5], 1.0, 0.1, true);
+        assert!((q[0] - 0.8).abs() < 1e-5, "{}", q[0]);
+    }
+
+    #[test]
+    fn clipping_by_hand() {
+        let g = vec![HostGrad { path: "a".into(), shape: vec![2], values: vec![3.0, 4.0] }];
+        assert_eq!(global_norm(&g), 5.0);
+        assert!((clip_coefficient(5.0, 1.0) - 1.0 / (5.0 + 1e-6)).abs() < 1e-12);
+        assert_eq!(clip_coefficient(0.5, 1.0), 1.0);
+        assert_eq!(clip_coefficient(5.0, 0.0), 1.0);
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.0 };
+        let mut o = AdamW::new(cfg);
+        let mut p = [1.0f32, 2.0];
+        o.update("x.w", &mut p, &[0.1, -0.2], 1.0, 0.01, false);
+        o.step = 1;
+        let f = dir.path().join("optimizer.safetensors");
+        o.save(&f).unwrap();
+        let back = AdamW::load(cfg, &f).unwrap();
+        assert_eq!(back.step, 1);
+        assert_eq!(back.state, o.state);
+    }
+}
+
+/// What one optimizer update did.
+#[derive(Debug, Clone, Copy)]
+pub struct UpdateOutcome {
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// The update was skipped: the loss or a gradient was not finite.
+    pub skipped: bool,
+}
+
+/// Backpropagate `loss`, clip by global norm, and apply AdamW at `lr` — unless the loss or the
+/// gradient norm is not finite, in which case the weights and moments are left untouched.
+pub fn backward_and_step(model: MoeModel, loss: Tensor<1>, opt: &mut AdamW, lr: f64, max_grad_norm: f64) -> (MoeModel, UpdateOutcome) {
+    let value = loss.clone().try_into_vec_as::<f32>().ok().and_then(|v| v.first().copied()).unwrap_or(f32::NAN);
+    if !value.is_finite() {
+        return (model, UpdateOutcome { grad_norm: f64::NAN, skipped: true });
+    }
+    let grads = loss.backward();
+    let host = collect_grads(&model, &grads);
+    drop(grads);
+    let norm = global_norm(&host);
+    if !norm.is_finite() {
+        return (model, UpdateOutcome { grad_norm: norm, skipped: true });
+    }
+    let scale = clip_coefficient(norm, max_grad_norm);
+    let model = opt.step(model, host, lr, scale);
+    (model, UpdateOutcome { grad_norm: norm, skipped: false })
+}
