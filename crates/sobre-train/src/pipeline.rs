@@ -29,6 +29,8 @@ pub struct RunOptions {
     pub stop: Option<Arc<AtomicBool>>,
     /// Print summaries and a progress bar (default: `run.progress`).
     pub quiet: bool,
+    /// Stop as Ctrl-C would (save, report interrupted) once this many GRPO steps are done.
+    pub stop_after: Option<usize>,
 }
 
 /// What a finished (or interrupted) run reports.
@@ -321,7 +323,7 @@ impl Pipeline {
         pb.set_position(state.step as u64);
         let mut saved_at = state.step;
         while state.step < cfg.run.steps {
-            if self.stopped() {
+            if self.stopped() || self.opts.stop_after.is_some_and(|n| state.step >= n) {
                 pb.abandon();
                 if saved_at != state.step || last_ckpt.is_none() {
                     last_ckpt = Some(save(&model, &opt, &state)?);

@@ -32,6 +32,9 @@ pub struct Args {
     /// Device: cpu (burn's flex backend; the only one in the default build).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Stop after this many GRPO steps, save, and print the resume command (as Ctrl-C does).
+    #[arg(long, value_name = "STEPS")]
+    pub stop_after: Option<usize>,
     /// No progress bar or summaries.
     #[arg(long, short)]
     pub quiet: bool,
@@ -45,7 +48,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let (cfg, source) = Config::load(&args.config, &args.set)?;
     let stop = install_ctrlc();
-    let opts = RunOptions { resume: args.resume, out_dir: args.out.clone(), stop: Some(stop), quiet: args.quiet };
+    let opts = RunOptions { resume: args.resume, out_dir: args.out.clone(), stop: Some(stop), quiet: args.quiet, stop_after: args.stop_after };
     let pipeline = Pipeline::new(cfg, source, opts)?;
     let run_dir = pipeline.run_dir();
     let summary = pipeline.run().with_context(|| format!("training run in {}", run_dir.display()))?;
@@ -56,7 +59,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             cmd.push_str(&format!(" --set {s}"));
         }
         eprintln!("interrupted after {} SFT + {} GRPO steps; saved {ckpt}\nresume with:\n  {cmd}", summary.sft_steps, summary.grpo_steps);
-        std::process::exit(130);
+        if args.stop_after.is_none() {
+            std::process::exit(130);
+        }
+        return Ok(());
     }
     println!(
         "done: {} SFT + {} GRPO steps in {:.1}s → {} (last checkpoint {ckpt})",
