@@ -15,7 +15,20 @@ import sys
 
 import torch
 import transformers
-from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import (
+    DeepseekV2Config,
+    DeepseekV3Config,
+    MixtralConfig,
+    MixtralForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
+from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "crates", "sobre-model", "tests", "fixtures")
 
@@ -33,7 +46,7 @@ def randomize(model, seed):
                 p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5)
 
 
-def record(model, cfg, sequences, name, extra_config=None, shard=None):
+def record(model, cfg, sequences, name, extra_config=None, shard=None, drop_config=(), aux=True):
     d = os.path.join(OUT, name)
     os.makedirs(d, exist_ok=True)
     kwargs = {"safe_serialization": True}
@@ -44,6 +57,8 @@ def record(model, cfg, sequences, name, extra_config=None, shard=None):
         with open(os.path.join(d, "config.json")) as f:
             c = json.load(f)
         c.update(extra_config)
+        for k in drop_config:
+            c.pop(k, None)
         with open(os.path.join(d, "config.json"), "w") as f:
             json.dump(c, f, indent=2)
     cases = []
@@ -51,14 +66,14 @@ def record(model, cfg, sequences, name, extra_config=None, shard=None):
     with torch.no_grad():
         for ids in sequences:
             x = torch.tensor([ids])
-            out = model(input_ids=x, output_router_logits=True)
+            out = model(input_ids=x, output_router_logits=aux)
             logits = out.logits[0]
             gen = model.generate(
                 x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,
                 eos_token_id=None, pad_token_id=0,
             )[0, len(ids):].tolist()
             cases.append({"ids": ids, "logits": [[round(v, 6) for v in row] for row in logits.tolist()],
-                          "greedy": gen, "aux_loss": float(out.aux_loss)})
+                          "greedy": gen, "aux_loss": float(out.aux_loss) if aux else None})
     ref = {"transformers": transformers.__version__, "torch": torch.__version__, "cases": cases}
     with open(os.path.join(d, "reference.json"), "w") as f:
         json.dump(ref, f)
@@ -96,6 +111,67 @@ def main():
     randomize(m2, 2)
     m2.tie_weights()
     record(m2, c2, seqs, "qwen2_moe_tiny", shard="60KB")
+
+    # Mixtral: block_sparse_moe / w1 w3 w2 names, always-renormalised softmax top-k, no q/k norm,
+    # no biases, experts as wide as `intermediate_size`, sliding_window null.
+    cm = MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=20, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, num_local_experts=5,
+                       num_experts_per_tok=2, rms_norm_eps=1e-5, sliding_window=None,
+                       tie_word_embeddings=False, router_jitter_noise=0.0,
+                       rope_parameters={"rope_type": "default", "rope_theta": 1000.0},
+                       max_position_embeddings=256)
+    mm = MixtralForCausalLM(cm).float()
+    randomize(mm, 3)
+    record(mm, cm, seqs, "mixtral_tiny")
+
+    # OLMoE: q/k RMSNorm over the whole projection (k_norm over num_kv_heads·head_dim), clip_qkv
+    # small enough that the clamp bites, softmax top-k without renormalisation, GQA.
+    co = OlmoeConfig(vocab_size=128, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, num_experts=6, num_experts_per_tok=3,
+                     norm_topk_prob=False, clip_qkv=1.5, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                     max_position_embeddings=256, pad_token_id=None, eos_token_id=None)
+    mo = OlmoeForCausalLM(co).float()
+    randomize(mo, 4)
+    record(mo, co, seqs, "olmoe_tiny")
+
+    # DeepSeek routing. Every DeepSeek-V2/V3 config uses Multi-head Latent Attention, which sobre
+    # does not compute, so the routing is tested on a Qwen3-MoE model whose sparse blocks are
+    # transformers' own DeepseekV3MoE / DeepseekV2Moe modules; config.json then carries sobre's
+    # keys for the DeepSeek routing options. transformers' DeepSeek classes compute no aux loss.
+    for name, seed, moe_cls, ds_cfg, keys in [
+        ("deepseek_v3_routing_tiny", 5, DeepseekV3MoE,
+         DeepseekV3Config(hidden_size=32, n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2,
+                          moe_intermediate_size=12, n_shared_experts=2, routed_scaling_factor=2.5,
+                          norm_topk_prob=True, intermediate_size=40),
+         {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "n_group": 4, "topk_group": 2,
+          "n_shared_experts": 2, "routed_scaling_factor": 2.5, "norm_topk_prob": True,
+          "aux_loss_free_bias": True, "first_k_dense_replace": 1}),
+        ("deepseek_v2_routing_tiny", 6, DeepseekV2Moe,
+         DeepseekV2Config(hidden_size=32, n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2,
+                          topk_method="group_limited_greedy", moe_intermediate_size=12, n_shared_experts=1,
+                          routed_scaling_factor=1.5, intermediate_size=40),
+         {"scoring_func": "softmax", "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2,
+          "n_shared_experts": 1, "routed_scaling_factor": 1.5, "norm_topk_prob": False,
+          "first_k_dense_replace": 1}),
+    ]:
+        cq = Qwen3MoeConfig(vocab_size=128, hidden_size=32, intermediate_size=40, moe_intermediate_size=12,
+                            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                            num_experts=8, num_experts_per_tok=3, norm_topk_prob=keys["norm_topk_prob"],
+                            mlp_only_layers=[0], decoder_sparse_step=1, rms_norm_eps=1e-6,
+                            tie_word_embeddings=False,
+                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                            max_position_embeddings=256)
+        mq = Qwen3MoeForCausalLM(cq).float()
+        for layer in mq.model.layers[1:]:
+            layer.mlp = moe_cls(ds_cfg).float()
+        randomize(mq, seed)
+        g = torch.Generator().manual_seed(seed + 100)
+        with torch.no_grad():
+            for layer in mq.model.layers[1:]:
+                if hasattr(layer.mlp.gate, "e_score_correction_bias"):
+                    layer.mlp.gate.e_score_correction_bias.copy_(0.2 * torch.randn(8, generator=g))
+        record(mq, cq, seqs, name, extra_config=keys, drop_config=("mlp_only_layers",), aux=False)
 
 
 if __name__ == "__main__":

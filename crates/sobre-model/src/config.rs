@@ -1,8 +1,9 @@
 //! `ModelConfig`: the model's shape and options, read from and written to an HF `config.json`.
 //!
-//! The keys are those transformers writes for `qwen3_moe` and `qwen2_moe` (4.x and 5.x
-//! spellings both read); sobre's own options are extra keys that round-trip through the same
-//! file. Every key that changes the maths is honoured or refused: a value sobre cannot compute
+//! The keys are those transformers writes for `qwen3_moe`, `qwen2_moe`, `mixtral` and `olmoe`
+//! (4.x and 5.x spellings both read); sobre's own options, DeepSeek's routing options among them,
+//! are extra keys that round-trip through the same file. `deepseek_v2` / `deepseek_v3` configs
+//! are recognised and refused: they need Multi-head Latent Attention. Every key that changes the maths is honoured or refused: a value sobre cannot compute
 //! exactly (a rope scaling type, sliding-window attention, another activation) is an error that
 //! names the key and the value. Keys that carry no maths for sobre (`architectures`, `use_cache`,
 //! token ids, …) are read and kept; keys sobre has never heard of are kept in `unknown_keys` so
@@ -20,7 +21,15 @@ pub enum Family {
     Qwen3Moe,
     /// `model_type = "qwen2_moe"`.
     Qwen2Moe,
+    /// `model_type = "mixtral"`: `block_sparse_moe` with `w1`/`w3`/`w2` experts, every layer
+    /// sparse, top-k weights always renormalised.
+    Mixtral,
+    /// `model_type = "olmoe"`: q/k RMSNorm over the whole projection, optional `clip_qkv`.
+    Olmoe,
 }
+
+/// The `model_type` values sobre reads, for error messages.
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"];
 
 impl Family {
     /// The `model_type` string transformers uses.
@@ -28,6 +37,8 @@ impl Family {
         match self {
             Family::Qwen3Moe => "qwen3_moe",
             Family::Qwen2Moe => "qwen2_moe",
+            Family::Mixtral => "mixtral",
+            Family::Olmoe => "olmoe",
         }
     }
 
@@ -35,6 +46,37 @@ impl Family {
         match self {
             Family::Qwen3Moe => "Qwen3MoeForCausalLM",
             Family::Qwen2Moe => "Qwen2MoeForCausalLM",
+            Family::Mixtral => "MixtralForCausalLM",
+            Family::Olmoe => "OlmoeForCausalLM",
+        }
+    }
+
+    /// Families whose experts are as wide as `intermediate_size` and whose every layer is sparse
+    /// (their transformers classes have no dense FFN and no `moe_intermediate_size`).
+    pub fn all_layers_sparse(self) -> bool {
+        matches!(self, Family::Mixtral | Family::Olmoe)
+    }
+}
+
+/// How the experts of a token are chosen from the scores (DeepSeek's `topk_method`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopkMethod {
+    /// Top-k over all experts.
+    Greedy,
+    /// DeepSeek-V2: experts are split into `n_group` groups, a group scores its best expert, the
+    /// best `topk_group` groups are kept, then top-k within them.
+    GroupLimitedGreedy,
+    /// DeepSeek-V3: the same with the bias-corrected scores (`e_score_correction_bias`) and a
+    /// group scoring the sum of its two best experts.
+    NoauxTc,
+}
+
+impl TopkMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TopkMethod::Greedy => "greedy",
+            TopkMethod::GroupLimitedGreedy => "group_limited_greedy",
+            TopkMethod::NoauxTc => "noaux_tc",
         }
     }
 }
@@ -68,8 +110,12 @@ pub struct ModelConfig {
     pub attention_bias: bool,
     /// Bias on the output projection (Qwen3-MoE `attention_bias` puts one there too; Qwen2 never).
     pub o_proj_bias: bool,
-    /// Per-head RMSNorm on q and k before RoPE (Qwen3).
+    /// RMSNorm on q and k before RoPE: per head over `head_dim` (Qwen3), or over the whole
+    /// projection for OLMoE (see [`ModelConfig::qk_norm_over_projection`]).
     pub qk_norm: bool,
+    /// OLMoE's `clip_qkv`: q, k and v are clamped to `[-c, c]` after their projection (and
+    /// OLMoE's q/k norm). `None` = no clamp.
+    pub clip_qkv: Option<f64>,
     pub num_experts: usize,
     pub num_experts_per_tok: usize,
     pub moe_intermediate_size: usize,
@@ -79,6 +125,11 @@ pub struct ModelConfig {
     pub router_aux_loss_coef: f64,
     /// Width of the shared expert (0 = none).
     pub shared_expert_intermediate_size: usize,
+    /// DeepSeek's `n_shared_experts`. Non-zero selects DeepSeek's arrangement: the shared experts
+    /// are one SwiGLU `n_shared_experts · moe_intermediate_size` wide (that width is also in
+    /// `shared_expert_intermediate_size`), named `mlp.shared_experts.*`, without a gate. Zero
+    /// keeps Qwen2-MoE's names (`mlp.shared_expert.*`).
+    pub n_shared_experts: usize,
     /// Qwen2-MoE's `sigmoid(shared_expert_gate(x))` in front of the shared expert. Off gives the
     /// DeepSeek arrangement (shared expert always added in full).
     pub shared_expert_gate: bool,
@@ -90,6 +141,22 @@ pub struct ModelConfig {
     pub aux_loss_free_bias: bool,
     /// Step size γ of that bias update (sign of the load error times γ).
     pub bias_update_rate: f64,
+    /// DeepSeek's expert selection (`greedy`, `group_limited_greedy`, `noaux_tc`).
+    pub topk_method: TopkMethod,
+    /// Expert groups for group-limited selection (`n_group`; 1 = no groups).
+    pub n_group: usize,
+    /// Groups kept per token in group-limited selection (`topk_group`).
+    pub topk_group: usize,
+    /// DeepSeek's `first_k_dense_replace`: layers `0..k` are dense.
+    pub first_k_dense_replace: usize,
+    /// DeepSeek's `moe_layer_freq`: layer i (past the dense ones) is sparse only if
+    /// `i % moe_layer_freq == 0`, as DeepSeek's own code has it (transformers ignores the key;
+    /// every published config has 1).
+    pub moe_layer_freq: usize,
+    /// Mixtral's `router_jitter_noise`: multiplicative noise on the router input during
+    /// transformers' training only. Kept so it round-trips; sobre never applies it (it has no
+    /// effect at evaluation, and sobre's training does not add it).
+    pub router_jitter_noise: f64,
     pub initializer_range: f64,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Vec<u32>,
@@ -109,7 +176,6 @@ const INERT_KEYS: &[&str] = &[
     "_name_or_path",
     "attention_dropout",
     "max_window_layers",
-    "sliding_window",
     "model_type",
     "return_dict",
     "output_hidden_states",
@@ -164,6 +230,7 @@ impl ModelConfig {
                 attention_bias: false,
                 o_proj_bias: false,
                 qk_norm: true,
+                clip_qkv: None,
                 num_experts: experts,
                 num_experts_per_tok: k,
                 moe_intermediate_size: moe_inter,
@@ -172,11 +239,18 @@ impl ModelConfig {
                 norm_topk_prob: true,
                 router_aux_loss_coef: 0.001,
                 shared_expert_intermediate_size: 0,
+                n_shared_experts: 0,
                 shared_expert_gate: false,
                 scoring_func: ScoringFunc::Softmax,
                 routed_scaling_factor: 1.0,
                 aux_loss_free_bias: false,
                 bias_update_rate: 0.001,
+                topk_method: TopkMethod::Greedy,
+                n_group: 1,
+                topk_group: 1,
+                first_k_dense_replace: 0,
+                moe_layer_freq: 1,
+                router_jitter_noise: 0.0,
                 initializer_range: 0.02,
                 bos_token_id: None,
                 eos_token_id: vec![],
@@ -202,11 +276,26 @@ impl ModelConfig {
         Ok(cfg)
     }
 
-    /// Is decoder layer `i` a sparse (MoE) layer? The rule of transformers' Qwen MoE models.
+    /// Is decoder layer `i` a sparse (MoE) layer? The rule of transformers' Qwen MoE models
+    /// (`mlp_only_layers`, `decoder_sparse_step`) and of DeepSeek's (`first_k_dense_replace`,
+    /// `moe_layer_freq`), both applied; each is neutral at its default.
     pub fn is_sparse_layer(&self, i: usize) -> bool {
         !self.mlp_only_layers.contains(&i)
             && self.num_experts > 0
             && (i + 1) % self.decoder_sparse_step == 0
+            && i >= self.first_k_dense_replace
+            && i % self.moe_layer_freq == 0
+    }
+
+    /// OLMoE normalises q and k over the whole projection (`[heads · head_dim]`) before
+    /// splitting it into heads; Qwen3 normalises each head over `head_dim`.
+    pub fn qk_norm_over_projection(&self) -> bool {
+        self.family == Family::Olmoe
+    }
+
+    /// Does expert selection use groups (`n_group`, `topk_group`)?
+    pub fn group_limited(&self) -> bool {
+        self.topk_method != TopkMethod::Greedy
     }
 
     /// Query heads served by each KV head.
@@ -228,6 +317,7 @@ impl ModelConfig {
             ("num_key_value_heads", self.num_key_value_heads),
             ("head_dim", self.head_dim),
             ("decoder_sparse_step", self.decoder_sparse_step),
+            ("moe_layer_freq", self.moe_layer_freq),
         ] {
             if v == 0 {
                 return Err(err(format!("`{key}` must be at least 1, found 0")));
@@ -278,6 +368,107 @@ impl ModelConfig {
                 "`rms_norm_eps` and `rope_theta` must be positive".into()
             ));
         }
+        if let Some(c) = self.clip_qkv
+            && !(c > 0.0)
+        {
+            return Err(err(format!("`clip_qkv` must be positive, found {c}")));
+        }
+        if any_sparse && self.group_limited() {
+            let (e, g, tg, k) = (
+                self.num_experts,
+                self.n_group,
+                self.topk_group,
+                self.num_experts_per_tok,
+            );
+            let method = self.topk_method.as_str();
+            if g == 0 || e % g != 0 {
+                return Err(err(format!(
+                    "`n_group` ({g}) must divide `num_experts` ({e}) for `topk_method` \"{method}\""
+                )));
+            }
+            if tg == 0 || tg > g {
+                return Err(err(format!(
+                    "`topk_group` must be in 1..={g} (`n_group`), found {tg}"
+                )));
+            }
+            if k > tg * (e / g) {
+                return Err(err(format!(
+                    "`num_experts_per_tok` ({k}) exceeds the {} experts in `topk_group` ({tg}) \
+                     groups of {}",
+                    tg * (e / g),
+                    e / g
+                )));
+            }
+            if self.topk_method == TopkMethod::NoauxTc && e / g < 2 {
+                return Err(err(format!(
+                    "`topk_method` \"noaux_tc\" scores a group by its two best experts, so each \
+                     of the `n_group` ({g}) groups needs at least 2 experts (`num_experts` = {e})"
+                )));
+            }
+        }
+        if self.n_shared_experts > 0 {
+            if self.shared_expert_intermediate_size
+                != self.n_shared_experts * self.moe_intermediate_size
+            {
+                return Err(err(format!(
+                    "`n_shared_experts` ({}) makes the shared experts {} wide \
+                     (`n_shared_experts · moe_intermediate_size`), but \
+                     `shared_expert_intermediate_size` is {}",
+                    self.n_shared_experts,
+                    self.n_shared_experts * self.moe_intermediate_size,
+                    self.shared_expert_intermediate_size
+                )));
+            }
+            if self.shared_expert_gate {
+                return Err(err(
+                    "`n_shared_experts` (DeepSeek's shared experts) has no gate; \
+                     `shared_expert_gate` must be false"
+                        .into(),
+                ));
+            }
+        }
+        let family = self.family.model_type();
+        if self.family.all_layers_sparse() {
+            if any_dense {
+                return Err(err(format!(
+                    "\"{family}\" has no dense layers (its `intermediate_size` is the experts' \
+                     width), so `mlp_only_layers`, `decoder_sparse_step`, `first_k_dense_replace` \
+                     and `moe_layer_freq` must leave every layer sparse"
+                )));
+            }
+            if self.intermediate_size != self.moe_intermediate_size {
+                return Err(err(format!(
+                    "\"{family}\" experts are `intermediate_size` wide: intermediate_size ({}) \
+                     and moe_intermediate_size ({}) must agree",
+                    self.intermediate_size, self.moe_intermediate_size
+                )));
+            }
+        }
+        match self.family {
+            Family::Mixtral => {
+                if !self.norm_topk_prob {
+                    return Err(err("\"mixtral\" always renormalises the top-k weights; \
+                         `norm_topk_prob` = false is not representable"
+                        .into()));
+                }
+                if self.attention_bias || self.o_proj_bias {
+                    return Err(err(
+                        "\"mixtral\" attention has no biases; `attention_bias` must be false"
+                            .into(),
+                    ));
+                }
+            }
+            Family::Olmoe => {
+                if self.num_attention_heads * self.head_dim != self.hidden_size {
+                    return Err(err(format!(
+                        "\"olmoe\" normalises q over `hidden_size`, so `num_attention_heads · \
+                         head_dim` ({} · {}) must equal `hidden_size` ({})",
+                        self.num_attention_heads, self.head_dim, self.hidden_size
+                    )));
+                }
+            }
+            Family::Qwen2Moe | Family::Qwen3Moe => {}
+        }
         Ok(())
     }
 
@@ -315,8 +506,9 @@ impl ModelConfig {
             "tie_word_embeddings".into(),
             json!(self.tie_word_embeddings),
         );
-        match self.family {
-            Family::Qwen3Moe => {
+        let fam = self.family;
+        match fam {
+            Family::Qwen3Moe | Family::Olmoe => {
                 m.insert("attention_bias".into(), json!(self.attention_bias));
             }
             Family::Qwen2Moe => {
@@ -326,27 +518,57 @@ impl ModelConfig {
                     json!(self.shared_expert_intermediate_size),
                 );
             }
+            Family::Mixtral => {
+                // Mixtral's attention never has biases (validated); a window wider than any
+                // sequence is the same as none, which is how sobre writes it.
+                m.insert("sliding_window".into(), Value::Null);
+                m.insert(
+                    "router_jitter_noise".into(),
+                    json!(self.router_jitter_noise),
+                );
+            }
         }
-        m.insert("num_experts".into(), json!(self.num_experts));
+        // Mixtral's class reads `num_local_experts`, OLMoE's `num_experts`; the Qwen classes read
+        // both (5.x writes `num_local_experts`, 4.x `num_experts`).
+        if fam == Family::Mixtral {
+            m.insert("num_local_experts".into(), json!(self.num_experts));
+        } else {
+            m.insert("num_experts".into(), json!(self.num_experts));
+        }
         m.insert(
             "num_experts_per_tok".into(),
             json!(self.num_experts_per_tok),
         );
-        m.insert(
-            "moe_intermediate_size".into(),
-            json!(self.moe_intermediate_size),
-        );
-        m.insert(
-            "decoder_sparse_step".into(),
-            json!(self.decoder_sparse_step),
-        );
-        m.insert("mlp_only_layers".into(), json!(self.mlp_only_layers));
-        m.insert("norm_topk_prob".into(), json!(self.norm_topk_prob));
+        if fam.all_layers_sparse() {
+            // Experts are `intermediate_size` wide (validated equal to moe_intermediate_size).
+            m.insert(
+                "intermediate_size".into(),
+                json!(self.moe_intermediate_size),
+            );
+        } else {
+            m.insert(
+                "moe_intermediate_size".into(),
+                json!(self.moe_intermediate_size),
+            );
+            m.insert(
+                "decoder_sparse_step".into(),
+                json!(self.decoder_sparse_step),
+            );
+            m.insert("mlp_only_layers".into(), json!(self.mlp_only_layers));
+            m.insert("use_sliding_window".into(), json!(false));
+        }
+        if fam != Family::Mixtral {
+            m.insert("norm_topk_prob".into(), json!(self.norm_topk_prob));
+        }
+        if fam == Family::Olmoe {
+            m.insert("clip_qkv".into(), json!(self.clip_qkv));
+        } else if self.clip_qkv.is_some() {
+            m.insert("clip_qkv".into(), json!(self.clip_qkv));
+        }
         m.insert(
             "router_aux_loss_coef".into(),
             json!(self.router_aux_loss_coef),
         );
-        m.insert("use_sliding_window".into(), json!(false));
         m.insert("initializer_range".into(), json!(self.initializer_range));
         m.insert("bos_token_id".into(), json!(self.bos_token_id));
         m.insert(
@@ -360,18 +582,21 @@ impl ModelConfig {
         m.insert("pad_token_id".into(), json!(self.pad_token_id));
         m.insert("dtype".into(), json!("float32"));
         // sobre's own keys. transformers keeps unknown config keys as attributes and ignores
-        // them, so these only change what sobre computes.
-        if self.family == Family::Qwen3Moe && self.shared_expert_intermediate_size > 0 {
+        // them, so these only change what sobre computes (see the README: a model that uses
+        // them computes something transformers' class for this family does not).
+        if self.n_shared_experts > 0 {
+            m.insert("n_shared_experts".into(), json!(self.n_shared_experts));
+        } else if fam != Family::Qwen2Moe && self.shared_expert_intermediate_size > 0 {
             m.insert(
                 "shared_expert_intermediate_size".into(),
                 json!(self.shared_expert_intermediate_size),
             );
         }
-        let shared_gate_default = self.family == Family::Qwen2Moe;
+        let shared_gate_default = fam == Family::Qwen2Moe && self.n_shared_experts == 0;
         if self.shared_expert_gate != shared_gate_default {
             m.insert("shared_expert_gate".into(), json!(self.shared_expert_gate));
         }
-        if self.qk_norm != (self.family == Family::Qwen3Moe) {
+        if self.qk_norm != matches!(fam, Family::Qwen3Moe | Family::Olmoe) {
             m.insert("qk_norm".into(), json!(self.qk_norm));
         }
         m.insert(
@@ -387,6 +612,20 @@ impl ModelConfig {
         );
         m.insert("aux_loss_free_bias".into(), json!(self.aux_loss_free_bias));
         m.insert("bias_update_rate".into(), json!(self.bias_update_rate));
+        if self.topk_method != TopkMethod::Greedy {
+            m.insert("topk_method".into(), json!(self.topk_method.as_str()));
+            m.insert("n_group".into(), json!(self.n_group));
+            m.insert("topk_group".into(), json!(self.topk_group));
+        }
+        if self.first_k_dense_replace > 0 {
+            m.insert(
+                "first_k_dense_replace".into(),
+                json!(self.first_k_dense_replace),
+            );
+        }
+        if self.moe_layer_freq != 1 {
+            m.insert("moe_layer_freq".into(), json!(self.moe_layer_freq));
+        }
         Value::Object(m)
     }
 
@@ -405,7 +644,11 @@ impl ModelConfig {
         let mut attn = h * nq * d + 2 * h * nkv * d + nq * d * h;
         attn += bias(self.attention_bias, nq * d + 2 * nkv * d) + bias(self.o_proj_bias, h);
         if self.qk_norm {
-            attn += 2 * d;
+            attn += if self.qk_norm_over_projection() {
+                (nq + nkv) * d
+            } else {
+                2 * d
+            };
         }
         let swiglu = |inter: usize| 3 * h * inter;
         let (mut total, mut active) = (0, 0);
@@ -496,9 +739,17 @@ impl Reader<'_> {
         let family = match self.get("model_type").and_then(Value::as_str) {
             Some("qwen3_moe") => Family::Qwen3Moe,
             Some("qwen2_moe") => Family::Qwen2Moe,
+            Some("mixtral") => Family::Mixtral,
+            Some("olmoe") => Family::Olmoe,
+            Some(ds @ ("deepseek_v2" | "deepseek_v3")) => return Err(self.mla_error(ds)),
             Some(other) => {
                 return Err(self.err(format!(
-                    "unsupported `model_type` \"{other}\"; expected \"qwen3_moe\" or \"qwen2_moe\""
+                    "unsupported `model_type` \"{other}\"; sobre reads {}",
+                    SUPPORTED_MODEL_TYPES
+                        .iter()
+                        .map(|t| format!("\"{t}\""))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )));
             }
             None => return Err(self.err("missing required key `model_type`".into())),
@@ -532,7 +783,12 @@ impl Reader<'_> {
         }
 
         // RoPE: transformers 4.x writes `rope_theta` (+ `rope_scaling`), 5.x `rope_parameters`.
-        let mut rope_theta = self.f64_or("rope_theta", 10000.0)?;
+        let default_theta = if family == Family::Mixtral {
+            1e6
+        } else {
+            10000.0
+        };
+        let mut rope_theta = self.f64_or("rope_theta", default_theta)?;
         for key in ["rope_scaling", "rope_parameters"] {
             let Some(v) = self.get(key) else { continue };
             let obj = v
@@ -570,6 +826,7 @@ impl Reader<'_> {
             return Err(self.err("`num_attention_heads` must be at least 1, found 0".into()));
         }
         let head_dim = self.usize_or("head_dim", Some(hidden_size / num_attention_heads))?;
+        let max_position_embeddings = self.usize_or("max_position_embeddings", Some(32768))?;
         let num_experts = match (self.get("num_experts"), self.get("num_local_experts")) {
             (Some(_), Some(_))
                 if self.usize_or("num_experts", None)?
@@ -581,10 +838,50 @@ impl Reader<'_> {
             (None, Some(_)) => self.usize_or("num_local_experts", None)?,
             (None, None) => return Err(self.err("missing required key `num_experts`".into())),
         };
-        let attention_bias = if qwen2 {
-            self.bool_or("qkv_bias", true)?
-        } else {
-            self.bool_or("attention_bias", false)?
+        // Which keys hold the attention biases, per family.
+        let attention_bias = match family {
+            Family::Qwen2Moe => self.bool_or("qkv_bias", true)?,
+            Family::Qwen3Moe | Family::Olmoe => self.bool_or("attention_bias", false)?,
+            Family::Mixtral => {
+                if self.bool_or("attention_bias", false)? {
+                    return Err(self.err(
+                        "unsupported `attention_bias` = true for \"mixtral\": transformers' \
+                         Mixtral attention has no biases and would ignore the key"
+                            .into(),
+                    ));
+                }
+                false
+            }
+        };
+        if family == Family::Mixtral {
+            // A window at least as long as any sequence the model takes is no window at all.
+            if let Some(w) = self.get("sliding_window") {
+                let w = w.as_u64().ok_or_else(|| {
+                    self.err(format!(
+                        "`sliding_window` must be null or an integer, found {w}"
+                    ))
+                })?;
+                if (w as usize) < max_position_embeddings {
+                    return Err(self.err(format!(
+                        "unsupported `sliding_window` = {w} (< `max_position_embeddings` = \
+                         {max_position_embeddings}); sobre computes full attention only, so the \
+                         window must be null or at least `max_position_embeddings`"
+                    )));
+                }
+            }
+            if self.get("norm_topk_prob").is_some() && !self.bool_or("norm_topk_prob", true)? {
+                return Err(self.err(
+                    "unsupported `norm_topk_prob` = false for \"mixtral\": transformers' Mixtral \
+                     always renormalises the top-k weights"
+                        .into(),
+                ));
+            }
+        }
+        let clip_qkv = match self.get("clip_qkv") {
+            None => None,
+            Some(v) => Some(v.as_f64().ok_or_else(|| {
+                self.err(format!("`clip_qkv` must be null or a number, found {v}"))
+            })?),
         };
         let mlp_only_layers = match self.get("mlp_only_layers") {
             None => vec![],
@@ -601,8 +898,28 @@ impl Reader<'_> {
                     ))
                 })?,
         };
-        let shared_expert_intermediate_size =
-            self.usize_or("shared_expert_intermediate_size", Some(0))?;
+        // Expert width: `moe_intermediate_size`, except where the family's experts are as wide
+        // as `intermediate_size` (and there are no dense layers).
+        let intermediate_size = self.usize_or("intermediate_size", Some(0))?;
+        let moe_intermediate_size = if family.all_layers_sparse() {
+            intermediate_size
+        } else {
+            self.usize_or("moe_intermediate_size", Some(0))?
+        };
+        let n_shared_experts = self.usize_or("n_shared_experts", Some(0))?;
+        let shared_expert_intermediate_size = if n_shared_experts > 0 {
+            let width = n_shared_experts * moe_intermediate_size;
+            let given = self.usize_or("shared_expert_intermediate_size", Some(width))?;
+            if given != width {
+                return Err(self.err(format!(
+                    "`shared_expert_intermediate_size` ({given}) disagrees with `n_shared_experts` \
+                     · `moe_intermediate_size` ({width})"
+                )));
+            }
+            width
+        } else {
+            self.usize_or("shared_expert_intermediate_size", Some(0))?
+        };
         let scoring_func = match self.get("scoring_func").and_then(Value::as_str) {
             None | Some("softmax") => ScoringFunc::Softmax,
             Some("sigmoid") => ScoringFunc::Sigmoid,
@@ -612,6 +929,26 @@ impl Reader<'_> {
                 )));
             }
         };
+        let topk_method = match self.get("topk_method") {
+            None => TopkMethod::Greedy,
+            Some(v) => match v.as_str() {
+                Some("greedy") => TopkMethod::Greedy,
+                Some("group_limited_greedy") => TopkMethod::GroupLimitedGreedy,
+                Some("noaux_tc") => TopkMethod::NoauxTc,
+                _ => {
+                    return Err(self.err(format!(
+                        "unsupported `topk_method` {v}; expected \"greedy\", \
+                         \"group_limited_greedy\" or \"noaux_tc\""
+                    )));
+                }
+            },
+        };
+        let router_jitter_noise = self.f64_or("router_jitter_noise", 0.0)?;
+        if !(router_jitter_noise >= 0.0) {
+            return Err(self.err(format!(
+                "`router_jitter_noise` must be non-negative, found {router_jitter_noise}"
+            )));
+        }
         let eos_token_id = match self.get("eos_token_id") {
             None => vec![],
             Some(Value::Array(a)) => a
@@ -624,7 +961,7 @@ impl Reader<'_> {
             Some(_) => self.token_id("eos_token_id")?.into_iter().collect(),
         };
 
-        let known: &[&str] = &[
+        let mut known: Vec<&str> = vec![
             "vocab_size",
             "hidden_size",
             "intermediate_size",
@@ -640,22 +977,25 @@ impl Reader<'_> {
             "max_position_embeddings",
             "tie_word_embeddings",
             "attention_bias",
-            "qkv_bias",
             "qk_norm",
+            "clip_qkv",
             "num_experts",
             "num_local_experts",
             "num_experts_per_tok",
-            "moe_intermediate_size",
-            "decoder_sparse_step",
-            "mlp_only_layers",
             "norm_topk_prob",
             "router_aux_loss_coef",
             "shared_expert_intermediate_size",
             "shared_expert_gate",
+            "n_shared_experts",
             "scoring_func",
             "routed_scaling_factor",
             "aux_loss_free_bias",
             "bias_update_rate",
+            "topk_method",
+            "n_group",
+            "topk_group",
+            "first_k_dense_replace",
+            "moe_layer_freq",
             "initializer_range",
             "bos_token_id",
             "eos_token_id",
@@ -663,6 +1003,19 @@ impl Reader<'_> {
             "use_sliding_window",
             "layer_types",
         ];
+        match family {
+            Family::Qwen2Moe => known.extend(["qkv_bias", "sliding_window"]),
+            Family::Qwen3Moe => known.push("sliding_window"),
+            Family::Mixtral => known.extend(["sliding_window", "router_jitter_noise"]),
+            Family::Olmoe => {}
+        }
+        if !family.all_layers_sparse() {
+            known.extend([
+                "moe_intermediate_size",
+                "decoder_sparse_step",
+                "mlp_only_layers",
+            ]);
+        }
         let unknown_keys = self
             .map
             .keys()
@@ -674,32 +1027,68 @@ impl Reader<'_> {
             family,
             vocab_size: self.usize_or("vocab_size", None)?,
             hidden_size,
-            intermediate_size: self.usize_or("intermediate_size", Some(0))?,
+            intermediate_size,
             num_hidden_layers: self.usize_or("num_hidden_layers", None)?,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            rms_norm_eps: self.f64_or("rms_norm_eps", 1e-6)?,
+            rms_norm_eps: self.f64_or(
+                "rms_norm_eps",
+                if family.all_layers_sparse() {
+                    1e-5
+                } else {
+                    1e-6
+                },
+            )?,
             rope_theta,
-            max_position_embeddings: self.usize_or("max_position_embeddings", Some(32768))?,
+            max_position_embeddings,
             tie_word_embeddings: self.bool_or("tie_word_embeddings", false)?,
             attention_bias,
-            // Qwen2's o_proj never has a bias; Qwen3's `attention_bias` covers o_proj too.
+            // Qwen2's o_proj never has a bias; Qwen3's and OLMoE's `attention_bias` covers o_proj.
             o_proj_bias: !qwen2 && attention_bias,
-            qk_norm: self.bool_or("qk_norm", !qwen2)?,
+            qk_norm: self.bool_or(
+                "qk_norm",
+                matches!(family, Family::Qwen3Moe | Family::Olmoe),
+            )?,
+            clip_qkv,
             num_experts,
             num_experts_per_tok: self.usize_or("num_experts_per_tok", None)?,
-            moe_intermediate_size: self.usize_or("moe_intermediate_size", Some(0))?,
-            decoder_sparse_step: self.usize_or("decoder_sparse_step", Some(1))?,
-            mlp_only_layers,
-            norm_topk_prob: self.bool_or("norm_topk_prob", false)?,
-            router_aux_loss_coef: self.f64_or("router_aux_loss_coef", 0.001)?,
+            moe_intermediate_size,
+            decoder_sparse_step: if family.all_layers_sparse() {
+                1
+            } else {
+                self.usize_or("decoder_sparse_step", Some(1))?
+            },
+            mlp_only_layers: if family.all_layers_sparse() {
+                vec![]
+            } else {
+                mlp_only_layers
+            },
+            norm_topk_prob: self.bool_or("norm_topk_prob", family == Family::Mixtral)?,
+            router_aux_loss_coef: self.f64_or(
+                "router_aux_loss_coef",
+                if family == Family::Olmoe { 0.01 } else { 0.001 },
+            )?,
             shared_expert_intermediate_size,
-            shared_expert_gate: self.bool_or("shared_expert_gate", qwen2)?,
+            n_shared_experts,
+            shared_expert_gate: self
+                .bool_or("shared_expert_gate", qwen2 && n_shared_experts == 0)?,
             scoring_func,
             routed_scaling_factor: self.f64_or("routed_scaling_factor", 1.0)?,
-            aux_loss_free_bias: self.bool_or("aux_loss_free_bias", false)?,
+            // DeepSeek-V3's `noaux_tc` comes with its `e_score_correction_bias`.
+            aux_loss_free_bias: self
+                .bool_or("aux_loss_free_bias", topk_method == TopkMethod::NoauxTc)?,
             bias_update_rate: self.f64_or("bias_update_rate", 0.001)?,
+            topk_method,
+            n_group: self.usize_or("n_group", Some(1))?,
+            topk_group: self.usize_or("topk_group", Some(1))?,
+            first_k_dense_replace: self.usize_or("first_k_dense_replace", Some(0))?,
+            moe_layer_freq: self.usize_or("moe_layer_freq", Some(1))?,
+            router_jitter_noise: if family == Family::Mixtral {
+                router_jitter_noise
+            } else {
+                0.0
+            },
             initializer_range: self.f64_or("initializer_range", 0.02)?,
             bos_token_id: self.token_id("bos_token_id")?,
             eos_token_id,
@@ -708,5 +1097,33 @@ impl Reader<'_> {
         };
         cfg.validate(self.origin)?;
         Ok(cfg)
+    }
+
+    /// The error for a DeepSeek-V2/V3 config: their attention is Multi-head Latent Attention.
+    fn mla_error(&self, model_type: &str) -> ModelError {
+        // transformers' defaults when a key is absent (DeepSeek-V3's; V2's differ only in
+        // q_lora_rank = 1536 vs V2-Lite's null): MLA is on whatever the file says.
+        let keys = [
+            "q_lora_rank",
+            "kv_lora_rank",
+            "qk_rope_head_dim",
+            "qk_nope_head_dim",
+            "v_head_dim",
+        ];
+        let found: Vec<String> = keys
+            .iter()
+            .map(|k| match self.map.get(*k) {
+                Some(v) => format!("`{k}` = {v}"),
+                None => format!("`{k}` (absent: transformers' default applies)"),
+            })
+            .collect();
+        self.err(format!(
+            "`model_type` \"{model_type}\" uses Multi-head Latent Attention ({}); MLA is not \
+             supported: sobre computes standard multi-head attention only. DeepSeek's routing \
+             options (`scoring_func`, `topk_method`, `n_group`, `topk_group`, `n_shared_experts`, \
+             `first_k_dense_replace`, `routed_scaling_factor`, `e_score_correction_bias`) are \
+             supported with standard attention as sobre keys on a \"qwen3_moe\" config",
+            found.join(", ")
+        ))
     }
 }

@@ -2,9 +2,14 @@
 //! init), and writing one back as an HF model directory.
 //!
 //! Every tensor passes through [`WeightSource::take`] by its HF name and HF shape, so loading,
-//! initialisation and saving share one table of names ([`build`] and [`hf_tensors`]). Problems
-//! are collected, not raised one at a time: a checkpoint with three missing tensors and one
-//! mis-shaped tensor fails with one error listing all four.
+//! initialisation and saving share one table of names ([`Names`], used by the builder and by
+//! [`hf_tensors`]). Problems are collected, not raised one at a time: a checkpoint with three
+//! missing tensors and one mis-shaped tensor fails with one error listing all four.
+//!
+//! Loading is lazy: the safetensors files are memory-mapped and indexed by their headers, and a
+//! tensor is converted to f32 only when the builder asks for it, then handed to burn and
+//! dropped. Peak host memory is the f32 model plus about one tensor (the largest is a layer's
+//! stacked experts), not the model twice.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -17,10 +22,53 @@ use rand_chacha::rand_core::{Rng, SeedableRng};
 use safetensors::{Dtype, SafeTensors};
 
 use crate::ModelError;
-use crate::config::ModelConfig;
+use crate::config::{Family, ModelConfig};
 use crate::model::{
-    Attention, DecoderLayer, Ffn, Mlp, MoeBlock, MoeModel, Proj, RmsNorm, to_vec_f32,
+    Attention, DecoderLayer, Ffn, GroupLimit, Mlp, MoeBlock, MoeModel, Proj, RmsNorm, to_vec_f32,
 };
+
+/// Where a family keeps its tensors. Everything not named here is common to all families:
+/// `model.embed_tokens`, `model.layers.{i}.{input_layernorm, post_attention_layernorm}`,
+/// `self_attn.{q,k,v,o}_proj`, `self_attn.{q,k}_norm`, dense `mlp.{gate,up,down}_proj`,
+/// `model.norm`, `lm_head`.
+#[derive(Debug, Clone, Copy)]
+struct Names {
+    /// The sparse FFN of layer i is `model.layers.{i}.{moe}`: `mlp` (Qwen, OLMoE, DeepSeek) or
+    /// `block_sparse_moe` (Mixtral). Its router is `{moe}.gate.weight`.
+    moe: &'static str,
+    /// An expert's gate, up and down projections: `gate_proj`, `up_proj`, `down_proj`, or
+    /// Mixtral's `w1`, `w3`, `w2`.
+    expert: [&'static str; 3],
+    /// The shared expert module: Qwen2-MoE's `shared_expert` or DeepSeek's `shared_experts`.
+    shared: &'static str,
+}
+
+const SWIGLU: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
+
+impl Names {
+    fn of(cfg: &ModelConfig) -> Self {
+        let mixtral = cfg.family == Family::Mixtral;
+        Names {
+            moe: if mixtral { "block_sparse_moe" } else { "mlp" },
+            expert: if mixtral { ["w1", "w3", "w2"] } else { SWIGLU },
+            shared: if cfg.n_shared_experts > 0 {
+                "shared_experts"
+            } else {
+                "shared_expert"
+            },
+        }
+    }
+}
+
+/// The width of the q and k norms: one head, or OLMoE's whole projection.
+fn qk_norm_widths(cfg: &ModelConfig) -> (usize, usize) {
+    let d = cfg.head_dim;
+    if cfg.qk_norm_over_projection() {
+        (cfg.num_attention_heads * d, cfg.num_key_value_heads * d)
+    } else {
+        (d, d)
+    }
+}
 
 /// Where the values of named tensors come from.
 trait WeightSource {
@@ -83,42 +131,158 @@ impl WeightSource for RandomInit {
     }
 }
 
-/// Tensors read from safetensors files, converted to f32.
+/// One tensor of a checkpoint: which file, where its bytes are, its dtype and shape.
+struct Entry {
+    file: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    /// Byte range in the file.
+    bytes: std::ops::Range<usize>,
+}
+
+/// Tensors of memory-mapped safetensors files, converted to f32 one at a time on request.
 struct FileSource {
-    tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    files: Vec<PathBuf>,
+    maps: Vec<memmap2::Mmap>,
+    index: BTreeMap<String, Entry>,
     taken: BTreeSet<String>,
     problems: Vec<String>,
+}
+
+impl FileSource {
+    /// Map `files` and index their headers. A file that is not safetensors is an error at once;
+    /// tensor-level problems (dtype, duplicates, index disagreements) are collected.
+    fn open(
+        files: &[PathBuf],
+        weight_map: Option<&BTreeMap<String, String>>,
+    ) -> Result<Self, ModelError> {
+        let mut src = FileSource {
+            files: files.to_vec(),
+            maps: Vec::with_capacity(files.len()),
+            index: BTreeMap::new(),
+            taken: BTreeSet::new(),
+            problems: vec![],
+        };
+        for (fi, file) in files.iter().enumerate() {
+            let f = fs::File::open(file).map_err(|e| ModelError::io(file, e))?;
+            // SAFETY: the map is read-only and lives as long as this source; a checkpoint
+            // modified by another process while we read it is outside what we can guard against.
+            let mmap = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| ModelError::io(file, e))?;
+            let (header, meta) =
+                SafeTensors::read_metadata(&mmap).map_err(|e| ModelError::Weights {
+                    file: file.clone(),
+                    msg: format!(
+                        "not a readable safetensors file ({e}); is it truncated or corrupt?"
+                    ),
+                })?;
+            let data_start = 8 + header;
+            let short = file_name(file);
+            for (name, info) in meta.tensors() {
+                if !matches!(info.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) {
+                    src.problems.push(format!(
+                        "tensor `{name}` in {short} has dtype {:?}; expected F32, BF16 or F16",
+                        info.dtype
+                    ));
+                    src.taken.insert(name.clone());
+                    continue;
+                }
+                let (a, b) = info.data_offsets;
+                let entry = Entry {
+                    file: fi,
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    bytes: data_start + a..data_start + b,
+                };
+                if let Some(prev) = src.index.get(&name) {
+                    src.problems.push(format!(
+                        "tensor `{name}` is in both {} and {short}",
+                        file_name(&files[prev.file])
+                    ));
+                    continue;
+                }
+                src.index.insert(name, entry);
+            }
+            src.maps.push(mmap);
+        }
+        if let Some(map) = weight_map {
+            for (name, file) in map {
+                match src.index.get(name) {
+                    None => src.problems.push(format!(
+                        "the index lists tensor `{name}` in {file}, which does not hold it"
+                    )),
+                    Some(e) if file_name(&files[e.file]) != *file => src.problems.push(format!(
+                        "the index lists tensor `{name}` in {file}, but it is in {}",
+                        file_name(&files[e.file])
+                    )),
+                    Some(_) => {}
+                }
+            }
+        }
+        Ok(src)
+    }
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| p.display().to_string())
+}
+
+/// Little-endian f32 / bf16 / f16 bytes → f32 values.
+fn bytes_to_f32(bytes: &[u8], dtype: Dtype) -> Vec<f32> {
+    match dtype {
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        _ => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    }
 }
 
 impl WeightSource for FileSource {
     fn take(&mut self, name: &str, shape: &[usize], _kind: Init) -> Vec<f32> {
         let n = shape.iter().product();
-        match self.tensors.get(name) {
-            None => {
+        let Some(entry) = self.index.get(name) else {
+            if !self.taken.contains(name) {
                 self.problems.push(format!(
                     "missing tensor `{name}` (expected shape {shape:?})"
                 ));
-                vec![0.0; n]
             }
-            Some((found, _)) if found.as_slice() != shape => {
-                self.problems.push(format!(
-                    "tensor `{name}` has shape {found:?}, expected {shape:?}"
-                ));
-                self.taken.insert(name.to_string());
-                vec![0.0; n]
-            }
-            Some(_) => {
-                self.taken.insert(name.to_string());
-                self.tensors
-                    .remove(name)
-                    .map(|(_, v)| v)
-                    .unwrap_or_default()
-            }
+            return vec![0.0; n];
+        };
+        self.taken.insert(name.to_string());
+        if entry.shape.as_slice() != shape {
+            self.problems.push(format!(
+                "tensor `{name}` has shape {:?}, expected {shape:?} (in {})",
+                entry.shape,
+                file_name(&self.files[entry.file])
+            ));
+            return vec![0.0; n];
         }
+        let bytes = self.maps[entry.file]
+            .get(entry.bytes.clone())
+            .unwrap_or_default();
+        let values = bytes_to_f32(bytes, entry.dtype);
+        if values.len() != n {
+            // read_metadata validated every range, so this is a corrupt header we missed.
+            self.problems.push(format!(
+                "tensor `{name}` holds {} values, expected {n}",
+                values.len()
+            ));
+            return vec![0.0; n];
+        }
+        values
     }
 
     fn has(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        self.index.contains_key(name)
     }
 }
 
@@ -136,6 +300,7 @@ fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 struct Builder<'a> {
     cfg: &'a ModelConfig,
     device: &'a Device,
+    names: Names,
     std: f64,
     /// Residual-branch outputs (o_proj, down) start smaller so the residual stream's variance
     /// does not grow with depth (GPT-2's scaled init).
@@ -192,38 +357,39 @@ impl Builder<'_> {
         }
     }
 
-    /// HF `gate_proj`/`up_proj`/`down_proj` → fused `[hidden, 2·inter]` and `[inter, hidden]`.
+    /// HF gate/up/down (named `proj`) → fused `[hidden, 2·inter]` and `[inter, hidden]`.
     fn swiglu_host(
         &self,
         src: &mut dyn WeightSource,
         prefix: &str,
+        proj: [&str; 3],
         inter: usize,
     ) -> (Vec<f32>, Vec<f32>) {
         let h = self.cfg.hidden_size;
+        let [g, u, d] = proj;
         let gate = src.take(
-            &format!("{prefix}.gate_proj.weight"),
+            &format!("{prefix}.{g}.weight"),
             &[inter, h],
             Init::Normal(self.std),
         );
         let up = src.take(
-            &format!("{prefix}.up_proj.weight"),
+            &format!("{prefix}.{u}.weight"),
             &[inter, h],
             Init::Normal(self.std),
         );
+        let fused = fuse_gate_up(&gate, &up, inter, h);
+        drop((gate, up));
         let down = src.take(
-            &format!("{prefix}.down_proj.weight"),
+            &format!("{prefix}.{d}.weight"),
             &[h, inter],
             Init::Normal(self.residual_std),
         );
-        (
-            fuse_gate_up(&gate, &up, inter, h),
-            transpose(&down, h, inter),
-        )
+        (fused, transpose(&down, h, inter))
     }
 
     fn mlp(&self, src: &mut dyn WeightSource, prefix: &str, inter: usize) -> Mlp {
         let h = self.cfg.hidden_size;
-        let (gu, d) = self.swiglu_host(src, prefix, inter);
+        let (gu, d) = self.swiglu_host(src, prefix, SWIGLU, inter);
         Mlp {
             gate_up: Param::from_tensor(Tensor::from_data(
                 TensorData::new(gu, [h, 2 * inter]),
@@ -239,52 +405,64 @@ impl Builder<'_> {
     fn moe(&self, src: &mut dyn WeightSource, prefix: &str) -> MoeBlock {
         let cfg = self.cfg;
         let (h, e, inter) = (cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size);
-        let (mut gu_all, mut d_all) = (
-            Vec::with_capacity(e * h * 2 * inter),
-            Vec::with_capacity(e * inter * h),
-        );
         let fused = format!("{prefix}.experts.gate_up_proj");
+        // Gate/up first, built into a burn tensor, then down: one stacked host copy at a time.
+        let experts_gate_up;
+        let experts_down;
         if src.has(&fused) {
             // transformers 5's in-memory layout, should a checkpoint carry it:
             // gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I].
             let gu = src.take(&fused, &[e, 2 * inter, h], Init::Normal(self.std));
-            let d = src.take(
-                &format!("{prefix}.experts.down_proj"),
-                &[e, h, inter],
-                Init::Normal(self.residual_std),
-            );
+            let mut gu_all = Vec::with_capacity(e * h * 2 * inter);
             for ex in 0..e {
                 gu_all.extend(transpose(
                     &gu[ex * 2 * inter * h..(ex + 1) * 2 * inter * h],
                     2 * inter,
                     h,
                 ));
+            }
+            drop(gu);
+            experts_gate_up = self.param3(gu_all, [e, h, 2 * inter]);
+            let d = src.take(
+                &format!("{prefix}.experts.down_proj"),
+                &[e, h, inter],
+                Init::Normal(self.residual_std),
+            );
+            let mut d_all = Vec::with_capacity(e * inter * h);
+            for ex in 0..e {
                 d_all.extend(transpose(
                     &d[ex * h * inter..(ex + 1) * h * inter],
                     h,
                     inter,
                 ));
             }
+            drop(d);
+            experts_down = self.param3(d_all, [e, inter, h]);
         } else {
+            let (mut gu_all, mut d_all) = (
+                Vec::with_capacity(e * h * 2 * inter),
+                Vec::with_capacity(e * inter * h),
+            );
             for ex in 0..e {
-                let (gu, d) = self.swiglu_host(src, &format!("{prefix}.experts.{ex}"), inter);
+                let (gu, d) = self.swiglu_host(
+                    src,
+                    &format!("{prefix}.experts.{ex}"),
+                    self.names.expert,
+                    inter,
+                );
                 gu_all.extend(gu);
                 d_all.extend(d);
             }
+            experts_gate_up = self.param3(gu_all, [e, h, 2 * inter]);
+            experts_down = self.param3(d_all, [e, inter, h]);
         }
         let shared = cfg.shared_expert_intermediate_size;
+        let shared_name = format!("{prefix}.{}", self.names.shared);
         MoeBlock {
             router: self.linear_t(src, &format!("{prefix}.gate.weight"), e, h, self.std),
-            experts_gate_up: Param::from_tensor(Tensor::from_data(
-                TensorData::new(gu_all, [e, h, 2 * inter]),
-                self.device,
-            )),
-            experts_down: Param::from_tensor(Tensor::from_data(
-                TensorData::new(d_all, [e, inter, h]),
-                self.device,
-            )),
-            shared_expert: (shared > 0)
-                .then(|| self.mlp(src, &format!("{prefix}.shared_expert"), shared)),
+            experts_gate_up,
+            experts_down,
+            shared_expert: (shared > 0).then(|| self.mlp(src, &shared_name, shared)),
             shared_expert_gate: (shared > 0 && cfg.shared_expert_gate).then(|| {
                 self.linear_t(
                     src,
@@ -305,47 +483,37 @@ impl Builder<'_> {
             norm_topk_prob: cfg.norm_topk_prob,
             scoring: cfg.scoring_func,
             routed_scaling_factor: cfg.routed_scaling_factor,
+            group_limit: GroupLimit::from_config(cfg),
         }
+    }
+
+    fn param3(&self, v: Vec<f32>, shape: [usize; 3]) -> Param<Tensor<3>> {
+        Param::from_tensor(Tensor::from_data(TensorData::new(v, shape), self.device))
     }
 
     fn model(&self, src: &mut dyn WeightSource) -> MoeModel {
         let cfg = self.cfg;
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let (nq, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let (qn, kn) = qk_norm_widths(cfg);
         let embed = src.take(
             "model.embed_tokens.weight",
             &[cfg.vocab_size, h],
             Init::Normal(self.std),
         );
+        let embed_tokens = Param::from_tensor(Tensor::from_data(
+            TensorData::new(embed, [cfg.vocab_size, h]),
+            self.device,
+        ));
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let a = format!("{p}.self_attn");
+            let bias = cfg.attention_bias;
             let self_attn = Attention {
-                q_proj: self.proj(
-                    src,
-                    &format!("{a}.q_proj"),
-                    nq * d,
-                    h,
-                    cfg.attention_bias,
-                    self.std,
-                ),
-                k_proj: self.proj(
-                    src,
-                    &format!("{a}.k_proj"),
-                    nkv * d,
-                    h,
-                    cfg.attention_bias,
-                    self.std,
-                ),
-                v_proj: self.proj(
-                    src,
-                    &format!("{a}.v_proj"),
-                    nkv * d,
-                    h,
-                    cfg.attention_bias,
-                    self.std,
-                ),
+                q_proj: self.proj(src, &format!("{a}.q_proj"), nq * d, h, bias, self.std),
+                k_proj: self.proj(src, &format!("{a}.k_proj"), nkv * d, h, bias, self.std),
+                v_proj: self.proj(src, &format!("{a}.v_proj"), nkv * d, h, bias, self.std),
                 o_proj: self.proj(
                     src,
                     &format!("{a}.o_proj"),
@@ -356,16 +524,18 @@ impl Builder<'_> {
                 ),
                 q_norm: cfg
                     .qk_norm
-                    .then(|| self.norm(src, &format!("{a}.q_norm.weight"), d)),
+                    .then(|| self.norm(src, &format!("{a}.q_norm.weight"), qn)),
                 k_norm: cfg
                     .qk_norm
-                    .then(|| self.norm(src, &format!("{a}.k_norm.weight"), d)),
+                    .then(|| self.norm(src, &format!("{a}.k_norm.weight"), kn)),
+                qk_norm_over_projection: cfg.qk_norm_over_projection(),
+                clip_qkv: cfg.clip_qkv,
                 num_heads: nq,
                 num_kv_heads: nkv,
                 head_dim: d,
             };
             let mlp = if cfg.is_sparse_layer(i) {
-                Ffn::Sparse(self.moe(src, &format!("{p}.mlp")))
+                Ffn::Sparse(self.moe(src, &format!("{p}.{}", self.names.moe)))
             } else {
                 Ffn::Dense(self.mlp(src, &format!("{p}.mlp"), cfg.intermediate_size))
             };
@@ -384,10 +554,7 @@ impl Builder<'_> {
         let lm_head = (!cfg.tie_word_embeddings)
             .then(|| self.linear_t(src, "lm_head.weight", cfg.vocab_size, h, self.std));
         MoeModel {
-            embed_tokens: Param::from_tensor(Tensor::from_data(
-                TensorData::new(embed, [cfg.vocab_size, h]),
-                self.device,
-            )),
+            embed_tokens,
             layers,
             norm,
             lm_head,
@@ -398,11 +565,12 @@ impl Builder<'_> {
 
 /// `gate [I, H]`, `up [I, H]` (HF) → `[H, 2I]` with gate in the first I columns.
 fn fuse_gate_up(gate: &[f32], up: &[f32], inter: usize, h: usize) -> Vec<f32> {
-    let (gt, ut) = (transpose(gate, inter, h), transpose(up, inter, h));
-    let mut out = Vec::with_capacity(2 * inter * h);
-    for r in 0..h {
-        out.extend_from_slice(&gt[r * inter..(r + 1) * inter]);
-        out.extend_from_slice(&ut[r * inter..(r + 1) * inter]);
+    let mut out = vec![0.0; 2 * inter * h];
+    for r in 0..inter {
+        for c in 0..h {
+            out[c * 2 * inter + r] = gate[r * h + c];
+            out[c * 2 * inter + inter + r] = up[r * h + c];
+        }
     }
     out
 }
@@ -411,6 +579,7 @@ fn builder<'a>(cfg: &'a ModelConfig, device: &'a Device) -> Builder<'a> {
     Builder {
         cfg,
         device,
+        names: Names::of(cfg),
         std: cfg.initializer_range,
         residual_std: cfg.initializer_range / (2.0 * cfg.num_hidden_layers as f64).sqrt(),
     }
@@ -423,8 +592,12 @@ pub fn init_model(cfg: &ModelConfig, seed: u64, device: &Device) -> MoeModel {
     builder(cfg, device).model(&mut RandomInit { seed })
 }
 
-/// The safetensors files of a model directory: the index's shards, or `model.safetensors`.
-fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
+/// The safetensors files of a model directory (the index's shards, or `model.safetensors`),
+/// and the index's `weight_map` when there is one.
+#[allow(clippy::type_complexity)]
+fn weight_files(
+    dir: &Path,
+) -> Result<(Vec<PathBuf>, Option<BTreeMap<String, String>>), ModelError> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         let text = fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
@@ -440,65 +613,36 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
                 file: index.clone(),
                 msg: "missing object `weight_map`".into(),
             })?;
-        let files: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
-        if files.len() != map.len() && map.values().any(|f| !f.is_string()) {
-            return Err(ModelError::Weights {
-                file: index,
-                msg: "`weight_map` values must be file names".into(),
-            });
+        let mut weight_map = BTreeMap::new();
+        for (name, file) in map {
+            let Some(file) = file.as_str() else {
+                return Err(ModelError::Weights {
+                    file: index,
+                    msg: format!("`weight_map.{name}` must be a file name, found {file}"),
+                });
+            };
+            if file.contains('/') || file.contains('\\') || file == ".." {
+                return Err(ModelError::Weights {
+                    file: index,
+                    msg: format!(
+                        "`weight_map.{name}` = \"{file}\" is not a file in this directory"
+                    ),
+                });
+            }
+            weight_map.insert(name.clone(), file.to_string());
         }
-        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+        let files: BTreeSet<&String> = weight_map.values().collect();
+        let files = files.into_iter().map(|f| dir.join(f)).collect();
+        return Ok((files, Some(weight_map)));
     }
     let single = dir.join("model.safetensors");
     if single.exists() {
-        return Ok(vec![single]);
+        return Ok((vec![single], None));
     }
     Err(ModelError::Weights {
         file: dir.to_path_buf(),
         msg: "no model.safetensors or model.safetensors.index.json in this directory".into(),
     })
-}
-
-/// Read every tensor of the files into f32 (f32, bf16 and f16 are accepted).
-fn read_tensors(files: &[PathBuf]) -> Result<BTreeMap<String, (Vec<usize>, Vec<f32>)>, ModelError> {
-    let mut out = BTreeMap::new();
-    for file in files {
-        let f = fs::File::open(file).map_err(|e| ModelError::io(file, e))?;
-        // SAFETY: the map is read-only and dropped before this function returns; a checkpoint
-        // modified by another process while we read it is outside what we can guard against.
-        let mmap = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| ModelError::io(file, e))?;
-        let st = SafeTensors::deserialize(&mmap).map_err(|e| ModelError::Weights {
-            file: file.clone(),
-            msg: format!("not a readable safetensors file ({e}); is it truncated or corrupt?"),
-        })?;
-        for (name, view) in st.tensors() {
-            let bytes = view.data();
-            let values: Vec<f32> = match view.dtype() {
-                Dtype::F32 => bytes
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-                Dtype::BF16 => bytes
-                    .chunks_exact(2)
-                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
-                Dtype::F16 => bytes
-                    .chunks_exact(2)
-                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
-                other => {
-                    return Err(ModelError::Weights {
-                        file: file.clone(),
-                        msg: format!(
-                            "tensor `{name}` has dtype {other:?}; expected F32, BF16 or F16"
-                        ),
-                    });
-                }
-            };
-            out.insert(name, (view.shape().to_vec(), values));
-        }
-    }
-    Ok(out)
 }
 
 /// Load a model directory (`config.json` + safetensors, single or sharded).
@@ -513,22 +657,19 @@ pub fn load_model_with_config(
     cfg: ModelConfig,
     device: &Device,
 ) -> Result<MoeModel, ModelError> {
-    let files = weight_files(dir)?;
-    let mut src = FileSource {
-        tensors: read_tensors(&files)?,
-        taken: BTreeSet::new(),
-        problems: vec![],
-    };
+    let (files, weight_map) = weight_files(dir)?;
+    let mut src = FileSource::open(&files, weight_map.as_ref())?;
     let model = builder(&cfg, device).model(&mut src);
     let mut problems = src.problems;
-    for name in src.tensors.keys().filter(|n| !src.taken.contains(*n)) {
+    for (name, entry) in src.index.iter().filter(|(n, _)| !src.taken.contains(*n)) {
         // transformers writes the rotary inverse frequencies in some old checkpoints; they are
         // a function of the config, not weights.
         if name.ends_with("rotary_emb.inv_freq") {
             continue;
         }
         problems.push(format!(
-            "unexpected tensor `{name}` (not part of this model's config)"
+            "unexpected tensor `{name}` in {} (not part of this model's config)",
+            file_name(&src.files[entry.file])
         ));
     }
     if problems.is_empty() {
@@ -541,9 +682,9 @@ pub fn load_model_with_config(
     }
 }
 
-/// The model's tensors under their HF names and shapes, in HF layout, as f32.
 pub fn hf_tensors(model: &MoeModel) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let cfg = &model.config;
+    let names = Names::of(cfg);
     let h = cfg.hidden_size;
     let mut out: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
     let lin = |p: &Param<Tensor<2>>| {
@@ -551,12 +692,14 @@ pub fn hf_tensors(model: &MoeModel) -> Vec<(String, Vec<usize>, Vec<f32>)> {
         (vec![o, i], transpose(&to_vec_f32(p.val()), i, o))
     };
     let vec1 = |p: &Param<Tensor<1>>| to_vec_f32(p.val());
-    // Fused `gu: [H, 2I]`, `d: [I, H]` → HF gate/up `[I, H]` and down `[H, I]`.
+    // Fused `gu: [H, 2I]`, `d: [I, H]` → HF gate/up `[I, H]` and down `[H, I]`, named `proj`.
     let swiglu = |out: &mut Vec<(String, Vec<usize>, Vec<f32>)>,
                   prefix: &str,
+                  proj: [&str; 3],
                   gu: &[f32],
                   d: &[f32],
                   inter: usize| {
+        let [gn, un, dn] = proj;
         let mut g = Vec::with_capacity(h * inter);
         let mut u = Vec::with_capacity(h * inter);
         for row in gu.chunks_exact(2 * inter) {
@@ -564,17 +707,17 @@ pub fn hf_tensors(model: &MoeModel) -> Vec<(String, Vec<usize>, Vec<f32>)> {
             u.extend_from_slice(&row[inter..]);
         }
         out.push((
-            format!("{prefix}.gate_proj.weight"),
+            format!("{prefix}.{gn}.weight"),
             vec![inter, h],
             transpose(&g, h, inter),
         ));
         out.push((
-            format!("{prefix}.up_proj.weight"),
+            format!("{prefix}.{un}.weight"),
             vec![inter, h],
             transpose(&u, h, inter),
         ));
         out.push((
-            format!("{prefix}.down_proj.weight"),
+            format!("{prefix}.{dn}.weight"),
             vec![h, inter],
             transpose(d, inter, h),
         ));
@@ -612,11 +755,8 @@ pub fn hf_tensors(model: &MoeModel) -> Vec<(String, Vec<usize>, Vec<f32>)> {
         }
         for (n, norm) in [("q_norm", &a.q_norm), ("k_norm", &a.k_norm)] {
             if let Some(norm) = norm {
-                out.push((
-                    format!("{pre}.self_attn.{n}.weight"),
-                    vec![cfg.head_dim],
-                    vec1(&norm.weight),
-                ));
+                let v = vec1(&norm.weight);
+                out.push((format!("{pre}.self_attn.{n}.weight"), vec![v.len()], v));
             }
         }
         match &layer.mlp {
@@ -625,6 +765,7 @@ pub fn hf_tensors(model: &MoeModel) -> Vec<(String, Vec<usize>, Vec<f32>)> {
                 swiglu(
                     &mut out,
                     &format!("{pre}.mlp"),
+                    SWIGLU,
                     &gu,
                     &d,
                     cfg.intermediate_size,
@@ -632,8 +773,9 @@ pub fn hf_tensors(model: &MoeModel) -> Vec<(String, Vec<usize>, Vec<f32>)> {
             }
             Ffn::Sparse(m) => {
                 let (e, inter) = (cfg.num_experts, cfg.moe_intermediate_size);
+                let moe = format!("{pre}.{}", names.moe);
                 let (s, v) = lin(&m.router);
-                out.push((format!("{pre}.mlp.gate.weight"), s, v));
+                out.push((format!("{moe}.gate.weight"), s, v));
                 let gu = to_vec_f32(m.experts_gate_up.val());
                 let d = to_vec_f32(m.experts_down.val());
                 for ex in 0..e {
@@ -641,7 +783,8 @@ pub fn hf_tensors(model: &MoeModel) -> Vec<(String, Vec<usize>, Vec<f32>)> {
                     let d_e = &d[ex * inter * h..(ex + 1) * inter * h];
                     swiglu(
                         &mut out,
-                        &format!("{pre}.mlp.experts.{ex}"),
+                        &format!("{moe}.experts.{ex}"),
+                        names.expert,
                         gu_e,
                         d_e,
                         inter,
@@ -651,7 +794,8 @@ pub fn hf_tensors(model: &MoeModel) -> Vec<(String, Vec<usize>, Vec<f32>)> {
                     let (gu, d) = (to_vec_f32(sh.gate_up.val()), to_vec_f32(sh.down.val()));
                     swiglu(
                         &mut out,
-                        &format!("{pre}.mlp.shared_expert"),
+                        &format!("{moe}.{}", names.shared),
+                        SWIGLU,
                         &gu,
                         &d,
                         cfg.shared_expert_intermediate_size,
@@ -659,11 +803,11 @@ pub fn hf_tensors(model: &MoeModel) -> Vec<(String, Vec<usize>, Vec<f32>)> {
                 }
                 if let Some(g) = &m.shared_expert_gate {
                     let (s, v) = lin(g);
-                    out.push((format!("{pre}.mlp.shared_expert_gate.weight"), s, v));
+                    out.push((format!("{moe}.shared_expert_gate.weight"), s, v));
                 }
                 if let Some(bias) = &m.expert_bias {
                     out.push((
-                        format!("{pre}.mlp.gate.e_score_correction_bias"),
+                        format!("{moe}.gate.e_score_correction_bias"),
                         vec![e],
                         bias.clone(),
                     ));
@@ -682,6 +826,11 @@ pub fn hf_tensors(model: &MoeModel) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     }
     out
 }
+
+/// Write `model` as an HF model directory (`config.json`, `model.safetensors` or shards above
+/// `max_shard_bytes` with an index, `generation_config.json`) atomically: everything goes to a
+/// temporary sibling directory that is renamed over `dir` at the end, so a crash leaves either
+/// the old directory or the new one, never a mix.
 
 /// Write `model` as an HF model directory (`config.json`, `model.safetensors` or shards above
 /// `max_shard_bytes` with an index, `generation_config.json`) atomically: everything goes to a

@@ -1,4 +1,6 @@
-//! The Qwen3-MoE / Qwen2-MoE decoder, in one file.
+//! The decoder of every family sobre reads (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, DeepSeek-style
+//! routing), in one file: the families differ only in options of these layers and in tensor
+//! names (which live in `io.rs`).
 //!
 //! Embedding → N × [RMSNorm → attention → residual → RMSNorm → FFN → residual] → RMSNorm → head.
 //! The FFN of a layer is a dense SwiGLU or a sparse MoE block (`ModelConfig::is_sparse_layer`).
@@ -18,7 +20,7 @@ use burn::prelude::*;
 use burn::tensor::IndexingUpdateOp;
 use burn::tensor::activation::{sigmoid, silu, softmax};
 
-use crate::config::{ModelConfig, ScoringFunc};
+use crate::config::{ModelConfig, ScoringFunc, TopkMethod};
 
 /// Masked attention scores. Finite (not -inf) so a query row with every key masked — a padding
 /// query in a left-padded batch — gives no NaN; such rows are then zeroed (see `AttnContext`).
@@ -272,15 +274,22 @@ impl Mlp {
     }
 }
 
-/// Grouped-query self-attention with optional per-head q/k RMSNorm and rotate-half RoPE.
+/// Grouped-query self-attention with optional q/k RMSNorm (per head, or over the whole projection
+/// as OLMoE does), optional clamp of q/k/v (OLMoE's `clip_qkv`) and rotate-half RoPE.
 #[derive(Module, Debug)]
 pub struct Attention {
     pub q_proj: Proj,
     pub k_proj: Proj,
     pub v_proj: Proj,
     pub o_proj: Proj,
+    /// Weight `[head_dim]`, or `[num_heads · head_dim]` when `qk_norm_over_projection`.
     pub q_norm: Option<RmsNorm>,
+    /// Weight `[head_dim]`, or `[num_kv_heads · head_dim]` when `qk_norm_over_projection`.
     pub k_norm: Option<RmsNorm>,
+    #[module(skip)]
+    pub qk_norm_over_projection: bool,
+    #[module(skip)]
+    pub clip_qkv: Option<f64>,
     #[module(skip)]
     pub num_heads: usize,
     #[module(skip)]
@@ -324,20 +333,31 @@ impl Attention {
         let [b, s, hidden] = x.dims();
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let x2 = x.reshape([b * s, hidden]);
-        let heads = |t: Tensor<2>, n: usize, norm: &Option<RmsNorm>| {
+        // OLMoE's order: project → norm over the whole projection → clamp → split into heads.
+        let project = |proj: &Proj, norm: Option<&RmsNorm>| {
+            let mut t = proj.forward(x2.clone());
+            if let Some(norm) = norm.filter(|_| self.qk_norm_over_projection) {
+                t = norm.forward(t);
+            }
+            match self.clip_qkv {
+                Some(c) => t.clamp(-c, c),
+                None => t,
+            }
+        };
+        // Qwen3's order: split into heads → norm each head → RoPE.
+        let heads = |t: Tensor<2>, n: usize, norm: Option<&RmsNorm>| {
             let t = t.reshape([b, s, n, d]);
-            let t = match norm {
+            let t = match norm.filter(|_| !self.qk_norm_over_projection) {
                 Some(norm) => norm.forward(t),
                 None => t,
             };
             let t = t.swap_dims(1, 2); // [b, n, s, d]
             t.clone() * ctx.cos.clone() + rotate_half(t) * ctx.sin.clone()
         };
-        let q = heads(self.q_proj.forward(x2.clone()), nh, &self.q_norm);
-        let k = heads(self.k_proj.forward(x2.clone()), nkv, &self.k_norm);
-        let v = self
-            .v_proj
-            .forward(x2)
+        let (qn, kn) = (self.q_norm.as_ref(), self.k_norm.as_ref());
+        let q = heads(project(&self.q_proj, qn), nh, qn);
+        let k = heads(project(&self.k_proj, kn), nkv, kn);
+        let v = project(&self.v_proj, None)
             .reshape([b, s, nkv, d])
             .swap_dims(1, 2);
 
@@ -402,6 +422,44 @@ pub struct MoeBlock {
     pub scoring: ScoringFunc,
     #[module(skip)]
     pub routed_scaling_factor: f64,
+    /// Group-limited expert selection (DeepSeek's `topk_method`); `None` = plain top-k.
+    #[module(skip)]
+    pub group_limit: Option<GroupLimit>,
+}
+
+/// DeepSeek's group-limited selection: experts `[g·m, (g+1)·m)` form group g (m = experts per
+/// group); each token keeps its `topk_group` best groups and picks its top-k experts inside them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GroupLimit {
+    pub n_group: usize,
+    pub topk_group: usize,
+    /// How a group is scored from its experts' selection scores.
+    pub score: GroupScore,
+}
+
+/// How a group is scored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupScore {
+    /// Its best expert (DeepSeek-V2's `group_limited_greedy`).
+    Max,
+    /// The sum of its two best experts (DeepSeek-V3's `noaux_tc`).
+    TopTwoSum,
+}
+
+impl GroupLimit {
+    /// The group-limited selection a config asks for, if any.
+    pub fn from_config(cfg: &ModelConfig) -> Option<Self> {
+        let score = match cfg.topk_method {
+            TopkMethod::Greedy => return None,
+            TopkMethod::GroupLimitedGreedy => GroupScore::Max,
+            TopkMethod::NoauxTc => GroupScore::TopTwoSum,
+        };
+        Some(GroupLimit {
+            n_group: cfg.n_group,
+            topk_group: cfg.topk_group,
+            score,
+        })
+    }
 }
 
 /// Running sums of the auxiliary loss across sparse layers (as transformers accumulates them).
@@ -413,14 +471,56 @@ struct AuxAccumulator {
 
 /// Top-k of each row, largest first; equal scores go to the lower expert index so the choice
 /// never depends on the sort's stability or the backend.
+#[cfg(test)]
 fn top_k_rows(scores: &[f32], num_experts: usize, k: usize) -> Vec<usize> {
+    select_experts(scores, num_experts, k, None)
+}
+
+/// The indices of the `k` largest of `row`, largest first, ties to the lower index.
+fn top_k_of(row: &[f32], k: usize, order: &mut Vec<usize>) {
+    order.clear();
+    order.extend(0..row.len());
+    order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+    order.truncate(k);
+}
+
+/// The experts of each row of `scores` (`[tokens, num_experts]`, the selection scores: scores
+/// plus any correction bias), largest first, ties to the lower index. With a group limit, only
+/// experts of each row's `topk_group` best groups (group ties also to the lower index) compete.
+fn select_experts(
+    scores: &[f32],
+    num_experts: usize,
+    k: usize,
+    groups: Option<GroupLimit>,
+) -> Vec<usize> {
     let mut out = Vec::with_capacity(scores.len() / num_experts * k);
     let mut order: Vec<usize> = Vec::with_capacity(num_experts);
+    let mut masked = vec![0.0f32; num_experts];
+    let mut group_scores = Vec::new();
     for row in scores.chunks_exact(num_experts) {
-        order.clear();
-        order.extend(0..num_experts);
-        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
-        out.extend_from_slice(&order[..k]);
+        let Some(g) = groups else {
+            top_k_of(row, k, &mut order);
+            out.extend_from_slice(&order);
+            continue;
+        };
+        let per = num_experts / g.n_group;
+        group_scores.clear();
+        for members in row.chunks_exact(per) {
+            group_scores.push(match g.score {
+                GroupScore::Max => members.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+                GroupScore::TopTwoSum => {
+                    top_k_of(members, 2, &mut order);
+                    order.iter().map(|&i| members[i]).sum()
+                }
+            });
+        }
+        top_k_of(&group_scores, g.topk_group, &mut order);
+        masked.fill(f32::NEG_INFINITY);
+        for &grp in order.iter() {
+            masked[grp * per..(grp + 1) * per].copy_from_slice(&row[grp * per..(grp + 1) * per]);
+        }
+        top_k_of(&masked, k, &mut order);
+        out.extend_from_slice(&order);
     }
     out
 }
@@ -460,7 +560,7 @@ impl MoeBlock {
                 .collect(),
             None => host.clone(),
         };
-        let chosen = top_k_rows(&choice_scores, e, k); // [t, k]
+        let chosen = select_experts(&choice_scores, e, k, self.group_limit); // [t, k]
 
         let mut counts = vec![0u32; e];
         for (tok, row) in chosen.chunks_exact(k).enumerate() {
