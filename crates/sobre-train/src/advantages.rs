@@ -50,7 +50,10 @@ pub fn mean_std(xs: &[f32]) -> (f32, f32) {
 /// # Panics
 /// If `rewards.len()` is not a multiple of `group_size` (a caller bug).
 pub fn group_advantages(rewards: &[f32], group_size: usize, scale: ScaleRewards) -> Vec<f32> {
-    assert!(group_size > 0 && rewards.len() % group_size == 0, "rewards must form whole groups");
+    assert!(
+        group_size > 0 && rewards.len().is_multiple_of(group_size),
+        "rewards must form whole groups"
+    );
     let batch_std = mean_std(rewards).1;
     let mut out = Vec::with_capacity(rewards.len());
     for group in rewards.chunks(group_size) {
@@ -68,7 +71,10 @@ pub fn group_advantages(rewards: &[f32], group_size: usize, scale: ScaleRewards)
 /// Whether each group's rewards all tie (std ≈ 0): such a group has zero advantages and
 /// teaches nothing (DAPO's dynamic sampling drops it).
 pub fn zero_std_groups(rewards: &[f32], group_size: usize) -> Vec<bool> {
-    rewards.chunks(group_size).map(|g| mean_std(g).1 < 1e-6).collect()
+    rewards
+        .chunks(group_size)
+        .map(|g| mean_std(g).1 < 1e-6)
+        .collect()
 }
 
 #[cfg(test)]
@@ -87,8 +93,16 @@ mod tests {
         // Group [1, 0, 0, 1]: mean 0.5, unbiased std sqrt(1/3) = 0.57735.
         // A = ±0.5 / (0.57735 + 1e-4) = ±0.86588.
         // Group [2, 2, 2, 2]: all zero.
-        let a = group_advantages(&[1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0], 4, ScaleRewards::Group);
-        close(&a, &[0.86588, -0.86588, -0.86588, 0.86588, 0.0, 0.0, 0.0, 0.0], 1e-4);
+        let a = group_advantages(
+            &[1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0],
+            4,
+            ScaleRewards::Group,
+        );
+        close(
+            &a,
+            &[0.86588, -0.86588, -0.86588, 0.86588, 0.0, 0.0, 0.0, 0.0],
+            1e-4,
+        );
     }
 
     #[test]
@@ -105,6 +119,9 @@ mod tests {
 
     #[test]
     fn zero_std_detection() {
-        assert_eq!(zero_std_groups(&[1.0, 1.0, 0.0, 1.0, 0.5, 0.5], 2), vec![true, false, true]);
+        assert_eq!(
+            zero_std_groups(&[1.0, 1.0, 0.0, 1.0, 0.5, 0.5], 2),
+            vec![true, false, true]
+        );
     }
 }

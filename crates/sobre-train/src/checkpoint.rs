@@ -62,7 +62,13 @@ pub fn name_for(state: &TrainerState) -> String {
 }
 
 /// Write a checkpoint atomically into `root/<name>`; returns its path.
-pub fn save(root: &Path, model: &MoeModel, opt: &AdamW, tok: &Tokenizer, state: &TrainerState) -> Result<PathBuf, TrainError> {
+pub fn save(
+    root: &Path,
+    model: &MoeModel,
+    opt: &AdamW,
+    tok: &Tokenizer,
+    state: &TrainerState,
+) -> Result<PathBuf, TrainError> {
     std::fs::create_dir_all(root).map_err(|e| TrainError::io(root, e))?;
     let name = name_for(state);
     let dir = root.join(&name);
@@ -71,9 +77,11 @@ pub fn save(root: &Path, model: &MoeModel, opt: &AdamW, tok: &Tokenizer, state: 
         std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
     }
     sobre_model::save_model(model, &tmp, None)?;
-    tok.save(&tmp).map_err(|e| TrainError::Checkpoint(format!("tokenizer: {e}")))?;
+    tok.save(&tmp)
+        .map_err(|e| TrainError::Checkpoint(format!("tokenizer: {e}")))?;
     opt.save(&tmp.join(OPTIMIZER_FILE))?;
-    let text = serde_json::to_string_pretty(state).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+    let text =
+        serde_json::to_string_pretty(state).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
     let sp = tmp.join(STATE_FILE);
     std::fs::write(&sp, text + "\n").map_err(|e| TrainError::io(&sp, e))?;
     sobre_model::io::replace_dir(&tmp, &dir)?;
@@ -88,14 +96,20 @@ pub fn read_state(dir: &Path) -> Option<TrainerState> {
 
 /// Complete checkpoints under `root`, oldest first by (stage, step).
 pub fn list(root: &Path) -> Vec<(PathBuf, TrainerState)> {
-    let Ok(entries) = std::fs::read_dir(root) else { return vec![] };
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return vec![];
+    };
     let mut out: Vec<(PathBuf, TrainerState)> = entries
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| !n.starts_with('.')))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| !n.starts_with('.'))
+        })
         .filter_map(|p| read_state(&p).map(|s| (p, s)))
         .collect();
-    out.sort_by(|a, b| (a.1.stage, a.1.step).cmp(&(b.1.stage, b.1.step)));
+    out.sort_by_key(|a| (a.1.stage, a.1.step));
     out
 }
 
@@ -107,7 +121,11 @@ pub fn latest(root: &Path) -> Option<(PathBuf, TrainerState)> {
 /// Remove all but the newest `keep` checkpoints of `stage` (the `sft` stage-end one is never
 /// removed: it is the GRPO reference model).
 pub fn prune(root: &Path, stage: Stage, keep: usize) -> Result<(), TrainError> {
-    let of_stage: Vec<PathBuf> = list(root).into_iter().filter(|(_, s)| s.stage == stage && stage != Stage::SftDone).map(|(p, _)| p).collect();
+    let of_stage: Vec<PathBuf> = list(root)
+        .into_iter()
+        .filter(|(_, s)| s.stage == stage && stage != Stage::SftDone)
+        .map(|(p, _)| p)
+        .collect();
     let n = of_stage.len().saturating_sub(keep);
     for p in &of_stage[..n] {
         std::fs::remove_dir_all(p).map_err(|e| TrainError::io(p, e))?;

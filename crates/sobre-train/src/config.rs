@@ -34,6 +34,7 @@ fn key_prefix(key: &Option<String>) -> String {
 /// `[model]`: what to train.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+#[derive(Default)]
 pub struct ModelSection {
     /// A built-in architecture (`tiny`, `small`, `w1`), initialised from `seed`. Its vocabulary
     /// is resized to the tokenizer's.
@@ -48,19 +49,6 @@ pub struct ModelSection {
     pub aux_loss_free_bias: Option<bool>,
     /// Override the model's `bias_update_rate`.
     pub bias_update_rate: Option<f64>,
-}
-
-impl Default for ModelSection {
-    fn default() -> Self {
-        ModelSection {
-            preset: None,
-            path: None,
-            seed: None,
-            router_aux_loss_coef: None,
-            aux_loss_free_bias: None,
-            bias_update_rate: None,
-        }
-    }
 }
 
 /// `[tokenizer]`: load one, or train a byte-level BPE on the training data.
@@ -79,7 +67,12 @@ pub struct TokenizerSection {
 
 impl Default for TokenizerSection {
     fn default() -> Self {
-        TokenizerSection { path: None, vocab_size: 512, min_frequency: 2, train_samples: 2000 }
+        TokenizerSection {
+            path: None,
+            vocab_size: 512,
+            min_frequency: 2,
+            train_samples: 2000,
+        }
     }
 }
 
@@ -133,7 +126,9 @@ pub struct TemplateSection {
 
 impl Default for TemplateSection {
     fn default() -> Self {
-        TemplateSection { name: "r1_zero".into() }
+        TemplateSection {
+            name: "r1_zero".into(),
+        }
     }
 }
 
@@ -155,7 +150,13 @@ pub struct SftSection {
 
 impl Default for SftSection {
     fn default() -> Self {
-        SftSection { steps: 0, batch_size: 8, lr: 1e-4, warmup_steps: 0, max_length: 1024 }
+        SftSection {
+            steps: 0,
+            batch_size: 8,
+            lr: 1e-4,
+            warmup_steps: 0,
+            max_length: 1024,
+        }
     }
 }
 
@@ -310,13 +311,22 @@ pub struct EvalSection {
 
 impl Default for EvalSection {
     fn default() -> Self {
-        EvalSection { eval_every: 0, n: 100, seed: None, samples: 4, temperature: 0.0, max_new_tokens: None, reward: None }
+        EvalSection {
+            eval_every: 0,
+            n: 100,
+            seed: None,
+            samples: 4,
+            temperature: 0.0,
+            max_new_tokens: None,
+            reward: None,
+        }
     }
 }
 
 /// A whole run. `[[reward]]` tables go to `sobre_reward::CombinedReward`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+#[derive(Default)]
 pub struct Config {
     pub model: ModelSection,
     pub tokenizer: TokenizerSection,
@@ -330,24 +340,6 @@ pub struct Config {
     pub eval: EvalSection,
     /// `[[reward]] name = "…" weight = …` (default: R1's format + the task's accuracy reward).
     pub reward: Vec<toml::Table>,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            model: ModelSection::default(),
-            tokenizer: TokenizerSection::default(),
-            data: DataSection::default(),
-            template: TemplateSection::default(),
-            sft: SftSection::default(),
-            rollout: SamplingParams::default(),
-            grpo: GrpoSection::default(),
-            optim: OptimSection::default(),
-            run: RunSection::default(),
-            eval: EvalSection::default(),
-            reward: vec![],
-        }
-    }
 }
 
 /// Where the configuration came from, for error messages and the resolved copy.
@@ -374,7 +366,9 @@ pub fn edit_distance(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1; b.len() + 1];
         for (j, &cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
+            cur[j + 1] = (prev[j] + usize::from(ca != cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
         }
         prev = cur;
     }
@@ -395,23 +389,41 @@ fn one_of(value: &str, valid: &[&str]) -> Result<(), String> {
     if valid.contains(&value) {
         return Ok(());
     }
-    let hint = closest(value, valid).map(|c| format!(" (did you mean `{c}`?)")).unwrap_or_default();
-    Err(format!("unknown value `{value}`{hint}; expected one of: {}", valid.join(", ")))
+    let hint = closest(value, valid)
+        .map(|c| format!(" (did you mean `{c}`?)"))
+        .unwrap_or_default();
+    Err(format!(
+        "unknown value `{value}`{hint}; expected one of: {}",
+        valid.join(", ")
+    ))
 }
 
 /// Byte offset → 1-based (line, column).
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let col = before.rfind('\n').map_or(before.len(), |p| before.len() - p - 1) + 1;
+    let col = before
+        .rfind('\n')
+        .map_or(before.len(), |p| before.len() - p - 1)
+        + 1;
     (line, col)
 }
 
 /// Improve serde's "unknown field `x`, expected one of `a`, `b`" with the closest key.
 fn suggest(msg: &str) -> String {
-    let Some(rest) = msg.split("unknown field `").nth(1) else { return msg.to_string() };
-    let Some(bad) = rest.split('`').next() else { return msg.to_string() };
-    let valid: Vec<&str> = rest.split('`').skip(1).enumerate().filter(|(i, _)| i % 2 == 1).map(|(_, s)| s).collect();
+    let Some(rest) = msg.split("unknown field `").nth(1) else {
+        return msg.to_string();
+    };
+    let Some(bad) = rest.split('`').next() else {
+        return msg.to_string();
+    };
+    let valid: Vec<&str> = rest
+        .split('`')
+        .skip(1)
+        .enumerate()
+        .filter(|(i, _)| i % 2 == 1)
+        .map(|(_, s)| s)
+        .collect();
     match closest(bad, &valid) {
         Some(c) => format!("{} (did you mean `{c}`?)", msg.trim_end()),
         None => msg.to_string(),
@@ -426,7 +438,11 @@ fn toml_error(origin: &str, text: &str, e: &toml::de::Error) -> ConfigError {
         }
         None => origin.to_string(),
     };
-    ConfigError { origin: loc, key: None, msg: suggest(e.message()) }
+    ConfigError {
+        origin: loc,
+        key: None,
+        msg: suggest(e.message()),
+    }
 }
 
 /// The line of `key` under `[section]` in `text` (1-based), scanning headers and `key =` lines.
@@ -436,24 +452,36 @@ pub fn find_key_line(text: &str, dotted: &str) -> Option<usize> {
     for (i, line) in text.lines().enumerate() {
         let t = line.trim();
         if let Some(h) = t.strip_prefix('[') {
-            current = h.trim_start_matches('[').split(']').next().unwrap_or("").trim().to_string();
+            current = h
+                .trim_start_matches('[')
+                .split(']')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string();
             continue;
         }
-        if current == section {
-            if let Some(rest) = t.strip_prefix(key)
-                && rest.trim_start().starts_with('=')
-            {
-                return Some(i + 1);
-            }
+        if current == section
+            && let Some(rest) = t.strip_prefix(key)
+            && rest.trim_start().starts_with('=')
+        {
+            return Some(i + 1);
         }
         // `section.key = v` written at the top level or in a parent table.
-        let full = if current.is_empty() { dotted.to_string() } else { dotted.strip_prefix(&format!("{current}.")).unwrap_or("").to_string() };
-        if !full.is_empty() && full != key {
-            if let Some(rest) = t.strip_prefix(full.as_str())
-                && rest.trim_start().starts_with('=')
-            {
-                return Some(i + 1);
-            }
+        let full = if current.is_empty() {
+            dotted.to_string()
+        } else {
+            dotted
+                .strip_prefix(&format!("{current}."))
+                .unwrap_or("")
+                .to_string()
+        };
+        if !full.is_empty()
+            && full != key
+            && let Some(rest) = t.strip_prefix(full.as_str())
+            && rest.trim_start().starts_with('=')
+        {
+            return Some(i + 1);
         }
     }
     None
@@ -461,20 +489,32 @@ pub fn find_key_line(text: &str, dotted: &str) -> Option<usize> {
 
 /// Parse a `--set a.b.c=value` into the document.
 fn apply_override(doc: &mut toml::Table, spec: &str) -> Result<(), ConfigError> {
-    let err = |msg: String| ConfigError { origin: format!("--set {spec}"), key: None, msg };
-    let (path, raw) = spec.split_once('=').ok_or_else(|| err("expected section.key=value".into()))?;
+    let err = |msg: String| ConfigError {
+        origin: format!("--set {spec}"),
+        key: None,
+        msg,
+    };
+    let (path, raw) = spec
+        .split_once('=')
+        .ok_or_else(|| err("expected section.key=value".into()))?;
     let path = path.trim();
     let parts: Vec<&str> = path.split('.').collect();
     if parts.len() < 2 || parts.iter().any(|p| p.is_empty()) {
-        return Err(err("expected section.key=value (e.g. grpo.beta=0.04)".into()));
+        return Err(err(
+            "expected section.key=value (e.g. grpo.beta=0.04)".into()
+        ));
     }
     let value: toml::Value = match format!("v = {}", raw.trim()).parse::<toml::Table>() {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.to_string())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.to_string())),
         Err(_) => toml::Value::String(raw.trim().to_string()),
     };
     let mut table = doc;
     for p in &parts[..parts.len() - 1] {
-        let entry = table.entry(p.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let entry = table
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
         table = match entry {
             toml::Value::Table(t) => t,
             _ => return Err(err(format!("`{p}` is not a table"))),
@@ -496,17 +536,34 @@ impl Config {
     }
 
     /// [`Config::load`] on text; `name` is used in error messages.
-    pub fn parse(text: &str, name: &str, overrides: &[String]) -> Result<(Config, Source), ConfigError> {
+    pub fn parse(
+        text: &str,
+        name: &str,
+        overrides: &[String],
+    ) -> Result<(Config, Source), ConfigError> {
         let mut cfg: Config = toml::from_str(text).map_err(|e| toml_error(name, text, &e))?;
         if !overrides.is_empty() {
-            let mut doc: toml::Table = toml::from_str(text).map_err(|e| toml_error(name, text, &e))?;
+            let mut doc: toml::Table =
+                toml::from_str(text).map_err(|e| toml_error(name, text, &e))?;
             for o in overrides {
                 apply_override(&mut doc, o)?;
-                let t = toml::to_string(&doc).map_err(|e| ConfigError { origin: format!("--set {o}"), key: None, msg: e.to_string() })?;
-                cfg = toml::from_str(&t).map_err(|e| ConfigError { origin: format!("--set {o}"), key: None, msg: suggest(e.message()) })?;
+                let t = toml::to_string(&doc).map_err(|e| ConfigError {
+                    origin: format!("--set {o}"),
+                    key: None,
+                    msg: e.to_string(),
+                })?;
+                cfg = toml::from_str(&t).map_err(|e| ConfigError {
+                    origin: format!("--set {o}"),
+                    key: None,
+                    msg: suggest(e.message()),
+                })?;
             }
         }
-        let source = Source { name: name.to_string(), text: text.to_string(), overrides: overrides.to_vec() };
+        let source = Source {
+            name: name.to_string(),
+            text: text.to_string(),
+            overrides: overrides.to_vec(),
+        };
         cfg.validate(&source)?;
         Ok((cfg, source))
     }
@@ -539,7 +596,8 @@ impl Config {
         let mut specs = Vec::new();
         for (i, t) in self.reward_specs().iter().enumerate() {
             let v = serde_json::to_value(t).map_err(|e| format!("[[reward]] #{}: {e}", i + 1))?;
-            let spec: sobre_reward::RewardSpec = serde_json::from_value(v).map_err(|e| format!("[[reward]] #{}: {e}", i + 1))?;
+            let spec: sobre_reward::RewardSpec =
+                serde_json::from_value(v).map_err(|e| format!("[[reward]] #{}: {e}", i + 1))?;
             specs.push(spec);
         }
         sobre_reward::CombinedReward::from_specs(&specs).map_err(|e| e.to_string())
@@ -553,22 +611,46 @@ impl Config {
     /// Completions per optimizer step.
     pub fn mini_batch(&self) -> usize {
         let total = self.grpo.num_prompts * self.grpo.group_size;
-        if self.grpo.mini_batch_size == 0 { total } else { self.grpo.mini_batch_size }
+        if self.grpo.mini_batch_size == 0 {
+            total
+        } else {
+            self.grpo.mini_batch_size
+        }
     }
 
     /// Every value check; the first failure is the error, located in the file.
     pub fn validate(&self, source: &Source) -> Result<(), ConfigError> {
         let fail = |key: &str, msg: String| {
-            let overridden = source.overrides.iter().rev().find(|o| o.split('=').next().map(str::trim) == Some(key));
+            let overridden = source
+                .overrides
+                .iter()
+                .rev()
+                .find(|o| o.split('=').next().map(str::trim) == Some(key));
             let origin = match (overridden, find_key_line(&source.text, key)) {
                 (Some(o), _) => format!("--set {o}"),
                 (None, Some(l)) => format!("{}:{l}", source.name),
                 (None, None) => source.name.clone(),
             };
-            Err(ConfigError { origin, key: Some(key.to_string()), msg })
+            Err(ConfigError {
+                origin,
+                key: Some(key.to_string()),
+                msg,
+            })
         };
-        let pos = |key: &str, v: f64| if v > 0.0 && v.is_finite() { Ok(()) } else { fail(key, format!("must be a finite number > 0, found {v}")) };
-        let nonneg = |key: &str, v: f64| if v >= 0.0 && v.is_finite() { Ok(()) } else { fail(key, format!("must be a finite number ≥ 0, found {v}")) };
+        let pos = |key: &str, v: f64| {
+            if v > 0.0 && v.is_finite() {
+                Ok(())
+            } else {
+                fail(key, format!("must be a finite number > 0, found {v}"))
+            }
+        };
+        let nonneg = |key: &str, v: f64| {
+            if v >= 0.0 && v.is_finite() {
+                Ok(())
+            } else {
+                fail(key, format!("must be a finite number ≥ 0, found {v}"))
+            }
+        };
 
         // [model]
         if let Some(p) = &self.model.preset
@@ -583,12 +665,26 @@ impl Config {
             nonneg("model.bias_update_rate", r)?;
         }
         // [tokenizer]
-        if self.tokenizer.path.is_none() && self.model.path.is_none() && self.tokenizer.vocab_size < 262 {
-            return fail("tokenizer.vocab_size", format!("must be at least 262 (256 bytes + special tokens), found {}", self.tokenizer.vocab_size));
+        if self.tokenizer.path.is_none()
+            && self.model.path.is_none()
+            && self.tokenizer.vocab_size < 262
+        {
+            return fail(
+                "tokenizer.vocab_size",
+                format!(
+                    "must be at least 262 (256 bytes + special tokens), found {}",
+                    self.tokenizer.vocab_size
+                ),
+            );
         }
         // [data]
         match (&self.data.task, &self.data.dataset) {
-            (None, None) => return fail("data.task", "set `task` (countdown or arithmetic) or a `[data.dataset]` path".into()),
+            (None, None) => {
+                return fail(
+                    "data.task",
+                    "set `task` (countdown or arithmetic) or a `[data.dataset]` path".into(),
+                );
+            }
             (Some(t), _) => {
                 if let Err(m) = one_of(t, TASKS) {
                     return fail("data.task", m);
@@ -606,7 +702,11 @@ impl Config {
             }
             (None, Some(_)) => {}
         }
-        for (key, d) in [("data.dataset.path", &self.data.dataset), ("data.eval_dataset.path", &self.data.eval_dataset), ("data.sft_dataset.path", &self.data.sft_dataset)] {
+        for (key, d) in [
+            ("data.dataset.path", &self.data.dataset),
+            ("data.eval_dataset.path", &self.data.eval_dataset),
+            ("data.sft_dataset.path", &self.data.sft_dataset),
+        ] {
             if let Some(d) = d
                 && !d.path.exists()
             {
@@ -638,16 +738,25 @@ impl Config {
             return fail("grpo.num_prompts", "must be at least 1".into());
         }
         if g.group_size < 2 {
-            return fail("grpo.group_size", format!("must be at least 2 (advantages compare completions of a prompt), found {}", g.group_size));
+            return fail(
+                "grpo.group_size",
+                format!(
+                    "must be at least 2 (advantages compare completions of a prompt), found {}",
+                    g.group_size
+                ),
+            );
         }
         if g.num_iterations == 0 {
             return fail("grpo.num_iterations", "must be at least 1".into());
         }
         let total = g.num_prompts * g.group_size;
-        if g.mini_batch_size > 0 && total % g.mini_batch_size != 0 {
+        if g.mini_batch_size > 0 && !total.is_multiple_of(g.mini_batch_size) {
             return fail(
                 "grpo.mini_batch_size",
-                format!("must divide num_prompts × group_size = {} × {} = {total}, found {}", g.num_prompts, g.group_size, g.mini_batch_size),
+                format!(
+                    "must divide num_prompts × group_size = {} × {} = {total}, found {}",
+                    g.num_prompts, g.group_size, g.mini_batch_size
+                ),
             );
         }
         if let Err(m) = one_of(&g.loss, LOSSES) {
@@ -673,7 +782,10 @@ impl Config {
         nonneg("optim.weight_decay", o.weight_decay)?;
         for b in o.betas {
             if !(0.0..1.0).contains(&b) {
-                return fail("optim.betas", format!("each beta must be in [0, 1), found {b}"));
+                return fail(
+                    "optim.betas",
+                    format!("each beta must be in [0, 1), found {b}"),
+                );
             }
         }
         pos("optim.eps", o.eps)?;
@@ -681,7 +793,10 @@ impl Config {
             return fail("optim.schedule", m);
         }
         if !(0.0..=1.0).contains(&o.min_lr_ratio) {
-            return fail("optim.min_lr_ratio", format!("must be in [0, 1], found {}", o.min_lr_ratio));
+            return fail(
+                "optim.min_lr_ratio",
+                format!("must be in [0, 1], found {}", o.min_lr_ratio),
+            );
         }
         nonneg("optim.max_grad_norm", o.max_grad_norm)?;
         // [run]
@@ -696,7 +811,13 @@ impl Config {
             return fail("eval.n", "must be at least 1 when eval_every > 0".into());
         }
         if !(self.eval.temperature >= 0.0 && self.eval.temperature.is_finite()) {
-            return fail("eval.temperature", format!("must be a finite number ≥ 0, found {}", self.eval.temperature));
+            return fail(
+                "eval.temperature",
+                format!(
+                    "must be a finite number ≥ 0, found {}",
+                    self.eval.temperature
+                ),
+            );
         }
         // [[reward]]
         if let Err(m) = self.build_rewards() {
@@ -722,7 +843,9 @@ mod tests {
     #[test]
     fn unknown_key_names_line_and_suggests() {
         let text = "[data]\ntask = \"countdown\"\n\n[grpo]\ngroup_size = 4\nepsilonn = 0.2\n";
-        let e = Config::parse(text, "run.toml", &[]).unwrap_err().to_string();
+        let e = Config::parse(text, "run.toml", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("run.toml:6:1"), "{e}");
         assert!(e.contains("unknown field `epsilonn`"), "{e}");
         assert!(e.contains("did you mean `epsilon`?"), "{e}");
@@ -731,25 +854,46 @@ mod tests {
     #[test]
     fn bad_value_names_file_line_and_key() {
         let text = "[data]\ntask = \"countdown\"\n[grpo]\nnum_prompts = 3\ngroup_size = 1\n";
-        let e = Config::parse(text, "run.toml", &[]).unwrap_err().to_string();
-        assert!(e.starts_with("run.toml:5: `grpo.group_size`: must be at least 2"), "{e}");
+        let e = Config::parse(text, "run.toml", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("run.toml:5: `grpo.group_size`: must be at least 2"),
+            "{e}"
+        );
         let text = "[data]\ntask = \"countdown\"\n[grpo]\nnum_prompts = 3\ngroup_size = 4\nmini_batch_size = 5\n";
-        let e = Config::parse(text, "run.toml", &[]).unwrap_err().to_string();
-        assert!(e.starts_with("run.toml:6: `grpo.mini_batch_size`: must divide"), "{e}");
+        let e = Config::parse(text, "run.toml", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("run.toml:6: `grpo.mini_batch_size`: must divide"),
+            "{e}"
+        );
         let text = "[data]\ntask = \"countdown\"\n[grpo]\nloss = \"gpro\"\n";
-        let e = Config::parse(text, "run.toml", &[]).unwrap_err().to_string();
+        let e = Config::parse(text, "run.toml", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("did you mean `grpo`"), "{e}");
     }
 
     #[test]
     fn overrides_apply_and_are_named_in_errors() {
         let text = "[data]\ntask = \"countdown\"\n";
-        let (cfg, _) = Config::parse(text, "t", &["grpo.beta=0.04".into(), "run.out_dir=/tmp/x".into()]).unwrap();
+        let (cfg, _) = Config::parse(
+            text,
+            "t",
+            &["grpo.beta=0.04".into(), "run.out_dir=/tmp/x".into()],
+        )
+        .unwrap();
         assert_eq!(cfg.grpo.beta, 0.04);
         assert_eq!(cfg.run.out_dir, PathBuf::from("/tmp/x"));
-        let e = Config::parse(text, "t", &["grpo.group_size=1".into()]).unwrap_err().to_string();
+        let e = Config::parse(text, "t", &["grpo.group_size=1".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("--set grpo.group_size=1"), "{e}");
-        let e = Config::parse(text, "t", &["grpo.bta=1".into()]).unwrap_err().to_string();
+        let e = Config::parse(text, "t", &["grpo.bta=1".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("did you mean `beta`"), "{e}");
     }
 

@@ -40,47 +40,86 @@ pub fn task_config(cfg: &Config) -> Option<TaskConfig> {
 pub fn load_data(cfg: &Config) -> Result<RunData, TrainError> {
     let seed = cfg.data.seed.unwrap_or(cfg.run.seed);
     let load = |d: &sobre_data::DatasetConfig| -> Result<Vec<Sample>, TrainError> {
-        Ok(sobre_data::dataset::load(d).map_err(|e| data_err(&d.path.display().to_string(), e))?.samples)
+        Ok(sobre_data::dataset::load(d)
+            .map_err(|e| data_err(&d.path.display().to_string(), e))?
+            .samples)
     };
     let (train, mut eval) = match (&cfg.data.dataset, task_config(cfg)) {
         (Some(d), _) => (load(d)?, vec![]),
         (None, Some(task)) => {
-            let train = tasks::generate(&task, Split::Train, cfg.data.train_size, seed, true).map_err(|e| data_err("task", e))?;
+            let train = tasks::generate(&task, Split::Train, cfg.data.train_size, seed, true)
+                .map_err(|e| data_err("task", e))?;
             let eval = if cfg.data.eval_size > 0 {
-                tasks::generate(&task, Split::Eval, cfg.data.eval_size, seed, false).map_err(|e| data_err("task", e))?
+                tasks::generate(&task, Split::Eval, cfg.data.eval_size, seed, false)
+                    .map_err(|e| data_err("task", e))?
             } else {
                 vec![]
             };
             (train, eval)
         }
-        (None, None) => return Err(TrainError::Data("no `[data] task` or `[data.dataset]`".into())),
+        (None, None) => {
+            return Err(TrainError::Data(
+                "no `[data] task` or `[data.dataset]`".into(),
+            ));
+        }
     };
     if let Some(d) = &cfg.data.eval_dataset {
         eval = load(d)?;
     }
     let demos = match &cfg.data.sft_dataset {
         Some(d) => load(d)?,
-        None => train.iter().filter(|s| s.completion.is_some()).cloned().collect(),
+        None => train
+            .iter()
+            .filter(|s| s.completion.is_some())
+            .cloned()
+            .collect(),
     };
     if train.is_empty() {
         return Err(TrainError::Data("the training set is empty".into()));
     }
     if cfg.sft.steps > 0 && demos.iter().all(|s| s.completion.is_none()) {
-        return Err(TrainError::Data("`[sft] steps > 0` but no sample has a `completion` (set `[data.sft_dataset]`)".into()));
+        return Err(TrainError::Data(
+            "`[sft] steps > 0` but no sample has a `completion` (set `[data.sft_dataset]`)".into(),
+        ));
     }
-    Ok(RunData { train, eval, demos: demos.into_iter().filter(|s| s.completion.is_some()).collect() })
+    Ok(RunData {
+        train,
+        eval,
+        demos: demos
+            .into_iter()
+            .filter(|s| s.completion.is_some())
+            .collect(),
+    })
 }
 
 /// The tokenizer: from `dir` (a checkpoint or model directory), or trained on the data.
-pub fn build_tokenizer(cfg: &Config, data: &RunData, template: &Template, dir: Option<&Path>) -> Result<Tokenizer, TrainError> {
-    if let Some(dir) = dir.or(cfg.tokenizer.path.as_deref()).or(cfg.model.path.as_deref()) {
-        return Tokenizer::from_dir(dir).map_err(|e| data_err(&format!("tokenizer {}", dir.display()), e));
+pub fn build_tokenizer(
+    cfg: &Config,
+    data: &RunData,
+    template: &Template,
+    dir: Option<&Path>,
+) -> Result<Tokenizer, TrainError> {
+    if let Some(dir) = dir
+        .or(cfg.tokenizer.path.as_deref())
+        .or(cfg.model.path.as_deref())
+    {
+        return Tokenizer::from_dir(dir)
+            .map_err(|e| data_err(&format!("tokenizer {}", dir.display()), e));
     }
     let mut texts = Vec::new();
-    for s in data.train.iter().chain(&data.demos).take(cfg.tokenizer.train_samples.max(1)) {
+    for s in data
+        .train
+        .iter()
+        .chain(&data.demos)
+        .take(cfg.tokenizer.train_samples.max(1))
+    {
         texts.extend(training_texts(s, template).map_err(|e| data_err("template", e))?);
     }
-    let opts = TrainOptions { vocab_size: cfg.tokenizer.vocab_size, min_frequency: cfg.tokenizer.min_frequency, ..Default::default() };
+    let opts = TrainOptions {
+        vocab_size: cfg.tokenizer.vocab_size,
+        min_frequency: cfg.tokenizer.min_frequency,
+        ..Default::default()
+    };
     Tokenizer::train(texts.iter(), &opts).map_err(|e| data_err("training the tokenizer", e))
 }
 
@@ -90,18 +129,33 @@ pub fn build_template(cfg: &Config, tokenizer_dir: Option<&Path>) -> Result<Temp
         let dir = tokenizer_dir
             .or(cfg.tokenizer.path.as_deref())
             .or(cfg.model.path.as_deref())
-            .ok_or_else(|| TrainError::Data("template `chat` needs a tokenizer directory with tokenizer_config.json".into()))?;
+            .ok_or_else(|| {
+                TrainError::Data(
+                    "template `chat` needs a tokenizer directory with tokenizer_config.json".into(),
+                )
+            })?;
         let chat = ChatTemplate::from_tokenizer_config(&dir.join("tokenizer_config.json"))
             .map_err(|e| data_err("chat template", e))?
-            .ok_or_else(|| TrainError::Data(format!("{}: no chat_template", dir.join("tokenizer_config.json").display())))?;
+            .ok_or_else(|| {
+                TrainError::Data(format!(
+                    "{}: no chat_template",
+                    dir.join("tokenizer_config.json").display()
+                ))
+            })?;
         return Ok(Template::Chat(std::sync::Arc::new(chat)));
     }
     Template::from_name(&cfg.template.name).map_err(|e| data_err("template", e))
 }
 
 /// Prompt token ids of a sample.
-pub fn encode_prompt(tok: &Tokenizer, template: &Template, s: &Sample) -> Result<Vec<u32>, TrainError> {
-    let text = template.render(&s.prompt).map_err(|e| data_err("template", e))?;
+pub fn encode_prompt(
+    tok: &Tokenizer,
+    template: &Template,
+    s: &Sample,
+) -> Result<Vec<u32>, TrainError> {
+    let text = template
+        .render(&s.prompt)
+        .map_err(|e| data_err("template", e))?;
     let mut ids = tok.special().bos.map(|b| vec![b]).unwrap_or_default();
     ids.extend(tok.encode(&text).map_err(|e| data_err("tokenizer", e))?);
     if ids.is_empty() {
@@ -159,7 +213,11 @@ pub struct Order {
 
 impl Order {
     pub fn new(n: usize, seed: u64) -> Self {
-        Order { n, seed, epoch: None }
+        Order {
+            n,
+            seed,
+            epoch: None,
+        }
     }
 
     pub fn index(&mut self, pos: u64) -> usize {
@@ -174,7 +232,9 @@ impl Order {
             }
             self.epoch = Some((epoch, perm));
         }
-        self.epoch.as_ref().map_or(0, |(_, p)| p[(pos % n as u64) as usize])
+        self.epoch
+            .as_ref()
+            .map_or(0, |(_, p)| p[(pos % n as u64) as usize])
     }
 }
 

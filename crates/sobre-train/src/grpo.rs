@@ -15,15 +15,18 @@ use sobre_model::{ForwardOptions, MoeModel};
 use sobre_reward::CombinedReward;
 use sobre_rollout::{Completion, FinishReason, Prompt, SamplingParams, generate};
 
+use crate::TrainError;
 use crate::advantages::{ScaleRewards, group_advantages, mean_std, zero_std_groups};
 use crate::config::Config;
 use crate::data::{Detok, Order, derive_seed, encode_prompt, reward_sample};
 use crate::kl::KlEstimator;
-use crate::losses::{LossSettings, PolicyLossInput, clip_fractions, host_log_ratios, is_sequence_level, policy_loss_fn};
+use crate::losses::{
+    LossSettings, PolicyLossInput, clip_fractions, host_log_ratios, is_sequence_level,
+    policy_loss_fn,
+};
 use crate::metrics::{add_counts, expert_load, num, peak_rss_mib};
 use crate::optim::{AdamW, backward_and_step};
 use crate::score::{Layout, host, score};
-use crate::TrainError;
 
 /// What a GRPO step needs besides the model and optimizer.
 pub struct GrpoContext<'a> {
@@ -61,7 +64,10 @@ pub fn default_accuracy_reward(cfg: &Config, rewards: &CombinedReward) -> Option
         return Some(r.clone());
     }
     let names = rewards.names();
-    ["countdown", "accuracy"].iter().find(|n| names.contains(n)).map(|s| s.to_string())
+    ["countdown", "accuracy"]
+        .iter()
+        .find(|n| names.contains(n))
+        .map(|s| s.to_string())
 }
 
 fn score_completions(
@@ -118,7 +124,11 @@ pub fn grpo_step(
     let mut groups_seen = 0usize;
     let mut zero_groups = 0usize;
     let mut generated_tokens = 0usize;
-    let rounds = if g.filter_zero_std_groups { g.max_resample_rounds + 1 } else { 1 };
+    let rounds = if g.filter_zero_std_groups {
+        g.max_resample_rounds + 1
+    } else {
+        1
+    };
     let mut rounds_used = 0;
     for round in 0..rounds {
         if kept.len() >= p * gs {
@@ -130,11 +140,20 @@ pub fn grpo_step(
         for _ in 0..p {
             let idx = order.index(*cursor);
             let ids = encode_prompt(ctx.tok, ctx.template, &ctx.train[idx])?;
-            requests.push(Prompt { ids: ids.clone(), key: *cursor });
+            requests.push(Prompt {
+                ids: ids.clone(),
+                key: *cursor,
+            });
             prompts.push((idx, ids));
             *cursor += 1;
         }
-        let params = SamplingParams { seed: derive_seed(cfg.run.seed ^ cfg.rollout.seed, &[1, step as u64, round as u64]), ..cfg.rollout.clone() };
+        let params = SamplingParams {
+            seed: derive_seed(
+                cfg.run.seed ^ cfg.rollout.seed,
+                &[1, step as u64, round as u64],
+            ),
+            ..cfg.rollout.clone()
+        };
         let completions = generate(&policy, &requests, gs, &params, Some(&detok))?;
         generated_tokens += completions.iter().map(|c| c.tokens.len()).sum::<usize>();
         let scored = score_completions(ctx, &prompts, completions, cfg.rollout.max_new_tokens);
@@ -143,7 +162,12 @@ pub fn grpo_step(
         groups_seen += zero.len();
         zero_groups += zero.iter().filter(|&&z| z).count();
         all_rewards.extend(&rewards);
-        for (gi, group) in scored.into_iter().collect::<Vec<_>>().chunks(gs).enumerate() {
+        for (gi, group) in scored
+            .into_iter()
+            .collect::<Vec<_>>()
+            .chunks(gs)
+            .enumerate()
+        {
             if (g.filter_zero_std_groups && zero[gi]) || kept.len() >= p * gs {
                 continue;
             }
@@ -162,20 +186,36 @@ pub fn grpo_step(
     // ---- advantages ----
     let rewards: Vec<f32> = kept.iter().map(|s| s.reward).collect();
     let scale = ScaleRewards::from_name(&g.scale_rewards).unwrap_or(ScaleRewards::Group);
-    let advantages = if kept.is_empty() { vec![] } else { group_advantages(&rewards, gs, scale) };
+    let advantages = if kept.is_empty() {
+        vec![]
+    } else {
+        group_advantages(&rewards, gs, scale)
+    };
     let rows = kept.len();
     let row_mask: Vec<f32> = kept
         .iter()
-        .map(|s| if g.mask_truncated_completions && s.completion.finish_reason == FinishReason::Length { 0.0 } else { 1.0 })
+        .map(|s| {
+            if g.mask_truncated_completions && s.completion.finish_reason == FinishReason::Length {
+                0.0
+            } else {
+                1.0
+            }
+        })
         .collect();
 
     // ---- mini-batches, reference logprobs ----
     let mb = cfg.mini_batch().min(rows.max(1));
-    let chunks: Vec<std::ops::Range<usize>> = (0..rows).step_by(mb.max(1)).map(|s| s..(s + mb).min(rows)).collect();
+    let chunks: Vec<std::ops::Range<usize>> = (0..rows)
+        .step_by(mb.max(1))
+        .map(|s| s..(s + mb).min(rows))
+        .collect();
     let layouts: Vec<Layout> = chunks
         .iter()
         .map(|r| {
-            let pairs: Vec<(&[u32], &[u32])> = kept[r.clone()].iter().map(|s| (s.prompt_ids.as_slice(), s.completion.tokens.as_slice())).collect();
+            let pairs: Vec<(&[u32], &[u32])> = kept[r.clone()]
+                .iter()
+                .map(|s| (s.prompt_ids.as_slice(), s.completion.tokens.as_slice()))
+                .collect();
             Layout::new(&pairs, pad)
         })
         .collect();
@@ -186,7 +226,9 @@ pub fn grpo_step(
     let ref_lp: Vec<Option<Vec<f32>>> = layouts
         .iter()
         .map(|l| match ctx.reference {
-            Some(r) if g.beta > 0.0 && l.max_completion > 0 => Some(host(score(r, l, temperature, ForwardOptions::default(), false).logp)),
+            Some(r) if g.beta > 0.0 && l.max_completion > 0 => Some(host(
+                score(r, l, temperature, ForwardOptions::default(), false).logp,
+            )),
             _ => None,
         })
         .collect();
@@ -196,7 +238,11 @@ pub fn grpo_step(
     let t2 = Instant::now();
     let loss_fn = policy_loss_fn(&g.loss).unwrap_or(crate::losses::grpo);
     let seq_level = is_sequence_level(&g.loss);
-    let total_tokens: f64 = layouts.iter().enumerate().map(|(ci, l)| masked_count(l, &row_mask[chunks[ci].clone()])).sum();
+    let total_tokens: f64 = layouts
+        .iter()
+        .enumerate()
+        .map(|(ci, l)| masked_count(l, &row_mask[chunks[ci].clone()]))
+        .sum();
     let settings = LossSettings {
         epsilon: g.epsilon,
         epsilon_high: cfg.epsilon_high(),
@@ -209,7 +255,8 @@ pub fn grpo_step(
     let bias_update = model.config.aux_loss_free_bias;
     let bias_rate = model.config.bias_update_rate as f32;
     let device = model.device();
-    let (mut losses, mut norms, mut kls, mut ents, mut mism) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut losses, mut norms, mut kls, mut ents, mut mism) =
+        (vec![], vec![], vec![], vec![], vec![]);
     let (mut clip_lo, mut clip_hi, mut aux_vals) = (vec![], vec![], vec![]);
     let mut counts: Vec<Vec<u64>> = vec![];
     let (mut updates, mut skipped) = (0usize, 0usize);
@@ -232,15 +279,28 @@ pub fn grpo_step(
                     rollout_lp[r * m + i] = lp;
                 }
             }
-            let opts = ForwardOptions { aux_loss: aux_coef > 0.0, ..Default::default() };
+            let opts = ForwardOptions {
+                aux_loss: aux_coef > 0.0,
+                ..Default::default()
+            };
             let scored = score(&model, layout, temperature, opts, it == 0);
             let logp_host = host(scored.logp.clone());
-            let old = if g.num_iterations > 1 { layout.tensor(rollout_lp.clone(), &device) } else { scored.logp.clone().detach() };
-            let old_host = if g.num_iterations > 1 { rollout_lp.clone() } else { logp_host.clone() };
+            let old = if g.num_iterations > 1 {
+                layout.tensor(rollout_lp.clone(), &device)
+            } else {
+                scored.logp.clone().detach()
+            };
+            let old_host = if g.num_iterations > 1 {
+                rollout_lp.clone()
+            } else {
+                logp_host.clone()
+            };
             let input = PolicyLossInput {
                 logp: scored.logp.clone(),
                 old_logp: old,
-                ref_logp: ref_lp[ci].as_ref().map(|v| layout.tensor(v.clone(), &device)),
+                ref_logp: ref_lp[ci]
+                    .as_ref()
+                    .map(|v| layout.tensor(v.clone(), &device)),
                 advantages: layout.tensor(adv.clone(), &device),
                 mask: layout.tensor(mask.clone(), &device),
             };
@@ -255,20 +315,45 @@ pub fn grpo_step(
             // Host statistics of this mini-batch.
             let n_tok = mask.iter().filter(|&&x| x > 0.0).count().max(1) as f64;
             let lr_host = host_log_ratios(&logp_host, &old_host, &mask, m, seq_level);
-            let (lo, hi) = clip_fractions(&lr_host, &adv, &mask, settings.epsilon, settings.epsilon_high);
+            let (lo, hi) = clip_fractions(
+                &lr_host,
+                &adv,
+                &mask,
+                settings.epsilon,
+                settings.epsilon_high,
+            );
             clip_lo.push(lo);
             clip_hi.push(hi);
             if let Some(rl) = &ref_lp[ci] {
-                let k: f64 = logp_host.iter().zip(rl).zip(&mask).filter(|(_, m)| **m > 0.0).map(|((a, b), _)| kl_est.host(*a, *b) as f64).sum();
+                let k: f64 = logp_host
+                    .iter()
+                    .zip(rl)
+                    .zip(&mask)
+                    .filter(|(_, m)| **m > 0.0)
+                    .map(|((a, b), _)| kl_est.host(*a, *b) as f64)
+                    .sum();
                 kls.push(k / n_tok);
             }
             if it == 0 {
-                let e: f64 = scored.entropy.iter().zip(&layout.mask).filter(|(_, m)| **m > 0.0).map(|(e, _)| *e as f64).sum();
+                let e: f64 = scored
+                    .entropy
+                    .iter()
+                    .zip(&layout.mask)
+                    .filter(|(_, m)| **m > 0.0)
+                    .map(|(e, _)| *e as f64)
+                    .sum();
                 ents.push(e / layout.mask.iter().filter(|&&x| x > 0.0).count().max(1) as f64);
-                let d: f64 = logp_host.iter().zip(&rollout_lp).zip(&layout.mask).filter(|(_, m)| **m > 0.0).map(|((a, b), _)| (a - b).abs() as f64).sum();
+                let d: f64 = logp_host
+                    .iter()
+                    .zip(&rollout_lp)
+                    .zip(&layout.mask)
+                    .filter(|(_, m)| **m > 0.0)
+                    .map(|((a, b), _)| (a - b).abs() as f64)
+                    .sum();
                 mism.push(d / layout.mask.iter().filter(|&&x| x > 0.0).count().max(1) as f64);
                 add_counts(&mut counts, &scored.router.expert_counts);
             }
+            let batch_counts = scored.router.expert_counts.clone();
             drop(input);
             drop(scored);
             let (next, outcome) = backward_and_step(model, loss, opt, lr, cfg.optim.max_grad_norm);
@@ -280,15 +365,20 @@ pub fn grpo_step(
                 skipped += 1;
             } else if bias_update && it == 0 {
                 // DeepSeek-V3's aux-loss-free balancing: nudge biases by this batch's load.
-                let c32: Vec<Vec<u32>> = counts_of_last(&counts);
-                model.update_expert_bias(&c32, bias_rate);
+                model.update_expert_bias(&batch_counts, bias_rate);
             }
         }
     }
     let time_policy = t2.elapsed().as_secs_f64();
 
     // ---- metrics ----
-    let mean = |v: &[f64]| if v.is_empty() { f64::NAN } else { v.iter().sum::<f64>() / v.len() as f64 };
+    let mean = |v: &[f64]| {
+        if v.is_empty() {
+            f64::NAN
+        } else {
+            v.iter().sum::<f64>() / v.len() as f64
+        }
+    };
     let mut mt = Map::new();
     mt.insert("stage".into(), json!("grpo"));
     mt.insert("step".into(), json!(step + 1));
@@ -298,39 +388,102 @@ pub fn grpo_step(
     for (ci, name) in ctx.rewards.names().iter().enumerate() {
         let vals: Vec<f32> = kept.iter().filter_map(|s| s.components[ci]).collect();
         let (m, s) = mean_std(&vals);
-        mt.insert(format!("rewards/{name}/mean"), if vals.is_empty() { Value::Null } else { num(m as f64) });
-        mt.insert(format!("rewards/{name}/std"), if vals.is_empty() { Value::Null } else { num(s as f64) });
+        mt.insert(
+            format!("rewards/{name}/mean"),
+            if vals.is_empty() {
+                Value::Null
+            } else {
+                num(m as f64)
+            },
+        );
+        mt.insert(
+            format!("rewards/{name}/std"),
+            if vals.is_empty() {
+                Value::Null
+            } else {
+                num(s as f64)
+            },
+        );
     }
     let acc = ctx.accuracy_reward.as_ref().and_then(|name| {
         let ci = ctx.rewards.names().iter().position(|n| n == name)?;
-        Some(kept.iter().filter(|s| s.components[ci].unwrap_or(0.0) >= 1.0).count() as f64 / rows.max(1) as f64)
+        Some(
+            kept.iter()
+                .filter(|s| s.components[ci].unwrap_or(0.0) >= 1.0)
+                .count() as f64
+                / rows.max(1) as f64,
+        )
     });
     mt.insert("accuracy".into(), acc.map_or(Value::Null, num));
     let (am, asd) = mean_std(&advantages);
     mt.insert("advantage_mean".into(), num(am as f64));
     mt.insert("advantage_std".into(), num(asd as f64));
-    mt.insert("advantage_abs_max".into(), num(advantages.iter().fold(0.0f32, |a, &b| a.max(b.abs())) as f64));
+    mt.insert(
+        "advantage_abs_max".into(),
+        num(advantages.iter().fold(0.0f32, |a, &b| a.max(b.abs())) as f64),
+    );
     mt.insert("loss".into(), num(mean(&losses)));
-    mt.insert("kl".into(), if kls.is_empty() { Value::Null } else { num(mean(&kls)) });
+    mt.insert(
+        "kl".into(),
+        if kls.is_empty() {
+            Value::Null
+        } else {
+            num(mean(&kls))
+        },
+    );
     mt.insert("clip_fraction".into(), num(mean(&clip_lo) + mean(&clip_hi)));
     mt.insert("clip_fraction_low".into(), num(mean(&clip_lo)));
     mt.insert("clip_fraction_high".into(), num(mean(&clip_hi)));
     mt.insert("entropy".into(), num(mean(&ents)));
-    let lens: Vec<f64> = kept.iter().map(|s| s.completion.tokens.len() as f64).collect();
+    let lens: Vec<f64> = kept
+        .iter()
+        .map(|s| s.completion.tokens.len() as f64)
+        .collect();
     mt.insert("completion_length_mean".into(), num(mean(&lens)));
-    mt.insert("completion_length_max".into(), num(lens.iter().cloned().fold(0.0, f64::max)));
-    let trunc = kept.iter().filter(|s| s.completion.finish_reason == FinishReason::Length).count();
-    mt.insert("truncated_fraction".into(), num(trunc as f64 / rows.max(1) as f64));
-    mt.insert("zero_std_fraction".into(), num(zero_groups as f64 / groups_seen.max(1) as f64));
+    mt.insert(
+        "completion_length_max".into(),
+        num(lens.iter().cloned().fold(0.0, f64::max)),
+    );
+    let trunc = kept
+        .iter()
+        .filter(|s| s.completion.finish_reason == FinishReason::Length)
+        .count();
+    mt.insert(
+        "truncated_fraction".into(),
+        num(trunc as f64 / rows.max(1) as f64),
+    );
+    mt.insert(
+        "zero_std_fraction".into(),
+        num(zero_groups as f64 / groups_seen.max(1) as f64),
+    );
     mt.insert("num_groups".into(), json!(rows / gs));
     mt.insert("resample_rounds".into(), json!(rounds_used));
-    mt.insert("grad_norm".into(), num(mean(&norms.iter().cloned().filter(|x| x.is_finite()).collect::<Vec<_>>())));
+    mt.insert(
+        "grad_norm".into(),
+        num(mean(
+            &norms
+                .iter()
+                .cloned()
+                .filter(|x| x.is_finite())
+                .collect::<Vec<_>>(),
+        )),
+    );
     mt.insert("lr".into(), num(lr));
     mt.insert("logprob_mismatch".into(), num(mean(&mism)));
     let (loads, imbalance) = expert_load(&counts);
     mt.insert("expert_load".into(), json!(loads));
-    mt.insert("expert_imbalance".into(), imbalance.map_or(Value::Null, num));
-    mt.insert("aux_loss".into(), if aux_vals.is_empty() { Value::Null } else { num(mean(&aux_vals)) });
+    mt.insert(
+        "expert_imbalance".into(),
+        imbalance.map_or(Value::Null, num),
+    );
+    mt.insert(
+        "aux_loss".into(),
+        if aux_vals.is_empty() {
+            Value::Null
+        } else {
+            num(mean(&aux_vals))
+        },
+    );
     mt.insert("updates".into(), json!(updates));
     mt.insert("skipped_updates".into(), json!(skipped));
     let all_skipped = updates > 0 && skipped == updates;
@@ -340,9 +493,18 @@ pub fn grpo_step(
     mt.insert("time_policy".into(), num(time_policy));
     let time_step = t_step.elapsed().as_secs_f64();
     mt.insert("time_step".into(), num(time_step));
-    mt.insert("rollout_tokens_per_second".into(), num(generated_tokens as f64 / time_rollout.max(1e-9)));
-    mt.insert("tokens_per_second".into(), num(generated_tokens as f64 / time_step.max(1e-9)));
-    mt.insert("peak_rss_mib".into(), peak_rss_mib().map_or(Value::Null, num));
+    mt.insert(
+        "rollout_tokens_per_second".into(),
+        num(generated_tokens as f64 / time_rollout.max(1e-9)),
+    );
+    mt.insert(
+        "tokens_per_second".into(),
+        num(generated_tokens as f64 / time_step.max(1e-9)),
+    );
+    mt.insert(
+        "peak_rss_mib".into(),
+        peak_rss_mib().map_or(Value::Null, num),
+    );
     let _ = all_rewards;
 
     let samples = kept
@@ -370,18 +532,24 @@ pub fn grpo_step(
             })
         })
         .collect();
-    Ok((model, StepOutput { metrics: mt, samples, skipped: all_skipped }))
+    Ok((
+        model,
+        StepOutput {
+            metrics: mt,
+            samples,
+            skipped: all_skipped,
+        },
+    ))
 }
 
 fn masked_count(l: &Layout, row_mask: &[f32]) -> f64 {
     let m = l.max_completion;
-    (0..l.rows).map(|r| l.mask[r * m..(r + 1) * m].iter().sum::<f32>() as f64 * row_mask[r] as f64).sum()
+    (0..l.rows)
+        .map(|r| l.mask[r * m..(r + 1) * m].iter().sum::<f32>() as f64 * row_mask[r] as f64)
+        .sum()
 }
 
-fn counts_of_last(acc: &[Vec<u64>]) -> Vec<Vec<u32>> {
-    acc.iter().map(|l| l.iter().map(|&c| c.min(u32::MAX as u64) as u32).collect()).collect()
-}
-
+#[allow(clippy::too_many_arguments)]
 /// Held-out pass@1: one completion per eval problem (greedy unless `eval.temperature` > 0);
 /// solved when the accuracy reward component is ≥ 1. Returns the metrics line and samples.
 pub fn evaluate(
@@ -398,11 +566,17 @@ pub fn evaluate(
     let n = cfg.eval.n.min(eval.len());
     let mut requests = Vec::with_capacity(n);
     for (i, s) in eval[..n].iter().enumerate() {
-        requests.push(Prompt { ids: encode_prompt(tok, template, s)?, key: i as u64 });
+        requests.push(Prompt {
+            ids: encode_prompt(tok, template, s)?,
+            key: i as u64,
+        });
     }
     let params = SamplingParams {
         temperature: cfg.eval.temperature,
-        max_new_tokens: cfg.eval.max_new_tokens.unwrap_or(cfg.rollout.max_new_tokens),
+        max_new_tokens: cfg
+            .eval
+            .max_new_tokens
+            .unwrap_or(cfg.rollout.max_new_tokens),
         seed: cfg.eval.seed.unwrap_or(cfg.run.seed),
         ..cfg.rollout.clone()
     };
@@ -412,7 +586,12 @@ pub fn evaluate(
     let mut samples = vec![];
     for c in &completions {
         let text = c.text.clone().unwrap_or_default();
-        let rc = sobre_reward::Completion { text: &text, num_tokens: Some(c.tokens.len()), truncated: c.finish_reason == FinishReason::Length, max_tokens: Some(params.max_new_tokens) };
+        let rc = sobre_reward::Completion {
+            text: &text,
+            num_tokens: Some(c.tokens.len()),
+            truncated: c.finish_reason == FinishReason::Length,
+            max_tokens: Some(params.max_new_tokens),
+        };
         let b = rewards.score(&reward_sample(&eval[c.prompt_index]), &rc);
         total_reward += b.total as f64;
         let ok = ci.is_some_and(|i| b.components[i].1.unwrap_or(0.0) >= 1.0);
@@ -425,8 +604,18 @@ pub fn evaluate(
     m.insert("stage".into(), json!("eval"));
     m.insert("step".into(), json!(step));
     m.insert("eval_n".into(), json!(n));
-    m.insert("eval_pass@1".into(), if ci.is_some() { num(solved as f64 / n.max(1) as f64) } else { Value::Null });
-    m.insert("eval_reward_mean".into(), num(total_reward / n.max(1) as f64));
+    m.insert(
+        "eval_pass@1".into(),
+        if ci.is_some() {
+            num(solved as f64 / n.max(1) as f64)
+        } else {
+            Value::Null
+        },
+    );
+    m.insert(
+        "eval_reward_mean".into(),
+        num(total_reward / n.max(1) as f64),
+    );
     m.insert("eval_seconds".into(), num(t.elapsed().as_secs_f64()));
     Ok((m, samples))
 }

@@ -60,7 +60,11 @@ mod tests {
         // logp = [-1, -2], ref = [-1.5, -1]: δ = [-0.5, 1].
         let logp = Tensor::<2>::from_data(TensorData::new(vec![-1.0f32, -2.0], [1, 2]), &device);
         let rf = Tensor::<2>::from_data(TensorData::new(vec![-1.5f32, -1.0], [1, 2]), &device);
-        let get = |k: KlEstimator| k.per_token(logp.clone(), rf.clone()).try_into_vec_as::<f32>().unwrap();
+        let get = |k: KlEstimator| {
+            k.per_token(logp.clone(), rf.clone())
+                .try_into_vec_as::<f32>()
+                .unwrap()
+        };
         let want = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-5);
         assert!(want(&get(KlEstimator::K1), &[0.5, -1.0]));
         assert!(want(&get(KlEstimator::K2), &[0.125, 0.5]));

@@ -52,7 +52,10 @@ pub enum TrainError {
     #[error("checkpoint: {0}")]
     Checkpoint(String),
     #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// Too many non-finite losses or gradients in a row.
     #[error("{0}")]
     NonFinite(String),
@@ -60,6 +63,9 @@ pub enum TrainError {
 
 impl TrainError {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
-        TrainError::Io { path: path.to_path_buf(), source }
+        TrainError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     }
 }

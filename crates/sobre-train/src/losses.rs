@@ -56,12 +56,20 @@ pub struct LossSettings {
 pub type PolicyLossFn = fn(&PolicyLossInput, &LossSettings) -> Tensor<1>;
 
 /// Every loss by name.
-pub const LOSS_REGISTRY: &[(&str, PolicyLossFn)] =
-    &[("grpo", grpo), ("bnpo", bnpo), ("dr_grpo", dr_grpo), ("dapo", dapo), ("gspo", gspo)];
+pub const LOSS_REGISTRY: &[(&str, PolicyLossFn)] = &[
+    ("grpo", grpo),
+    ("bnpo", bnpo),
+    ("dr_grpo", dr_grpo),
+    ("dapo", dapo),
+    ("gspo", gspo),
+];
 
 /// The loss registered under `name`.
 pub fn policy_loss_fn(name: &str) -> Option<PolicyLossFn> {
-    LOSS_REGISTRY.iter().find(|(n, _)| *n == name).map(|(_, f)| *f)
+    LOSS_REGISTRY
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, f)| *f)
 }
 
 /// Whether the loss uses a sequence-level importance ratio.
@@ -70,7 +78,12 @@ pub fn is_sequence_level(name: &str) -> bool {
 }
 
 /// `−min(r·A, clip(r, 1−ε, 1+ε_high)·A)` per token, from `log r`.
-pub fn clipped_objective(log_ratio: Tensor<2>, advantages: Tensor<2>, eps: f64, eps_high: f64) -> Tensor<2> {
+pub fn clipped_objective(
+    log_ratio: Tensor<2>,
+    advantages: Tensor<2>,
+    eps: f64,
+    eps_high: f64,
+) -> Tensor<2> {
     let ratio = log_ratio.exp();
     let unclipped = ratio.clone() * advantages.clone();
     let clipped = ratio.clamp(1.0 - eps, 1.0 + eps_high) * advantages;
@@ -79,7 +92,12 @@ pub fn clipped_objective(log_ratio: Tensor<2>, advantages: Tensor<2>, eps: f64, 
 
 /// The per-token loss (clipped objective + β·KL) from a log-ratio.
 fn per_token(input: &PolicyLossInput, log_ratio: Tensor<2>, s: &LossSettings) -> Tensor<2> {
-    let mut loss = clipped_objective(log_ratio, input.advantages.clone(), s.epsilon, s.epsilon_high);
+    let mut loss = clipped_objective(
+        log_ratio,
+        input.advantages.clone(),
+        s.epsilon,
+        s.epsilon_high,
+    );
     if s.beta > 0.0
         && let Some(r) = &input.ref_logp
     {
@@ -111,24 +129,38 @@ fn token_log_ratio(input: &PolicyLossInput) -> Tensor<2> {
 
 /// GRPO (DeepSeekMath): per-sequence token mean.
 pub fn grpo(input: &PolicyLossInput, s: &LossSettings) -> Tensor<1> {
-    seq_mean_token_mean(per_token(input, token_log_ratio(input), s), input.mask.clone())
+    seq_mean_token_mean(
+        per_token(input, token_log_ratio(input), s),
+        input.mask.clone(),
+    )
 }
 
 /// BNPO: token mean over the mini-batch.
 pub fn bnpo(input: &PolicyLossInput, s: &LossSettings) -> Tensor<1> {
-    token_mean(per_token(input, token_log_ratio(input), s), input.mask.clone())
+    token_mean(
+        per_token(input, token_log_ratio(input), s),
+        input.mask.clone(),
+    )
 }
 
 /// Dr. GRPO: token sum over sequences × generation limit.
 pub fn dr_grpo(input: &PolicyLossInput, s: &LossSettings) -> Tensor<1> {
     let rows = input.mask.dims()[0];
     let norm = (rows * s.max_completion_length) as f64;
-    token_sum_over(per_token(input, token_log_ratio(input), s), input.mask.clone(), norm)
+    token_sum_over(
+        per_token(input, token_log_ratio(input), s),
+        input.mask.clone(),
+        norm,
+    )
 }
 
 /// DAPO: token-level mean over the generation batch.
 pub fn dapo(input: &PolicyLossInput, s: &LossSettings) -> Tensor<1> {
-    token_sum_over(per_token(input, token_log_ratio(input), s), input.mask.clone(), s.dapo_normalizer)
+    token_sum_over(
+        per_token(input, token_log_ratio(input), s),
+        input.mask.clone(),
+        s.dapo_normalizer,
+    )
 }
 
 /// GSPO's log-ratio in the per-token stop-gradient form:
@@ -142,14 +174,24 @@ pub fn sequence_log_ratio(logp: Tensor<2>, old: Tensor<2>, mask: Tensor<2>) -> T
 
 /// GSPO: sequence-level ratio, aggregated as `grpo`.
 pub fn gspo(input: &PolicyLossInput, s: &LossSettings) -> Tensor<1> {
-    let lr = sequence_log_ratio(input.logp.clone(), input.old_logp.clone(), input.mask.clone());
+    let lr = sequence_log_ratio(
+        input.logp.clone(),
+        input.old_logp.clone(),
+        input.mask.clone(),
+    );
     seq_mean_token_mean(per_token(input, lr, s), input.mask.clone())
 }
 
 /// Host-side clip statistics: the share of masked tokens whose ratio was clipped below
 /// (`r < 1−ε` with `A < 0`) and above (`r > 1+ε_high` with `A > 0`), as TRL logs them.
 /// `log_ratio`, `adv`, `mask` are `[rows · tokens]` row-major.
-pub fn clip_fractions(log_ratio: &[f32], adv: &[f32], mask: &[f32], eps: f64, eps_high: f64) -> (f64, f64) {
+pub fn clip_fractions(
+    log_ratio: &[f32],
+    adv: &[f32],
+    mask: &[f32],
+    eps: f64,
+    eps_high: f64,
+) -> (f64, f64) {
     let (mut low, mut high, mut n) = (0usize, 0usize, 0usize);
     for ((&lr, &a), &m) in log_ratio.iter().zip(adv).zip(mask) {
         if m == 0.0 {
@@ -169,7 +211,13 @@ pub fn clip_fractions(log_ratio: &[f32], adv: &[f32], mask: &[f32], eps: f64, ep
 }
 
 /// Host log-ratios as the loss sees them: per token, or the row's mean for sequence level.
-pub fn host_log_ratios(logp: &[f32], old: &[f32], mask: &[f32], tokens: usize, sequence: bool) -> Vec<f32> {
+pub fn host_log_ratios(
+    logp: &[f32],
+    old: &[f32],
+    mask: &[f32],
+    tokens: usize,
+    sequence: bool,
+) -> Vec<f32> {
     let mut out: Vec<f32> = logp.iter().zip(old).map(|(a, b)| a - b).collect();
     if sequence && tokens > 0 {
         for (row, m) in out.chunks_mut(tokens).zip(mask.chunks(tokens)) {
@@ -195,7 +243,14 @@ mod tests {
     }
 
     fn settings(beta: f64) -> LossSettings {
-        LossSettings { epsilon: 0.2, epsilon_high: 0.28, beta, kl: KlEstimator::K3, max_completion_length: 4, dapo_normalizer: 5.0 }
+        LossSettings {
+            epsilon: 0.2,
+            epsilon_high: 0.28,
+            beta,
+            kl: KlEstimator::K3,
+            max_completion_length: 4,
+            dapo_normalizer: 5.0,
+        }
     }
 
     /// Two rows of up to 3 tokens; row 0 has 3 real tokens, row 1 has 2.
@@ -257,7 +312,8 @@ mod tests {
     fn gradients_flow_with_ratio_one() {
         // μ = 1: old = sg[logp], ratio 1, ∂ℓ/∂logp = −A / tokens-of-row / rows for grpo.
         let device = sobre_model::default_device().autodiff();
-        let logp = Tensor::<2>::from_data(TensorData::new(vec![-1.0f32, -2.0], [1, 2]), &device).require_grad();
+        let logp = Tensor::<2>::from_data(TensorData::new(vec![-1.0f32, -2.0], [1, 2]), &device)
+            .require_grad();
         let inp = PolicyLossInput {
             logp: logp.clone(),
             old_logp: logp.clone().detach(),
@@ -267,7 +323,11 @@ mod tests {
         };
         for f in [grpo as PolicyLossFn, gspo] {
             let loss = f(&inp, &settings(0.0));
-            let g = logp.grad(&loss.backward()).unwrap().try_into_vec_as::<f32>().unwrap();
+            let g = logp
+                .grad(&loss.backward())
+                .unwrap()
+                .try_into_vec_as::<f32>()
+                .unwrap();
             assert!(g.iter().all(|x| (x + 1.0).abs() < 1e-5), "{g:?}");
         }
     }

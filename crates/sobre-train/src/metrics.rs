@@ -25,7 +25,9 @@ impl JsonlWriter {
             let kept: Vec<&str> = text
                 .lines()
                 .filter(|l| {
-                    let Ok(v) = serde_json::from_str::<Value>(l) else { return false };
+                    let Ok(v) = serde_json::from_str::<Value>(l) else {
+                        return false;
+                    };
                     let s = v.get("stage").and_then(Value::as_str).unwrap_or("");
                     let step = v.get("step").and_then(Value::as_u64).unwrap_or(0) as usize;
                     stage_rank(s) < stage_rank(stage) || (s == stage && step <= last)
@@ -37,13 +39,22 @@ impl JsonlWriter {
             }
             std::fs::write(path, body).map_err(|e| TrainError::io(path, e))?;
         }
-        let file = OpenOptions::new().create(true).append(true).open(path).map_err(|e| TrainError::io(path, e))?;
-        Ok(JsonlWriter { path: path.to_path_buf(), file })
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| TrainError::io(path, e))?;
+        Ok(JsonlWriter {
+            path: path.to_path_buf(),
+            file,
+        })
     }
 
     pub fn write(&mut self, value: &Value) -> Result<(), TrainError> {
         let line = serde_json::to_string(value).unwrap_or_default();
-        writeln!(self.file, "{line}").and_then(|_| self.file.flush()).map_err(|e| TrainError::io(&self.path, e))
+        writeln!(self.file, "{line}")
+            .and_then(|_| self.file.flush())
+            .map_err(|e| TrainError::io(&self.path, e))
     }
 }
 
@@ -106,10 +117,28 @@ pub fn num(x: f64) -> Value {
 /// The one-line summary of a metrics object.
 pub fn summary_line(m: &Map<String, Value>) -> String {
     let f = |k: &str| m.get(k).and_then(Value::as_f64);
-    let mut parts = vec![format!("{} {}", m.get("stage").and_then(Value::as_str).unwrap_or(""), m.get("step").and_then(Value::as_u64).unwrap_or(0))];
-    for (k, label) in [("reward_mean", "reward"), ("accuracy", "acc"), ("loss", "loss"), ("kl", "kl"), ("entropy", "ent"), ("completion_length_mean", "len"), ("grad_norm", "gnorm"), ("lr", "lr"), ("time_step", "s")] {
+    let mut parts = vec![format!(
+        "{} {}",
+        m.get("stage").and_then(Value::as_str).unwrap_or(""),
+        m.get("step").and_then(Value::as_u64).unwrap_or(0)
+    )];
+    for (k, label) in [
+        ("reward_mean", "reward"),
+        ("accuracy", "acc"),
+        ("loss", "loss"),
+        ("kl", "kl"),
+        ("entropy", "ent"),
+        ("completion_length_mean", "len"),
+        ("grad_norm", "gnorm"),
+        ("lr", "lr"),
+        ("time_step", "s"),
+    ] {
         if let Some(v) = f(k) {
-            parts.push(if k == "lr" { format!("{label} {v:.2e}") } else { format!("{label} {v:.4}") });
+            parts.push(if k == "lr" {
+                format!("{label} {v:.2e}")
+            } else {
+                format!("{label} {v:.4}")
+            });
         }
     }
     if m.get("skipped").and_then(Value::as_bool) == Some(true) {
@@ -136,7 +165,8 @@ mod tests {
         let p = dir.path().join("m.jsonl");
         std::fs::write(&p, "{\"stage\":\"sft\",\"step\":2}\n{\"stage\":\"grpo\",\"step\":1}\n{\"stage\":\"grpo\",\"step\":2}\n").unwrap();
         let mut w = JsonlWriter::open(&p, Some(("grpo", 1))).unwrap();
-        w.write(&serde_json::json!({"stage": "grpo", "step": 2})).unwrap();
+        w.write(&serde_json::json!({"stage": "grpo", "step": 2}))
+            .unwrap();
         let text = std::fs::read_to_string(&p).unwrap();
         assert_eq!(text.lines().count(), 3);
     }

@@ -66,7 +66,9 @@ impl Schedule {
         let factor = match self.kind {
             ScheduleKind::Constant => 1.0,
             ScheduleKind::Linear => floor + (1.0 - floor) * (1.0 - progress),
-            ScheduleKind::Cosine => floor + (1.0 - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+            ScheduleKind::Cosine => {
+                floor + (1.0 - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+            }
         };
         self.lr * factor
     }
@@ -137,14 +139,22 @@ impl ModuleVisitor for GradCollector<'_> {
         if let Some(g) = t.grad(self.grads) {
             let shape = g.dims().to_vec();
             let values = g.try_into_vec_as::<f32>().unwrap_or_default();
-            self.out.push(HostGrad { path: self.path.path(), shape, values });
+            self.out.push(HostGrad {
+                path: self.path.path(),
+                shape,
+                values,
+            });
         }
     }
 }
 
 /// Every parameter gradient of `model` in `grads`, in module order.
 pub fn collect_grads(model: &MoeModel, grads: &Gradients) -> Vec<HostGrad> {
-    let mut c = GradCollector { path: PathTracker(vec![]), grads, out: vec![] };
+    let mut c = GradCollector {
+        path: PathTracker(vec![]),
+        grads,
+        out: vec![],
+    };
     model.visit(&mut c);
     c.out
 }
@@ -164,13 +174,22 @@ pub fn accumulate(acc: &mut Vec<HostGrad>, other: Vec<HostGrad>) {
 
 /// √Σg² over every gradient (f64 accumulation).
 pub fn global_norm(grads: &[HostGrad]) -> f64 {
-    grads.iter().flat_map(|g| g.values.iter()).map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt()
+    grads
+        .iter()
+        .flat_map(|g| g.values.iter())
+        .map(|&x| (x as f64) * (x as f64))
+        .sum::<f64>()
+        .sqrt()
 }
 
 /// The factor that brings the norm down to `max_norm` (1 when it is within, or clipping off),
 /// as `torch.nn.utils.clip_grad_norm_`: `max_norm / (norm + 1e-6)`, capped at 1.
 pub fn clip_coefficient(norm: f64, max_norm: f64) -> f64 {
-    if max_norm <= 0.0 { 1.0 } else { (max_norm / (norm + 1e-6)).min(1.0) }
+    if max_norm <= 0.0 {
+        1.0
+    } else {
+        (max_norm / (norm + 1e-6)).min(1.0)
+    }
 }
 
 struct Updater<'a> {
@@ -190,7 +209,9 @@ impl ModuleMapper for Updater<'_> {
     }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let path = self.path.path();
-        let Some(grad) = self.grads.remove(&path) else { return param };
+        let Some(grad) = self.grads.remove(&path) else {
+            return param;
+        };
         let (lr, scale) = (self.lr, self.scale);
         let opt = &mut *self.opt;
         param.map(|tensor| {
@@ -207,21 +228,43 @@ impl ModuleMapper for Updater<'_> {
 
 impl AdamW {
     pub fn new(config: AdamWConfig) -> Self {
-        AdamW { config, step: 0, state: BTreeMap::new() }
+        AdamW {
+            config,
+            step: 0,
+            state: BTreeMap::new(),
+        }
     }
 
     /// One AdamW update of one parameter. `scale` multiplies the gradient (clipping);
     /// `no_decay` skips weight decay (norms, biases).
-    pub fn update(&mut self, path: &str, p: &mut [f32], g: &[f32], scale: f32, lr: f64, no_decay: bool) {
+    pub fn update(
+        &mut self,
+        path: &str,
+        p: &mut [f32],
+        g: &[f32],
+        scale: f32,
+        lr: f64,
+        no_decay: bool,
+    ) {
         let c = self.config;
         let t = (self.step + 1) as i32;
-        let st = self.state.entry(path.to_string()).or_insert_with(|| Moments { m: vec![0.0; p.len()], v: vec![0.0; p.len()] });
+        let st = self
+            .state
+            .entry(path.to_string())
+            .or_insert_with(|| Moments {
+                m: vec![0.0; p.len()],
+                v: vec![0.0; p.len()],
+            });
         let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
         let bc1 = 1.0 - c.beta1.powi(t);
         let bc2 = 1.0 - c.beta2.powi(t);
         let step_size = (lr / bc1) as f32;
         let bc2_sqrt = bc2.sqrt() as f32;
-        let decay = if no_decay { 1.0 } else { 1.0 - (lr * c.weight_decay) as f32 };
+        let decay = if no_decay {
+            1.0
+        } else {
+            1.0 - (lr * c.weight_decay) as f32
+        };
         let eps = c.eps as f32;
         for i in 0..p.len() {
             let gi = g[i] * scale;
@@ -235,7 +278,13 @@ impl AdamW {
     /// Apply one update to every parameter with a gradient. `scale` is the clip coefficient.
     pub fn step(&mut self, model: MoeModel, grads: Vec<HostGrad>, lr: f64, scale: f64) -> MoeModel {
         let grads = grads.into_iter().map(|g| (g.path, g.values)).collect();
-        let mut u = Updater { path: PathTracker(vec![]), opt: self, grads, lr, scale: scale as f32 };
+        let mut u = Updater {
+            path: PathTracker(vec![]),
+            opt: self,
+            grads,
+            lr,
+            scale: scale as f32,
+        };
         let model = model.map(&mut u);
         self.step += 1;
         model
@@ -247,7 +296,11 @@ impl AdamW {
         let mut bytes: Vec<(String, Vec<u8>, usize)> = Vec::new();
         for (name, st) in &self.state {
             for (suffix, v) in [("m", &st.m), ("v", &st.v)] {
-                bytes.push((format!("{name}.{suffix}"), v.iter().flat_map(|x| x.to_le_bytes()).collect(), v.len()));
+                bytes.push((
+                    format!("{name}.{suffix}"),
+                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    v.len(),
+                ));
             }
         }
         let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
@@ -261,14 +314,16 @@ impl AdamW {
         let mut meta = std::collections::HashMap::new();
         meta.insert("step".to_string(), self.step.to_string());
         meta.insert("format".to_string(), "sobre-adamw-v1".to_string());
-        safetensors::serialize_to_file(views, Some(meta), file).map_err(|e| TrainError::Checkpoint(format!("{}: {e}", file.display())))
+        safetensors::serialize_to_file(views, Some(meta), file)
+            .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", file.display())))
     }
 
     /// Load what [`AdamW::save`] wrote.
     pub fn load(config: AdamWConfig, file: &Path) -> Result<Self, TrainError> {
         let data = std::fs::read(file).map_err(|e| TrainError::io(file, e))?;
         let bad = |m: String| TrainError::Checkpoint(format!("{}: {m}", file.display()));
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&data).map_err(|e| bad(e.to_string()))?;
+        let (_, meta) =
+            safetensors::SafeTensors::read_metadata(&data).map_err(|e| bad(e.to_string()))?;
         let step = meta
             .metadata()
             .as_ref()
@@ -278,16 +333,29 @@ impl AdamW {
         let st = safetensors::SafeTensors::deserialize(&data).map_err(|e| bad(e.to_string()))?;
         let mut state: BTreeMap<String, Moments> = BTreeMap::new();
         for (name, view) in st.tensors() {
-            let values: Vec<f32> = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-            let (param, which) = name.rsplit_once('.').ok_or_else(|| bad(format!("unexpected tensor {name}")))?;
-            let e = state.entry(param.to_string()).or_insert_with(|| Moments { m: vec![], v: vec![] });
+            let values: Vec<f32> = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            let (param, which) = name
+                .rsplit_once('.')
+                .ok_or_else(|| bad(format!("unexpected tensor {name}")))?;
+            let e = state.entry(param.to_string()).or_insert_with(|| Moments {
+                m: vec![],
+                v: vec![],
+            });
             match which {
                 "m" => e.m = values,
                 "v" => e.v = values,
                 _ => return Err(bad(format!("unexpected tensor {name}"))),
             }
         }
-        Ok(AdamW { config, step, state })
+        Ok(AdamW {
+            config,
+            step,
+            state,
+        })
     }
 }
 
@@ -297,7 +365,13 @@ mod tests {
 
     #[test]
     fn schedules_by_hand() {
-        let s = |kind| Schedule { lr: 1.0, warmup: 2, total: 6, kind, min_lr_ratio: 0.0 };
+        let s = |kind| Schedule {
+            lr: 1.0,
+            warmup: 2,
+            total: 6,
+            kind,
+            min_lr_ratio: 0.0,
+        };
         // warmup: steps 0, 1 → 0.5, 1.0
         assert_eq!(s(ScheduleKind::Cosine).lr_at(0), 0.5);
         assert_eq!(s(ScheduleKind::Cosine).lr_at(1), 1.0);
@@ -307,7 +381,10 @@ mod tests {
         // cosine at progress 0.5: 0.5·(1 + cos(π/2)) = 0.5
         assert!((s(ScheduleKind::Cosine).lr_at(4) - 0.5).abs() < 1e-12);
         assert!((s(ScheduleKind::Cosine).lr_at(3) - 0.853_553_390_6).abs() < 1e-9);
-        let floor = Schedule { min_lr_ratio: 0.1, ..s(ScheduleKind::Linear) };
+        let floor = Schedule {
+            min_lr_ratio: 0.1,
+            ..s(ScheduleKind::Linear)
+        };
         assert!((floor.lr_at(6) - 0.1).abs() < 1e-12);
     }
 
@@ -316,7 +393,12 @@ mod tests {
         // lr 0.1, β = (0.9, 0.999), eps 1e-8, wd 0.1; p = 1, g = 0.5.
         // t=1: decay p = 1·(1 − 0.01) = 0.99; m = 0.05, v = 0.00025; m̂ = 0.5, v̂ = 0.25;
         //      p = 0.99 − 0.1·0.5/(0.5 + 1e-8) = 0.89.
-        let mut o = AdamW::new(AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 });
+        let mut o = AdamW::new(AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        });
         let mut p = [1.0f32];
         o.update("w", &mut p, &[0.5], 1.0, 0.1, false);
         assert!((p[0] - 0.89).abs() < 1e-6, "{}", p[0]);
@@ -332,7 +414,11 @@ mod tests {
 
     #[test]
     fn clipping_by_hand() {
-        let g = vec![HostGrad { path: "a".into(), shape: vec![2], values: vec![3.0, 4.0] }];
+        let g = vec![HostGrad {
+            path: "a".into(),
+            shape: vec![2],
+            values: vec![3.0, 4.0],
+        }];
         assert_eq!(global_norm(&g), 5.0);
         assert!((clip_coefficient(5.0, 1.0) - 1.0 / (5.0 + 1e-6)).abs() < 1e-12);
         assert_eq!(clip_coefficient(0.5, 1.0), 1.0);
@@ -342,7 +428,12 @@ mod tests {
     #[test]
     fn state_round_trips() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.0 };
+        let cfg = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        };
         let mut o = AdamW::new(cfg);
         let mut p = [1.0f32, 2.0];
         o.update("x.w", &mut p, &[0.1, -0.2], 1.0, 0.01, false);
@@ -366,19 +457,48 @@ pub struct UpdateOutcome {
 
 /// Backpropagate `loss`, clip by global norm, and apply AdamW at `lr` — unless the loss or the
 /// gradient norm is not finite, in which case the weights and moments are left untouched.
-pub fn backward_and_step(model: MoeModel, loss: Tensor<1>, opt: &mut AdamW, lr: f64, max_grad_norm: f64) -> (MoeModel, UpdateOutcome) {
-    let value = loss.clone().try_into_vec_as::<f32>().ok().and_then(|v| v.first().copied()).unwrap_or(f32::NAN);
+pub fn backward_and_step(
+    model: MoeModel,
+    loss: Tensor<1>,
+    opt: &mut AdamW,
+    lr: f64,
+    max_grad_norm: f64,
+) -> (MoeModel, UpdateOutcome) {
+    let value = loss
+        .clone()
+        .try_into_vec_as::<f32>()
+        .ok()
+        .and_then(|v| v.first().copied())
+        .unwrap_or(f32::NAN);
     if !value.is_finite() {
-        return (model, UpdateOutcome { grad_norm: f64::NAN, skipped: true });
+        return (
+            model,
+            UpdateOutcome {
+                grad_norm: f64::NAN,
+                skipped: true,
+            },
+        );
     }
     let grads = loss.backward();
     let host = collect_grads(&model, &grads);
     drop(grads);
     let norm = global_norm(&host);
     if !norm.is_finite() {
-        return (model, UpdateOutcome { grad_norm: norm, skipped: true });
+        return (
+            model,
+            UpdateOutcome {
+                grad_norm: norm,
+                skipped: true,
+            },
+        );
     }
     let scale = clip_coefficient(norm, max_grad_norm);
     let model = opt.step(model, host, lr, scale);
-    (model, UpdateOutcome { grad_norm: norm, skipped: false })
+    (
+        model,
+        UpdateOutcome {
+            grad_norm: norm,
+            skipped: false,
+        },
+    )
 }

@@ -52,10 +52,14 @@ pub fn install_ctrlc() -> Arc<AtomicBool> {
     let f = flag.clone();
     let _ = ctrlc::set_handler(move || {
         if f.swap(true, Ordering::SeqCst) {
-            eprintln!("\nsecond interrupt: exiting without saving (the previous checkpoint is intact)");
+            eprintln!(
+                "\nsecond interrupt: exiting without saving (the previous checkpoint is intact)"
+            );
             std::process::exit(130);
         }
-        eprintln!("\ninterrupt: finishing the current step, then saving a checkpoint (Ctrl-C again to quit now)");
+        eprintln!(
+            "\ninterrupt: finishing the current step, then saving a checkpoint (Ctrl-C again to quit now)"
+        );
     });
     flag
 }
@@ -68,7 +72,12 @@ pub struct Pipeline {
 }
 
 fn adamw_config(cfg: &Config) -> AdamWConfig {
-    AdamWConfig { beta1: cfg.optim.betas[0], beta2: cfg.optim.betas[1], eps: cfg.optim.eps, weight_decay: cfg.optim.weight_decay }
+    AdamWConfig {
+        beta1: cfg.optim.betas[0],
+        beta2: cfg.optim.betas[1],
+        eps: cfg.optim.eps,
+        weight_decay: cfg.optim.weight_decay,
+    }
 }
 
 impl Pipeline {
@@ -77,26 +86,43 @@ impl Pipeline {
     }
 
     pub fn run_dir(&self) -> PathBuf {
-        self.opts.out_dir.clone().unwrap_or_else(|| self.cfg.run.out_dir.clone())
+        self.opts
+            .out_dir
+            .clone()
+            .unwrap_or_else(|| self.cfg.run.out_dir.clone())
     }
 
     fn stopped(&self) -> bool {
-        self.opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst))
+        self.opts
+            .stop
+            .as_ref()
+            .is_some_and(|s| s.load(Ordering::SeqCst))
     }
 
     fn say(&self, pb: &ProgressBar, line: &str) {
         if !self.opts.quiet {
-            if pb.is_hidden() { eprintln!("{line}") } else { pb.println(line) }
+            if pb.is_hidden() {
+                eprintln!("{line}")
+            } else {
+                pb.println(line)
+            }
         }
     }
 
     /// The initial model (preset or model directory) on `device`.
-    fn initial_model(&self, vocab: usize, eos: u32, pad: u32, device: &burn::prelude::Device) -> Result<MoeModel, TrainError> {
+    fn initial_model(
+        &self,
+        vocab: usize,
+        eos: u32,
+        pad: u32,
+        device: &burn::prelude::Device,
+    ) -> Result<MoeModel, TrainError> {
         let m = &self.cfg.model;
         let mut model = match &m.path {
             Some(p) => load_model(p, device)?,
             None => {
-                let mut mc = sobre_model::ModelConfig::preset(m.preset.as_deref().unwrap_or("tiny"))?;
+                let mut mc =
+                    sobre_model::ModelConfig::preset(m.preset.as_deref().unwrap_or("tiny"))?;
                 mc.vocab_size = vocab;
                 mc.eos_token_id = vec![eos];
                 mc.pad_token_id = Some(pad);
@@ -121,7 +147,10 @@ impl Pipeline {
             }
         }
         if model.config.vocab_size < vocab {
-            return Err(TrainError::Data(format!("the tokenizer has {vocab} tokens but the model only {}", model.config.vocab_size)));
+            return Err(TrainError::Data(format!(
+                "the tokenizer has {vocab} tokens but the model only {}",
+                model.config.vocab_size
+            )));
         }
         Ok(model)
     }
@@ -134,7 +163,11 @@ impl Pipeline {
         let ckpt_root = run_dir.join("checkpoints");
         std::fs::create_dir_all(&run_dir).map_err(|e| TrainError::io(&run_dir, e))?;
         checkpoint::clean_partials(&ckpt_root);
-        let resume_from = if self.opts.resume { checkpoint::latest(&ckpt_root) } else { None };
+        let resume_from = if self.opts.resume {
+            checkpoint::latest(&ckpt_root)
+        } else {
+            None
+        };
         if !self.opts.resume && !checkpoint::list(&ckpt_root).is_empty() {
             return Err(TrainError::Checkpoint(format!(
                 "{} already holds checkpoints: pass --resume to continue that run, or choose another --out",
@@ -142,7 +175,9 @@ impl Pipeline {
             )));
         }
         if cfg.run.threads > 0 {
-            let _ = rayon::ThreadPoolBuilder::new().num_threads(cfg.run.threads).build_global();
+            let _ = rayon::ThreadPoolBuilder::new()
+                .num_threads(cfg.run.threads)
+                .build_global();
         }
         let cfg_path = run_dir.join("config.toml");
         let mut resolved = format!("# Resolved from {}", self.source.name);
@@ -158,7 +193,8 @@ impl Pipeline {
         let tok_dir = resume_from.as_ref().map(|(p, _)| p.clone());
         let template = build_template(cfg, tok_dir.as_deref())?;
         let tok = build_tokenizer(cfg, &data, &template, tok_dir.as_deref())?;
-        tok.save(&run_dir.join("tokenizer")).map_err(|e| TrainError::Checkpoint(format!("tokenizer: {e}")))?;
+        tok.save(&run_dir.join("tokenizer"))
+            .map_err(|e| TrainError::Checkpoint(format!("tokenizer: {e}")))?;
         let rewards = cfg.build_rewards().map_err(TrainError::Data)?;
         let accuracy_reward = default_accuracy_reward(cfg, &rewards);
         let special = tok.special().clone();
@@ -168,10 +204,15 @@ impl Pipeline {
         let (mut model, mut state) = match &resume_from {
             Some((dir, st)) => (load_model(dir, &device)?, st.clone()),
             None => {
-                let model = self.initial_model(tok.vocab_size(), special.eos, special.pad, &device)?;
+                let model =
+                    self.initial_model(tok.vocab_size(), special.eos, special.pad, &device)?;
                 let st = TrainerState {
                     format: 1,
-                    stage: if cfg.sft.steps > 0 { Stage::Sft } else { Stage::SftDone },
+                    stage: if cfg.sft.steps > 0 {
+                        Stage::Sft
+                    } else {
+                        Stage::SftDone
+                    },
                     step: 0,
                     sft_steps: 0,
                     prompt_position: 0,
@@ -191,32 +232,65 @@ impl Pipeline {
             Stage::SftDone => Some(("sft", state.sft_steps)),
             Stage::Sft => Some(("sft", state.step)),
         };
-        let mut metrics = JsonlWriter::open(&run_dir.join("metrics.jsonl"), if resume_from.is_some() { keep } else { Some(("sft", 0)) })?;
-        let mut samples = JsonlWriter::open(&run_dir.join("samples.jsonl"), if resume_from.is_some() { keep } else { Some(("sft", 0)) })?;
-        if let Some((dir, st)) = &resume_from {
-            if !self.opts.quiet {
-                eprintln!("resuming from {} ({:?} step {})", dir.display(), st.stage, st.step);
-            }
+        let mut metrics = JsonlWriter::open(
+            &run_dir.join("metrics.jsonl"),
+            if resume_from.is_some() {
+                keep
+            } else {
+                Some(("sft", 0))
+            },
+        )?;
+        let mut samples = JsonlWriter::open(
+            &run_dir.join("samples.jsonl"),
+            if resume_from.is_some() {
+                keep
+            } else {
+                Some(("sft", 0))
+            },
+        )?;
+        if let Some((dir, st)) = &resume_from
+            && !self.opts.quiet
+        {
+            eprintln!(
+                "resuming from {} ({:?} step {})",
+                dir.display(),
+                st.stage,
+                st.step
+            );
         }
-        let aux_coef = cfg.grpo.aux_loss_coef.unwrap_or(model.config.router_aux_loss_coef);
-        let style = ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {elapsed}<{eta} {msg}").unwrap_or_else(|_| ProgressStyle::default_bar());
-        let save = |model: &MoeModel, opt: &AdamW, st: &TrainerState| checkpoint::save(&ckpt_root, model, opt, &tok, st);
+        let aux_coef = cfg
+            .grpo
+            .aux_loss_coef
+            .unwrap_or(model.config.router_aux_loss_coef);
+        let style =
+            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {elapsed}<{eta} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar());
+        let save = |model: &MoeModel, opt: &AdamW, st: &TrainerState| {
+            checkpoint::save(&ckpt_root, model, opt, &tok, st)
+        };
 
         // ---- SFT ----
         if state.stage == Stage::Sft {
             let mut opt = match &resume_from {
-                Some((dir, st)) if st.stage == Stage::Sft => AdamW::load(adamw_config(cfg), &dir.join(checkpoint::OPTIMIZER_FILE))?,
+                Some((dir, st)) if st.stage == Stage::Sft => {
+                    AdamW::load(adamw_config(cfg), &dir.join(checkpoint::OPTIMIZER_FILE))?
+                }
                 _ => AdamW::new(adamw_config(cfg)),
             };
             let sched = Schedule {
                 lr: cfg.sft.lr,
                 warmup: cfg.sft.warmup_steps,
                 total: cfg.sft.steps,
-                kind: ScheduleKind::from_name(&cfg.optim.schedule).unwrap_or(ScheduleKind::Constant),
+                kind: ScheduleKind::from_name(&cfg.optim.schedule)
+                    .unwrap_or(ScheduleKind::Constant),
                 min_lr_ratio: cfg.optim.min_lr_ratio,
             };
             let mut order = Order::new(data.demos.len(), derive_seed(cfg.run.seed, &[0]));
-            let pb = if self.opts.quiet || !cfg.run.progress { ProgressBar::hidden() } else { ProgressBar::new(cfg.sft.steps as u64) };
+            let pb = if self.opts.quiet || !cfg.run.progress {
+                ProgressBar::hidden()
+            } else {
+                ProgressBar::new(cfg.sft.steps as u64)
+            };
             pb.set_style(style.clone());
             pb.set_prefix("sft");
             pb.set_position(state.step as u64);
@@ -224,15 +298,31 @@ impl Pipeline {
                 if self.stopped() {
                     pb.abandon();
                     let dir = save(&model, &opt, &state)?;
-                    return Ok(self.summary(run_dir, &state, true, Some(dir), started, elapsed_before));
+                    return Ok(self.summary(
+                        run_dir,
+                        &state,
+                        true,
+                        Some(dir),
+                        started,
+                        elapsed_before,
+                    ));
                 }
                 let t = Instant::now();
                 let step = state.step;
                 let lr = sched.lr_at(step);
                 let mut pos = state.demo_position;
-                let batch = next_batch(&tok, &template, &data.demos, &mut order, &mut pos, cfg.sft.batch_size, cfg.sft.max_length)?;
+                let batch = next_batch(
+                    &tok,
+                    &template,
+                    &data.demos,
+                    &mut order,
+                    &mut pos,
+                    cfg.sft.batch_size,
+                    cfg.sft.max_length,
+                )?;
                 let (loss, nll, tokens, router) = sft_loss(&model, &batch, special.pad, aux_coef);
-                let (next, out) = backward_and_step(model, loss, &mut opt, lr, cfg.optim.max_grad_norm);
+                let (next, out) =
+                    backward_and_step(model, loss, &mut opt, lr, cfg.optim.max_grad_norm);
                 model = next;
                 if !out.skipped && model.config.aux_loss_free_bias {
                     let rate = model.config.bias_update_rate as f32;
@@ -241,7 +331,11 @@ impl Pipeline {
                 state.demo_position = pos;
                 state.step += 1;
                 state.sft_steps = state.step;
-                let counts: Vec<Vec<u64>> = router.expert_counts.iter().map(|l| l.iter().map(|&c| c as u64).collect()).collect();
+                let counts: Vec<Vec<u64>> = router
+                    .expert_counts
+                    .iter()
+                    .map(|l| l.iter().map(|&c| c as u64).collect())
+                    .collect();
                 let (loads, imb) = expert_load(&counts);
                 let secs = t.elapsed().as_secs_f64();
                 let mut m = Map::new();
@@ -251,14 +345,24 @@ impl Pipeline {
                 m.insert("grad_norm".into(), num(out.grad_norm));
                 m.insert("lr".into(), num(lr));
                 m.insert("tokens".into(), json!(tokens));
-                m.insert("tokens_per_second".into(), num(tokens as f64 / secs.max(1e-9)));
+                m.insert(
+                    "tokens_per_second".into(),
+                    num(tokens as f64 / secs.max(1e-9)),
+                );
                 m.insert("expert_load".into(), json!(loads));
                 m.insert("expert_imbalance".into(), imb.map_or(Value::Null, num));
                 m.insert("skipped".into(), json!(out.skipped));
                 m.insert("time_step".into(), num(secs));
-                m.insert("peak_rss_mib".into(), peak_rss_mib().map_or(Value::Null, num));
+                m.insert(
+                    "peak_rss_mib".into(),
+                    peak_rss_mib().map_or(Value::Null, num),
+                );
                 metrics.write(&Value::Object(m.clone()))?;
-                state.consecutive_nonfinite = if out.skipped { state.consecutive_nonfinite + 1 } else { 0 };
+                state.consecutive_nonfinite = if out.skipped {
+                    state.consecutive_nonfinite + 1
+                } else {
+                    0
+                };
                 state.last_metrics = Some(Value::Object(m.clone()));
                 pb.set_position(state.step as u64);
                 pb.set_message(format!("loss {nll:.4}"));
@@ -266,7 +370,10 @@ impl Pipeline {
                     self.say(&pb, &summary_line(&m));
                 }
                 self.check_nonfinite(&state, last_ckpt.as_deref())?;
-                if cfg.run.save_every > 0 && state.step % cfg.run.save_every == 0 && state.step < cfg.sft.steps {
+                if cfg.run.save_every > 0
+                    && state.step % cfg.run.save_every == 0
+                    && state.step < cfg.sft.steps
+                {
                     last_ckpt = Some(save(&model, &opt, &state)?);
                     checkpoint::prune(&ckpt_root, Stage::Sft, cfg.run.keep_last)?;
                 }
@@ -276,7 +383,14 @@ impl Pipeline {
             state.step = 0;
             last_ckpt = Some(save(&model, &opt, &state)?);
             checkpoint::prune(&ckpt_root, Stage::Sft, 0)?;
-            self.say(&pb, &format!("sft done: {} steps → {}", state.sft_steps, ckpt_root.join("sft").display()));
+            self.say(
+                &pb,
+                &format!(
+                    "sft done: {} steps → {}",
+                    state.sft_steps,
+                    ckpt_root.join("sft").display()
+                ),
+            );
         }
 
         // ---- GRPO ----
@@ -292,14 +406,17 @@ impl Pipeline {
             None
         };
         let mut opt = match &resume_from {
-            Some((dir, st)) if st.stage == Stage::Grpo => AdamW::load(adamw_config(cfg), &dir.join(checkpoint::OPTIMIZER_FILE))?,
+            Some((dir, st)) if st.stage == Stage::Grpo => {
+                AdamW::load(adamw_config(cfg), &dir.join(checkpoint::OPTIMIZER_FILE))?
+            }
             _ => AdamW::new(adamw_config(cfg)),
         };
         if state.stage == Stage::SftDone {
             state.stage = Stage::Grpo;
             state.step = 0;
         }
-        let updates_per_step = cfg.grpo.num_iterations * (cfg.grpo.num_prompts * cfg.grpo.group_size / cfg.mini_batch());
+        let updates_per_step = cfg.grpo.num_iterations
+            * (cfg.grpo.num_prompts * cfg.grpo.group_size / cfg.mini_batch());
         let sched = Schedule {
             lr: cfg.optim.lr,
             warmup: cfg.optim.warmup_steps * updates_per_step,
@@ -317,7 +434,11 @@ impl Pipeline {
             accuracy_reward: accuracy_reward.clone(),
         };
         let mut order = Order::new(data.train.len(), derive_seed(cfg.run.seed, &[1]));
-        let pb = if self.opts.quiet || !cfg.run.progress { ProgressBar::hidden() } else { ProgressBar::new(cfg.run.steps as u64) };
+        let pb = if self.opts.quiet || !cfg.run.progress {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(cfg.run.steps as u64)
+        };
         pb.set_style(style);
         pb.set_prefix("grpo");
         pb.set_position(state.step as u64);
@@ -338,10 +459,26 @@ impl Pipeline {
             model = next;
             state.prompt_position = cursor;
             state.step += 1;
-            state.consecutive_nonfinite = if out.skipped { state.consecutive_nonfinite + 1 } else { 0 };
+            state.consecutive_nonfinite = if out.skipped {
+                state.consecutive_nonfinite + 1
+            } else {
+                0
+            };
             let mut m = out.metrics;
-            if cfg.eval.eval_every > 0 && state.step % cfg.eval.eval_every == 0 && !data.eval.is_empty() {
-                let (em, es) = evaluate(cfg, &model, &tok, &template, &rewards, &data.eval, accuracy_reward.as_deref(), state.step)?;
+            if cfg.eval.eval_every > 0
+                && state.step % cfg.eval.eval_every == 0
+                && !data.eval.is_empty()
+            {
+                let (em, es) = evaluate(
+                    cfg,
+                    &model,
+                    &tok,
+                    &template,
+                    &rewards,
+                    &data.eval,
+                    accuracy_reward.as_deref(),
+                    state.step,
+                )?;
                 for (k, v) in em {
                     if k != "stage" && k != "step" {
                         m.insert(k, v);
@@ -357,7 +494,12 @@ impl Pipeline {
             }
             state.last_metrics = Some(Value::Object(m.clone()));
             pb.set_position(state.step as u64);
-            pb.set_message(format!("reward {:.3}", m.get("reward_mean").and_then(Value::as_f64).unwrap_or(f64::NAN)));
+            pb.set_message(format!(
+                "reward {:.3}",
+                m.get("reward_mean")
+                    .and_then(Value::as_f64)
+                    .unwrap_or(f64::NAN)
+            ));
             if cfg.run.log_every > 0 && state.step % cfg.run.log_every == 0 {
                 self.say(&pb, &summary_line(&m));
             }
@@ -389,11 +531,23 @@ impl Pipeline {
         Ok(())
     }
 
-    fn summary(&self, run_dir: PathBuf, state: &TrainerState, interrupted: bool, last: Option<PathBuf>, started: Instant, before: f64) -> Summary {
+    fn summary(
+        &self,
+        run_dir: PathBuf,
+        state: &TrainerState,
+        interrupted: bool,
+        last: Option<PathBuf>,
+        started: Instant,
+        before: f64,
+    ) -> Summary {
         Summary {
             run_dir,
             sft_steps: state.sft_steps,
-            grpo_steps: if state.stage == Stage::Grpo { state.step } else { 0 },
+            grpo_steps: if state.stage == Stage::Grpo {
+                state.step
+            } else {
+                0
+            },
             interrupted,
             last_checkpoint: last,
             last_metrics: state.last_metrics.clone(),

@@ -25,7 +25,10 @@ pub struct Layout {
 
 impl Layout {
     pub fn new(pairs: &[(&[u32], &[u32])], pad_id: u32) -> Self {
-        let seqs: Vec<Vec<u32>> = pairs.iter().map(|(p, c)| p.iter().chain(c.iter()).copied().collect()).collect();
+        let seqs: Vec<Vec<u32>> = pairs
+            .iter()
+            .map(|(p, c)| p.iter().chain(c.iter()).copied().collect())
+            .collect();
         let m = pairs.iter().map(|(_, c)| c.len()).max().unwrap_or(0);
         let mut mask = vec![0.0; pairs.len() * m];
         let mut targets = vec![0i64; pairs.len() * m];
@@ -47,7 +50,10 @@ impl Layout {
 
     /// A host `[rows, max_completion]` matrix as a tensor.
     pub fn tensor(&self, values: Vec<f32>, device: &Device) -> Tensor<2> {
-        Tensor::from_data(TensorData::new(values, [self.rows, self.max_completion]), device)
+        Tensor::from_data(
+            TensorData::new(values, [self.rows, self.max_completion]),
+            device,
+        )
     }
 }
 
@@ -62,7 +68,13 @@ pub struct Scored {
 }
 
 /// Score the completions of `layout`. Every prompt must be non-empty.
-pub fn score(model: &MoeModel, layout: &Layout, temperature: f32, opts: ForwardOptions, entropy: bool) -> Scored {
+pub fn score(
+    model: &MoeModel,
+    layout: &Layout,
+    temperature: f32,
+    opts: ForwardOptions,
+    entropy: bool,
+) -> Scored {
     let out = model.forward(&layout.batch, None, opts);
     let [rows, seq, vocab] = out.logits.dims();
     let device = out.logits.device();
@@ -73,7 +85,11 @@ pub fn score(model: &MoeModel, layout: &Layout, temperature: f32, opts: ForwardO
         let p = layout.prompt_lens[r];
         for i in 0..m {
             let valid = layout.mask[r * m + i] > 0.0;
-            index.push(if valid { (r * seq + p + i - 1) as i64 } else { (r * seq) as i64 });
+            index.push(if valid {
+                (r * seq + p + i - 1) as i64
+            } else {
+                (r * seq) as i64
+            });
         }
     }
     let index = Tensor::<1, Int>::from_data(TensorData::new(index, [rows * m]), &device);
@@ -90,8 +106,15 @@ pub fn score(model: &MoeModel, layout: &Layout, temperature: f32, opts: ForwardO
     } else {
         vec![]
     };
-    let targets = Tensor::<2, Int>::from_data(TensorData::new(layout.targets.clone(), [rows * m, 1]), &device);
-    Scored { logp: lp.gather(1, targets).reshape([rows, m]) * mask, entropy: ent, router: out.router }
+    let targets = Tensor::<2, Int>::from_data(
+        TensorData::new(layout.targets.clone(), [rows * m, 1]),
+        &device,
+    );
+    Scored {
+        logp: lp.gather(1, targets).reshape([rows, m]) * mask,
+        entropy: ent,
+        router: out.router,
+    }
 }
 
 /// A tensor's values on the host.

@@ -13,6 +13,9 @@ use crate::TrainError;
 use crate::data::{Order, encode_prompt};
 use crate::score::{Layout, score};
 
+/// A tokenized demonstration: `(prompt ids, completion ids)`.
+pub type Pair = (Vec<u32>, Vec<u32>);
+
 /// `(prompt ids, completion ids)` of the next `batch_size` demonstrations, advancing `pos`.
 /// Rows longer than `max_length` lose completion tokens from the end (a prompt alone longer
 /// than that keeps its last tokens and one completion token).
@@ -24,14 +27,16 @@ pub fn next_batch(
     pos: &mut u64,
     batch_size: usize,
     max_length: usize,
-) -> Result<Vec<(Vec<u32>, Vec<u32>)>, TrainError> {
+) -> Result<Vec<Pair>, TrainError> {
     let mut out = Vec::with_capacity(batch_size);
     for _ in 0..batch_size {
         let s = &demos[order.index(*pos)];
         *pos += 1;
         let mut prompt = encode_prompt(tok, template, s)?;
         let text = s.completion.as_deref().unwrap_or("");
-        let mut completion = tok.encode(text).map_err(|e| TrainError::Data(format!("tokenizer: {e}")))?;
+        let mut completion = tok
+            .encode(text)
+            .map_err(|e| TrainError::Data(format!("tokenizer: {e}")))?;
         completion.push(tok.special().eos);
         if prompt.len() + 1 > max_length {
             prompt.drain(..prompt.len() + 1 - max_length);
@@ -44,14 +49,30 @@ pub fn next_batch(
 
 /// The SFT loss of a batch: `−Σ log p(completion tokens) / #tokens` (+ `aux_coef · aux_loss`).
 /// Returns the loss, its NLL part on the host, the token count and router statistics.
-pub fn sft_loss(model: &MoeModel, rows: &[(Vec<u32>, Vec<u32>)], pad: u32, aux_coef: f64) -> (Tensor<1>, f64, usize, RouterStats) {
-    let pairs: Vec<(&[u32], &[u32])> = rows.iter().map(|(p, c)| (p.as_slice(), c.as_slice())).collect();
+pub fn sft_loss(
+    model: &MoeModel,
+    rows: &[Pair],
+    pad: u32,
+    aux_coef: f64,
+) -> (Tensor<1>, f64, usize, RouterStats) {
+    let pairs: Vec<(&[u32], &[u32])> = rows
+        .iter()
+        .map(|(p, c)| (p.as_slice(), c.as_slice()))
+        .collect();
     let layout = Layout::new(&pairs, pad);
     let tokens = layout.mask.iter().filter(|&&m| m > 0.0).count();
-    let opts = ForwardOptions { aux_loss: aux_coef > 0.0, ..Default::default() };
+    let opts = ForwardOptions {
+        aux_loss: aux_coef > 0.0,
+        ..Default::default()
+    };
     let scored = score(model, &layout, 1.0, opts, false);
     let nll = scored.logp.sum().neg() / tokens.max(1) as f64;
-    let nll_value = nll.clone().try_into_vec_as::<f32>().ok().and_then(|v| v.first().copied()).unwrap_or(f32::NAN) as f64;
+    let nll_value = nll
+        .clone()
+        .try_into_vec_as::<f32>()
+        .ok()
+        .and_then(|v| v.first().copied())
+        .unwrap_or(f32::NAN) as f64;
     let loss = match &scored.router.aux_loss {
         Some(aux) if aux_coef > 0.0 => nll + aux.clone() * aux_coef,
         _ => nll,

@@ -10,10 +10,21 @@ fn smoke() -> String {
     std::fs::read_to_string(p).expect("configs/smoke.toml")
 }
 
-fn run(dir: &Path, sets: &[&str], resume: bool, stop_after: Option<usize>) -> sobre_train::pipeline::Summary {
+fn run(
+    dir: &Path,
+    sets: &[&str],
+    resume: bool,
+    stop_after: Option<usize>,
+) -> sobre_train::pipeline::Summary {
     let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
     let (cfg, src) = Config::parse(&smoke(), "configs/smoke.toml", &sets).unwrap();
-    let opts = RunOptions { resume, out_dir: Some(dir.to_path_buf()), stop: None, quiet: true, stop_after };
+    let opts = RunOptions {
+        resume,
+        out_dir: Some(dir.to_path_buf()),
+        stop: None,
+        quiet: true,
+        stop_after,
+    };
     Pipeline::new(cfg, src, opts).unwrap().run().unwrap()
 }
 
@@ -24,7 +35,13 @@ fn weights(dir: &Path) -> Vec<u8> {
 #[test]
 fn six_straight_steps_equal_three_plus_resume_plus_three() {
     // Cosine schedule, KL, two mini-batches and μ = 2 so every piece of state matters.
-    let sets = ["run.steps=6", "run.save_every=3", "grpo.mini_batch_size=8", "grpo.num_iterations=2", "model.aux_loss_free_bias=true"];
+    let sets = [
+        "run.steps=6",
+        "run.save_every=3",
+        "grpo.mini_batch_size=8",
+        "grpo.num_iterations=2",
+        "model.aux_loss_free_bias=true",
+    ];
     let a = tempfile::tempdir().unwrap();
     let straight = run(a.path(), &sets, false, None);
     assert_eq!(straight.grpo_steps, 6);
@@ -37,8 +54,16 @@ fn six_straight_steps_equal_three_plus_resume_plus_three() {
     let wa = weights(&a.path().join("checkpoints/step-000006"));
     let wb = weights(&b.path().join("checkpoints/step-000006"));
     assert!(wa == wb, "weights differ after resume");
-    let oa = std::fs::read(a.path().join("checkpoints/step-000006/optimizer.safetensors")).unwrap();
-    let ob = std::fs::read(b.path().join("checkpoints/step-000006/optimizer.safetensors")).unwrap();
+    let oa = std::fs::read(
+        a.path()
+            .join("checkpoints/step-000006/optimizer.safetensors"),
+    )
+    .unwrap();
+    let ob = std::fs::read(
+        b.path()
+            .join("checkpoints/step-000006/optimizer.safetensors"),
+    )
+    .unwrap();
     assert!(oa == ob, "optimizer state differs after resume");
     // Training moved the weights away from the SFT checkpoint.
     assert!(weights(&a.path().join("checkpoints/sft")) != wa);
@@ -52,17 +77,39 @@ fn six_straight_steps_equal_three_plus_resume_plus_three() {
         .collect();
     assert_eq!(grpo, vec![1, 2, 3, 4, 5, 6]);
     // keep_last = 2
-    assert!(!b.path().join("checkpoints/step-000003").exists() || !b.path().join("checkpoints/step-000000").exists());
+    assert!(
+        !b.path().join("checkpoints/step-000003").exists()
+            || !b.path().join("checkpoints/step-000000").exists()
+    );
 }
 
 #[test]
 fn every_loss_and_option_runs_finite() {
     for sets in [
         &["grpo.loss=\"bnpo\"", "grpo.scale_rewards=\"batch\""][..],
-        &["grpo.loss=\"dr_grpo\"", "grpo.scale_rewards=\"none\"", "grpo.kl_estimator=\"k1\""],
-        &["grpo.loss=\"dapo\"", "grpo.mini_batch_size=4", "grpo.mask_truncated_completions=true", "grpo.kl_estimator=\"k2\""],
-        &["grpo.loss=\"gspo\"", "grpo.epsilon=3e-4", "grpo.epsilon_high=4e-4", "grpo.beta=0"],
-        &["grpo.filter_zero_std_groups=true", "grpo.max_resample_rounds=1", "eval.eval_every=2", "eval.n=4"],
+        &[
+            "grpo.loss=\"dr_grpo\"",
+            "grpo.scale_rewards=\"none\"",
+            "grpo.kl_estimator=\"k1\"",
+        ],
+        &[
+            "grpo.loss=\"dapo\"",
+            "grpo.mini_batch_size=4",
+            "grpo.mask_truncated_completions=true",
+            "grpo.kl_estimator=\"k2\"",
+        ],
+        &[
+            "grpo.loss=\"gspo\"",
+            "grpo.epsilon=3e-4",
+            "grpo.epsilon_high=4e-4",
+            "grpo.beta=0",
+        ],
+        &[
+            "grpo.filter_zero_std_groups=true",
+            "grpo.max_resample_rounds=1",
+            "eval.eval_every=2",
+            "eval.n=4",
+        ],
     ] {
         let d = tempfile::tempdir().unwrap();
         let mut all = vec!["run.steps=2", "sft.steps=1"];
@@ -70,6 +117,34 @@ fn every_loss_and_option_runs_finite() {
         let s = run(d.path(), &all, false, None);
         assert_eq!(s.grpo_steps, 2, "{sets:?}");
         let m = s.last_metrics.unwrap();
-        assert!(m["grad_norm"].is_number() || m["num_groups"] == 0, "{sets:?}: {m}");
+        assert!(
+            m["grad_norm"].is_number() || m["num_groups"] == 0,
+            "{sets:?}: {m}"
+        );
     }
+}
+
+#[test]
+fn non_finite_loss_skips_the_update() {
+    use sobre_train::optim::{AdamW, AdamWConfig, backward_and_step};
+    let device = sobre_model::default_device().autodiff();
+    let cfg = sobre_model::ModelConfig::preset("tiny").unwrap();
+    let model = sobre_model::init_model(&cfg, 1, &device);
+    let before = sobre_model::io::hf_tensors(&model);
+    let mut opt = AdamW::new(AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+    });
+    let loss = model.embed_tokens.val().sum() * f64::NAN;
+    let (model, out) = backward_and_step(model, loss, &mut opt, 1e-3, 1.0);
+    assert!(out.skipped);
+    assert_eq!(opt.step, 0);
+    assert_eq!(sobre_model::io::hf_tensors(&model), before);
+    // A finite loss does update (and only the parameters it reaches).
+    let loss = model.embed_tokens.val().sum();
+    let (model, out) = backward_and_step(model, loss, &mut opt, 1e-3, 1.0);
+    assert!(!out.skipped && out.grad_norm > 0.0);
+    assert_ne!(sobre_model::io::hf_tensors(&model), before);
 }
