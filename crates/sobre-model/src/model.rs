@@ -988,6 +988,33 @@ mod tests {
     }
 
     #[test]
+    fn group_limited_selection_by_hand() {
+        // 8 experts in 4 groups of 2: [0 1] [2 3] [4 5] [6 7].
+        let row = [0.9, 0.0, 0.5, 0.45, 0.6, 0.1, 0.3, 0.35];
+        // Plain top-3: 0, 4, 2.
+        assert_eq!(select_experts(&row, 8, 3, None), vec![0, 4, 2]);
+        // Max per group: [0.9, 0.5, 0.6, 0.35] → keep groups 0 and 2 → experts 0, 1, 4, 5.
+        let v2 = GroupLimit {
+            n_group: 4,
+            topk_group: 2,
+            score: GroupScore::Max,
+        };
+        assert_eq!(select_experts(&row, 8, 3, Some(v2)), vec![0, 4, 5]);
+        // Top-2 sums: [0.9, 0.95, 0.7, 0.65] → keep groups 1 and 0 → experts 0, 1, 2, 3.
+        let v3 = GroupLimit {
+            score: GroupScore::TopTwoSum,
+            ..v2
+        };
+        assert_eq!(select_experts(&row, 8, 3, Some(v3)), vec![0, 2, 3]);
+        // Group ties go to the lower group: all groups score 1.0 → keep groups 0 and 1.
+        let flat = [0.5f32; 8];
+        assert_eq!(select_experts(&flat, 8, 3, Some(v3)), vec![0, 1, 2]);
+        // Two rows are independent.
+        let two: Vec<f32> = row.iter().chain(flat.iter()).copied().collect();
+        assert_eq!(select_experts(&two, 8, 3, Some(v2)), vec![0, 4, 5, 0, 1, 2]);
+    }
+
+    #[test]
     fn rope_tables_follow_the_rotate_half_layout() {
         let (cos, sin) = rope_tables(&[0, 3], 1, 2, 4, 100.0);
         // inv_freq = [1, 100^(-1/2)] = [1, 0.1]; position 3 → angles [3, 0.3], repeated.

@@ -29,8 +29,17 @@ fn logits_of(model: &MoeModel, ids: &[u32]) -> Vec<f32> {
     out.logits.try_into_vec_as::<f32>().expect("f32 logits")
 }
 
-/// Max |a − b| over every position and vocab entry.
-fn check_logits(model: &MoeModel, reference: &Value, tol: f32) {
+/// Max |a − b| over every position and vocab entry, asserted ≤ `tol`; returns it.
+fn check_logits(model: &MoeModel, reference: &Value, tol: f32) -> f32 {
+    let worst = max_logit_diff(model, reference);
+    assert!(
+        worst <= tol,
+        "max |logit − transformers| = {worst:e} > {tol:e}"
+    );
+    worst
+}
+
+fn max_logit_diff(model: &MoeModel, reference: &Value) -> f32 {
     let mut worst = 0.0f32;
     for case in reference["cases"].as_array().expect("cases") {
         let ids: Vec<u32> = case["ids"]
@@ -63,10 +72,7 @@ fn check_logits(model: &MoeModel, reference: &Value, tol: f32) {
             "reference logits too flat to be a meaningful test: spread {spread}"
         );
     }
-    assert!(
-        worst <= tol,
-        "max |logit − transformers| = {worst:e} > {tol:e}"
-    );
+    worst
 }
 
 /// Greedy decoding with the KV cache, one token at a time.
@@ -108,7 +114,8 @@ fn check_family(name: &str) {
     let device = default_device();
     let model = load_model(&fixture(name), &device).expect("fixture loads");
     let reference = reference(name);
-    check_logits(&model, &reference, 1e-4);
+    let worst = check_logits(&model, &reference, 1e-4);
+    eprintln!("{name}: max |logit − transformers| = {worst:e}");
     for case in reference["cases"].as_array().unwrap() {
         // transformers' DeepSeek MoE blocks compute no auxiliary loss: nothing to compare.
         if case["aux_loss"].is_null() {
@@ -213,4 +220,82 @@ fn transformers_4x_config_spellings_read_the_same() {
     std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
     let model = load_model(dir.path(), &default_device()).expect("4.x spelling loads");
     check_logits(&model, &reference("qwen3_moe_tiny"), 1e-4);
+}
+
+/// A fixture's files with its `config.json` edited by `edit`, in a temporary directory.
+fn edited_fixture(
+    name: &str,
+    edit: impl FnOnce(&mut serde_json::Map<String, Value>),
+) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture(name)).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, dir.path().join(p.file_name().unwrap())).unwrap();
+    }
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
+            .unwrap();
+    edit(cfg.as_object_mut().unwrap());
+    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+    dir
+}
+
+/// Each family-specific option changes the fixture's logits by far more than the tolerance, so
+/// the parity tests above would catch it being ignored or computed wrongly.
+#[test]
+fn the_fixtures_exercise_their_options() {
+    let device = default_device();
+    let cases: Vec<(&str, &str, Box<dyn Fn(&mut serde_json::Map<String, Value>)>)> = vec![
+        (
+            "olmoe_tiny",
+            "clip_qkv",
+            Box::new(|c| {
+                c.insert("clip_qkv".into(), Value::Null);
+            }),
+        ),
+        (
+            "olmoe_tiny",
+            "norm_topk_prob",
+            Box::new(|c| {
+                c.insert("norm_topk_prob".into(), Value::Bool(true));
+            }),
+        ),
+        (
+            "deepseek_v3_routing_tiny",
+            "group limit",
+            Box::new(|c| {
+                c.insert("topk_group".into(), 4.into());
+            }),
+        ),
+        (
+            "deepseek_v3_routing_tiny",
+            "group scores (top-2 sum → max)",
+            Box::new(|c| {
+                c.insert("topk_method".into(), "group_limited_greedy".into());
+            }),
+        ),
+        (
+            "deepseek_v3_routing_tiny",
+            "routed_scaling_factor",
+            Box::new(|c| {
+                c.insert("routed_scaling_factor".into(), 1.0.into());
+            }),
+        ),
+        (
+            "deepseek_v2_routing_tiny",
+            "group limit",
+            Box::new(|c| {
+                c.insert("topk_method".into(), "greedy".into());
+            }),
+        ),
+    ];
+    for (name, what, edit) in cases {
+        let dir = edited_fixture(name, edit);
+        let model = load_model(dir.path(), &device).expect("edited fixture loads");
+        let diff = max_logit_diff(&model, &reference(name));
+        assert!(
+            diff > 1e-2,
+            "{name}: changing {what} moved the logits by only {diff:e}"
+        );
+    }
 }

@@ -1,0 +1,475 @@
+//! The families beyond Qwen (Mixtral, OLMoE, DeepSeek-style routing) through the same model:
+//! dispatch vs reference, cache vs full forward, save/load, re-saving every transformers fixture
+//! unchanged, and the errors their configs give.
+
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+use serde_json::{Value, json};
+use sobre_model::config::TopkMethod;
+use sobre_model::{
+    Batch, Family, ForwardOptions, KvCache, LogitsMode, ModelConfig, MoeImpl, MoeModel,
+    ScoringFunc, default_device, init_model, load_model, save_model,
+};
+
+fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.try_into_vec_as::<f32>().unwrap()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn ids(n: usize, salt: u32, vocab: usize) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| (i * 7 + salt * 13 + 3) % vocab as u32)
+        .collect()
+}
+
+/// One config per family / routing arrangement, from the tiny preset, with weights large enough
+/// that routing and attention are far from uniform.
+fn family_configs() -> Vec<(&'static str, ModelConfig)> {
+    let mut base = ModelConfig::preset("tiny").unwrap();
+    base.initializer_range = 0.3;
+    base.num_hidden_layers = 3;
+
+    let mut mixtral = base.clone();
+    mixtral.family = Family::Mixtral;
+    mixtral.qk_norm = false;
+    mixtral.norm_topk_prob = true;
+    mixtral.num_experts = 5;
+    mixtral.intermediate_size = mixtral.moe_intermediate_size;
+    mixtral.router_jitter_noise = 0.01;
+
+    let mut olmoe = base.clone();
+    olmoe.family = Family::Olmoe;
+    olmoe.norm_topk_prob = false;
+    olmoe.clip_qkv = Some(1.0);
+    olmoe.num_experts_per_tok = 3;
+    olmoe.intermediate_size = olmoe.moe_intermediate_size;
+
+    let mut v3 = base.clone();
+    v3.num_experts = 8;
+    v3.num_experts_per_tok = 3;
+    v3.scoring_func = ScoringFunc::Sigmoid;
+    v3.topk_method = TopkMethod::NoauxTc;
+    v3.n_group = 4;
+    v3.topk_group = 2;
+    v3.aux_loss_free_bias = true;
+    v3.routed_scaling_factor = 2.5;
+    v3.n_shared_experts = 2;
+    v3.shared_expert_intermediate_size = 2 * v3.moe_intermediate_size;
+    v3.first_k_dense_replace = 1;
+
+    let mut v2 = v3.clone();
+    v2.scoring_func = ScoringFunc::Softmax;
+    v2.topk_method = TopkMethod::GroupLimitedGreedy;
+    v2.aux_loss_free_bias = false;
+    v2.norm_topk_prob = false;
+    v2.routed_scaling_factor = 1.5;
+    v2.n_shared_experts = 1;
+    v2.shared_expert_intermediate_size = v2.moe_intermediate_size;
+    v2.first_k_dense_replace = 0;
+    v2.moe_layer_freq = 2;
+
+    vec![
+        ("mixtral", mixtral),
+        ("olmoe", olmoe),
+        ("deepseek-v3 routing", v3),
+        ("deepseek-v2 routing", v2),
+    ]
+}
+
+fn built(cfg: &ModelConfig, seed: u64) -> MoeModel {
+    cfg.validate("test").unwrap();
+    let mut m = init_model(cfg, seed, &default_device());
+    // A non-zero correction bias so it changes the choice.
+    let sparse = (0..cfg.num_hidden_layers)
+        .filter(|&i| cfg.is_sparse_layer(i))
+        .count();
+    let counts: Vec<Vec<u32>> = (0..sparse)
+        .map(|l| {
+            (0..cfg.num_experts as u32)
+                .map(|e| (e * 5 + l as u32 * 3) % 7)
+                .collect()
+        })
+        .collect();
+    m.update_expert_bias(&counts, 0.05);
+    m
+}
+
+#[test]
+fn dispatch_equals_dense_reference_for_every_family() {
+    for (name, cfg) in family_configs() {
+        let m = built(&cfg, 3);
+        let b = Batch::left_padded(
+            &[
+                ids(13, 5, cfg.vocab_size),
+                ids(8, 6, cfg.vocab_size),
+                ids(2, 7, cfg.vocab_size),
+            ],
+            0,
+        );
+        let opts = |moe| ForwardOptions {
+            moe,
+            aux_loss: true,
+            ..Default::default()
+        };
+        let fast = m.forward(&b, None, opts(MoeImpl::Dispatch));
+        let slow = m.forward(&b, None, opts(MoeImpl::DenseReference));
+        let d = max_diff(&values(fast.logits), &values(slow.logits));
+        assert!(d < 1e-5, "{name}: dispatch vs reference {d:e}");
+        assert_eq!(fast.router.expert_counts, slow.router.expert_counts);
+        let sparse = (0..cfg.num_hidden_layers)
+            .filter(|&i| cfg.is_sparse_layer(i))
+            .count();
+        assert_eq!(fast.router.expert_counts.len(), sparse, "{name}");
+        for layer in &fast.router.expert_counts {
+            assert_eq!(
+                layer.iter().sum::<u32>(),
+                23 * cfg.num_experts_per_tok as u32
+            );
+        }
+    }
+}
+
+#[test]
+fn group_limited_routing_only_uses_kept_groups() {
+    let (_, cfg) = family_configs().remove(2);
+    let m = built(&cfg, 8);
+    let out = m.forward(
+        &Batch::left_padded(&[vec![5]], 0),
+        None,
+        ForwardOptions::default(),
+    );
+    // One token, 3 experts from 2 groups of 2 (of 4 groups): at most 2 groups are used.
+    for layer in &out.router.expert_counts {
+        let groups: std::collections::BTreeSet<usize> = layer
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c > 0)
+            .map(|(e, _)| e / 2)
+            .collect();
+        assert!(groups.len() <= 2, "experts from groups {groups:?}");
+    }
+}
+
+#[test]
+fn cached_decode_equals_full_forward_for_every_family() {
+    for (name, cfg) in family_configs() {
+        let m = built(&cfg, 1);
+        let seq = ids(9, 1, cfg.vocab_size);
+        let full = values(
+            m.forward(
+                &Batch::left_padded(std::slice::from_ref(&seq), 0),
+                None,
+                ForwardOptions::default(),
+            )
+            .logits,
+        );
+        let v = cfg.vocab_size;
+        let mut cache = KvCache::new(&cfg, 1, 9, &default_device());
+        let opts = ForwardOptions {
+            logits: LogitsMode::Last,
+            ..Default::default()
+        };
+        let prefill = m.forward(
+            &Batch::left_padded(&[seq[..4].to_vec()], 0),
+            Some(&mut cache),
+            opts,
+        );
+        let mut worst = max_diff(&values(prefill.logits), &full[3 * v..4 * v]);
+        for (i, &tok) in seq.iter().enumerate().skip(4) {
+            let b = Batch {
+                batch: 1,
+                seq: 1,
+                input_ids: vec![tok],
+                positions: vec![i as u32],
+                attention_mask: vec![true],
+            };
+            let step = values(m.forward(&b, Some(&mut cache), opts).logits);
+            worst = worst.max(max_diff(&step, &full[i * v..(i + 1) * v]));
+        }
+        assert!(worst < 1e-4, "{name}: cached vs full {worst:e}");
+    }
+}
+
+#[test]
+fn every_family_saves_and_loads_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, cfg) in family_configs() {
+        let m = built(&cfg, 5);
+        let b = Batch::left_padded(&[ids(6, 11, cfg.vocab_size)], 0);
+        let before = values(m.forward(&b, None, ForwardOptions::default()).logits);
+        let path = dir.path().join(name.replace(' ', "_"));
+        save_model(&m, &path, Some(10_000)).unwrap();
+        let loaded = load_model(&path, &default_device()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(
+            loaded.config, cfg,
+            "{name}: config changed across save/load"
+        );
+        let after = values(loaded.forward(&b, None, ForwardOptions::default()).logits);
+        assert_eq!(before, after, "{name}: logits changed across save/load");
+        let (total, _) = cfg.count_parameters();
+        // e_score_correction_bias is a buffer (never trained by gradient), not a parameter.
+        let saved: usize = sobre_model::io::hf_tensors(&loaded)
+            .iter()
+            .filter(|(n, _, _)| !n.ends_with("e_score_correction_bias"))
+            .map(|(_, _, v)| v.len())
+            .sum();
+        assert_eq!(total, saved, "{name}: parameter count");
+    }
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// Every tensor of a model directory, by name: (dtype, shape, raw bytes).
+fn raw_tensors(dir: &Path) -> std::collections::BTreeMap<String, (String, Vec<usize>, Vec<u8>)> {
+    let mut out = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+            continue;
+        }
+        let bytes = std::fs::read(&p).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        for (n, v) in st.tensors() {
+            out.insert(
+                n,
+                (
+                    format!("{:?}", v.dtype()),
+                    v.shape().to_vec(),
+                    v.data().to_vec(),
+                ),
+            );
+        }
+    }
+    out
+}
+
+/// Export: sobre re-saving a checkpoint transformers wrote gives back the same tensors, byte for
+/// byte under the same names, and a config.json whose keys agree with transformers' own — so
+/// what sobre writes for every family is what transformers reads. (`scripts/check_hf.py` runs
+/// transformers on such directories; `export_fixture.rs` checks one without Python.)
+#[test]
+fn resaving_every_fixture_gives_back_its_tensors_and_config() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in [
+        "qwen3_moe_tiny",
+        "qwen2_moe_tiny",
+        "mixtral_tiny",
+        "olmoe_tiny",
+        "deepseek_v3_routing_tiny",
+        "deepseek_v2_routing_tiny",
+    ] {
+        let src = fixture(name);
+        let m = load_model(&src, &default_device()).unwrap();
+        let out = dir.path().join(name);
+        save_model(&m, &out, None).unwrap();
+        let (a, b) = (raw_tensors(&src), raw_tensors(&out));
+        assert_eq!(
+            a.keys().collect::<Vec<_>>(),
+            b.keys().collect::<Vec<_>>(),
+            "{name}: tensor names"
+        );
+        for (k, va) in &a {
+            assert!(va == &b[k], "{name}: tensor `{k}` differs after re-saving");
+        }
+        let read = |p: &Path| -> Value {
+            serde_json::from_str(&std::fs::read_to_string(p.join("config.json")).unwrap()).unwrap()
+        };
+        let (orig, ours) = (read(&src), read(&out));
+        for (k, v) in orig.as_object().unwrap() {
+            let Some(w) = ours.get(k) else { continue };
+            // transformers writes `head_dim: null` for "hidden / heads"; sobre writes the value.
+            if k == "head_dim" && v.is_null() {
+                continue;
+            }
+            if k == "transformers_version" {
+                continue;
+            }
+            let same = match (v.as_f64(), w.as_f64()) {
+                (Some(x), Some(y)) => x == y,
+                _ => v == w,
+            };
+            assert!(
+                same,
+                "{name}: config key `{k}`: transformers {v}, sobre {w}"
+            );
+        }
+        // Keys transformers' class reads that sobre must write.
+        for k in [
+            "model_type",
+            "architectures",
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "num_experts_per_tok",
+            "rms_norm_eps",
+            "rope_parameters",
+            "tie_word_embeddings",
+        ] {
+            assert!(ours.get(k).is_some(), "{name}: sobre did not write `{k}`");
+        }
+    }
+}
+
+fn config_err(cfg: &Value) -> String {
+    ModelConfig::from_json_str(&cfg.to_string(), "m/config.json")
+        .map(|_| String::new())
+        .unwrap_or_else(|e| e.to_string())
+}
+
+fn fixture_config(name: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture(name).join("config.json")).unwrap())
+        .unwrap()
+}
+
+#[test]
+fn refused_options_name_the_key_and_value() {
+    let mixtral = fixture_config("mixtral_tiny");
+    let olmoe = fixture_config("olmoe_tiny");
+    let ds = fixture_config("deepseek_v3_routing_tiny");
+    let with = |base: &Value, key: &str, v: Value| {
+        let mut c = base.clone();
+        c[key] = v;
+        c
+    };
+    let cases: Vec<(Value, &str)> = vec![
+        (
+            with(&mixtral, "model_type", json!("llama")),
+            "unsupported `model_type` \"llama\"; sobre reads \"qwen3_moe\", \"qwen2_moe\", \"mixtral\", \"olmoe\"",
+        ),
+        (
+            with(&mixtral, "sliding_window", json!(128)),
+            "unsupported `sliding_window` = 128 (< `max_position_embeddings` = 256)",
+        ),
+        (
+            with(&mixtral, "norm_topk_prob", json!(false)),
+            "unsupported `norm_topk_prob` = false for \"mixtral\"",
+        ),
+        (
+            with(&mixtral, "attention_bias", json!(true)),
+            "unsupported `attention_bias` = true for \"mixtral\"",
+        ),
+        (
+            with(&olmoe, "head_dim", json!(16)),
+            "`num_attention_heads · head_dim` (4 · 16) must equal `hidden_size` (32)",
+        ),
+        (
+            with(&olmoe, "clip_qkv", json!("big")),
+            "`clip_qkv` must be null or a number, found \"big\"",
+        ),
+        (
+            with(&ds, "topk_method", json!("random")),
+            "unsupported `topk_method` \"random\"",
+        ),
+        (
+            with(&ds, "n_group", json!(3)),
+            "`n_group` (3) must divide `num_experts` (8)",
+        ),
+        (
+            with(&ds, "topk_group", json!(5)),
+            "`topk_group` must be in 1..=4 (`n_group`), found 5",
+        ),
+        (
+            with(&ds, "topk_group", json!(1)),
+            "`num_experts_per_tok` (3) exceeds the 2 experts in `topk_group` (1) groups of 2",
+        ),
+        (
+            with(&with(&ds, "n_group", json!(8)), "topk_group", json!(4)),
+            "each of the `n_group` (8) groups needs at least 2 experts",
+        ),
+        (
+            with(&ds, "shared_expert_intermediate_size", json!(7)),
+            "`shared_expert_intermediate_size` (7) disagrees with `n_shared_experts`",
+        ),
+        (with(&ds, "first_k_dense_replace", json!(3)), ""),
+    ];
+    for (cfg, want) in cases {
+        let err = config_err(&cfg);
+        if want.is_empty() {
+            // All layers dense is a valid (if MoE-less) model.
+            assert_eq!(err, "", "{cfg}");
+            continue;
+        }
+        assert!(
+            err.starts_with("m/config.json: ") && err.contains(want),
+            "want `{want}` in: {err}"
+        );
+    }
+    // Mixtral / OLMoE have no dense layers to make.
+    let mut m = ModelConfig::from_json_str(&mixtral.to_string(), "m").unwrap();
+    m.first_k_dense_replace = 1;
+    let err = m.validate("v").unwrap_err().to_string();
+    assert!(err.contains("\"mixtral\" has no dense layers"), "{err}");
+}
+
+/// A real DeepSeek-V3 config (transformers' defaults written out, as on the hub) is refused
+/// because of its attention, with the MLA keys and their values named.
+#[test]
+fn deepseek_configs_are_refused_for_mla() {
+    for (model_type, extra) in [
+        (
+            "deepseek_v3",
+            json!({"q_lora_rank": 1536, "kv_lora_rank": 512, "qk_rope_head_dim": 64,
+                   "qk_nope_head_dim": 128, "v_head_dim": 128, "n_routed_experts": 256,
+                   "n_group": 8, "topk_group": 4, "topk_method": "noaux_tc"}),
+        ),
+        (
+            "deepseek_v2",
+            json!({"q_lora_rank": null, "kv_lora_rank": 512}),
+        ),
+    ] {
+        let mut cfg = fixture_config("qwen3_moe_tiny");
+        cfg["model_type"] = json!(model_type);
+        for (k, v) in extra.as_object().unwrap() {
+            cfg[k] = v.clone();
+        }
+        let err = config_err(&cfg);
+        for needle in [
+            format!("`model_type` \"{model_type}\" uses Multi-head Latent Attention"),
+            "`kv_lora_rank` = 512".to_string(),
+            "MLA is not supported".to_string(),
+            "`qk_rope_head_dim`".to_string(),
+            "`v_head_dim`".to_string(),
+            "`q_lora_rank`".to_string(),
+            "`qk_nope_head_dim`".to_string(),
+        ] {
+            assert!(err.contains(&needle), "want `{needle}` in: {err}");
+        }
+    }
+}
+
+#[test]
+fn mixtral_windows_at_least_the_context_are_full_attention() {
+    let mut cfg = fixture_config("mixtral_tiny");
+    cfg["sliding_window"] = json!(256);
+    let c = ModelConfig::from_json_str(&cfg.to_string(), "m").unwrap();
+    assert_eq!(c.family, Family::Mixtral);
+    assert!(c.norm_topk_prob && !c.qk_norm && !c.attention_bias);
+    assert_eq!(
+        (c.num_experts, c.moe_intermediate_size, c.head_dim),
+        (5, 20, 8)
+    );
+    // transformers' Mixtral default RoPE base when the key is absent.
+    cfg.as_object_mut().unwrap().remove("rope_parameters");
+    let c = ModelConfig::from_json_str(&cfg.to_string(), "m").unwrap();
+    assert_eq!(c.rope_theta, 1e6);
+    // router_jitter_noise is training-time noise in transformers: accepted, kept, never applied.
+    cfg["router_jitter_noise"] = json!(0.1);
+    let c = ModelConfig::from_json_str(&cfg.to_string(), "m").unwrap();
+    assert_eq!(c.router_jitter_noise, 0.1);
+    assert_eq!(c.to_json()["router_jitter_noise"], json!(0.1));
+}
