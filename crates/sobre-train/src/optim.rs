@@ -313,7 +313,7 @@ impl AdamW {
             .collect::<Result<_, _>>()?;
         let mut meta = std::collections::HashMap::new();
         meta.insert("step".to_string(), self.step.to_string());
-        meta.insert("format".to_string(), "sobre-adamw-v1".to_string());
+        // One metadata entry only: a HashMap of several would serialise in random order.
         safetensors::serialize_to_file(views, Some(meta), file)
             .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", file.display())))
     }
