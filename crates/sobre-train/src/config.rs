@@ -484,7 +484,18 @@ pub fn find_key_line(text: &str, dotted: &str) -> Option<usize> {
             return Some(i + 1);
         }
     }
-    None
+    // A table named by the key itself (`[data.countdown]`).
+    text.lines()
+        .position(|l| {
+            l.trim()
+                .trim_start_matches('[')
+                .split(']')
+                .next()
+                .map(str::trim)
+                == Some(dotted)
+                && l.trim().starts_with('[')
+        })
+        .map(|i| i + 1)
 }
 
 /// Parse a `--set a.b.c=value` into the document.
@@ -909,5 +920,19 @@ mod tests {
         assert_eq!(edit_distance("kitten", "sitting"), 3);
         assert_eq!(closest("cosin", SCHEDULES), Some("cosine"));
         assert_eq!(closest("zzzzzzzzzz", SCHEDULES), None);
+    }
+}
+
+#[cfg(test)]
+mod table_tests {
+    use super::*;
+
+    #[test]
+    fn generator_option_errors_point_at_their_table() {
+        let text = "[data]\ntask = \"countdown\"\n\n[data.countdown]\nmin_count = 9\n";
+        let e = Config::parse(text, "run.toml", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("run.toml:4: `data.countdown`"), "{e}");
     }
 }
