@@ -11,7 +11,9 @@ routing decisions are far from uniform: a wrong router or RoPE shows up as a lar
 
 import json
 import os
+import subprocess
 import sys
+import tempfile
 
 import torch
 import transformers
@@ -78,6 +80,66 @@ def record(model, cfg, sequences, name, extra_config=None, shard=None, drop_conf
     with open(os.path.join(d, "reference.json"), "w") as f:
         json.dump(ref, f)
     print(name, sum(p.numel() for p in model.parameters()), "params")
+
+
+def fnv1a64(data):
+    h = 0xCBF29CE484222325
+    for b in data:
+        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return f"{h:016x}"
+
+
+def export_fixture(seqs):
+    """The export check: sobre writes the `tiny` preset (seed 7, initializer_range 0.5) with the
+    `write_model` example, transformers loads it, and reference.json records what transformers
+    loaded (config.json, each tensor's FNV-1a hash) and computed (logits, greedy). No weights are
+    committed: the Rust test (tests/export_fixture.rs) writes the same directory again and checks
+    it against this record."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    with tempfile.TemporaryDirectory() as tmp:
+        d = os.path.join(tmp, "m")
+        subprocess.run(["cargo", "run", "-q", "--release", "-p", "sobre-model", "--example", "write_model", "--",
+                        "preset", "tiny", "7", "0.5", d], check=True, cwd=root)
+        model, info = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, output_loading_info=True)
+        bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        assert not bad, f"transformers did not load sobre's files cleanly: {bad}"
+        with open(os.path.join(d, "config.json")) as f:
+            config = json.load(f)
+        tensors = {}
+        with safe_open(os.path.join(d, "model.safetensors"), "np") as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                tensors[name] = {"shape": list(t.shape), "dtype": str(t.dtype), "fnv1a64": fnv1a64(t.tobytes())}
+        # What transformers holds is what the file holds: writing it back gives the same tensors.
+        again = os.path.join(tmp, "again")
+        model.save_pretrained(again)
+        with safe_open(os.path.join(again, "model.safetensors"), "np") as f:
+            assert sorted(f.keys()) == sorted(tensors), "transformers re-saved other tensor names"
+            for name in f.keys():
+                assert fnv1a64(f.get_tensor(name).tobytes()) == tensors[name]["fnv1a64"], name
+        vocab = config["vocab_size"]
+        cases = []
+        model.eval()
+        with torch.no_grad():
+            for ids in seqs:
+                ids = [i % vocab for i in ids]
+                x = torch.tensor([ids])
+                logits = model(input_ids=x).logits[0]
+                gen = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,
+                                     eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+                cases.append({"ids": ids, "logits": [[round(v, 6) for v in row] for row in logits.tolist()],
+                              "greedy": gen})
+    out = os.path.join(OUT, "sobre_export_tiny")
+    os.makedirs(out, exist_ok=True)
+    ref = {"transformers": transformers.__version__, "torch": torch.__version__,
+           "written_by": "write_model preset tiny 7 0.5", "architecture": type(model).__name__,
+           "config": config, "tensors": tensors, "cases": cases}
+    with open(os.path.join(out, "reference.json"), "w") as f:
+        json.dump(ref, f, indent=None)
+    print("sobre_export_tiny", len(tensors), "tensors")
 
 
 def main():
@@ -172,6 +234,8 @@ def main():
                 if hasattr(layer.mlp.gate, "e_score_correction_bias"):
                     layer.mlp.gate.e_score_correction_bias.copy_(0.2 * torch.randn(8, generator=g))
         record(mq, cq, seqs, name, extra_config=keys, drop_config=("mlp_only_layers",), aux=False)
+
+    export_fixture(seqs)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,10 @@ fn loading_peaks_near_one_copy_of_the_model() {
     // The largest tensor: a layer's stacked experts [E, H, 2·I] (or the embedding).
     let e = cfg.num_experts * cfg.hidden_size * 2 * cfg.moe_intermediate_size * 4;
     let largest = e.max(cfg.vocab_size * cfg.hidden_size * 4);
-    assert!(model_bytes > 10 * largest, "the test needs a model ≫ its largest tensor");
+    assert!(
+        model_bytes > 10 * largest,
+        "the test needs a model ≫ its largest tensor"
+    );
 
     // Warm up once (burn's and rayon's lazily-built statics), then measure a second load.
     drop(load_model(&dir.path().join("m"), &device).unwrap());
@@ -80,7 +83,10 @@ fn loading_peaks_near_one_copy_of_the_model() {
         "model {model_bytes} B, largest tensor {largest} B, load peak {peak} B, kept {kept} B"
     );
     // What the loaded model holds is about the model itself.
-    assert!(kept >= model_bytes && kept < model_bytes + model_bytes / 4, "kept {kept}");
+    assert!(
+        kept >= model_bytes && kept < model_bytes + model_bytes / 4,
+        "kept {kept}"
+    );
     // Peak: the model plus a few tensors in flight (a layer's experts being stacked and handed
     // to burn) — far below the 2× that reading everything first costs.
     assert!(
