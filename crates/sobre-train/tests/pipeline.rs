@@ -148,3 +148,53 @@ fn non_finite_loss_skips_the_update() {
     assert!(!out.skipped && out.grad_norm > 0.0);
     assert_ne!(sobre_model::io::hf_tensors(&model), before);
 }
+
+#[test]
+fn interrupted_sft_and_partial_checkpoints_resume_cleanly() {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+    let sets: Vec<String> = ["run.steps=2", "run.save_every=0"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let a = tempfile::tempdir().unwrap();
+    run(a.path(), &["run.steps=2", "run.save_every=0"], false, None);
+
+    // Stopped before the first SFT step: an `sft-000000` checkpoint, then a resume.
+    let b = tempfile::tempdir().unwrap();
+    let (cfg, src) = Config::parse(&smoke(), "smoke", &sets).unwrap();
+    let stop = Arc::new(AtomicBool::new(true));
+    let opts = RunOptions {
+        resume: false,
+        out_dir: Some(b.path().to_path_buf()),
+        stop: Some(stop),
+        quiet: true,
+        stop_after: None,
+    };
+    let s = Pipeline::new(cfg, src, opts).unwrap().run().unwrap();
+    assert!(s.interrupted && s.sft_steps == 0);
+    assert!(
+        b.path()
+            .join("checkpoints/sft-000000/trainer_state.json")
+            .exists()
+    );
+    // What a process killed mid-write leaves: a partial directory and one without its state file.
+    std::fs::create_dir_all(b.path().join("checkpoints/.step-000009.partial-1")).unwrap();
+    std::fs::create_dir_all(b.path().join("checkpoints/step-000008")).unwrap();
+    std::fs::write(
+        b.path().join("checkpoints/step-000008/model.safetensors"),
+        b"garbage",
+    )
+    .unwrap();
+    let s = run(b.path(), &["run.steps=2", "run.save_every=0"], true, None);
+    assert_eq!((s.sft_steps, s.grpo_steps), (2, 2));
+    assert!(!b.path().join("checkpoints/.step-000009.partial-1").exists());
+    assert!(
+        !b.path().join("checkpoints/sft-000000").exists(),
+        "mid-SFT checkpoints are pruned at the end of SFT"
+    );
+    assert!(
+        weights(&a.path().join("checkpoints/step-000002"))
+            == weights(&b.path().join("checkpoints/step-000002"))
+    );
+}
