@@ -675,6 +675,22 @@ impl Config {
         if let Some(r) = self.model.bias_update_rate {
             nonneg("model.bias_update_rate", r)?;
         }
+        if let Some(p) = &self.model.path
+            && !p.join("config.json").exists()
+        {
+            return fail(
+                "model.path",
+                format!("{} is not a model directory (no config.json)", p.display()),
+            );
+        }
+        if let Some(p) = &self.tokenizer.path
+            && !p.join("tokenizer.json").exists()
+        {
+            return fail(
+                "tokenizer.path",
+                format!("{} has no tokenizer.json", p.display()),
+            );
+        }
         // [tokenizer]
         if self.tokenizer.path.is_none()
             && self.model.path.is_none()

@@ -186,6 +186,16 @@ impl Pipeline {
         }
         resolved.push_str("\n\n");
         resolved.push_str(&cfg.to_toml());
+        if self.opts.resume
+            && let Ok(previous) = std::fs::read_to_string(&cfg_path)
+            && previous.split_once("\n\n").map(|(_, body)| body) != Some(cfg.to_toml().as_str())
+        {
+            eprintln!(
+                "warning: the resolved config differs from the one this run started with ({}); \
+                 the resumed run will not be bit-identical to an uninterrupted one",
+                cfg_path.display()
+            );
+        }
         std::fs::write(&cfg_path, resolved).map_err(|e| TrainError::io(&cfg_path, e))?;
 
         // ---- data, template, tokenizer ----
