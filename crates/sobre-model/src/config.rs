@@ -282,9 +282,9 @@ impl ModelConfig {
     pub fn is_sparse_layer(&self, i: usize) -> bool {
         !self.mlp_only_layers.contains(&i)
             && self.num_experts > 0
-            && (i + 1) % self.decoder_sparse_step == 0
+            && (i + 1).is_multiple_of(self.decoder_sparse_step)
             && i >= self.first_k_dense_replace
-            && i % self.moe_layer_freq == 0
+            && i.is_multiple_of(self.moe_layer_freq)
     }
 
     /// OLMoE normalises q and k over the whole projection (`[heads · head_dim]`) before
@@ -323,13 +323,16 @@ impl ModelConfig {
                 return Err(err(format!("`{key}` must be at least 1, found 0")));
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(err(format!(
                 "`num_attention_heads` ({}) must be a multiple of `num_key_value_heads` ({})",
                 self.num_attention_heads, self.num_key_value_heads
             )));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(err(format!(
                 "`head_dim` must be even for RoPE, found {}",
                 self.head_dim
@@ -363,13 +366,17 @@ impl ModelConfig {
                 self.num_hidden_layers
             )));
         }
-        if !(self.rms_norm_eps > 0.0) || !(self.rope_theta > 0.0) {
+        if self.rms_norm_eps.is_nan()
+            || self.rms_norm_eps <= 0.0
+            || self.rope_theta.is_nan()
+            || self.rope_theta <= 0.0
+        {
             return Err(err(
                 "`rms_norm_eps` and `rope_theta` must be positive".into()
             ));
         }
         if let Some(c) = self.clip_qkv
-            && !(c > 0.0)
+            && (c.is_nan() || c <= 0.0)
         {
             return Err(err(format!("`clip_qkv` must be positive, found {c}")));
         }
@@ -560,9 +567,8 @@ impl ModelConfig {
         if fam != Family::Mixtral {
             m.insert("norm_topk_prob".into(), json!(self.norm_topk_prob));
         }
-        if fam == Family::Olmoe {
-            m.insert("clip_qkv".into(), json!(self.clip_qkv));
-        } else if self.clip_qkv.is_some() {
+        // OLMoE's own key (null = off); on other families a sobre extra, written when set.
+        if fam == Family::Olmoe || self.clip_qkv.is_some() {
             m.insert("clip_qkv".into(), json!(self.clip_qkv));
         }
         m.insert(
@@ -944,7 +950,7 @@ impl Reader<'_> {
             },
         };
         let router_jitter_noise = self.f64_or("router_jitter_noise", 0.0)?;
-        if !(router_jitter_noise >= 0.0) {
+        if router_jitter_noise.is_nan() || router_jitter_noise < 0.0 {
             return Err(self.err(format!(
                 "`router_jitter_noise` must be non-negative, found {router_jitter_noise}"
             )));

@@ -831,11 +831,6 @@ pub fn hf_tensors(model: &MoeModel) -> Vec<(String, Vec<usize>, Vec<f32>)> {
 /// `max_shard_bytes` with an index, `generation_config.json`) atomically: everything goes to a
 /// temporary sibling directory that is renamed over `dir` at the end, so a crash leaves either
 /// the old directory or the new one, never a mix.
-
-/// Write `model` as an HF model directory (`config.json`, `model.safetensors` or shards above
-/// `max_shard_bytes` with an index, `generation_config.json`) atomically: everything goes to a
-/// temporary sibling directory that is renamed over `dir` at the end, so a crash leaves either
-/// the old directory or the new one, never a mix.
 pub fn save_model(
     model: &MoeModel,
     dir: &Path,

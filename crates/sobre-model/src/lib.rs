@@ -1,7 +1,8 @@
 //! sobre-model: the Mixture-of-Experts transformer sobre trains.
 //!
 //! This crate is the model and nothing else: its configuration (`config.json` as transformers
-//! writes it for Qwen3-MoE and Qwen2-MoE), its layers and forward pass (prefill, cached decode
+//! writes it for Qwen3-MoE, Qwen2-MoE, Mixtral and OLMoE, plus DeepSeek's routing options as
+//! sobre keys; see README.md for what each family reads and what is refused), its layers and forward pass (prefill, cached decode
 //! and training through one function), its router and balance statistics, its seeded
 //! initialisation, and reading and writing HF model directories. Sampling lives in
 //! `sobre-rollout`, losses and optimisers in `sobre-train`, tokenizers in `sobre-data`.
@@ -15,10 +16,11 @@ pub mod model;
 
 use std::path::{Path, PathBuf};
 
-pub use config::{Family, ModelConfig, ScoringFunc};
+pub use config::{Family, ModelConfig, ScoringFunc, TopkMethod};
 pub use io::{init_model, load_model, load_model_with_config, save_model};
 pub use model::{
-    Batch, ForwardOptions, KvCache, LogitsMode, ModelOutput, MoeImpl, MoeModel, RouterStats,
+    Batch, ForwardOptions, GroupLimit, GroupScore, KvCache, LogitsMode, ModelOutput, MoeImpl,
+    MoeModel, RouterStats,
 };
 
 /// Everything that can go wrong reading or writing a model.

@@ -89,7 +89,7 @@ fn what_sobre_writes_is_what_transformers_loaded_and_computes_the_same() {
         let ids = u32s(&case["ids"]);
         let got = model
             .forward(
-                &Batch::left_padded(&[ids.clone()], 0),
+                &Batch::left_padded(std::slice::from_ref(&ids), 0),
                 None,
                 ForwardOptions::default(),
             )
@@ -119,7 +119,7 @@ fn what_sobre_writes_is_what_transformers_loaded_and_computes_the_same() {
             ..Default::default()
         };
         let mut out = model.forward(
-            &Batch::left_padded(&[ids.clone()], 0),
+            &Batch::left_padded(std::slice::from_ref(&ids), 0),
             Some(&mut cache),
             opts,
         );

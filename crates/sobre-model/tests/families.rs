@@ -473,3 +473,40 @@ fn mixtral_windows_at_least_the_context_are_full_attention() {
     assert_eq!(c.router_jitter_noise, 0.1);
     assert_eq!(c.to_json()["router_jitter_noise"], json!(0.1));
 }
+
+/// Sharded checkpoints: an index that disagrees with its shards is reported with the file names,
+/// all problems together.
+#[test]
+fn sharded_index_problems_name_the_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m");
+    let src = fixture("qwen2_moe_tiny");
+    std::fs::create_dir(&path).unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, path.join(p.file_name().unwrap())).unwrap();
+    }
+    let index_path = path.join("model.safetensors.index.json");
+    let mut index: Value =
+        serde_json::from_str(&std::fs::read_to_string(&index_path).unwrap()).unwrap();
+    let map = index["weight_map"].as_object_mut().unwrap();
+    map.insert(
+        "model.norm.weight".into(),
+        json!("model-00001-of-00003.safetensors"),
+    );
+    map.insert(
+        "model.ghost.weight".into(),
+        json!("model-00002-of-00003.safetensors"),
+    );
+    std::fs::write(&index_path, index.to_string()).unwrap();
+    let err = match load_model(&path, &default_device()) {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.to_string(),
+    };
+    for needle in [
+        "the index lists tensor `model.norm.weight` in model-00001-of-00003.safetensors, but it is in model-00003-of-00003.safetensors",
+        "the index lists tensor `model.ghost.weight` in model-00002-of-00003.safetensors, which does not hold it",
+    ] {
+        assert!(err.contains(needle), "want `{needle}` in:\n{err}");
+    }
+}

@@ -131,7 +131,11 @@ fn check_family(name: &str) {
             aux_loss: true,
             ..Default::default()
         };
-        let out = model.forward(&Batch::left_padded(&[ids.clone()], 0), None, opts);
+        let out = model.forward(
+            &Batch::left_padded(std::slice::from_ref(&ids), 0),
+            None,
+            opts,
+        );
         let aux = out
             .router
             .aux_loss
@@ -245,7 +249,8 @@ fn edited_fixture(
 #[test]
 fn the_fixtures_exercise_their_options() {
     let device = default_device();
-    let cases: Vec<(&str, &str, Box<dyn Fn(&mut serde_json::Map<String, Value>)>)> = vec![
+    type Edit = Box<dyn Fn(&mut serde_json::Map<String, Value>)>;
+    let cases: Vec<(&str, &str, Edit)> = vec![
         (
             "olmoe_tiny",
             "clip_qkv",

@@ -209,7 +209,7 @@ fn batched_unequal_lengths_equal_each_sequence_alone() {
         for (r, s) in seqs.iter().enumerate() {
             let alone = values(
                 m.forward(
-                    &Batch::left_padded(&[s.clone()], 0),
+                    &Batch::left_padded(std::slice::from_ref(s), 0),
                     None,
                     ForwardOptions::default(),
                 )
