@@ -25,7 +25,6 @@ pub mod advantages;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
-pub mod eval;
 pub mod grpo;
 pub mod kl;
 pub mod losses;
