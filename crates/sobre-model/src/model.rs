@@ -75,28 +75,15 @@ impl Batch {
     /// Left-pad sequences of unequal length into one batch (padding first, so every row ends in
     /// the same column and decoding appends to all rows at once).
     pub fn left_padded(seqs: &[Vec<u32>], pad_id: u32) -> Self {
-        let seq = seqs.iter().map(Vec::len).max().unwrap_or(0);
-        let mut b = Batch {
-            batch: seqs.len(),
-            seq,
-            input_ids: Vec::with_capacity(seqs.len() * seq),
-            positions: Vec::with_capacity(seqs.len() * seq),
-            attention_mask: Vec::with_capacity(seqs.len() * seq),
-        };
-        for s in seqs {
-            let pad = seq - s.len();
-            b.input_ids
-                .extend(std::iter::repeat_n(pad_id, pad).chain(s.iter().copied()));
-            b.positions
-                .extend(std::iter::repeat_n(0, pad).chain(0..s.len() as u32));
-            b.attention_mask
-                .extend(std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, s.len())));
-        }
-        b
+        Self::padded(seqs, pad_id, true)
     }
 
     /// Right-pad sequences (padding last), the usual layout for training batches.
     pub fn right_padded(seqs: &[Vec<u32>], pad_id: u32) -> Self {
+        Self::padded(seqs, pad_id, false)
+    }
+
+    fn padded(seqs: &[Vec<u32>], pad_id: u32, left: bool) -> Self {
         let seq = seqs.iter().map(Vec::len).max().unwrap_or(0);
         let mut b = Batch {
             batch: seqs.len(),
@@ -107,12 +94,20 @@ impl Batch {
         };
         for s in seqs {
             let pad = seq - s.len();
-            b.input_ids
-                .extend(s.iter().copied().chain(std::iter::repeat_n(pad_id, pad)));
-            b.positions
-                .extend((0..s.len() as u32).chain(std::iter::repeat_n(0, pad)));
-            b.attention_mask
-                .extend(std::iter::repeat_n(true, s.len()).chain(std::iter::repeat_n(false, pad)));
+            // One row: (padding, real tokens) in the chosen order.
+            let mut push = |real: bool| {
+                if real {
+                    b.input_ids.extend(s.iter().copied());
+                    b.positions.extend(0..s.len() as u32);
+                    b.attention_mask.extend(std::iter::repeat_n(true, s.len()));
+                } else {
+                    b.input_ids.extend(std::iter::repeat_n(pad_id, pad));
+                    b.positions.extend(std::iter::repeat_n(0, pad));
+                    b.attention_mask.extend(std::iter::repeat_n(false, pad));
+                }
+            };
+            push(!left);
+            push(left);
         }
         b
     }
