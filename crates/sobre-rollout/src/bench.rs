@@ -5,9 +5,9 @@ use std::time::Instant;
 use serde::Serialize;
 use sobre_model::MoeModel;
 
+use crate::RolloutError;
 use crate::generate::{EngineMode, Prompt, generate_with};
 use crate::sampling::SamplingParams;
-use crate::RolloutError;
 
 /// The workload: `prompts × group_size` completions of exactly `new_tokens` tokens.
 #[derive(Debug, Clone, Serialize)]
@@ -32,7 +32,9 @@ pub struct RolloutFigure {
 pub fn bench_prompts(w: &RolloutWorkload, vocab: usize) -> Vec<Prompt> {
     (0..w.prompts)
         .map(|p| Prompt {
-            ids: (0..w.prompt_len).map(|i| ((p * 7919 + i * 104_729 + 13) % vocab) as u32).collect(),
+            ids: (0..w.prompt_len)
+                .map(|i| ((p * 7919 + i * 104_729 + 13) % vocab) as u32)
+                .collect(),
             key: p as u64,
         })
         .collect()
@@ -40,7 +42,11 @@ pub fn bench_prompts(w: &RolloutWorkload, vocab: usize) -> Vec<Prompt> {
 
 /// Time each mode once on the same workload (temperature 1, `ignore_eos`). Every mode samples
 /// the same tokens (tested), so the figures compare engines, not outputs.
-pub fn bench_rollout(model: &MoeModel, w: &RolloutWorkload, modes: &[EngineMode]) -> Result<Vec<RolloutFigure>, RolloutError> {
+pub fn bench_rollout(
+    model: &MoeModel,
+    w: &RolloutWorkload,
+    modes: &[EngineMode],
+) -> Result<Vec<RolloutFigure>, RolloutError> {
     let prompts = bench_prompts(w, model.config.vocab_size);
     let params = SamplingParams {
         temperature: 1.0,

@@ -23,7 +23,7 @@ pub use generate::{
     Completion, Detokenizer, EngineMode, FinishReason, Prompt, generate, generate_with,
     sequence_rng,
 };
-pub use logprobs::{ScoredBatch, completion_logprobs};
+pub use logprobs::{Scored, ScoredBatch, completion_logprobs, completion_scores};
 pub use sampling::{SamplingParams, sample, token_logprob};
 
 /// Why a generation request was refused.

@@ -1,4 +1,6 @@
-//! Log-probabilities of given completions under a model, computed by a training forward.
+//! Log-probabilities (and entropies) of given completions under a model, computed by one
+//! training forward. The trainer scores its policy and reference with this, so training
+//! recomputes exactly the quantity sampling recorded.
 
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
@@ -11,54 +13,72 @@ use sobre_model::{Batch, ForwardOptions, MoeModel, RouterStats};
 #[derive(Debug, Clone)]
 pub struct ScoredBatch {
     pub batch: Batch,
+    pub rows: usize,
     /// Longest completion (columns of the returned logprob matrix).
     pub max_completion: usize,
     /// `[rows, max_completion]`: 1 for real completion tokens, 0 for padding.
-    pub completion_mask: Vec<f32>,
+    pub mask: Vec<f32>,
     prompt_lens: Vec<usize>,
     targets: Vec<i64>,
 }
 
 impl ScoredBatch {
+    /// Every prompt must be non-empty (the first completion token is predicted by its last token).
     pub fn new(pairs: &[(&[u32], &[u32])], pad_id: u32) -> Self {
         let seqs: Vec<Vec<u32>> = pairs
             .iter()
             .map(|(p, c)| p.iter().chain(c.iter()).copied().collect())
             .collect();
-        let max_completion = pairs.iter().map(|(_, c)| c.len()).max().unwrap_or(0);
-        let mut completion_mask = vec![0.0; pairs.len() * max_completion];
-        let mut targets = vec![0i64; pairs.len() * max_completion];
+        let m = pairs.iter().map(|(_, c)| c.len()).max().unwrap_or(0);
+        let mut mask = vec![0.0; pairs.len() * m];
+        let mut targets = vec![0i64; pairs.len() * m];
         for (r, (_, c)) in pairs.iter().enumerate() {
             for (i, &t) in c.iter().enumerate() {
-                completion_mask[r * max_completion + i] = 1.0;
-                targets[r * max_completion + i] = t as i64;
+                mask[r * m + i] = 1.0;
+                targets[r * m + i] = t as i64;
             }
         }
         ScoredBatch {
             batch: Batch::right_padded(&seqs, pad_id),
-            max_completion,
-            completion_mask,
+            rows: pairs.len(),
+            max_completion: m,
+            mask,
             prompt_lens: pairs.iter().map(|(p, _)| p.len()).collect(),
             targets,
         }
     }
 
-    pub fn rows(&self) -> usize {
-        self.prompt_lens.len()
+    /// A host `[rows, max_completion]` matrix as a tensor.
+    pub fn tensor(&self, values: Vec<f32>, device: &Device) -> Tensor<2> {
+        Tensor::from_data(
+            TensorData::new(values, [self.rows, self.max_completion]),
+            device,
+        )
     }
 }
 
-/// `log softmax(logits / temperature)` at each completion token, differentiable when the model
-/// is on an autodiff device. Padding entries are 0 (multiply by `completion_mask` anyway).
+/// What [`completion_scores`] returns.
+pub struct Scored {
+    /// `[rows, max_completion]`, differentiable on an autodiff device; 0 at padding.
+    pub logp: Tensor<2>,
+    /// Entropy of the tempered policy at each completion position, host
+    /// `[rows · max_completion]` (0 at padding); empty unless asked for.
+    pub entropy: Vec<f32>,
+    pub router: RouterStats,
+}
+
+/// `log softmax(logits / temperature)` at each completion token (temperature 0 means
+/// untempered, as in sampling), and optionally the per-position entropy (detached).
 ///
 /// # Shapes
-/// returns `[rows, max_completion]`.
-pub fn completion_logprobs(
+/// `logp`: `[rows, max_completion]`.
+pub fn completion_scores(
     model: &MoeModel,
     scored: &ScoredBatch,
     temperature: f32,
     opts: ForwardOptions,
-) -> (Tensor<2>, RouterStats) {
+    entropy: bool,
+) -> Scored {
     let out = model.forward(&scored.batch, None, opts);
     let [rows, seq, vocab] = out.logits.dims();
     let device = out.logits.device();
@@ -69,7 +89,7 @@ pub fn completion_logprobs(
     for r in 0..rows {
         let p = scored.prompt_lens[r];
         for i in 0..m {
-            let valid = scored.completion_mask[r * m + i] > 0.0;
+            let valid = scored.mask[r * m + i] > 0.0;
             index.push(if valid {
                 (r * seq + p + i - 1) as i64
             } else {
@@ -83,13 +103,32 @@ pub fn completion_logprobs(
         picked = picked / temperature as f64;
     }
     let lp = log_softmax(picked, 1);
+    let mask = scored.tensor(scored.mask.clone(), &device);
+    let entropy = if entropy {
+        let d = lp.clone().detach();
+        let h = (d.clone().exp() * d).sum_dim(1).neg().reshape([rows, m]) * mask.clone();
+        h.try_into_vec_as::<f32>().unwrap_or_default()
+    } else {
+        vec![]
+    };
     let targets = Tensor::<2, Int>::from_data(
         TensorData::new(scored.targets.clone(), [rows * m, 1]),
         &device,
     );
-    let mask = Tensor::<2>::from_data(
-        TensorData::new(scored.completion_mask.clone(), [rows, m]),
-        &device,
-    );
-    (lp.gather(1, targets).reshape([rows, m]) * mask, out.router)
+    Scored {
+        logp: lp.gather(1, targets).reshape([rows, m]) * mask,
+        entropy,
+        router: out.router,
+    }
+}
+
+/// [`completion_scores`] without entropies.
+pub fn completion_logprobs(
+    model: &MoeModel,
+    scored: &ScoredBatch,
+    temperature: f32,
+    opts: ForwardOptions,
+) -> (Tensor<2>, RouterStats) {
+    let s = completion_scores(model, scored, temperature, opts, false);
+    (s.logp, s.router)
 }
