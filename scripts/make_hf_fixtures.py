@@ -142,7 +142,104 @@ def export_fixture(seqs):
     print("sobre_export_tiny", len(tensors), "tensors")
 
 
+def chat_fixture():
+    """A stand-in for a real HF chat model (configs/from-hf.toml and its tests start from it): a
+    byte-level BPE that `sobre tokenizer train` trained on datasets/countdown/train.jsonl (vocab
+    320), extended as Qwen's is with the special tokens `<|im_start|>` / `<|im_end|>` (the eos) and
+    the real Qwen2.5 chat template (sobre-data's fixture); a tiny random Qwen3-MoE whose vocabulary
+    is the tokenizer's size; a generation_config.json with Qwen-style eos ids and sampling
+    defaults. All of it written by transformers' `save_pretrained`. reference.json records the
+    chat rendering of one countdown prompt by `apply_chat_template`, its ids, and the logits
+    transformers computes at a few positions (the Rust test in sobre-train's data.rs checks that
+    sobre renders the same text, encodes the same ids and computes the same logits).
+
+    SOBRE_BIN names the sobre binary to train the tokenizer with (default: cargo run --release)."""
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    name = "qwen3_moe_chat_tiny"
+    d = os.path.join(OUT, name)
+    with open(os.path.join(root, "crates", "sobre-data", "tests", "fixtures", "chat", "qwen2.5.json")) as f:
+        template = json.load(f)["chat_template"]
+    with open(os.path.join(root, "datasets", "countdown", "train.jsonl")) as f:
+        prompt = json.loads(f.readline())["prompt"]
+    sobre = os.environ.get("SOBRE_BIN")
+    cmd = [sobre] if sobre else ["cargo", "run", "-q", "--release", "-p", "sobre-cli", "--bin", "sobre", "--"]
+    with tempfile.TemporaryDirectory() as tmp:
+        tk = os.path.join(tmp, "tk")
+        subprocess.run(cmd + ["tokenizer", "train", "--data", "datasets/countdown/train.jsonl", "--vocab-size", "320",
+                              "--template", "plain", "--out", tk], check=True, cwd=root, stdout=subprocess.DEVNULL)
+        tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(tk, "tokenizer.json"), eos_token="<|im_end|>",
+                                      pad_token="<|endoftext|>", bos_token=None, unk_token=None,
+                                      model_max_length=2048, clean_up_tokenization_spaces=False)
+        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+        tok.chat_template = template
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    endoftext = tok.convert_tokens_to_ids("<|endoftext|>")
+    cfg = Qwen3MoeConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
+                         mlp_only_layers=[], rms_norm_eps=1e-6, tie_word_embeddings=True,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                         max_position_embeddings=1024, bos_token_id=endoftext, eos_token_id=im_end,
+                         pad_token_id=endoftext)
+    model = Qwen3MoeForCausalLM(cfg).float()
+    randomize(model, 8)
+    model.tie_weights()
+    model.generation_config = GenerationConfig(bos_token_id=endoftext, eos_token_id=[im_end, endoftext],
+                                               pad_token_id=endoftext, do_sample=True, temperature=0.8,
+                                               top_p=0.95, top_k=20)
+    os.makedirs(d, exist_ok=True)
+    for f in os.listdir(d):
+        os.remove(os.path.join(d, f))
+    model.save_pretrained(d, safe_serialization=True)
+    tok.save_pretrained(d)
+    # Hub models such as Qwen2.5 carry the template inside tokenizer_config.json; transformers 5
+    # writes it to chat_template.jinja instead. Keep the hub layout (transformers reads both).
+    jinja = os.path.join(d, "chat_template.jinja")
+    if os.path.exists(jinja):
+        os.remove(jinja)
+    with open(os.path.join(d, "tokenizer_config.json")) as f:
+        tc = json.load(f)
+    tc["chat_template"] = template
+    # transformers 5 names its own class; 4.x and other readers know PreTrainedTokenizerFast.
+    tc["tokenizer_class"] = "PreTrainedTokenizerFast"
+    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+        json.dump(tc, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+    # Reload what was written, as a user of the directory would.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(d)
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    assert tok.chat_template == template
+    messages = [{"role": "user", "content": prompt}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    templated = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    if hasattr(templated, "keys"):
+        templated = templated["input_ids"]
+    assert list(templated) == ids, "apply_chat_template ids differ from encoding its text"
+    n = len(ids)
+    positions = sorted({0, 1, n // 3, n // 2, n - 2, n - 1})
+    model.eval()
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        logits = model(input_ids=x).logits[0]
+        greedy = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=8, do_sample=False,
+                                eos_token_id=None, pad_token_id=endoftext)[0, n:].tolist()
+    ref = {"transformers": transformers.__version__, "torch": torch.__version__, "prompt": prompt,
+           "rendered": text, "ids": ids, "eos_token_id": [im_end, endoftext], "pad_token_id": endoftext,
+           "vocab_size": len(tok), "positions": positions,
+           "logits": [[round(v, 6) for v in logits[p].tolist()] for p in positions], "greedy": greedy}
+    with open(os.path.join(d, "reference.json"), "w") as f:
+        json.dump(ref, f)
+    print(name, sum(p.numel() for p in model.parameters()), "params,", len(tok), "tokens,", n, "prompt tokens")
+
+
 def main():
+    if sys.argv[1:] == ["chat"]:
+        return chat_fixture()
     torch.manual_seed(0)
     seqs = [[1, 5, 9, 33, 77, 2, 100, 64, 3, 18, 91, 45, 7, 120, 11, 60],
             [127, 0, 42, 42, 42, 8],
@@ -236,6 +333,7 @@ def main():
         record(mq, cq, seqs, name, extra_config=keys, drop_config=("mlp_only_layers",), aux=False)
 
     export_fixture(seqs)
+    chat_fixture()
 
 
 if __name__ == "__main__":

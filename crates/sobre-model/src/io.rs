@@ -876,17 +876,7 @@ fn write_model_files(
     let cfg_text = serde_json::to_string_pretty(&model.config.to_json()).unwrap_or_default();
     let cfg_path = dir.join("config.json");
     fs::write(&cfg_path, cfg_text).map_err(|e| ModelError::io(&cfg_path, e))?;
-    let generation = serde_json::json!({
-        "bos_token_id": model.config.bos_token_id,
-        "eos_token_id": model.config.eos_token_id,
-        "pad_token_id": model.config.pad_token_id,
-    });
-    let gen_path = dir.join("generation_config.json");
-    fs::write(
-        &gen_path,
-        serde_json::to_string_pretty(&generation).unwrap_or_default(),
-    )
-    .map_err(|e| ModelError::io(&gen_path, e))?;
+    crate::GenerationConfig::from_model_config(&model.config).write(dir)?;
 
     let tensors = hf_tensors(model);
     let limit = max_shard_bytes.unwrap_or(usize::MAX);

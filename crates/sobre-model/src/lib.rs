@@ -11,12 +11,14 @@
 //! is burn's pure-Rust `flex`.
 
 pub mod config;
+pub mod generation;
 pub mod io;
 pub mod model;
 
 use std::path::{Path, PathBuf};
 
 pub use config::{Family, ModelConfig, ScoringFunc, TopkMethod};
+pub use generation::GenerationConfig;
 pub use io::{init_model, load_model, load_model_with_config, save_model};
 pub use model::{
     Batch, ForwardOptions, GroupLimit, GroupScore, KvCache, LogitsMode, ModelOutput, MoeImpl,

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use sobre_data::Tokenizer;
-use sobre_model::MoeModel;
+use sobre_model::{GenerationConfig, MoeModel};
 
 use crate::TrainError;
 use crate::optim::AdamW;
@@ -61,12 +61,15 @@ pub fn name_for(state: &TrainerState) -> String {
     }
 }
 
-/// Write a checkpoint atomically into `root/<name>`; returns its path.
+/// Write a checkpoint atomically into `root/<name>`; returns its path. Its
+/// `generation_config.json` has the model's token ids and the sampling defaults of `generation`
+/// (those of the model directory the run started from, if any).
 pub fn save(
     root: &Path,
     model: &MoeModel,
     opt: &AdamW,
     tok: &Tokenizer,
+    generation: &GenerationConfig,
     state: &TrainerState,
 ) -> Result<PathBuf, TrainError> {
     std::fs::create_dir_all(root).map_err(|e| TrainError::io(root, e))?;
@@ -77,6 +80,7 @@ pub fn save(
         std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
     }
     sobre_model::save_model(model, &tmp, None)?;
+    generation.with_token_ids_of(&model.config).write(&tmp)?;
     tok.save(&tmp)
         .map_err(|e| TrainError::Checkpoint(format!("tokenizer: {e}")))?;
     opt.save(&tmp.join(OPTIMIZER_FILE))?;

@@ -683,6 +683,26 @@ impl Config {
                 format!("{} is not a model directory (no config.json)", p.display()),
             );
         }
+        if let Some(p) = &self.model.path {
+            // Read the model directory's configs now, so a bad key fails before any work with
+            // the file and key named (loading the weights checks the tensors later).
+            if let Err(e) = sobre_model::ModelConfig::from_file(&p.join("config.json")) {
+                return fail("model.path", e.to_string());
+            }
+            if let Err(e) = sobre_model::GenerationConfig::from_dir(p) {
+                return fail("model.path", e.to_string());
+            }
+            if self.tokenizer.path.is_none() && !p.join("tokenizer.json").exists() {
+                return fail(
+                    "model.path",
+                    format!(
+                        "{} has no tokenizer.json: set `[tokenizer] path` to a directory with the \
+                         model's tokenizer.json (and tokenizer_config.json)",
+                        p.display()
+                    ),
+                );
+            }
+        }
         if let Some(p) = &self.tokenizer.path
             && !p.join("tokenizer.json").exists()
         {

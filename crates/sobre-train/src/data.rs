@@ -7,8 +7,10 @@ use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{Rng, SeedableRng};
 use sobre_data::tasks::{self, Split, TaskConfig};
 use sobre_data::template::ChatTemplate;
+use sobre_data::tokenizer::SpecialTokens;
 use sobre_data::tokenizer::{TrainOptions, training_texts};
 use sobre_data::{Sample, Template, Tokenizer};
+use sobre_model::{GenerationConfig, ModelConfig};
 
 use crate::{Config, TrainError};
 
@@ -147,6 +149,37 @@ pub fn build_template(cfg: &Config, tokenizer_dir: Option<&Path>) -> Result<Temp
     Template::from_name(&cfg.template.name).map_err(|e| data_err("template", e))
 }
 
+/// Make a model's token ids those of the run's tokenizer, so the `config.json` and
+/// `generation_config.json` of every checkpoint agree with its `tokenizer.json`:
+/// `eos_token_id` = the tokenizer's eos first, then the model's own eos ids, then those of the
+/// model directory's `generation_config.json` (HF chat models stop on several, e.g. Qwen's
+/// `<|im_end|>` and `<|endoftext|>`; generation stops on every one of them);
+/// `pad_token_id` = the tokenizer's pad (its eos when it has none, as the trainer pads with it);
+/// `bos_token_id` = the tokenizer's bos, or the model's when the tokenizer names none (Qwen
+/// tokenizers add no bos but their configs keep one).
+pub fn align_token_ids(
+    cfg: &mut ModelConfig,
+    special: &SpecialTokens,
+    generation: Option<&GenerationConfig>,
+) {
+    let mut eos = vec![special.eos];
+    for &id in cfg
+        .eos_token_id
+        .iter()
+        .chain(generation.map_or(&[][..], |g| &g.eos_token_id[..]))
+    {
+        if !eos.contains(&id) {
+            eos.push(id);
+        }
+    }
+    cfg.eos_token_id = eos;
+    cfg.pad_token_id = Some(special.pad);
+    cfg.bos_token_id = special
+        .bos
+        .or(cfg.bos_token_id)
+        .or(generation.and_then(|g| g.bos_token_id));
+}
+
 /// Prompt token ids of a sample.
 pub fn encode_prompt(
     tok: &Tokenizer,
@@ -241,6 +274,113 @@ impl Order {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sobre_model::{Batch, ForwardOptions, load_model};
+
+    fn chat_fixture() -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../sobre-model/tests/fixtures/qwen3_moe_chat_tiny")
+    }
+
+    fn chat_config() -> Config {
+        let text = format!(
+            "[model]\npath = {:?}\n[template]\nname = \"chat\"\n[data]\ntask = \"countdown\"\n",
+            chat_fixture().display().to_string()
+        );
+        Config::parse(&text, "t.toml", &[]).unwrap().0
+    }
+
+    /// The HF chat fixture (scripts/make_hf_fixtures.py): sobre renders its countdown prompt with
+    /// the model's own chat template to the text transformers' `apply_chat_template` gave, the
+    /// training path (`encode_prompt`) encodes it to the same ids, and the model computes the same
+    /// logits at the recorded positions.
+    #[test]
+    fn chat_fixture_prompt_ids_and_logits_match_transformers() {
+        let dir = chat_fixture();
+        let reference: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+                .unwrap();
+        let cfg = chat_config();
+        let template = build_template(&cfg, None).unwrap();
+        let data = RunData {
+            train: vec![],
+            eval: vec![],
+            demos: vec![],
+        };
+        let tok = build_tokenizer(&cfg, &data, &template, None).unwrap();
+        let sample = Sample {
+            prompt: sobre_data::Prompt::Text(reference["prompt"].as_str().unwrap().to_string()),
+            answer: None,
+            completion: None,
+            fields: Default::default(),
+        };
+        assert_eq!(
+            template.render(&sample.prompt).unwrap(),
+            reference["rendered"].as_str().unwrap()
+        );
+        let ids = encode_prompt(&tok, &template, &sample).unwrap();
+        let want: Vec<u32> = reference["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(ids, want);
+        assert_eq!(ids[0], tok.token_to_id("<|im_start|>").unwrap());
+        assert_eq!(tok.vocab_size(), 322);
+        assert_eq!(tok.special().eos, tok.token_to_id("<|im_end|>").unwrap());
+
+        let model = load_model(&dir, &sobre_model::default_device()).unwrap();
+        let out = model.forward(
+            &Batch::left_padded(&[ids.clone()], 0),
+            None,
+            ForwardOptions::default(),
+        );
+        let logits = out.logits.try_into_vec_as::<f32>().unwrap();
+        let vocab = model.config.vocab_size;
+        assert_eq!(logits.len(), ids.len() * vocab);
+        let mut worst = 0.0f32;
+        for (p, row) in reference["positions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(reference["logits"].as_array().unwrap())
+        {
+            let p = p.as_u64().unwrap() as usize;
+            for (j, w) in row.as_array().unwrap().iter().enumerate() {
+                worst = worst.max((logits[p * vocab + j] - w.as_f64().unwrap() as f32).abs());
+            }
+        }
+        assert!(worst < 1e-4, "max |logit − transformers| = {worst:e}");
+    }
+
+    /// Token ids of an HF model directory are made those of the run's tokenizer, keeping the
+    /// model's and generation_config's other eos ids.
+    #[test]
+    fn align_token_ids_puts_the_tokenizer_first_and_keeps_hf_eos_ids() {
+        let dir = chat_fixture();
+        let tok = Tokenizer::from_dir(&dir).unwrap();
+        let generation = GenerationConfig::from_dir(&dir).unwrap().unwrap();
+        assert_eq!(generation.eos_token_id, vec![320, 0]);
+        let mut mc = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+        assert_eq!(mc.eos_token_id, vec![320]);
+        align_token_ids(&mut mc, tok.special(), Some(&generation));
+        assert_eq!(mc.eos_token_id, vec![320, 0]);
+        assert_eq!(mc.pad_token_id, Some(0));
+        assert_eq!(mc.bos_token_id, Some(0));
+        // A trained sobre tokenizer (eos 0, pad 1) on the same model: its ids come first.
+        let trained = Tokenizer::train(
+            ["Using the numbers [1, 2, 3] make 6"].iter(),
+            &sobre_data::tokenizer::TrainOptions {
+                vocab_size: 262,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut mc = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+        align_token_ids(&mut mc, trained.special(), None);
+        assert_eq!(mc.eos_token_id, vec![0, 320]);
+        assert_eq!(mc.pad_token_id, Some(1));
+    }
 
     #[test]
     fn order_is_a_permutation_per_epoch_and_pure() {

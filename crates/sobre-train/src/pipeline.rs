@@ -7,11 +7,15 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Map, Value, json};
-use sobre_model::{MoeModel, init_model, load_model};
+use sobre_data::template::Template;
+use sobre_data::tokenizer::SpecialTokens;
+use sobre_model::{GenerationConfig, MoeModel, init_model, load_model};
 
 use crate::checkpoint::{self, Stage, TrainerState};
 use crate::config::Source;
-use crate::data::{Order, build_template, build_tokenizer, derive_seed, load_data};
+use crate::data::{
+    Order, align_token_ids, build_template, build_tokenizer, derive_seed, load_data,
+};
 use crate::grpo::{GrpoContext, default_accuracy_reward, evaluate, grpo_step};
 use crate::metrics::{JsonlWriter, expert_load, num, peak_rss_mib, summary_line};
 use crate::optim::{AdamW, AdamWConfig, Schedule, ScheduleKind, backward_and_step};
@@ -109,14 +113,16 @@ impl Pipeline {
         }
     }
 
-    /// The initial model (preset or model directory) on `device`.
+    /// The initial model (preset or model directory) on `device`, its token ids set from the
+    /// tokenizer (and the model directory's `generation_config.json`, see [`align_token_ids`]).
     fn initial_model(
         &self,
         vocab: usize,
-        eos: u32,
-        pad: u32,
+        special: &SpecialTokens,
+        generation: Option<&GenerationConfig>,
         device: &burn::prelude::Device,
     ) -> Result<MoeModel, TrainError> {
+        let (eos, pad) = (special.eos, special.pad);
         let m = &self.cfg.model;
         let mut model = match &m.path {
             Some(p) => load_model(p, device)?,
@@ -146,6 +152,7 @@ impl Pipeline {
                 model.config.bias_update_rate = r;
             }
         }
+        align_token_ids(&mut model.config, special, generation);
         if model.config.vocab_size < vocab {
             return Err(TrainError::Data(format!(
                 "the tokenizer has {vocab} tokens but the model only {}",
@@ -202,20 +209,39 @@ impl Pipeline {
         let data = load_data(cfg)?;
         let tok_dir = resume_from.as_ref().map(|(p, _)| p.clone());
         let template = build_template(cfg, tok_dir.as_deref())?;
-        let tok = build_tokenizer(cfg, &data, &template, tok_dir.as_deref())?;
+        let mut tok = build_tokenizer(cfg, &data, &template, tok_dir.as_deref())?;
+        // A chat template read from chat_template.jinja is not in the tokenizer's config: put it
+        // there so every checkpoint's tokenizer_config.json carries the template it was run with.
+        if let Template::Chat(chat) = &template
+            && tok.chat_template().is_none()
+        {
+            tok.set_chat_template(Some(chat.source()));
+        }
         tok.save(&run_dir.join("tokenizer"))
             .map_err(|e| TrainError::Checkpoint(format!("tokenizer: {e}")))?;
         let rewards = cfg.build_rewards().map_err(TrainError::Data)?;
         let accuracy_reward = default_accuracy_reward(cfg, &rewards);
         let special = tok.special().clone();
+        // generation_config.json of the starting point (the checkpoint resumed from, or
+        // `[model] path`): its eos ids stop generation, and its sampling defaults are carried
+        // into every checkpoint's generation_config.json.
+        let source_dir = tok_dir.as_deref().or(cfg.model.path.as_deref());
+        let generation = match source_dir {
+            Some(d) => GenerationConfig::from_dir(d)?,
+            None => None,
+        };
 
         // ---- model and state ----
         let device = sobre_model::default_device().autodiff();
         let (mut model, mut state) = match &resume_from {
-            Some((dir, st)) => (load_model(dir, &device)?, st.clone()),
+            Some((dir, st)) => {
+                let mut model = load_model(dir, &device)?;
+                align_token_ids(&mut model.config, &special, generation.as_ref());
+                (model, st.clone())
+            }
             None => {
                 let model =
-                    self.initial_model(tok.vocab_size(), special.eos, special.pad, &device)?;
+                    self.initial_model(tok.vocab_size(), &special, generation.as_ref(), &device)?;
                 let st = TrainerState {
                     format: 1,
                     stage: if cfg.sft.steps > 0 {
@@ -275,8 +301,9 @@ impl Pipeline {
         let style =
             ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {elapsed}<{eta} {msg}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar());
+        let generation = generation.unwrap_or_default();
         let save = |model: &MoeModel, opt: &AdamW, st: &TrainerState| {
-            checkpoint::save(&ckpt_root, model, opt, &tok, st)
+            checkpoint::save(&ckpt_root, model, opt, &tok, &generation, st)
         };
 
         // ---- SFT ----
@@ -410,7 +437,7 @@ impl Pipeline {
             Some(if checkpoint::read_state(&sft_dir).is_some() {
                 load_model(&sft_dir, &plain)?
             } else {
-                self.initial_model(tok.vocab_size(), special.eos, special.pad, &plain)?
+                self.initial_model(tok.vocab_size(), &special, Some(&generation), &plain)?
             })
         } else {
             None

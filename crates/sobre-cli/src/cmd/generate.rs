@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args as ClapArgs;
 use sobre_data::Tokenizer;
+use sobre_model::GenerationConfig;
 use sobre_rollout::{Detokenizer, Prompt, SamplingParams};
 
 #[derive(ClapArgs)]
@@ -12,7 +13,9 @@ use sobre_rollout::{Detokenizer, Prompt, SamplingParams};
   sobre generate --model runs/r1-tiny/checkpoints/step-000200 --prompt 'Using the numbers [3, 5, 7] …' -n 4 --json\n  \
   sobre generate --model crates/sobre-model/tests/fixtures/qwen3_moe_tiny --ids 1,5,9 --temperature 0 --max-new-tokens 8")]
 pub struct Args {
-    /// A model directory (HF layout). Its tokenizer.json, if present, encodes --prompt and decodes the output.
+    /// A model directory (HF layout). Its tokenizer.json, if present, encodes --prompt and decodes
+    /// the output; its generation_config.json, if present, gives the eos ids generation stops on
+    /// and the defaults of the sampling flags below that are not given.
     #[arg(long)]
     model: PathBuf,
     /// Prompt text (needs a tokenizer in the model directory). Used as is: no template is applied.
@@ -24,18 +27,22 @@ pub struct Args {
     /// Completions to sample.
     #[arg(short = 'n', long = "num-samples", default_value_t = 1)]
     n: usize,
-    #[arg(long, default_value_t = 128)]
-    max_new_tokens: usize,
-    /// 0 means greedy.
-    #[arg(long, default_value_t = 1.0)]
-    temperature: f32,
-    /// 0 means off.
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    #[arg(long, default_value_t = 0.0)]
-    min_p: f32,
+    /// [default: generation_config's max_new_tokens, else 128]
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// 0 means greedy. [default: generation_config's temperature (0 when it says
+    /// `do_sample: false`), else 1]
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// 0 means off. [default: generation_config's top_k, else 0]
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// [default: generation_config's top_p, else 1]
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// [default: generation_config's min_p, else 0]
+    #[arg(long)]
+    min_p: Option<f32>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Stop only at --max-new-tokens.
@@ -61,35 +68,94 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let model = sobre_model::load_model(&args.model, &device)
         .with_context(|| format!("loading the model in {}", args.model.display()))?;
     let tokenizer = if args.model.join("tokenizer.json").exists() {
-        Some(Tokenizer::from_dir(&args.model).with_context(|| format!("loading the tokenizer in {}", args.model.display()))?)
+        Some(
+            Tokenizer::from_dir(&args.model)
+                .with_context(|| format!("loading the tokenizer in {}", args.model.display()))?,
+        )
     } else {
         None
     };
     let ids = match (&args.prompt, &args.ids) {
         (Some(text), _) => {
             let tok = tokenizer.as_ref().with_context(|| {
-                format!("--prompt needs a tokenizer.json in {}; pass --ids instead", args.model.display())
+                format!(
+                    "--prompt needs a tokenizer.json in {}; pass --ids instead",
+                    args.model.display()
+                )
             })?;
             tok.encode(text).context("encoding --prompt")?
         }
         (None, Some(ids)) => ids.clone(),
         (None, None) => anyhow::bail!("give --prompt TEXT or --ids 1,2,3"),
     };
-    let mut stop_token_ids = vec![];
-    if let Some(t) = &tokenizer {
+    let generation = GenerationConfig::from_dir(&args.model)?.unwrap_or_default();
+    // Stop on the generation config's eos ids and the tokenizer's (the model config's own eos ids
+    // are added by the rollout engine).
+    let mut stop_token_ids = generation.eos_token_id.clone();
+    if let Some(t) = &tokenizer
+        && !stop_token_ids.contains(&t.special().eos)
+    {
         stop_token_ids.push(t.special().eos);
     }
+    // Flags given win; then generation_config.json (`do_sample: false` = greedy, as
+    // transformers); then sobre's defaults.
+    let temperature = args.temperature.unwrap_or(match generation.do_sample {
+        Some(false) => 0.0,
+        _ => generation.temperature.unwrap_or(1.0),
+    });
     let params = SamplingParams {
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        min_p: args.min_p,
-        max_new_tokens: args.max_new_tokens,
+        temperature,
+        top_k: args.top_k.or(generation.top_k).unwrap_or(0),
+        top_p: args.top_p.or(generation.top_p).unwrap_or(1.0),
+        min_p: args.min_p.or(generation.min_p).unwrap_or(0.0),
+        max_new_tokens: args
+            .max_new_tokens
+            .or(generation.max_new_tokens)
+            .unwrap_or(128),
         stop_token_ids,
         stop_strings: vec![],
         ignore_eos: args.ignore_eos,
         seed: args.seed,
     };
+    let from_file: Vec<String> = [
+        (
+            "temperature",
+            args.temperature.is_none()
+                && (generation.temperature.is_some() || generation.do_sample == Some(false)),
+            format!("{}", params.temperature),
+        ),
+        (
+            "top_k",
+            args.top_k.is_none() && generation.top_k.is_some(),
+            params.top_k.to_string(),
+        ),
+        (
+            "top_p",
+            args.top_p.is_none() && generation.top_p.is_some(),
+            format!("{}", params.top_p),
+        ),
+        (
+            "min_p",
+            args.min_p.is_none() && generation.min_p.is_some(),
+            format!("{}", params.min_p),
+        ),
+        (
+            "max_new_tokens",
+            args.max_new_tokens.is_none() && generation.max_new_tokens.is_some(),
+            params.max_new_tokens.to_string(),
+        ),
+    ]
+    .into_iter()
+    .filter(|(_, used, _)| *used)
+    .map(|(k, _, v)| format!("{k} {v}"))
+    .collect();
+    if !from_file.is_empty() {
+        eprintln!(
+            "sampling defaults from {}: {}",
+            args.model.join("generation_config.json").display(),
+            from_file.join(", ")
+        );
+    }
     let detok = tokenizer.as_ref().map(Detok);
     let completions = sobre_rollout::generate(
         &model,
@@ -109,12 +175,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             println!("{v}");
         } else {
             match &c.text {
-                Some(t) => println!("--- sample {} ({}) ---\n{t}", c.sample_index, c.finish_reason.as_str()),
+                Some(t) => println!(
+                    "--- sample {} ({}) ---\n{t}",
+                    c.sample_index,
+                    c.finish_reason.as_str()
+                ),
                 None => println!(
                     "--- sample {} ({}) ---\n{}",
                     c.sample_index,
                     c.finish_reason.as_str(),
-                    c.tokens.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+                    c.tokens
+                        .iter()
+                        .map(u32::to_string)
+                        .collect::<Vec<_>>()
+                        .join(",")
                 ),
             }
         }
