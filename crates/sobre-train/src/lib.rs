@@ -22,6 +22,7 @@
 //! ```
 
 pub mod advantages;
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

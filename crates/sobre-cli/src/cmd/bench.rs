@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 #[derive(ClapArgs)]
 #[command(after_help = "Examples:
   sobre bench rewards
-  sobre bench rewards --seconds 5 --completions 5000")]
+  sobre bench rewards --seconds 5 --completions 5000
+  sobre bench rollout --preset w1
+  sobre bench step --config configs/bench-w1.toml
+  sobre bench step --config configs/bench-w1.toml --leak-check-steps 200")]
 pub struct Args {
     #[command(subcommand)]
     what: What,
@@ -22,6 +25,42 @@ enum What {
     /// Completion tokens per second of the rollout engine on the `w1` preset: shared prefill
     /// vs separate prefill vs a no-cache loop, measured in one run.
     Rollout(RolloutArgs),
+    /// Seconds per GRPO step of a training config (issue 9's W1: `configs/bench-w1.toml`):
+    /// median over timed steps after a warm-up, split into rollout, reference forward and
+    /// policy update (with a separately timed forward / backward / optimizer breakdown),
+    /// completion tokens per second, peak RSS, and an optional leak check.
+    Step(StepArgs),
+}
+
+#[derive(ClapArgs)]
+struct StepArgs {
+    /// A `sobre train` config (its SFT, eval and checkpoint settings are ignored).
+    #[arg(long)]
+    config: std::path::PathBuf,
+    /// Override a config value (repeatable), as `sobre train --set`.
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    set: Vec<String>,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Timed steps (the medians are over these).
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Run this many steps in all and report the RSS growth from step --leak-check-from to the
+    /// last (0 = no leak check).
+    #[arg(long, default_value_t = 0)]
+    leak_check_steps: usize,
+    #[arg(long, default_value_t = 10)]
+    leak_check_from: usize,
+    /// RSS growth (MiB) the leak check allows.
+    #[arg(long, default_value_t = 16.0)]
+    leak_bound_mib: f64,
+    /// Rewrite every prompt to exactly this many tokens (0 = keep the config's prompts).
+    #[arg(long, default_value_t = 32)]
+    prompt_tokens: usize,
+    /// Repetitions of the separately timed policy-update breakdown (0 = skip).
+    #[arg(long, default_value_t = 3)]
+    breakdown_reps: usize,
 }
 
 #[derive(ClapArgs)]
@@ -60,6 +99,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     match args.what {
         What::Rewards(a) => rewards(a),
         What::Rollout(a) => rollout(a),
+        What::Step(a) => step(a),
     }
 }
 
@@ -123,13 +163,19 @@ fn rollout(a: RolloutArgs) -> anyhow::Result<()> {
         prompt_len: a.prompt_len,
         seed: a.seed,
     };
-    anyhow::ensure!(w.prompts > 0 && w.group_size > 0 && w.new_tokens > 0 && w.prompt_len > 0, "all sizes must be positive");
+    anyhow::ensure!(
+        w.prompts > 0 && w.group_size > 0 && w.new_tokens > 0 && w.prompt_len > 0,
+        "all sizes must be positive"
+    );
     let mut modes = vec![EngineMode::SharedPrefill, EngineMode::SeparatePrefill];
     if !a.skip_no_cache {
         modes.push(EngineMode::NoCache);
     }
     // Warm-up: one short run so allocation and thread-pool start-up are not timed.
-    let warm = RolloutWorkload { new_tokens: 2, ..w.clone() };
+    let warm = RolloutWorkload {
+        new_tokens: 2,
+        ..w.clone()
+    };
     bench_rollout(&model, &warm, &[EngineMode::SharedPrefill])?;
     let figures = bench_rollout(&model, &w, &modes)?;
     let base = figures[0].tokens_per_sec;
@@ -143,6 +189,25 @@ fn rollout(a: RolloutArgs) -> anyhow::Result<()> {
         "peak_rss_mib": peak_rss_mib(),
         "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
     });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+fn step(a: StepArgs) -> anyhow::Result<()> {
+    let (cfg, _source) = sobre_train::Config::load(&a.config, &a.set)?;
+    let opts = sobre_train::bench::BenchOptions {
+        warmup: a.warmup,
+        steps: a.steps,
+        leak_check_steps: a.leak_check_steps,
+        leak_check_from: a.leak_check_from,
+        leak_bound_mib: a.leak_bound_mib,
+        prompt_tokens: (a.prompt_tokens > 0).then_some(a.prompt_tokens),
+        breakdown_reps: a.breakdown_reps,
+    };
+    anyhow::ensure!(a.steps > 0, "--steps must be positive");
+    let mut report = sobre_train::bench::bench_step(&cfg, &opts)?;
+    report["config"] = serde_json::json!(a.config.display().to_string());
+    report["overrides"] = serde_json::json!(a.set);
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
 }

@@ -1,0 +1,424 @@
+//! `sobre bench step`: seconds per GRPO step of a config (issue 9's workload W1 is
+//! `configs/bench-w1.toml`), with the split the trainer measures, tokens per second, peak RSS,
+//! an optional leak check, and a separately timed breakdown of the policy update at the step's
+//! shape (forward, backward, gradients to the host, AdamW).
+//!
+//! The bench drives [`grpo_step`] directly, exactly as [`crate::pipeline`] does (same data,
+//! tokenizer, template, rewards, reference model, AdamW and schedule), but with no run
+//! directory, no checkpoints, no SFT stage and no evaluation: those are not part of a step.
+//! Two things differ from `sobre train` on purpose, so that the workload has the fixed shape
+//! the issue names:
+//! - the model keeps its preset's vocabulary when the tokenizer has no more tokens than that
+//!   (the trainer resizes it to the tokenizer's, which for a trained BPE can be a little smaller);
+//! - with `prompt_tokens = Some(n)` every prompt is rewritten to exactly `n` tokens (the
+//!   beginning of its own text, then `~` until it is long enough) under the `plain` template.
+//!   The task fields are kept, so rewards are computed as in training.
+
+use std::time::Instant;
+
+use burn::prelude::*;
+use serde::Serialize;
+use serde_json::{Value, json};
+use sobre_data::{Prompt, Sample, Template, Tokenizer};
+use sobre_model::{Batch, ForwardOptions, MoeModel, init_model, load_model};
+
+use crate::data::{Order, build_template, build_tokenizer, derive_seed, encode_prompt, load_data};
+use crate::grpo::{GrpoContext, default_accuracy_reward, grpo_step};
+use crate::metrics::peak_rss_mib;
+use crate::optim::{AdamW, AdamWConfig, Schedule, ScheduleKind, collect_grads, global_norm};
+use crate::{Config, TrainError};
+
+/// How long to measure.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Untimed steps first (allocation, thread-pool start-up).
+    pub warmup: usize,
+    /// Timed steps (medians are over these).
+    pub steps: usize,
+    /// Run this many steps in all (if more than `warmup + steps`) and compare the resident set
+    /// size after step `leak_check_from` with the one after the last step. 0 = off.
+    pub leak_check_steps: usize,
+    /// First step of the leak check (1-based), after which RSS should be flat.
+    pub leak_check_from: usize,
+    /// Growth allowed by the leak check, MiB.
+    pub leak_bound_mib: f64,
+    /// Rewrite every prompt to exactly this many tokens (None: the config's prompts as they are).
+    pub prompt_tokens: Option<usize>,
+    /// Repetitions of the separate policy-update breakdown (0 = skip it).
+    pub breakdown_reps: usize,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            warmup: 2,
+            steps: 10,
+            leak_check_steps: 0,
+            leak_check_from: 10,
+            leak_bound_mib: 16.0,
+            prompt_tokens: Some(32),
+            breakdown_reps: 3,
+        }
+    }
+}
+
+/// Median of the policy update's parts, measured separately on the step's shape.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyBreakdown {
+    /// `[rows, seq]` of the training forward.
+    pub rows: usize,
+    pub seq: usize,
+    /// Forward of the whole batch with autodiff (logits for every position).
+    pub forward_s: f64,
+    /// `loss.backward()` of `mean(logits)` (the loss `scripts/bench_torch.py` uses).
+    pub backward_s: f64,
+    /// Gradients read back to the host and their global norm (the trainer's clipping needs it).
+    pub grads_to_host_s: f64,
+    /// AdamW over every parameter (host arithmetic, weights written back).
+    pub optimizer_s: f64,
+}
+
+/// Current resident set size (`VmRSS`), MiB.
+pub fn rss_mib() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = text.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+fn round(x: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (x * f).round() / f
+}
+
+/// The text of `s` cut or padded so that `encode_prompt` under the plain template gives
+/// exactly `n` tokens.
+fn fixed_length_prompt(
+    tok: &Tokenizer,
+    template: &Template,
+    s: &Sample,
+    n: usize,
+) -> Result<String, TrainError> {
+    let plain = Template::Plain;
+    let render = |text: &str| -> Result<usize, TrainError> {
+        let mut probe = s.clone();
+        probe.prompt = Prompt::Text(text.to_string());
+        Ok(encode_prompt(tok, &plain, &probe)?.len())
+    };
+    let full = template
+        .render(&s.prompt)
+        .map_err(|e| TrainError::Data(format!("template: {e}")))?;
+    let mut text = full;
+    // Cut whole characters from the end until it fits.
+    while render(&text)? > n {
+        let ids = tok
+            .encode(&text)
+            .map_err(|e| TrainError::Data(format!("tokenizer: {e}")))?;
+        let keep = ids.len().saturating_sub(render(&text)? - n);
+        let cut = tok
+            .decode(&ids[..keep], false)
+            .map_err(|e| TrainError::Data(format!("tokenizer: {e}")))?;
+        text = if cut.len() < text.len() {
+            cut
+        } else {
+            let mut t = text.clone();
+            t.pop();
+            t
+        };
+    }
+    // `~` is not in the generated texts, so it is one byte-level token that merges with nothing.
+    let mut guard = 0;
+    while render(&text)? < n {
+        text.push('~');
+        guard += 1;
+        if guard > 4 * n {
+            break;
+        }
+    }
+    if render(&text)? != n {
+        return Err(TrainError::Data(format!(
+            "could not make a prompt of exactly {n} tokens with this tokenizer"
+        )));
+    }
+    Ok(text)
+}
+
+/// Run the benchmark; returns the report as JSON.
+pub fn bench_step(cfg: &Config, opts: &BenchOptions) -> Result<Value, TrainError> {
+    if cfg.run.threads > 0 {
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(cfg.run.threads)
+            .build_global();
+    }
+    let t_setup = Instant::now();
+    let mut data = load_data(cfg)?;
+    let mut template = build_template(cfg, None)?;
+    let tok = build_tokenizer(cfg, &data, &template, None)?;
+    if let Some(n) = opts.prompt_tokens {
+        for s in data.train.iter_mut() {
+            let text = fixed_length_prompt(&tok, &template, s, n)?;
+            s.prompt = Prompt::Text(text);
+        }
+        template = Template::Plain;
+    }
+    let prompt_lens: Vec<usize> = data
+        .train
+        .iter()
+        .take(64)
+        .map(|s| encode_prompt(&tok, &template, s).map(|v| v.len()))
+        .collect::<Result<_, _>>()?;
+    let rewards = cfg.build_rewards().map_err(TrainError::Data)?;
+    let accuracy_reward = default_accuracy_reward(cfg, &rewards);
+    let special = tok.special().clone();
+
+    // ---- models: as the pipeline's `initial_model`, keeping the preset's vocabulary ----
+    let make = |device: &Device| -> Result<MoeModel, TrainError> {
+        let m = &cfg.model;
+        Ok(match &m.path {
+            Some(p) => load_model(p, device)?,
+            None => {
+                let mut mc =
+                    sobre_model::ModelConfig::preset(m.preset.as_deref().unwrap_or("tiny"))?;
+                mc.vocab_size = mc.vocab_size.max(tok.vocab_size());
+                mc.eos_token_id = vec![special.eos];
+                mc.pad_token_id = Some(special.pad);
+                if let Some(r) = m.router_aux_loss_coef {
+                    mc.router_aux_loss_coef = r;
+                }
+                if let Some(b) = m.aux_loss_free_bias {
+                    mc.aux_loss_free_bias = b;
+                }
+                if let Some(r) = m.bias_update_rate {
+                    mc.bias_update_rate = r;
+                }
+                init_model(&mc, m.seed.unwrap_or(cfg.run.seed), device)
+            }
+        })
+    };
+    let device = sobre_model::default_device().autodiff();
+    let mut model = make(&device)?;
+    if model.config.vocab_size < tok.vocab_size() {
+        return Err(TrainError::Data(format!(
+            "the tokenizer has {} tokens but the model only {}",
+            tok.vocab_size(),
+            model.config.vocab_size
+        )));
+    }
+    let reference = if cfg.grpo.beta > 0.0 {
+        Some(make(&sobre_model::default_device())?)
+    } else {
+        None
+    };
+    let adamw = AdamWConfig {
+        beta1: cfg.optim.betas[0],
+        beta2: cfg.optim.betas[1],
+        eps: cfg.optim.eps,
+        weight_decay: cfg.optim.weight_decay,
+    };
+    let mut opt = AdamW::new(adamw);
+    let updates_per_step = cfg.grpo.num_iterations
+        * (cfg.grpo.num_prompts * cfg.grpo.group_size / cfg.mini_batch().max(1));
+    let total_steps = (opts.warmup + opts.steps).max(opts.leak_check_steps);
+    let sched = Schedule {
+        lr: cfg.optim.lr,
+        warmup: cfg.optim.warmup_steps * updates_per_step,
+        total: total_steps * updates_per_step,
+        kind: ScheduleKind::from_name(&cfg.optim.schedule).unwrap_or(ScheduleKind::Constant),
+        min_lr_ratio: cfg.optim.min_lr_ratio,
+    };
+    let ctx = GrpoContext {
+        cfg,
+        tok: &tok,
+        template: &template,
+        rewards: &rewards,
+        train: &data.train,
+        reference: reference.as_ref(),
+        accuracy_reward,
+    };
+    let setup_s = t_setup.elapsed().as_secs_f64();
+
+    // ---- steps ----
+    let mut order = Order::new(data.train.len(), derive_seed(cfg.run.seed, &[1]));
+    let mut cursor = 0u64;
+    let mut per_step: Vec<serde_json::Map<String, Value>> = Vec::new();
+    let mut rss_after: Vec<f64> = Vec::new();
+    for step in 0..total_steps {
+        let lr = sched.lr_at(opt.step as usize);
+        let (next, out) = grpo_step(&ctx, model, &mut opt, &mut order, &mut cursor, step, lr)?;
+        model = next;
+        per_step.push(out.metrics);
+        rss_after.push(rss_mib().unwrap_or(f64::NAN));
+    }
+    let timed =
+        &per_step[opts.warmup.min(per_step.len())..(opts.warmup + opts.steps).min(per_step.len())];
+    let get = |m: &serde_json::Map<String, Value>, k: &str| {
+        m.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN)
+    };
+    let col = |k: &str| timed.iter().map(|m| get(m, k)).collect::<Vec<f64>>();
+    let step_s = col("time_step");
+    let rollout_s = col("time_rollout");
+    let reference_s = col("time_reference");
+    let policy_s = col("time_policy");
+    let other_s: Vec<f64> = timed
+        .iter()
+        .map(|m| {
+            get(m, "time_step")
+                - get(m, "time_rollout")
+                - get(m, "time_reference")
+                - get(m, "time_policy")
+        })
+        .collect();
+    let completion_tokens: Vec<f64> = timed
+        .iter()
+        .map(|m| {
+            get(m, "completion_length_mean") * (cfg.grpo.num_prompts * cfg.grpo.group_size) as f64
+        })
+        .collect();
+
+    // ---- the policy update, part by part, on the step's shape ----
+    let rows = cfg.grpo.num_prompts * cfg.grpo.group_size;
+    let seq = prompt_lens.iter().copied().max().unwrap_or(1) + cfg.rollout.max_new_tokens;
+    let breakdown = if opts.breakdown_reps > 0 {
+        Some(policy_breakdown(
+            &model,
+            rows,
+            seq,
+            adamw,
+            opts.breakdown_reps,
+        ))
+    } else {
+        None
+    };
+
+    let leak = if opts.leak_check_steps > 0 {
+        let from = opts.leak_check_from.clamp(1, rss_after.len());
+        let a = rss_after[from - 1];
+        let b = *rss_after.last().unwrap_or(&f64::NAN);
+        Some(json!({
+            "steps": rss_after.len(),
+            "from_step": from,
+            "rss_mib_at_from": round(a, 1),
+            "rss_mib_at_end": round(b, 1),
+            "growth_mib": round(b - a, 1),
+            "bound_mib": opts.leak_bound_mib,
+            "within_bound": (b - a) <= opts.leak_bound_mib,
+            "rss_mib_every_10_steps": rss_after.iter().step_by(10).map(|x| round(*x, 1)).collect::<Vec<_>>(),
+        }))
+    } else {
+        None
+    };
+
+    let mc = &model.config;
+    let med_step = median(&step_s);
+    let med_tokens = median(&completion_tokens);
+    Ok(json!({
+        "benchmark": "grpo_step",
+        "model": {
+            "preset": cfg.model.preset,
+            "path": cfg.model.path,
+            "vocab_size": mc.vocab_size,
+            "hidden_size": mc.hidden_size,
+            "num_hidden_layers": mc.num_hidden_layers,
+            "num_experts": mc.num_experts,
+            "num_experts_per_tok": mc.num_experts_per_tok,
+            "tokenizer_vocab_size": tok.vocab_size(),
+        },
+        "workload": {
+            "prompts": cfg.grpo.num_prompts,
+            "group_size": cfg.grpo.group_size,
+            "prompt_tokens": opts.prompt_tokens,
+            "prompt_tokens_seen": [prompt_lens.iter().min(), prompt_lens.iter().max()],
+            "max_new_tokens": cfg.rollout.max_new_tokens,
+            "ignore_eos": cfg.rollout.ignore_eos,
+            "temperature": cfg.rollout.temperature,
+            "num_iterations": cfg.grpo.num_iterations,
+            "mini_batch_size": cfg.mini_batch(),
+            "beta": cfg.grpo.beta,
+            "loss": cfg.grpo.loss,
+            "threads": cfg.run.threads,
+        },
+        "warmup_steps": opts.warmup,
+        "timed_steps": timed.len(),
+        "median_step_s": round(med_step, 4),
+        "median_rollout_s": round(median(&rollout_s), 4),
+        "median_reference_s": round(median(&reference_s), 4),
+        "median_policy_s": round(median(&policy_s), 4),
+        "median_other_s": round(median(&other_s), 4),
+        "phases_note": "rollout includes reward scoring; policy = training forward + loss + backward + gradients to host + clipping + AdamW (the trainer times them together; policy_breakdown splits them, measured separately on the same shape); other = advantages, layouts, metrics",
+        "completion_tokens_per_step": med_tokens,
+        "completion_tokens_per_second": round(med_tokens / med_step, 1),
+        "policy_breakdown": breakdown,
+        "peak_rss_mib": peak_rss_mib().map(|x| round(x, 1)),
+        "leak_check": leak,
+        "steps_s": step_s.iter().map(|x| round(*x, 4)).collect::<Vec<_>>(),
+        "setup_s": round(setup_s, 3),
+        "threads_available": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
+    }))
+}
+
+/// Time forward, backward, gradient read-back and AdamW separately on a `[rows, seq]` batch
+/// (loss `mean(logits)`, as `scripts/bench_torch.py`), on a copy of `model`.
+fn policy_breakdown(
+    model: &MoeModel,
+    rows: usize,
+    seq: usize,
+    adamw: AdamWConfig,
+    reps: usize,
+) -> PolicyBreakdown {
+    let vocab = model.config.vocab_size as u32;
+    let seqs: Vec<Vec<u32>> = (0..rows)
+        .map(|r| {
+            (0..seq)
+                .map(|i| ((r * 31 + i * 7) as u32) % vocab)
+                .collect()
+        })
+        .collect();
+    let batch = Batch::right_padded(&seqs, 0);
+    let mut opt = AdamW::new(adamw);
+    let mut m = model.clone();
+    let (mut f, mut b, mut g, mut o) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..reps + 1 {
+        let t = Instant::now();
+        let out = m.forward(&batch, None, ForwardOptions::default());
+        let loss = out.logits.mean();
+        // Reading the loss forces the (lazy) forward to finish before the clock stops.
+        let _ = loss.clone().try_into_vec_as::<f32>();
+        let t1 = Instant::now();
+        let grads = loss.backward();
+        let t2 = Instant::now();
+        let host = collect_grads(&m, &grads);
+        drop(grads);
+        let _norm = global_norm(&host);
+        let t3 = Instant::now();
+        m = opt.step(m, host, 1e-5, 1.0);
+        let t4 = Instant::now();
+        f.push((t1 - t).as_secs_f64());
+        b.push((t2 - t1).as_secs_f64());
+        g.push((t3 - t2).as_secs_f64());
+        o.push((t4 - t3).as_secs_f64());
+    }
+    // The first repetition is warm-up.
+    PolicyBreakdown {
+        rows,
+        seq,
+        forward_s: round(median(&f[1..]), 4),
+        backward_s: round(median(&b[1..]), 4),
+        grads_to_host_s: round(median(&g[1..]), 4),
+        optimizer_s: round(median(&o[1..]), 4),
+    }
+}
