@@ -30,6 +30,10 @@ enum Command {
     Generate(cmd::generate::Args),
     /// Train with SFT then GRPO from a TOML config (checkpoints, resume, metrics).
     Train(cmd::train::Args),
+    /// Evaluate a model on held-out problems: pass@1, pass@k, maj@k, rewards, format rate.
+    Eval(cmd::eval::Args),
+    /// Draw a run's training curves (rewards, accuracy, KL, length, entropy, …) into a PNG.
+    Plot(cmd::plot::Args),
     // --- further commands: one line each, the code in cmd/<name>.rs ---
 }
 
@@ -44,6 +48,8 @@ fn main() -> std::process::ExitCode {
         Command::Tokenizer(args) => cmd::tokenizer::run(args),
         Command::Generate(args) => cmd::generate::run(args),
         Command::Train(args) => cmd::train::run(args),
+        Command::Eval(args) => cmd::eval::run(args),
+        Command::Plot(args) => cmd::plot::run(args),
         // --- dispatch: one line per command ---
     };
     match result {

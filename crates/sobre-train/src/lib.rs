@@ -26,6 +26,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod eval;
 pub mod grpo;
 pub mod kl;
 pub mod losses;

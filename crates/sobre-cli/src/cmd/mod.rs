@@ -8,3 +8,5 @@ pub mod bench;
 pub mod data;
 pub mod tokenizer;
 pub mod train;
+pub mod eval;
+pub mod plot;
