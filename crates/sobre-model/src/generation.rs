@@ -24,11 +24,11 @@ pub struct GenerationConfig {
     /// `false` means greedy decoding (transformers' default when the key is absent; sobre keeps
     /// its own default then, see `sobre generate --help`).
     pub do_sample: Option<bool>,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
     /// 0 = off.
     pub top_k: Option<usize>,
-    pub min_p: Option<f32>,
+    pub min_p: Option<f64>,
     pub max_new_tokens: Option<usize>,
 }
 
@@ -75,12 +75,11 @@ impl GenerationConfig {
                 })
         };
         let opt_id = |key: &str| get(key).map(|v| id(key, v)).transpose();
-        let float = |key: &str| -> Result<Option<f32>, ModelError> {
+        let float = |key: &str| -> Result<Option<f64>, ModelError> {
             get(key)
                 .map(|v| {
                     v.as_f64()
                         .filter(|x| x.is_finite() && *x >= 0.0)
-                        .map(|x| x as f32)
                         .ok_or_else(|| err(format!("`{key}` must be a number ≥ 0, found {v}")))
                 })
                 .transpose()

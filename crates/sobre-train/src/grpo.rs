@@ -512,6 +512,12 @@ pub fn grpo_step(
         .zip(&advantages)
         .take(cfg.run.samples_per_step)
         .map(|(s, a)| {
+            // The prompt as the model saw it (rendered by the run's template, as TRL logs it).
+            let prompt = &ctx.train[s.sample].prompt;
+            let prompt_text = ctx
+                .template
+                .render(prompt)
+                .unwrap_or_else(|_| prompt.user_text().unwrap_or("").to_string());
             let comps: Map<String, Value> = ctx
                 .rewards
                 .names()
@@ -522,7 +528,7 @@ pub fn grpo_step(
             json!({
                 "stage": "grpo",
                 "step": step + 1,
-                "prompt": ctx.train[s.sample].prompt.user_text().unwrap_or(""),
+                "prompt": prompt_text,
                 "completion": s.completion.text.clone().unwrap_or_default(),
                 "reward": num(s.reward as f64),
                 "rewards": comps,
