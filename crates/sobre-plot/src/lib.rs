@@ -407,15 +407,20 @@ fn draw_panel(area: &Area<'_>, p: &Panel) -> Result<(), PlotError> {
     let legend = legend_corner(p, (x0, x1), (y0, y1));
     // Integer steps get integer ticks only (no "1.5" on a 3-step axis).
     let x_ticks = ((x1 - x0).round() as usize + 1).clamp(2, 7);
+    // Text and margins scale with the panel (500 × 320 pixels is 1:1), so small images stay
+    // legible and titles fit.
+    let (pw, ph) = area.dim_in_pixel();
+    let k = (pw as f64 / 500.0).min(ph as f64 / 320.0).clamp(0.55, 1.6);
+    let px = |v: f64| (v * k).round() as u32;
     let mut chart = ChartBuilder::on(area)
         .caption(
             &p.title,
-            ("sans-serif", 19).into_font().style(FontStyle::Bold),
+            ("sans-serif", px(19.0)).into_font().style(FontStyle::Bold),
         )
-        .margin(8)
-        .margin_right(18)
-        .x_label_area_size(40)
-        .y_label_area_size(58)
+        .margin(px(8.0))
+        .margin_right(px(18.0))
+        .x_label_area_size(px(40.0))
+        .y_label_area_size(px(58.0))
         .build_cartesian_2d(x0..x1, y0..y1)
         .map_err(draw_err)?;
     chart
@@ -431,8 +436,8 @@ fn draw_panel(area: &Area<'_>, p: &Panel) -> Result<(), PlotError> {
         })
         .y_label_formatter(&|v| tick(*v, (y1 - y0) / 6.0))
         .x_desc(p.x_label.as_str())
-        .label_style(("sans-serif", 13))
-        .axis_desc_style(("sans-serif", 14))
+        .label_style(("sans-serif", px(13.0)))
+        .axis_desc_style(("sans-serif", px(14.0)))
         .light_line_style(WHITE)
         .bold_line_style(RGBColor(225, 225, 225))
         .draw()
@@ -440,12 +445,13 @@ fn draw_panel(area: &Area<'_>, p: &Panel) -> Result<(), PlotError> {
     for (i, s) in p.series.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
         let style = ShapeStyle::from(&color).stroke_width(2);
+        let leg = px(18.0) as i32;
         chart
             .draw_series(LineSeries::new(s.points.iter().copied(), style))
             .map_err(draw_err)?
             .label(s.label.as_str())
             .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(3))
+                PathElement::new(vec![(x, y), (x + leg, y)], color.stroke_width(3))
             });
         // Markers where points are few or sparse (eval every N steps), so single points show.
         if s.points.len() <= 40 {
@@ -453,7 +459,7 @@ fn draw_panel(area: &Area<'_>, p: &Panel) -> Result<(), PlotError> {
                 .draw_series(
                     s.points
                         .iter()
-                        .map(|&(x, y)| Circle::new((x, y), 3, color.filled())),
+                        .map(|&(x, y)| Circle::new((x, y), px(3.0).max(2), color.filled())),
                 )
                 .map_err(draw_err)?;
         }
@@ -464,7 +470,7 @@ fn draw_panel(area: &Area<'_>, p: &Panel) -> Result<(), PlotError> {
             .position(legend)
             .background_style(WHITE.mix(0.75))
             .border_style(RGBColor(180, 180, 180))
-            .label_font(("sans-serif", 13))
+            .label_font(("sans-serif", px(13.0)))
             .draw()
             .map_err(draw_err)?;
     }

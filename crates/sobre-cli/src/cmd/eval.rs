@@ -13,6 +13,7 @@ use sobre_train::eval::{EvalOptions, evaluate, heldout_problems};
 
 /// Evaluate a model on held-out problems: K samples each, every reward, pass@1/pass@k/maj@k.
 #[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("problems").required(true).args(["data", "config"])))]
 #[command(after_help = "Examples:
   sobre eval --model runs/smoke --config configs/smoke.toml --n 50 --samples 4
   sobre eval --model runs/smoke/checkpoints/step-000004 --data datasets/countdown/eval.jsonl --n 100 --json
@@ -38,7 +39,7 @@ pub struct Args {
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// Problems from a JSONL or Parquet file (TRL field names: prompt, answer, task fields).
-    #[arg(long, conflicts_with = "config", required_unless_present = "config")]
+    #[arg(long)]
     pub data: Option<PathBuf>,
     /// Problems, template and rewards from a training config.
     #[arg(long, short)]
