@@ -331,7 +331,7 @@ mod tests {
 
         let model = load_model(&dir, &sobre_model::default_device()).unwrap();
         let out = model.forward(
-            &Batch::left_padded(&[ids.clone()], 0),
+            &Batch::left_padded(std::slice::from_ref(&ids), 0),
             None,
             ForwardOptions::default(),
         );
