@@ -106,8 +106,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let params = SamplingParams {
         temperature,
         top_k: args.top_k.or(generation.top_k).unwrap_or(0),
-        top_p: args.top_p.or(generation.top_p.map(|p| p as f32)).unwrap_or(1.0),
-        min_p: args.min_p.or(generation.min_p.map(|p| p as f32)).unwrap_or(0.0),
+        top_p: args
+            .top_p
+            .or(generation.top_p.map(|p| p as f32))
+            .unwrap_or(1.0),
+        min_p: args
+            .min_p
+            .or(generation.min_p.map(|p| p as f32))
+            .unwrap_or(0.0),
         max_new_tokens: args
             .max_new_tokens
             .or(generation.max_new_tokens)
