@@ -556,8 +556,10 @@ fn masked_count(l: &Layout, row_mask: &[f32]) -> f64 {
 }
 
 #[allow(clippy::too_many_arguments)]
-/// Held-out pass@1: one completion per eval problem (greedy unless `eval.temperature` > 0);
-/// solved when the accuracy reward component is ≥ 1. Returns the metrics line and samples.
+/// The evaluation a run does every `eval.eval_every` steps: [`crate::eval::evaluate`] on the
+/// first `eval.n` held-out problems with the `[eval]` options (one sample per problem, greedy
+/// unless `eval.temperature` > 0). Returns the metrics (`eval/pass@1`, `eval/maj@k`,
+/// `eval/format_rate`, …) and the first `eval.samples` completions as `samples.jsonl` lines.
 pub fn evaluate(
     cfg: &Config,
     model: &MoeModel,
@@ -568,60 +570,20 @@ pub fn evaluate(
     accuracy_reward: Option<&str>,
     step: usize,
 ) -> Result<(Map<String, Value>, Vec<Value>), TrainError> {
-    let t = Instant::now();
     let n = cfg.eval.n.min(eval.len());
-    let mut requests = Vec::with_capacity(n);
-    for (i, s) in eval[..n].iter().enumerate() {
-        requests.push(Prompt {
-            ids: encode_prompt(tok, template, s)?,
-            key: i as u64,
-        });
+    let mut opts = crate::eval::EvalOptions::from_config(cfg);
+    if opts.correct_reward.is_none() {
+        opts.correct_reward = accuracy_reward.map(str::to_string);
     }
-    let params = SamplingParams {
-        temperature: cfg.eval.temperature,
-        max_new_tokens: cfg
-            .eval
-            .max_new_tokens
-            .unwrap_or(cfg.rollout.max_new_tokens),
-        seed: cfg.eval.seed.unwrap_or(cfg.run.seed),
-        ..cfg.rollout.clone()
-    };
-    let completions = generate(&model.valid(), &requests, 1, &params, Some(&Detok(tok)))?;
-    let ci = accuracy_reward.and_then(|name| rewards.names().iter().position(|x| *x == name));
-    let (mut solved, mut total_reward) = (0usize, 0.0f64);
-    let mut samples = vec![];
-    for c in &completions {
-        let text = c.text.clone().unwrap_or_default();
-        let rc = sobre_reward::Completion {
-            text: &text,
-            num_tokens: Some(c.tokens.len()),
-            truncated: c.finish_reason == FinishReason::Length,
-            max_tokens: Some(params.max_new_tokens),
-        };
-        let b = rewards.score(&reward_sample(&eval[c.prompt_index]), &rc);
-        total_reward += b.total as f64;
-        let ok = ci.is_some_and(|i| b.components[i].1.unwrap_or(0.0) >= 1.0);
-        solved += usize::from(ok);
-        if samples.len() < cfg.eval.samples {
-            samples.push(json!({"stage": "eval", "step": step, "prompt": eval[c.prompt_index].prompt.user_text().unwrap_or(""), "completion": text, "reward": num(b.total as f64), "solved": ok}));
-        }
-    }
-    let mut m = Map::new();
-    m.insert("stage".into(), json!("eval"));
-    m.insert("step".into(), json!(step));
-    m.insert("eval_n".into(), json!(n));
-    m.insert(
-        "eval_pass@1".into(),
-        if ci.is_some() {
-            num(solved as f64 / n.max(1) as f64)
-        } else {
-            Value::Null
-        },
-    );
-    m.insert(
-        "eval_reward_mean".into(),
-        num(total_reward / n.max(1) as f64),
-    );
-    m.insert("eval_seconds".into(), num(t.elapsed().as_secs_f64()));
-    Ok((m, samples))
+    let out = crate::eval::evaluate(model, tok, &eval[..n], template, rewards, &opts)?;
+    let samples = out
+        .samples
+        .iter()
+        .take(cfg.eval.samples)
+        .map(|s| {
+            json!({"stage": "eval", "step": step, "prompt": s.prompt, "completion": s.completion,
+                   "reward": num(s.reward), "rewards": s.rewards, "solved": s.correct})
+        })
+        .collect();
+    Ok((out.report.to_metrics("eval/"), samples))
 }
