@@ -226,8 +226,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let device = sobre_model::default_device();
-    let model = sobre_model::load_model(&dir, &device)
+    let mut model = sobre_model::load_model(&dir, &device)
         .with_context(|| format!("loading the model in {}", dir.display()))?;
+    // Stop where training would: the tokenizer's eos, config.json's and generation_config.json's.
+    let generation = sobre_model::GenerationConfig::from_dir(&dir)?;
+    sobre_train::data::align_token_ids(&mut model.config, tok.special(), generation.as_ref());
     if tok.vocab_size() > model.config.vocab_size {
         bail!(
             "the tokenizer in {} has {} tokens but the model in {} only {}: they do not belong together",

@@ -25,7 +25,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(bad) = args.ids.iter().find(|&&i| i as usize >= vocab) {
         anyhow::bail!("--ids: token id {bad} is out of range for a vocabulary of {vocab}");
     }
-    let out = model.forward(&Batch::left_padded(&[args.ids.clone()], 0), None, ForwardOptions::default());
+    let out = model.forward(&Batch::left_padded(std::slice::from_ref(&args.ids), 0), None, ForwardOptions::default());
     let flat: Vec<f32> = out.logits.try_into_vec_as::<f32>().context("reading logits back from the device")?;
     let rows: Vec<&[f32]> = flat.chunks_exact(vocab).collect();
     println!("{}", serde_json::json!({ "logits": rows }));
