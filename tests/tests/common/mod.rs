@@ -15,8 +15,11 @@ pub fn root() -> PathBuf {
 
 /// Path to a `sobre` binary built from the current sources, in the same profile as this test.
 /// A binary of another package is not built by `cargo test` for this one, so the first call
-/// runs `cargo build -p sobre-cli` (a no-op when it is up to date; cargo releases its build
-/// lock before running tests, so this nested build does not deadlock).
+/// runs a nested `cargo build` (cargo releases its build lock before running tests, so it does
+/// not deadlock). It builds the whole workspace with all targets: that resolves features exactly
+/// as `cargo test --workspace` did (dev-dependencies included), so every library is already up
+/// to date and only the binary is linked. `cargo build -p sobre-cli` alone would resolve
+/// features differently (proptest turns on more of `rand`) and recompile burn and half the tree.
 pub fn sobre_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -28,7 +31,7 @@ pub fn sobre_bin() -> &'static Path {
             .expect("target/<profile>/deps layout");
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "-p", "sobre-cli", "--bin", "sobre"])
+        cmd.args(["build", "--workspace", "--all-targets"])
             .current_dir(root());
         if release {
             cmd.arg("--release");
@@ -36,7 +39,7 @@ pub fn sobre_bin() -> &'static Path {
         let status = cmd
             .status()
             .expect("running cargo build for the sobre binary");
-        assert!(status.success(), "cargo build -p sobre-cli failed");
+        assert!(status.success(), "cargo build --workspace --all-targets failed");
         profile_dir.join(format!("sobre{}", std::env::consts::EXE_SUFFIX))
     })
 }
