@@ -15,7 +15,10 @@ fn inspect_w1_preset_reports_its_size() {
     assert_eq!(v["sparse_layers"], serde_json::json!([0, 1, 2, 3]));
     assert_eq!(v["weight_bytes_f32"], 4_205_312 * 4);
     let text = ok_stdout(&sobre(&["inspect", "--preset", "w1"]));
-    assert!(text.contains("4.21M total, 1.85M active per token"), "{text}");
+    assert!(
+        text.contains("4.21M total, 1.85M active per token"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -25,8 +28,10 @@ fn logits_match_the_transformers_reference() {
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     let rows = v["logits"].as_array().unwrap();
     assert_eq!(rows.len(), 1);
-    let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(common::root().join(dir).join("reference.json")).unwrap()).unwrap();
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::root().join(dir).join("reference.json")).unwrap(),
+    )
+    .unwrap();
     // The third reference case is the single token 17.
     let want = reference["cases"][2]["logits"][0].as_array().unwrap();
     let got = rows[0].as_array().unwrap();
@@ -39,10 +44,16 @@ fn logits_match_the_transformers_reference() {
 #[test]
 fn bad_model_directory_and_ids_are_clear_errors() {
     let err = err_stderr(&sobre(&["logits", "--model", "no/such/dir", "--ids", "1"]));
-    assert!(err.contains("no/such/dir") && err.contains("config.json"), "{err}");
+    assert!(
+        err.contains("no/such/dir") && err.contains("config.json"),
+        "{err}"
+    );
     let dir = "crates/sobre-model/tests/fixtures/qwen3_moe_tiny";
     let err = err_stderr(&sobre(&["logits", "--model", dir, "--ids", "1,999"]));
-    assert!(err.contains("token id 999 is out of range for a vocabulary of 128"), "{err}");
+    assert!(
+        err.contains("token id 999 is out of range for a vocabulary of 128"),
+        "{err}"
+    );
     let err = err_stderr(&sobre(&["inspect", "--preset", "huge"]));
     assert!(err.contains("unknown preset `huge`"), "{err}");
 }
@@ -50,25 +61,62 @@ fn bad_model_directory_and_ids_are_clear_errors() {
 #[test]
 fn generate_greedy_matches_transformers_and_json_lines_are_complete() {
     let dir = "crates/sobre-model/tests/fixtures/qwen2_moe_tiny";
-    let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(common::root().join(dir).join("reference.json")).unwrap()).unwrap();
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::root().join(dir).join("reference.json")).unwrap(),
+    )
+    .unwrap();
     let case = &reference["cases"][1];
-    let ids: Vec<String> = case["ids"].as_array().unwrap().iter().map(|v| v.to_string()).collect();
+    let ids: Vec<String> = case["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
     let out = ok_stdout(&sobre(&[
-        "generate", "--model", dir, "--ids", &ids.join(","), "--temperature", "0", "--max-new-tokens", "12", "--json",
+        "generate",
+        "--model",
+        dir,
+        "--ids",
+        &ids.join(","),
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "12",
+        "--json",
     ]));
     let line: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
     assert_eq!(line["tokens"], case["greedy"]);
     assert_eq!(line["finish_reason"], "length");
     assert_eq!(line["logprobs"].as_array().unwrap().len(), 12);
-    assert!(line["logprobs"].as_array().unwrap().iter().all(|x| x.as_f64().unwrap() <= 0.0));
+    assert!(
+        line["logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|x| x.as_f64().unwrap() <= 0.0)
+    );
     // Sampling: n completions, one JSON line each, reproducible by seed.
-    let args = ["generate", "--model", dir, "--ids", "1,2,3", "-n", "3", "--max-new-tokens", "5", "--seed", "4", "--json"];
+    let args = [
+        "generate",
+        "--model",
+        dir,
+        "--ids",
+        "1,2,3",
+        "-n",
+        "3",
+        "--max-new-tokens",
+        "5",
+        "--seed",
+        "4",
+        "--json",
+    ];
     let a = ok_stdout(&sobre(&args));
     assert_eq!(a.lines().count(), 3);
     assert_eq!(a, ok_stdout(&sobre(&args)));
     let err = err_stderr(&sobre(&["generate", "--model", dir, "--prompt", "hi"]));
     assert!(err.contains("--prompt needs a tokenizer.json"), "{err}");
-    let err = err_stderr(&sobre(&["generate", "--model", dir, "--ids", "1", "--top-p", "0"]));
+    let err = err_stderr(&sobre(&[
+        "generate", "--model", dir, "--ids", "1", "--top-p", "0",
+    ]));
     assert!(err.contains("top_p must be in (0, 1]"), "{err}");
 }

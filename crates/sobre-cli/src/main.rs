@@ -6,7 +6,11 @@ mod cmd;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "sobre", version, about = "Train small reasoning MoE models with GRPO and checkable rewards")]
+#[command(
+    name = "sobre",
+    version,
+    about = "Train small reasoning MoE models with GRPO and checkable rewards"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

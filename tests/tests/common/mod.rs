@@ -39,7 +39,10 @@ pub fn sobre_bin() -> &'static Path {
         let status = cmd
             .status()
             .expect("running cargo build for the sobre binary");
-        assert!(status.success(), "cargo build --workspace --all-targets failed");
+        assert!(
+            status.success(),
+            "cargo build --workspace --all-targets failed"
+        );
         profile_dir.join(format!("sobre{}", std::env::consts::EXE_SUFFIX))
     })
 }

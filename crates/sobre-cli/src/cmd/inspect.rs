@@ -7,7 +7,9 @@ use clap::Args as ClapArgs;
 use sobre_model::ModelConfig;
 
 #[derive(ClapArgs)]
-#[command(after_help = "Examples:\n  sobre inspect --preset small\n  sobre inspect --model runs/demo/checkpoints/step-000100 --json")]
+#[command(
+    after_help = "Examples:\n  sobre inspect --preset small\n  sobre inspect --model runs/demo/checkpoints/step-000100 --json"
+)]
 pub struct Args {
     /// A model directory (HF layout: config.json + safetensors).
     #[arg(long, conflicts_with = "preset", required_unless_present = "preset")]
@@ -24,7 +26,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let (cfg, source) = match (&args.model, &args.preset) {
         (Some(dir), _) => {
             let path = dir.join("config.json");
-            let cfg = ModelConfig::from_file(&path).with_context(|| format!("reading the model in {}", dir.display()))?;
+            let cfg = ModelConfig::from_file(&path)
+                .with_context(|| format!("reading the model in {}", dir.display()))?;
             (cfg, dir.display().to_string())
         }
         (None, Some(name)) => (ModelConfig::preset(name)?, format!("preset {name}")),
@@ -34,7 +37,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("warning: {source}: config key `{key}` is not known to sobre and has no effect");
     }
     let (total, active) = cfg.count_parameters();
-    let sparse: Vec<usize> = (0..cfg.num_hidden_layers).filter(|&i| cfg.is_sparse_layer(i)).collect();
+    let sparse: Vec<usize> = (0..cfg.num_hidden_layers)
+        .filter(|&i| cfg.is_sparse_layer(i))
+        .collect();
     let weight_bytes = total * 4;
     if args.json {
         let v = serde_json::json!({
@@ -53,7 +58,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("{v}");
     } else {
         println!("model               {source} ({})", cfg.family.model_type());
-        println!("parameters          {} total, {} active per token", human(total), human(active));
+        println!(
+            "parameters          {} total, {} active per token",
+            human(total),
+            human(active)
+        );
         println!(
             "layers              {} ({} sparse: {:?})",
             cfg.num_hidden_layers,
@@ -64,14 +73,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "experts             {} routed, top-{}{}",
             cfg.num_experts,
             cfg.num_experts_per_tok,
-            if cfg.shared_expert_intermediate_size > 0 { " + shared expert" } else { "" }
+            if cfg.shared_expert_intermediate_size > 0 {
+                " + shared expert"
+            } else {
+                ""
+            }
         );
         println!(
             "attention           {} heads / {} kv heads, head_dim {}",
             cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         );
-        println!("hidden / vocab      {} / {}", cfg.hidden_size, cfg.vocab_size);
-        println!("weight memory       {:.2} MiB in f32", weight_bytes as f64 / (1024.0 * 1024.0));
+        println!(
+            "hidden / vocab      {} / {}",
+            cfg.hidden_size, cfg.vocab_size
+        );
+        println!(
+            "weight memory       {:.2} MiB in f32",
+            weight_bytes as f64 / (1024.0 * 1024.0)
+        );
     }
     Ok(())
 }

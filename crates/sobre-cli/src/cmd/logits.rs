@@ -7,7 +7,9 @@ use clap::Args as ClapArgs;
 use sobre_model::{Batch, ForwardOptions};
 
 #[derive(ClapArgs)]
-#[command(after_help = "Example:\n  sobre logits --model crates/sobre-model/tests/fixtures/qwen3_moe_tiny --ids 3,17,99")]
+#[command(
+    after_help = "Example:\n  sobre logits --model crates/sobre-model/tests/fixtures/qwen3_moe_tiny --ids 3,17,99"
+)]
 pub struct Args {
     /// A model directory (HF layout: config.json + safetensors).
     #[arg(long)]
@@ -25,8 +27,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(bad) = args.ids.iter().find(|&&i| i as usize >= vocab) {
         anyhow::bail!("--ids: token id {bad} is out of range for a vocabulary of {vocab}");
     }
-    let out = model.forward(&Batch::left_padded(std::slice::from_ref(&args.ids), 0), None, ForwardOptions::default());
-    let flat: Vec<f32> = out.logits.try_into_vec_as::<f32>().context("reading logits back from the device")?;
+    let out = model.forward(
+        &Batch::left_padded(std::slice::from_ref(&args.ids), 0),
+        None,
+        ForwardOptions::default(),
+    );
+    let flat: Vec<f32> = out
+        .logits
+        .try_into_vec_as::<f32>()
+        .context("reading logits back from the device")?;
     let rows: Vec<&[f32]> = flat.chunks_exact(vocab).collect();
     println!("{}", serde_json::json!({ "logits": rows }));
     Ok(())

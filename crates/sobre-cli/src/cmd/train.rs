@@ -43,22 +43,44 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.device.as_str() {
         "cpu" | "flex" => {}
-        "cuda" | "tch" => bail!("device `{}` needs sobre built with the cargo feature `{}` (not in the default build)", args.device, args.device),
+        "cuda" | "tch" => bail!(
+            "device `{}` needs sobre built with the cargo feature `{}` (not in the default build)",
+            args.device,
+            args.device
+        ),
         other => bail!("unknown device `{other}`: expected cpu (flex)"),
     }
     let (cfg, source) = Config::load(&args.config, &args.set)?;
     let stop = install_ctrlc();
-    let opts = RunOptions { resume: args.resume, out_dir: args.out.clone(), stop: Some(stop), quiet: args.quiet, stop_after: args.stop_after };
+    let opts = RunOptions {
+        resume: args.resume,
+        out_dir: args.out.clone(),
+        stop: Some(stop),
+        quiet: args.quiet,
+        stop_after: args.stop_after,
+    };
     let pipeline = Pipeline::new(cfg, source, opts)?;
     let run_dir = pipeline.run_dir();
-    let summary = pipeline.run().with_context(|| format!("training run in {}", run_dir.display()))?;
-    let ckpt = summary.last_checkpoint.as_ref().map_or("none".to_string(), |p| p.display().to_string());
+    let summary = pipeline
+        .run()
+        .with_context(|| format!("training run in {}", run_dir.display()))?;
+    let ckpt = summary
+        .last_checkpoint
+        .as_ref()
+        .map_or("none".to_string(), |p| p.display().to_string());
     if summary.interrupted {
-        let mut cmd = format!("sobre train --config {} --out {} --resume", args.config.display(), summary.run_dir.display());
+        let mut cmd = format!(
+            "sobre train --config {} --out {} --resume",
+            args.config.display(),
+            summary.run_dir.display()
+        );
         for s in &args.set {
             cmd.push_str(&format!(" --set {s}"));
         }
-        eprintln!("interrupted after {} SFT + {} GRPO steps; saved {ckpt}\nresume with:\n  {cmd}", summary.sft_steps, summary.grpo_steps);
+        eprintln!(
+            "interrupted after {} SFT + {} GRPO steps; saved {ckpt}\nresume with:\n  {cmd}",
+            summary.sft_steps, summary.grpo_steps
+        );
         if args.stop_after.is_none() {
             std::process::exit(130);
         }
@@ -66,7 +88,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     println!(
         "done: {} SFT + {} GRPO steps in {:.1}s → {} (last checkpoint {ckpt})",
-        summary.sft_steps, summary.grpo_steps, summary.seconds, summary.run_dir.display()
+        summary.sft_steps,
+        summary.grpo_steps,
+        summary.seconds,
+        summary.run_dir.display()
     );
     Ok(())
 }
