@@ -555,7 +555,7 @@ impl MoeBlock {
         moe: MoeImpl,
         aux: Option<&mut AuxAccumulator>,
     ) -> (Tensor<2>, Vec<u32>) {
-        let [t, hidden] = x.dims();
+        let [t, _] = x.dims();
         let e = self.num_experts();
         let k = self.top_k;
         let device = x.device();
@@ -638,8 +638,25 @@ impl MoeBlock {
             });
             acc.rows += n_valid as f64;
         }
-        let _ = hidden;
         (out, counts)
+    }
+
+    /// Expert `ex`'s fused `gate_up: [hidden, 2·inter]` and `down: [inter, hidden]`, as views
+    /// of the stacked parameters (gradients flow back into them).
+    fn expert_weights(&self, ex: usize) -> (Tensor<2>, Tensor<2>) {
+        let [_, hidden, gu] = self.experts_gate_up.val().dims();
+        let [_, inter, _] = self.experts_down.val().dims();
+        let w_gu = self
+            .experts_gate_up
+            .val()
+            .slice([ex..ex + 1, 0..hidden, 0..gu])
+            .reshape([hidden, gu]);
+        let w_d = self
+            .experts_down
+            .val()
+            .slice([ex..ex + 1, 0..inter, 0..hidden])
+            .reshape([inter, hidden]);
+        (w_gu, w_d)
     }
 
     /// Tokens grouped by expert: one gather, one matmul chain per used expert, one scatter-add.
@@ -662,10 +679,6 @@ impl MoeBlock {
         let tokens = int_tensor_1d(slots.iter().map(|&s| (s / k) as i64).collect(), device);
         let slot_idx = int_tensor_1d(slots.iter().map(|&s| s as i64).collect(), device);
         let xs = x.select(0, tokens.clone()); // [t·k, hidden]
-        let gate_up = self.experts_gate_up.val();
-        let down = self.experts_down.val();
-        let [_, _, gu] = gate_up.dims();
-        let inter = down.dims()[1];
         let mut outs = Vec::new();
         let mut start = 0;
         for (ex, group) in by_expert.iter().enumerate() {
@@ -674,14 +687,7 @@ impl MoeBlock {
             }
             let end = start + group.len();
             let rows = xs.clone().slice([start..end, 0..hidden]);
-            let w_gu = gate_up
-                .clone()
-                .slice([ex..ex + 1, 0..hidden, 0..gu])
-                .reshape([hidden, gu]);
-            let w_d = down
-                .clone()
-                .slice([ex..ex + 1, 0..inter, 0..hidden])
-                .reshape([inter, hidden]);
+            let (w_gu, w_d) = self.expert_weights(ex);
             outs.push(swiglu(rows, w_gu, w_d));
             start = end;
         }
@@ -712,20 +718,9 @@ impl MoeBlock {
         let dense = (weights.reshape([t, k, 1]) * one_hot)
             .sum_dim(1)
             .reshape([t, e]);
-        let gate_up = self.experts_gate_up.val();
-        let down = self.experts_down.val();
-        let [_, _, gu] = gate_up.dims();
-        let inter = down.dims()[1];
         let mut out = Tensor::zeros([t, hidden], device);
         for ex in 0..e {
-            let w_gu = gate_up
-                .clone()
-                .slice([ex..ex + 1, 0..hidden, 0..gu])
-                .reshape([hidden, gu]);
-            let w_d = down
-                .clone()
-                .slice([ex..ex + 1, 0..inter, 0..hidden])
-                .reshape([inter, hidden]);
+            let (w_gu, w_d) = self.expert_weights(ex);
             let y = swiglu(x.clone(), w_gu, w_d);
             out = out + y * dense.clone().slice([0..t, ex..ex + 1]);
         }
