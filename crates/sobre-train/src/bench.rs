@@ -25,7 +25,7 @@ use sobre_model::{Batch, ForwardOptions, MoeModel, init_model, load_model};
 use crate::data::{Order, build_template, build_tokenizer, derive_seed, encode_prompt, load_data};
 use crate::grpo::{GrpoContext, default_accuracy_reward, grpo_step};
 use crate::metrics::peak_rss_mib;
-use crate::optim::{AdamW, AdamWConfig, Schedule, ScheduleKind, collect_grads, global_norm};
+use crate::optim::{AdamW, AdamWConfig, Schedule, collect_grads, global_norm};
 use crate::{Config, TrainError};
 
 /// How long to measure.
@@ -223,23 +223,9 @@ pub fn bench_step(cfg: &Config, opts: &BenchOptions) -> Result<Value, TrainError
     } else {
         None
     };
-    let adamw = AdamWConfig {
-        beta1: cfg.optim.betas[0],
-        beta2: cfg.optim.betas[1],
-        eps: cfg.optim.eps,
-        weight_decay: cfg.optim.weight_decay,
-    };
-    let mut opt = AdamW::new(adamw);
-    let updates_per_step = cfg.grpo.num_iterations
-        * (cfg.grpo.num_prompts * cfg.grpo.group_size / cfg.mini_batch().max(1));
+    let mut opt = AdamW::new(AdamWConfig::from_config(cfg));
     let total_steps = (opts.warmup + opts.steps).max(opts.leak_check_steps);
-    let sched = Schedule {
-        lr: cfg.optim.lr,
-        warmup: cfg.optim.warmup_steps * updates_per_step,
-        total: total_steps * updates_per_step,
-        kind: ScheduleKind::from_name(&cfg.optim.schedule).unwrap_or(ScheduleKind::Constant),
-        min_lr_ratio: cfg.optim.min_lr_ratio,
-    };
+    let sched = Schedule::grpo(cfg, total_steps);
     let ctx = GrpoContext {
         cfg,
         tok: &tok,
@@ -297,7 +283,7 @@ pub fn bench_step(cfg: &Config, opts: &BenchOptions) -> Result<Value, TrainError
             &model,
             rows,
             seq,
-            adamw,
+            AdamWConfig::from_config(cfg),
             opts.breakdown_reps,
         ))
     } else {

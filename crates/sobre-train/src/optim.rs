@@ -24,6 +24,7 @@ use burn::tensor::Gradients;
 use sobre_model::MoeModel;
 
 use crate::TrainError;
+use crate::config::Config;
 
 /// The learning-rate schedule: linear warmup from 0, then constant, linear or cosine decay to
 /// `min_lr_ratio · lr` at `total` steps (HF's `get_*_schedule_with_warmup`).
@@ -55,6 +56,31 @@ impl ScheduleKind {
 }
 
 impl Schedule {
+    /// The SFT stage's schedule: `[sft]` lr, warmup and steps, `[optim]` shape.
+    pub fn sft(cfg: &Config) -> Self {
+        Schedule {
+            lr: cfg.sft.lr,
+            warmup: cfg.sft.warmup_steps,
+            total: cfg.sft.steps,
+            kind: ScheduleKind::from_name(&cfg.optim.schedule).unwrap_or(ScheduleKind::Constant),
+            min_lr_ratio: cfg.optim.min_lr_ratio,
+        }
+    }
+
+    /// The GRPO stage's schedule over `steps` GRPO steps, counted in optimizer updates
+    /// (`num_iterations` × mini-batches per step).
+    pub fn grpo(cfg: &Config, steps: usize) -> Self {
+        let updates_per_step = cfg.grpo.num_iterations
+            * (cfg.grpo.num_prompts * cfg.grpo.group_size / cfg.mini_batch().max(1));
+        Schedule {
+            lr: cfg.optim.lr,
+            warmup: cfg.optim.warmup_steps * updates_per_step,
+            total: steps * updates_per_step,
+            kind: ScheduleKind::from_name(&cfg.optim.schedule).unwrap_or(ScheduleKind::Constant),
+            min_lr_ratio: cfg.optim.min_lr_ratio,
+        }
+    }
+
     /// Learning rate of optimizer step `step` (0-based).
     pub fn lr_at(&self, step: usize) -> f64 {
         if step < self.warmup {
@@ -81,6 +107,18 @@ pub struct AdamWConfig {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+}
+
+impl AdamWConfig {
+    /// The `[optim]` section's AdamW settings.
+    pub fn from_config(cfg: &Config) -> Self {
+        AdamWConfig {
+            beta1: cfg.optim.betas[0],
+            beta2: cfg.optim.betas[1],
+            eps: cfg.optim.eps,
+            weight_decay: cfg.optim.weight_decay,
+        }
+    }
 }
 
 /// One parameter's moments.

@@ -18,7 +18,7 @@ use crate::data::{
 };
 use crate::grpo::{GrpoContext, default_accuracy_reward, evaluate, grpo_step};
 use crate::metrics::{JsonlWriter, expert_load, num, peak_rss_mib, summary_line};
-use crate::optim::{AdamW, AdamWConfig, Schedule, ScheduleKind, backward_and_step};
+use crate::optim::{AdamW, AdamWConfig, Schedule, backward_and_step};
 use crate::sft::{next_batch, sft_loss};
 use crate::{Config, TrainError};
 
@@ -73,15 +73,6 @@ pub struct Pipeline {
     cfg: Config,
     source: Source,
     opts: RunOptions,
-}
-
-fn adamw_config(cfg: &Config) -> AdamWConfig {
-    AdamWConfig {
-        beta1: cfg.optim.betas[0],
-        beta2: cfg.optim.betas[1],
-        eps: cfg.optim.eps,
-        weight_decay: cfg.optim.weight_decay,
-    }
 }
 
 impl Pipeline {
@@ -309,19 +300,13 @@ impl Pipeline {
         // ---- SFT ----
         if state.stage == Stage::Sft {
             let mut opt = match &resume_from {
-                Some((dir, st)) if st.stage == Stage::Sft => {
-                    AdamW::load(adamw_config(cfg), &dir.join(checkpoint::OPTIMIZER_FILE))?
-                }
-                _ => AdamW::new(adamw_config(cfg)),
+                Some((dir, st)) if st.stage == Stage::Sft => AdamW::load(
+                    AdamWConfig::from_config(cfg),
+                    &dir.join(checkpoint::OPTIMIZER_FILE),
+                )?,
+                _ => AdamW::new(AdamWConfig::from_config(cfg)),
             };
-            let sched = Schedule {
-                lr: cfg.sft.lr,
-                warmup: cfg.sft.warmup_steps,
-                total: cfg.sft.steps,
-                kind: ScheduleKind::from_name(&cfg.optim.schedule)
-                    .unwrap_or(ScheduleKind::Constant),
-                min_lr_ratio: cfg.optim.min_lr_ratio,
-            };
+            let sched = Schedule::sft(cfg);
             let mut order = Order::new(data.demos.len(), derive_seed(cfg.run.seed, &[0]));
             let pb = if self.opts.quiet || !cfg.run.progress {
                 ProgressBar::hidden()
@@ -443,24 +428,17 @@ impl Pipeline {
             None
         };
         let mut opt = match &resume_from {
-            Some((dir, st)) if st.stage == Stage::Grpo => {
-                AdamW::load(adamw_config(cfg), &dir.join(checkpoint::OPTIMIZER_FILE))?
-            }
-            _ => AdamW::new(adamw_config(cfg)),
+            Some((dir, st)) if st.stage == Stage::Grpo => AdamW::load(
+                AdamWConfig::from_config(cfg),
+                &dir.join(checkpoint::OPTIMIZER_FILE),
+            )?,
+            _ => AdamW::new(AdamWConfig::from_config(cfg)),
         };
         if state.stage == Stage::SftDone {
             state.stage = Stage::Grpo;
             state.step = 0;
         }
-        let updates_per_step = cfg.grpo.num_iterations
-            * (cfg.grpo.num_prompts * cfg.grpo.group_size / cfg.mini_batch());
-        let sched = Schedule {
-            lr: cfg.optim.lr,
-            warmup: cfg.optim.warmup_steps * updates_per_step,
-            total: cfg.run.steps * updates_per_step,
-            kind: ScheduleKind::from_name(&cfg.optim.schedule).unwrap_or(ScheduleKind::Constant),
-            min_lr_ratio: cfg.optim.min_lr_ratio,
-        };
+        let sched = Schedule::grpo(cfg, cfg.run.steps);
         let ctx = GrpoContext {
             cfg,
             tok: &tok,
