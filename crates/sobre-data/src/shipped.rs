@@ -27,6 +27,7 @@ pub fn demo_countdown() -> CountdownConfig {
         max_number: 20,
         min_target: 1,
         max_target: 99,
+        ..CountdownConfig::default()
     }
 }
 

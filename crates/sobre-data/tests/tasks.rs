@@ -65,24 +65,15 @@ fn countdown_train_and_eval_never_share_a_problem() {
             .all(|p| Split::of_key(&p.key()) == Split::Train)
     );
     // Shuffled numbers are the same problem.
-    let p = CountdownProblem {
-        nums: vec![15, 3, 7],
-        target: 11,
-    };
-    let q = CountdownProblem {
-        nums: vec![7, 15, 3],
-        target: 11,
-    };
+    let p = CountdownProblem::new(vec![15, 3, 7], 11);
+    let q = CountdownProblem::new(vec![7, 15, 3], 11);
     assert_eq!(p.key(), "countdown:3,7,15:11");
     assert_eq!(p.key(), q.key());
 }
 
 #[test]
 fn countdown_solver_and_demonstration_format() {
-    let p = CountdownProblem {
-        nums: vec![15, 3, 7],
-        target: 11,
-    };
+    let p = CountdownProblem::new(vec![15, 3, 7], 11);
     let sol = p.solve().unwrap();
     assert_eq!(sol.reasoning(), "15 + 3 = 18, 18 - 7 = 11");
     assert_eq!(sol.expression, "(15 + 3) - 7");
@@ -91,27 +82,14 @@ fn countdown_solver_and_demonstration_format() {
         "<think>\n15 + 3 = 18, 18 - 7 = 11\n</think>\n<answer>\n(15 + 3) - 7\n</answer>"
     );
     // Subtraction and division take the larger operand first; four numbers nest.
-    let p = CountdownProblem {
-        nums: vec![2, 8, 3, 5],
-        target: 20,
-    };
+    let p = CountdownProblem::new(vec![2, 8, 3, 5], 20);
     let sol = p.solve().unwrap();
     assert_eq!(sol.reasoning(), "2 + 8 = 10, 5 - 3 = 2, 10 * 2 = 20");
     assert_eq!(sol.expression, "(2 + 8) * (5 - 3)");
     assert_eq!(eval(&sol.expression), 20);
-    let p = CountdownProblem {
-        nums: vec![3, 12],
-        target: 4,
-    };
+    let p = CountdownProblem::new(vec![3, 12], 4);
     assert_eq!(p.solve().unwrap().expression, "12 / 3");
-    assert_eq!(
-        CountdownProblem {
-            nums: vec![3, 5],
-            target: 7
-        }
-        .solve(),
-        None
-    );
+    assert_eq!(CountdownProblem::new(vec![3, 5], 7).solve(), None);
     assert_eq!(reachable(&[3, 5]), BTreeSet::from([2, 8, 15]));
     assert_eq!(
         p.question(),
@@ -304,10 +282,53 @@ fn tiny_problem_space_is_an_error_not_a_hang() {
         max_number: 2,
         min_target: 1,
         max_target: 99,
+        ..CountdownConfig::default()
     };
     let err = countdown::generate(&cfg, Split::Train, 50, 0).unwrap_err();
     assert!(
         matches!(err, TaskError::Exhausted { wanted: 50, .. }),
         "{err}"
     );
+}
+
+#[test]
+fn short_question_style_names_the_numbers_and_target_only() {
+    use sobre_data::tasks::countdown::QuestionStyle;
+    let mut p = CountdownProblem::new(vec![15, 3, 7], 11);
+    assert!(
+        p.question()
+            .starts_with("Using the numbers [15, 3, 7], create an equation that equals 11.")
+    );
+    p.style = QuestionStyle::Short;
+    assert_eq!(p.question(), "Using the numbers [15, 3, 7], make 11.");
+    // From TOML, as a config writes it; the problems drawn do not depend on the wording.
+    let cfg: CountdownConfig = toml::from_str("max_count = 3\nquestion = \"short\"").unwrap();
+    assert_eq!(cfg.question, QuestionStyle::Short);
+    let short = countdown::generate(&cfg, Split::Train, 20, 3).unwrap();
+    let plain = countdown::generate(
+        &CountdownConfig {
+            question: QuestionStyle::TinyZero,
+            ..cfg.clone()
+        },
+        Split::Train,
+        20,
+        3,
+    )
+    .unwrap();
+    for (s, t) in short.iter().zip(&plain) {
+        assert_eq!((&s.nums, s.target), (&t.nums, t.target));
+        assert_eq!(
+            s.question(),
+            format!(
+                "Using the numbers [{}], make {}.",
+                s.nums
+                    .iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                s.target
+            )
+        );
+    }
+    assert!(toml::from_str::<CountdownConfig>("question = \"long\"").is_err());
 }

@@ -9,6 +9,7 @@
 //! 3. [`Config::validate`] checks values (ranges, divisibility, registered names) and names the
 //!    file, line and key, found by scanning the text for the key under its section header.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -86,8 +87,13 @@ pub struct DataSection {
     pub countdown: CountdownConfig,
     /// Options of the arithmetic generator.
     pub arithmetic: ArithmeticConfig,
-    /// Generated training problems (each with a solver-written demonstration).
+    /// Generated training problems. Without `sft_size` each carries its solver-written
+    /// demonstration, and SFT trains on those same problems.
     pub train_size: usize,
+    /// Generated SFT demonstrations, drawn from the train split apart from the `train_size` GRPO
+    /// prompts, which then carry no solution (R1's recipe: scarce demonstrations, then RL on
+    /// fresh problems with only the verifier). Unset: SFT uses the prompts' own solutions.
+    pub sft_size: Option<usize>,
     /// Generated held-out problems.
     pub eval_size: usize,
     /// Generator seed (default: `run.seed`).
@@ -107,6 +113,7 @@ impl Default for DataSection {
             countdown: CountdownConfig::default(),
             arithmetic: ArithmeticConfig::default(),
             train_size: 2000,
+            sft_size: None,
             eval_size: 200,
             seed: None,
             dataset: None,
@@ -307,6 +314,17 @@ pub struct EvalSection {
     /// Reward component whose score ≥ 1 counts as solved (default: `countdown` for the
     /// countdown task, else `accuracy`).
     pub reward: Option<String>,
+    /// Completions per held-out problem (the k of `pass@k` and `maj@k`); `pass@1` is the mean
+    /// correctness over them.
+    pub samples_per_problem: usize,
+    /// When the run finishes, evaluate the SFT checkpoint, the final checkpoint and every
+    /// `[eval.compare]` model on the same `n` held-out problems, print a table and write
+    /// `final_eval.json`.
+    pub at_end: bool,
+    /// Baselines for `at_end`: label = a run directory (its newest checkpoint) or a model
+    /// directory, relative to the working directory. One that does not exist yet is a row that
+    /// says so.
+    pub compare: BTreeMap<String, PathBuf>,
 }
 
 impl Default for EvalSection {
@@ -319,6 +337,9 @@ impl Default for EvalSection {
             temperature: 0.0,
             max_new_tokens: None,
             reward: None,
+            samples_per_problem: 1,
+            at_end: false,
+            compare: BTreeMap::new(),
         }
     }
 }
@@ -746,8 +767,30 @@ impl Config {
                 if self.data.train_size == 0 {
                     return fail("data.train_size", "must be at least 1".into());
                 }
+                if self.data.sft_size == Some(0) {
+                    return fail(
+                        "data.sft_size",
+                        "must be at least 1 (leave it out to train SFT on the prompts' own solutions)"
+                            .into(),
+                    );
+                }
+                if self.data.sft_size.is_some() && self.data.sft_dataset.is_some() {
+                    return fail(
+                        "data.sft_size",
+                        "set either `sft_size` (generated demonstrations) or `[data.sft_dataset]`, not both"
+                            .into(),
+                    );
+                }
             }
-            (None, Some(_)) => {}
+            (None, Some(_)) => {
+                if self.data.sft_size.is_some() {
+                    return fail(
+                        "data.sft_size",
+                        "generates demonstrations, so it needs `task`; with `[data.dataset]` use `[data.sft_dataset]`"
+                            .into(),
+                    );
+                }
+            }
         }
         for (key, d) in [
             ("data.dataset.path", &self.data.dataset),
@@ -854,8 +897,32 @@ impl Config {
             return fail("run.max_consecutive_nonfinite", "must be at least 1".into());
         }
         // [eval]
-        if self.eval.eval_every > 0 && self.eval.n == 0 {
-            return fail("eval.n", "must be at least 1 when eval_every > 0".into());
+        if (self.eval.eval_every > 0 || self.eval.at_end) && self.eval.n == 0 {
+            return fail(
+                "eval.n",
+                "must be at least 1 when eval_every > 0 or at_end = true".into(),
+            );
+        }
+        if self.eval.samples_per_problem == 0 {
+            return fail("eval.samples_per_problem", "must be at least 1".into());
+        }
+        if let Some(label) = self
+            .eval
+            .compare
+            .keys()
+            .find(|l| *l == "sft" || *l == "final")
+        {
+            return fail(
+                &format!("eval.compare.{label}"),
+                "`sft` and `final` are this run's own rows; name the baseline otherwise (e.g. `control`)"
+                    .into(),
+            );
+        }
+        if !self.eval.compare.is_empty() && !self.eval.at_end {
+            return fail(
+                "eval.compare",
+                "baselines are evaluated at the end of the run: set `at_end = true`".into(),
+            );
         }
         if !(self.eval.temperature >= 0.0 && self.eval.temperature.is_finite()) {
             return fail(

@@ -46,11 +46,31 @@ pub fn load_data(cfg: &Config) -> Result<RunData, TrainError> {
             .map_err(|e| data_err(&d.path.display().to_string(), e))?
             .samples)
     };
+    let mut demos_from_task = None;
     let (train, mut eval) = match (&cfg.data.dataset, task_config(cfg)) {
         (Some(d), _) => (load(d)?, vec![]),
         (None, Some(task)) => {
-            let train = tasks::generate(&task, Split::Train, cfg.data.train_size, seed, true)
-                .map_err(|e| data_err("task", e))?;
+            let sft_size = cfg.data.sft_size.unwrap_or(0);
+            let mut train = tasks::generate(
+                &task,
+                Split::Train,
+                sft_size + cfg.data.train_size,
+                seed,
+                true,
+            )
+            .map_err(|e| data_err("task", e))?;
+            if sft_size > 0 {
+                // Demonstrations first, then prompts that carry only what the verifier needs.
+                let prompts = train.split_off(sft_size);
+                demos_from_task = Some(train);
+                train = prompts
+                    .into_iter()
+                    .map(|s| Sample {
+                        completion: None,
+                        ..s
+                    })
+                    .collect();
+            }
             let eval = if cfg.data.eval_size > 0 {
                 tasks::generate(&task, Split::Eval, cfg.data.eval_size, seed, false)
                     .map_err(|e| data_err("task", e))?
@@ -68,9 +88,10 @@ pub fn load_data(cfg: &Config) -> Result<RunData, TrainError> {
     if let Some(d) = &cfg.data.eval_dataset {
         eval = load(d)?;
     }
-    let demos = match &cfg.data.sft_dataset {
-        Some(d) => load(d)?,
-        None => train
+    let demos = match (&cfg.data.sft_dataset, demos_from_task) {
+        (Some(d), _) => load(d)?,
+        (None, Some(demos)) => demos,
+        (None, None) => train
             .iter()
             .filter(|s| s.completion.is_some())
             .cloned()
@@ -109,10 +130,11 @@ pub fn build_tokenizer(
             .map_err(|e| data_err(&format!("tokenizer {}", dir.display()), e));
     }
     let mut texts = Vec::new();
+    // Demonstrations first: they hold the completion text (tags, reasoning) that prompts lack.
     for s in data
-        .train
+        .demos
         .iter()
-        .chain(&data.demos)
+        .chain(&data.train)
         .take(cfg.tokenizer.train_samples.max(1))
     {
         texts.extend(training_texts(s, template).map_err(|e| data_err("template", e))?);

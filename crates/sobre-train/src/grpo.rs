@@ -557,8 +557,8 @@ fn masked_count(l: &Layout, row_mask: &[f32]) -> f64 {
 
 #[allow(clippy::too_many_arguments)]
 /// The evaluation a run does every `eval.eval_every` steps: [`crate::eval::evaluate`] on the
-/// first `eval.n` held-out problems with the `[eval]` options (one sample per problem, greedy
-/// unless `eval.temperature` > 0). Returns the metrics (`eval/pass@1`, `eval/maj@k`,
+/// first `eval.n` held-out problems with the `[eval]` options (`samples_per_problem` samples,
+/// greedy unless `eval.temperature` > 0). Returns the metrics (`eval/pass@1`, `eval/maj@k`,
 /// `eval/format_rate`, …) and the first `eval.samples` completions as `samples.jsonl` lines.
 pub fn evaluate(
     cfg: &Config,
@@ -571,10 +571,7 @@ pub fn evaluate(
     step: usize,
 ) -> Result<(Map<String, Value>, Vec<Value>), TrainError> {
     let n = cfg.eval.n.min(eval.len());
-    let mut opts = crate::eval::EvalOptions::from_config(cfg);
-    if opts.correct_reward.is_none() {
-        opts.correct_reward = accuracy_reward.map(str::to_string);
-    }
+    let opts = crate::compare::comparison_options(cfg, accuracy_reward.map(str::to_string));
     let out = crate::eval::evaluate(model, tok, &eval[..n], template, rewards, &opts)?;
     let samples = out
         .samples

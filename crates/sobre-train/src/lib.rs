@@ -24,6 +24,7 @@
 pub mod advantages;
 pub mod bench;
 pub mod checkpoint;
+pub mod compare;
 pub mod config;
 pub mod data;
 pub mod eval;

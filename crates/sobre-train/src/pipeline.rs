@@ -531,6 +531,24 @@ impl Pipeline {
         if last_ckpt.is_none() || saved_at != state.step {
             last_ckpt = Some(save(&model, &opt, &state)?);
         }
+        if cfg.eval.at_end
+            && let Some(last) = &last_ckpt
+        {
+            drop(model);
+            let sft_dir = ckpt_root.join("sft");
+            let mut contenders = Vec::new();
+            if checkpoint::read_state(&sft_dir).is_some() && *last != sft_dir {
+                contenders.push(("sft".to_string(), sft_dir));
+            }
+            contenders.push(("final".to_string(), last.clone()));
+            contenders.extend(cfg.eval.compare.clone());
+            let opts = crate::compare::comparison_options(cfg, accuracy_reward.clone());
+            let comparison = crate::compare::compare(cfg, &contenders, &template, &rewards, &opts)?;
+            let path = comparison.save(&run_dir)?;
+            if !self.opts.quiet {
+                eprintln!("{}(written to {})", comparison.table(), path.display());
+            }
+        }
         Ok(self.summary(run_dir, &state, false, last_ckpt, started, elapsed_before))
     }
 

@@ -198,3 +198,104 @@ fn interrupted_sft_and_partial_checkpoints_resume_cleanly() {
             == weights(&b.path().join("checkpoints/step-000002"))
     );
 }
+
+/// `[data] sft_size`: demonstrations and GRPO prompts are disjoint draws of the train split, and
+/// the prompts carry no solution.
+#[test]
+fn sft_size_draws_demonstrations_apart_from_solution_free_prompts() {
+    let sets = vec!["data.sft_size=30".to_string()];
+    let (cfg, _) = Config::parse(&smoke(), "configs/smoke.toml", &sets).unwrap();
+    let data = sobre_train::data::load_data(&cfg).unwrap();
+    assert_eq!((data.demos.len(), data.train.len()), (30, 200));
+    assert!(data.demos.iter().all(|s| s.completion.is_some()));
+    assert!(data.train.iter().all(|s| s.completion.is_none()));
+    let key = |s: &sobre_data::Sample| {
+        let mut nums: Vec<i64> = s.fields["nums"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_i64().unwrap())
+            .collect();
+        nums.sort_unstable();
+        (nums, s.fields["target"].as_i64().unwrap())
+    };
+    let demo_keys: std::collections::BTreeSet<_> = data.demos.iter().map(key).collect();
+    assert_eq!(demo_keys.len(), 30);
+    assert!(data.train.iter().all(|s| !demo_keys.contains(&key(s))));
+    // Without sft_size, SFT trains on the prompts' own solutions (200 of them).
+    let (cfg, _) = Config::parse(&smoke(), "configs/smoke.toml", &[]).unwrap();
+    let data = sobre_train::data::load_data(&cfg).unwrap();
+    assert_eq!((data.demos.len(), data.train.len()), (200, 200));
+
+    for (set, key) in [
+        ("data.sft_size=0", "data.sft_size"),
+        ("eval.compare.sft=\"x\"", "eval.compare.sft"),
+        ("eval.samples_per_problem=0", "eval.samples_per_problem"),
+    ] {
+        let err = Config::parse(&smoke(), "configs/smoke.toml", &[set.to_string()]).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some(key), "{set}: {err}");
+    }
+}
+
+/// `[eval] at_end`: the SFT checkpoint, the final checkpoint and the baselines on the same
+/// problems. A baseline that is the same model as `final` scores exactly what `final` scores
+/// (same problems, same per-sample seeds); a missing one is a row with a note.
+#[test]
+fn at_end_compares_sft_final_and_baselines_on_the_same_problems() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let base = [
+        "run.steps=2",
+        "data.sft_size=40",
+        "eval.at_end=true",
+        "eval.n=6",
+        "eval.samples_per_problem=3",
+        "eval.temperature=1.0",
+    ];
+    run(a.path(), &base, false, None);
+    let twin = format!("eval.compare.twin=\"{}\"", a.path().display());
+    let missing = "eval.compare.missing=\"/nonexistent/sobre-run\"";
+    let mut sets: Vec<&str> = base.to_vec();
+    sets.push(&twin);
+    sets.push(missing);
+    run(b.path(), &sets, false, None);
+
+    let text = std::fs::read_to_string(b.path().join("final_eval.json")).unwrap();
+    let cmp: sobre_train::compare::Comparison = serde_json::from_str(&text).unwrap();
+    let labels: Vec<&str> = cmp.rows.iter().map(|r| r.label.as_str()).collect();
+    // BTreeMap order for the baselines.
+    assert_eq!(labels, ["sft", "final", "missing", "twin"]);
+    let report = |i: usize| cmp.rows[i].report.clone().unwrap();
+    for i in [0, 1, 3] {
+        assert_eq!((report(i).n_problems, report(i).samples), (6, 3));
+    }
+    assert!(cmp.rows[0].model.ends_with("checkpoints/sft"));
+    assert!(cmp.rows[1].model.ends_with("checkpoints/step-000002"));
+    let (fin, twin) = (report(1), report(3));
+    assert_eq!(
+        (
+            fin.pass_at_1,
+            fin.maj_at_k,
+            fin.mean_length,
+            fin.reward_mean
+        ),
+        (
+            twin.pass_at_1,
+            twin.maj_at_k,
+            twin.mean_length,
+            twin.reward_mean
+        )
+    );
+    assert!(cmp.rows[2].report.is_none());
+    assert!(
+        cmp.rows[2]
+            .note
+            .as_deref()
+            .is_some_and(|n| n.contains("/nonexistent/sobre-run does not exist")),
+        "{:?}",
+        cmp.rows[2].note
+    );
+    let table = cmp.table();
+    assert!(table.contains("6 held-out countdown problems"), "{table}");
+    assert_eq!(table.lines().count(), 2 + 4, "{table}");
+}

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args as ClapArgs, Subcommand, ValueEnum};
 use sobre_data::dataset::{AnswerExtract, DatasetConfig, Format, write_jsonl};
+use sobre_data::tasks::countdown::QuestionStyle;
 use sobre_data::tasks::{self, ArithmeticConfig, CountdownConfig, Split, TaskConfig};
 
 #[derive(ClapArgs)]
@@ -76,6 +77,9 @@ struct CountdownArgs {
     min_target: i64,
     #[arg(long, default_value_t = CountdownConfig::default().max_target)]
     max_target: i64,
+    /// Question wording: tinyzero (TinyZero's instructions) or short (`Using the numbers [..], make T.`).
+    #[arg(long, default_value = "tinyzero")]
+    question: String,
 }
 
 #[derive(ClapArgs)]
@@ -125,6 +129,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 max_number: a.max_number,
                 min_target: a.min_target,
                 max_target: a.max_target,
+                question: match a.question.as_str() {
+                    "tinyzero" => QuestionStyle::TinyZero,
+                    "short" => QuestionStyle::Short,
+                    other => anyhow::bail!(
+                        "--question: unknown style `{other}`; expected tinyzero or short"
+                    ),
+                },
             };
             generate(TaskConfig::Countdown(cfg), &a.common)
         }

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use sobre_data::{DatasetConfig, Sample, Tokenizer};
+use sobre_data::{DatasetConfig, Sample};
 use sobre_reward::CombinedReward;
 use sobre_train::Config;
 use sobre_train::data::build_template;
@@ -91,23 +91,6 @@ pub struct Args {
     pub out: Option<PathBuf>,
 }
 
-/// The model directory: DIR itself, or the newest checkpoint of a run directory.
-fn model_dir(dir: &Path) -> anyhow::Result<PathBuf> {
-    if dir.join("config.json").exists() {
-        return Ok(dir.to_path_buf());
-    }
-    if let Some((ckpt, _)) = sobre_train::checkpoint::latest(&dir.join("checkpoints")) {
-        return Ok(ckpt);
-    }
-    if !dir.exists() {
-        bail!("{} does not exist", dir.display());
-    }
-    bail!(
-        "{} is neither a model directory (no config.json) nor a run directory with complete checkpoints",
-        dir.display()
-    )
-}
-
 fn load_rows(path: &Path, n: Option<usize>) -> anyhow::Result<Vec<Sample>> {
     let mut rows = sobre_data::dataset::load(&DatasetConfig::new(path))
         .with_context(|| format!("reading {}", path.display()))?
@@ -122,17 +105,10 @@ fn load_rows(path: &Path, n: Option<usize>) -> anyhow::Result<Vec<Sample>> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let dir = model_dir(&args.model)?;
+    let (model, tok, dir) =
+        sobre_train::compare::load_for_eval(&args.model, args.tokenizer.as_deref())
+            .with_context(|| format!("loading the model in {}", args.model.display()))?;
     let tok_dir = args.tokenizer.clone().unwrap_or_else(|| dir.clone());
-    if !tok_dir.join("tokenizer.json").exists() {
-        bail!(
-            "{} has no tokenizer.json: sobre eval needs the tokenizer the model was trained with \
-             (a checkpoint directory has one; a run directory keeps it in tokenizer/). Pass --tokenizer DIR",
-            tok_dir.display()
-        );
-    }
-    let tok = Tokenizer::from_dir(&tok_dir)
-        .with_context(|| format!("loading the tokenizer in {}", tok_dir.display()))?;
 
     // Problems, template, rewards and options: from the config, or from the file and flags.
     let (problems, template, rewards, mut opts, source) = match (&args.config, &args.data) {
@@ -225,21 +201,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
 
-    let device = sobre_model::default_device();
-    let mut model = sobre_model::load_model(&dir, &device)
-        .with_context(|| format!("loading the model in {}", dir.display()))?;
-    // Stop where training would: the tokenizer's eos, config.json's and generation_config.json's.
-    let generation = sobre_model::GenerationConfig::from_dir(&dir)?;
-    sobre_train::data::align_token_ids(&mut model.config, tok.special(), generation.as_ref());
-    if tok.vocab_size() > model.config.vocab_size {
-        bail!(
-            "the tokenizer in {} has {} tokens but the model in {} only {}: they do not belong together",
-            tok_dir.display(),
-            tok.vocab_size(),
-            dir.display(),
-            model.config.vocab_size
-        );
-    }
     let output = evaluate(&model, &tok, &problems, &template, &rewards, &opts)?;
     let r = &output.report;
 

@@ -45,6 +45,21 @@ pub struct CountdownConfig {
     /// Smallest target (≥ 1).
     pub min_target: i64,
     pub max_target: i64,
+    /// How the question is worded: `tinyzero` (default) or `short`.
+    pub question: QuestionStyle,
+}
+
+/// The wording of a countdown question.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuestionStyle {
+    /// TinyZero's `make_prefix` text (~60 words, with the tag instructions).
+    #[default]
+    TinyZero,
+    /// `Using the numbers [3, 7, 15], make 11.` For models trained from scratch, where the
+    /// format is taught by demonstrations rather than instructions and every prompt token costs
+    /// (a short prompt is ~4x cheaper to train on than TinyZero's with the R1-Zero template).
+    Short,
 }
 
 impl Default for CountdownConfig {
@@ -56,6 +71,7 @@ impl Default for CountdownConfig {
             max_number: 99,
             min_target: 1,
             max_target: 99,
+            question: QuestionStyle::TinyZero,
         }
     }
 }
@@ -96,6 +112,7 @@ pub struct CountdownProblem {
     /// The numbers in the order the prompt lists them.
     pub nums: Vec<i64>,
     pub target: i64,
+    pub style: QuestionStyle,
 }
 
 /// One solver step: `a op b = result`.
@@ -131,9 +148,26 @@ impl Solution {
 }
 
 impl CountdownProblem {
-    /// TinyZero's question text (its `make_prefix`, without the surrounding template).
+    /// A problem worded TinyZero's way.
+    pub fn new(nums: Vec<i64>, target: i64) -> Self {
+        CountdownProblem {
+            nums,
+            target,
+            style: QuestionStyle::TinyZero,
+        }
+    }
+
+    /// The question text in the problem's [`QuestionStyle`] (TinyZero's is its `make_prefix`
+    /// without the surrounding template).
     pub fn question(&self) -> String {
         let nums: Vec<String> = self.nums.iter().map(i64::to_string).collect();
+        if self.style == QuestionStyle::Short {
+            return format!(
+                "Using the numbers [{}], make {}.",
+                nums.join(", "),
+                self.target
+            );
+        }
         format!(
             "Using the numbers [{}], create an equation that equals {}. You can use basic \
              arithmetic operations (+, -, *, /) and each number can only be used once. Show your \
@@ -304,7 +338,11 @@ fn draw(cfg: &CountdownConfig, rng: &mut TaskRng) -> Option<CountdownProblem> {
         return None;
     }
     let target = targets[rng.range(0, targets.len() as i64 - 1) as usize];
-    Some(CountdownProblem { nums, target })
+    Some(CountdownProblem {
+        nums,
+        target,
+        style: cfg.question,
+    })
 }
 
 /// `n` distinct countdown problems of `split` from `seed`.
