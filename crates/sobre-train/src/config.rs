@@ -153,6 +153,9 @@ pub struct SftSection {
     pub warmup_steps: usize,
     /// Longest prompt + completion in tokens; longer demonstrations are cut at the end.
     pub max_length: usize,
+    /// Learning-rate schedule of the SFT stage: constant, linear or cosine (default:
+    /// `optim.schedule`). Lets a run decay SFT to its end and keep GRPO's rate constant.
+    pub schedule: Option<String>,
 }
 
 impl Default for SftSection {
@@ -163,6 +166,7 @@ impl Default for SftSection {
             lr: 1e-4,
             warmup_steps: 0,
             max_length: 1024,
+            schedule: None,
         }
     }
 }
@@ -879,6 +883,11 @@ impl Config {
             }
         }
         pos("optim.eps", o.eps)?;
+        if let Some(sched) = &self.sft.schedule
+            && let Err(m) = one_of(sched, SCHEDULES)
+        {
+            return fail("sft.schedule", m);
+        }
         if let Err(m) = one_of(&o.schedule, SCHEDULES) {
             return fail("optim.schedule", m);
         }

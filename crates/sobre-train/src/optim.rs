@@ -62,7 +62,10 @@ impl Schedule {
             lr: cfg.sft.lr,
             warmup: cfg.sft.warmup_steps,
             total: cfg.sft.steps,
-            kind: ScheduleKind::from_name(&cfg.optim.schedule).unwrap_or(ScheduleKind::Constant),
+            kind: ScheduleKind::from_name(
+                cfg.sft.schedule.as_deref().unwrap_or(&cfg.optim.schedule),
+            )
+            .unwrap_or(ScheduleKind::Constant),
             min_lr_ratio: cfg.optim.min_lr_ratio,
         }
     }
@@ -424,6 +427,20 @@ mod tests {
             ..s(ScheduleKind::Linear)
         };
         assert!((floor.lr_at(6) - 0.1).abs() < 1e-12);
+    }
+
+    #[test]
+    fn sft_schedule_defaults_to_optim_schedule_and_can_differ() {
+        let toml = "[data]\ntask = \"countdown\"\n[sft]\nsteps = 10\nlr = 1.0\n[optim]\nschedule = \"constant\"\n";
+        let (cfg, _) = Config::parse(toml, "t.toml", &[]).unwrap();
+        assert_eq!(Schedule::sft(&cfg).lr_at(9), 1.0);
+        let (cfg, _) = Config::parse(toml, "t.toml", &["sft.schedule=\"cosine\"".into()]).unwrap();
+        // cosine at progress 9/10: 0.5·(1 + cos(0.9π))
+        let want = 0.5 * (1.0 + (0.9 * std::f64::consts::PI).cos());
+        assert!((Schedule::sft(&cfg).lr_at(9) - want).abs() < 1e-12);
+        assert_eq!(Schedule::grpo(&cfg, 10).lr_at(9), cfg.optim.lr);
+        let err = Config::parse(toml, "t.toml", &["sft.schedule=\"cosin\"".into()]).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("sft.schedule"));
     }
 
     #[test]

@@ -105,9 +105,16 @@ fn load_rows(path: &Path, n: Option<usize>) -> anyhow::Result<Vec<Sample>> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let (model, tok, dir) =
-        sobre_train::compare::load_for_eval(&args.model, args.tokenizer.as_deref())
-            .with_context(|| format!("loading the model in {}", args.model.display()))?;
+    let dir = sobre_train::compare::resolve_model_dir(&args.model)?;
+    if args.tokenizer.is_none() && !dir.join("tokenizer.json").exists() {
+        bail!(
+            "{} has no tokenizer.json: sobre eval needs the tokenizer the model was trained with \
+             (a checkpoint directory has one; a run directory keeps it in tokenizer/). Pass --tokenizer DIR",
+            dir.display()
+        );
+    }
+    let (model, tok, dir) = sobre_train::compare::load_for_eval(&dir, args.tokenizer.as_deref())
+        .with_context(|| format!("loading the model in {}", dir.display()))?;
     let tok_dir = args.tokenizer.clone().unwrap_or_else(|| dir.clone());
 
     // Problems, template, rewards and options: from the config, or from the file and flags.
