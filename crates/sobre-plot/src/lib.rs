@@ -444,7 +444,11 @@ fn draw_panel(area: &Area<'_>, p: &Panel) -> Result<(), PlotError> {
         .map_err(draw_err)?;
     for (i, s) in p.series.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
-        let style = ShapeStyle::from(&color).stroke_width(2);
+        // Wide strokes are polygons with mitred joins in plotters, and the sharp zigzags of a
+        // noisy per-step series turn their mitres into spikes far outside the panel: dense
+        // series get 1-pixel lines.
+        let width = if s.points.len() > 40 { 1 } else { 2 };
+        let style = ShapeStyle::from(&color).stroke_width(width);
         let leg = px(18.0) as i32;
         chart
             .draw_series(LineSeries::new(s.points.iter().copied(), style))

@@ -145,3 +145,38 @@ fn bad_input_is_a_clear_error() {
     assert!(e.contains("none of the plotted metrics"), "{e}");
     assert!(!out.exists());
 }
+
+/// A noisy per-step series (sharp zigzags, as `completion_length_max` is in a real run) stays
+/// inside its panel: wide strokes with mitred joins drew spikes up to the image's top edge.
+#[test]
+fn noisy_series_do_not_draw_outside_their_panel() {
+    let mut lines = Vec::new();
+    for s in 1..=500u64 {
+        // Mostly 43–44, a jump to 64 every 7–13 steps: the shape that produced the spikes.
+        let v = if s % 11 == 0 || s % 7 == 0 {
+            64.0
+        } else {
+            43.0 + (s % 2) as f64
+        };
+        let line = serde_json::json!({"stage": "grpo", "step": s, "completion_length_max": v, "completion_length_mean": 38.0 + (s % 3) as f64});
+        lines.push(line.as_object().unwrap().clone());
+    }
+    let panels = sobre_plot::panels(&lines);
+    assert_eq!(panels.len(), 1);
+    for (w, h) in [(300u32, 200u32), (500, 320), (900, 600)] {
+        let rgb = sobre_plot::render(&panels, "", w, h).unwrap();
+        let (_, py, _, _) = panel_rects(1, w, h)[0];
+        // Every row above the panel's caption (the empty title band and the panel's top
+        // margin) stays white.
+        for y in 0..py + 2 {
+            for x in 0..w {
+                let i = ((y * w + x) * 3) as usize;
+                assert_eq!(
+                    &rgb[i..i + 3],
+                    &[255, 255, 255],
+                    "{w}x{h}: ink at ({x}, {y})"
+                );
+            }
+        }
+    }
+}
