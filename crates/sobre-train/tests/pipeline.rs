@@ -299,3 +299,100 @@ fn at_end_compares_sft_final_and_baselines_on_the_same_problems() {
     assert!(table.contains("6 held-out countdown problems"), "{table}");
     assert_eq!(table.lines().count(), 2 + 4, "{table}");
 }
+
+fn config_file(name: &str) -> (String, String) {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../configs")
+        .join(name);
+    (
+        std::fs::read_to_string(&p).expect("a committed config"),
+        format!("configs/{name}"),
+    )
+}
+
+/// The demo and its control differ only in how the time is spent: same tokenizer, model,
+/// demonstrations, held-out problems, rewards and evaluation; the control has no GRPO and more
+/// SFT steps.
+#[test]
+fn demo_config_and_its_control_share_everything_but_the_stages() {
+    let (text, name) = config_file("r1-tiny.toml");
+    let (demo, _) = Config::parse(&text, &name, &[]).unwrap();
+    let (text, name) = config_file("r1-tiny-sft-only.toml");
+    let (control, _) = Config::parse(&text, &name, &[]).unwrap();
+    assert_eq!(demo.model, control.model);
+    assert_eq!(demo.tokenizer, control.tokenizer);
+    assert_eq!(demo.data, control.data);
+    assert_eq!(demo.template, control.template);
+    assert_eq!(demo.reward, control.reward);
+    assert_eq!(
+        (demo.sft.batch_size, demo.sft.lr, demo.sft.max_length),
+        (
+            control.sft.batch_size,
+            control.sft.lr,
+            control.sft.max_length
+        )
+    );
+    assert_eq!(demo.run.seed, control.run.seed);
+    for c in [&demo, &control] {
+        assert!(c.eval.at_end);
+        assert_eq!(
+            (c.eval.n, c.eval.samples_per_problem, c.eval.temperature),
+            (300, 4, 1.0)
+        );
+        assert!(c.data.sft_size.is_some_and(|n| n <= 2000));
+    }
+    assert_eq!(control.run.steps, 0);
+    assert!(demo.run.steps > 0 && control.sft.steps > demo.sft.steps);
+    assert_eq!(
+        demo.eval.compare.get("control").map(|p| p.as_path()),
+        Some(Path::new("runs/r1-tiny-sft-only"))
+    );
+}
+
+/// The demo config runs end to end (shrunk: a few steps, few problems), keeps its SFT
+/// checkpoint, and its table reports the missing control instead of failing.
+#[test]
+fn demo_config_runs_shrunk_and_keeps_its_sft_checkpoint() {
+    let (text, name) = config_file("r1-tiny.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let sets: Vec<String> = [
+        "sft.steps=3",
+        "run.steps=2",
+        "data.sft_size=40",
+        "data.train_size=60",
+        "data.eval_size=8",
+        "tokenizer.train_samples=100",
+        "eval.eval_every=1",
+        "eval.n=8",
+        "grpo.num_prompts=2",
+        "grpo.group_size=4",
+        "rollout.max_new_tokens=16",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([format!(
+        "eval.compare.control=\"{}\"",
+        dir.path().join("no-control").display()
+    )])
+    .collect();
+    let (cfg, src) = Config::parse(&text, &name, &sets).unwrap();
+    let opts = RunOptions {
+        out_dir: Some(dir.path().join("run")),
+        quiet: true,
+        ..Default::default()
+    };
+    let s = Pipeline::new(cfg, src, opts).unwrap().run().unwrap();
+    assert_eq!((s.sft_steps, s.grpo_steps), (3, 2));
+    let run = dir.path().join("run");
+    assert!(run.join("checkpoints/sft/model.safetensors").exists());
+    let cmp: sobre_train::compare::Comparison =
+        serde_json::from_str(&std::fs::read_to_string(run.join("final_eval.json")).unwrap())
+            .unwrap();
+    let labels: Vec<&str> = cmp.rows.iter().map(|r| r.label.as_str()).collect();
+    assert_eq!(labels, ["sft", "final", "control"]);
+    assert_eq!(cmp.rows[1].report.as_ref().map(|r| r.samples), Some(4));
+    assert!(cmp.rows[2].report.is_none());
+    // In-run evaluation logged the same keys every step.
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.matches("\"eval/pass@1\"").count(), 2);
+}
