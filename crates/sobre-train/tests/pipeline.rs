@@ -298,6 +298,22 @@ fn at_end_compares_sft_final_and_baselines_on_the_same_problems() {
     let table = cmp.table();
     assert!(table.contains("6 held-out countdown problems"), "{table}");
     assert_eq!(table.lines().count(), 2 + 4, "{table}");
+
+    // `--resume` on the finished run trains nothing and writes the same table again.
+    let before = weights(&b.path().join("checkpoints/step-000002"));
+    std::fs::remove_file(b.path().join("final_eval.json")).unwrap();
+    let again = run(b.path(), &sets, true, None);
+    assert_eq!((again.sft_steps, again.grpo_steps), (2, 2));
+    assert!(before == weights(&b.path().join("checkpoints/step-000002")));
+    let text2 = std::fs::read_to_string(b.path().join("final_eval.json")).unwrap();
+    let cmp2: sobre_train::compare::Comparison = serde_json::from_str(&text2).unwrap();
+    let pass1 = |c: &sobre_train::compare::Comparison| -> Vec<Option<f64>> {
+        c.rows
+            .iter()
+            .map(|r| r.report.as_ref().map(|e| e.pass_at_1))
+            .collect()
+    };
+    assert_eq!(pass1(&cmp), pass1(&cmp2));
 }
 
 fn config_file(name: &str) -> (String, String) {
