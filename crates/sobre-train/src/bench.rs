@@ -22,7 +22,9 @@ use serde_json::{Value, json};
 use sobre_data::{Prompt, Sample, Template, Tokenizer};
 use sobre_model::{Batch, ForwardOptions, MoeModel, init_model, load_model};
 
-use crate::data::{Order, build_template, build_tokenizer, derive_seed, encode_prompt, load_data};
+use crate::data::{
+    Order, build_template, build_tokenizer, derive_seed, encode_prompt, load_data, preset_config,
+};
 use crate::grpo::{GrpoContext, default_accuracy_reward, grpo_step};
 use crate::metrics::peak_rss_mib;
 use crate::optim::{AdamW, AdamWConfig, Schedule, collect_grads, global_norm};
@@ -191,20 +193,8 @@ pub fn bench_step(cfg: &Config, opts: &BenchOptions) -> Result<Value, TrainError
         Ok(match &m.path {
             Some(p) => load_model(p, device)?,
             None => {
-                let mut mc =
-                    sobre_model::ModelConfig::preset(m.preset.as_deref().unwrap_or("tiny"))?;
+                let mut mc = preset_config(cfg, &special)?;
                 mc.vocab_size = mc.vocab_size.max(tok.vocab_size());
-                mc.eos_token_id = vec![special.eos];
-                mc.pad_token_id = Some(special.pad);
-                if let Some(r) = m.router_aux_loss_coef {
-                    mc.router_aux_loss_coef = r;
-                }
-                if let Some(b) = m.aux_loss_free_bias {
-                    mc.aux_loss_free_bias = b;
-                }
-                if let Some(r) = m.bias_update_rate {
-                    mc.bias_update_rate = r;
-                }
                 init_model(&mc, m.seed.unwrap_or(cfg.run.seed), device)
             }
         })

@@ -171,6 +171,26 @@ pub fn build_template(cfg: &Config, tokenizer_dir: Option<&Path>) -> Result<Temp
     Template::from_name(&cfg.template.name).map_err(|e| data_err("template", e))
 }
 
+/// The `[model] preset`'s config with the tokenizer's eos/pad ids and the `[model]` overrides
+/// (router aux-loss coefficient, aux-loss-free bias and its rate) applied; the caller sets the
+/// vocabulary size. Errors name an unknown preset.
+pub fn preset_config(cfg: &Config, special: &SpecialTokens) -> Result<ModelConfig, TrainError> {
+    let m = &cfg.model;
+    let mut mc = ModelConfig::preset(m.preset.as_deref().unwrap_or("tiny"))?;
+    mc.eos_token_id = vec![special.eos];
+    mc.pad_token_id = Some(special.pad);
+    if let Some(r) = m.router_aux_loss_coef {
+        mc.router_aux_loss_coef = r;
+    }
+    if let Some(b) = m.aux_loss_free_bias {
+        mc.aux_loss_free_bias = b;
+    }
+    if let Some(r) = m.bias_update_rate {
+        mc.bias_update_rate = r;
+    }
+    Ok(mc)
+}
+
 /// Make a model's token ids those of the run's tokenizer, so the `config.json` and
 /// `generation_config.json` of every checkpoint agree with its `tokenizer.json`:
 /// `eos_token_id` = the tokenizer's eos first, then the model's own eos ids, then those of the

@@ -14,7 +14,7 @@ use sobre_model::{GenerationConfig, MoeModel, init_model, load_model};
 use crate::checkpoint::{self, Stage, TrainerState};
 use crate::config::Source;
 use crate::data::{
-    Order, align_token_ids, build_template, build_tokenizer, derive_seed, load_data,
+    Order, align_token_ids, build_template, build_tokenizer, derive_seed, load_data, preset_config,
 };
 use crate::grpo::{GrpoContext, default_accuracy_reward, evaluate, grpo_step};
 use crate::metrics::{JsonlWriter, expert_load, num, peak_rss_mib, summary_line};
@@ -113,25 +113,12 @@ impl Pipeline {
         generation: Option<&GenerationConfig>,
         device: &burn::prelude::Device,
     ) -> Result<MoeModel, TrainError> {
-        let (eos, pad) = (special.eos, special.pad);
         let m = &self.cfg.model;
         let mut model = match &m.path {
             Some(p) => load_model(p, device)?,
             None => {
-                let mut mc =
-                    sobre_model::ModelConfig::preset(m.preset.as_deref().unwrap_or("tiny"))?;
+                let mut mc = preset_config(&self.cfg, special)?;
                 mc.vocab_size = vocab;
-                mc.eos_token_id = vec![eos];
-                mc.pad_token_id = Some(pad);
-                if let Some(r) = m.router_aux_loss_coef {
-                    mc.router_aux_loss_coef = r;
-                }
-                if let Some(b) = m.aux_loss_free_bias {
-                    mc.aux_loss_free_bias = b;
-                }
-                if let Some(r) = m.bias_update_rate {
-                    mc.bias_update_rate = r;
-                }
                 init_model(&mc, m.seed.unwrap_or(self.cfg.run.seed), device)
             }
         };
