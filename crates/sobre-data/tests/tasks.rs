@@ -332,3 +332,147 @@ fn short_question_style_names_the_numbers_and_target_only() {
     }
     assert!(toml::from_str::<CountdownConfig>("question = \"long\"").is_err());
 }
+
+/// Checks one line of a search trace: `a op b = r, …` with correct arithmetic (positive
+/// integers, exact division), every number of the problem used exactly once across the line
+/// (each intermediate result consumed by a later step). Returns the line's final value.
+fn check_trace_line(line: &str, nums: &[i64]) -> i64 {
+    let mut pool: Vec<i64> = nums.to_vec();
+    let mut last = 0;
+    for step in line.split(", ") {
+        let t: Vec<&str> = step.split(' ').collect();
+        assert_eq!(t.len(), 5, "step `{step}` of `{line}`");
+        assert_eq!(t[3], "=", "step `{step}`");
+        let (a, b, r): (i64, i64, i64) = (
+            t[0].parse().unwrap(),
+            t[2].parse().unwrap(),
+            t[4].parse().unwrap(),
+        );
+        let want = match t[1] {
+            "+" => a + b,
+            "-" => a - b,
+            "*" => a * b,
+            "/" => {
+                assert_eq!(a % b, 0, "inexact division in `{line}`");
+                a / b
+            }
+            op => panic!("operator {op} in `{line}`"),
+        };
+        assert_eq!(r, want, "arithmetic of `{step}` in `{line}`");
+        assert!(r > 0, "non-positive intermediate in `{line}`");
+        for operand in [a, b] {
+            let k = pool
+                .iter()
+                .position(|&x| x == operand)
+                .unwrap_or_else(|| panic!("`{line}` uses {operand}, not available from {nums:?}"));
+            pool.remove(k);
+        }
+        pool.push(r);
+        last = r;
+    }
+    assert_eq!(pool, vec![last], "`{line}` must use every number of {nums:?} once");
+    last
+}
+
+#[test]
+fn search_demonstrations_are_correct_misses_then_the_solution() {
+    use sobre_data::tasks::countdown::DemoStyle;
+    let cfg: CountdownConfig = toml::from_str(
+        "min_count = 3\nmax_count = 4\nmax_number = 20\nmax_target = 50\ndemo = \"search\"\nmax_misses = 2",
+    )
+    .unwrap();
+    assert_eq!((cfg.demo, cfg.max_misses), (DemoStyle::Search, 2));
+    let problems = countdown::generate(&cfg, Split::Train, 400, 9).unwrap();
+    let mut misses_seen = [0usize; 3];
+    for p in &problems {
+        let demo = p.demonstration().unwrap();
+        let sol = p.solve().unwrap();
+        // The answer part is the solver's, exactly as in a solution-style demonstration.
+        assert!(
+            demo.ends_with(&format!(
+                "\n</think>\n<answer>\n{}\n</answer>",
+                sol.expression
+            )),
+            "{demo}"
+        );
+        let think = demo
+            .strip_prefix("<think>\n")
+            .and_then(|d| d.split("\n</think>").next())
+            .unwrap();
+        let lines: Vec<&str> = think.lines().collect();
+        let (last, missed) = lines.split_last().unwrap();
+        assert_eq!(*last, sol.reasoning(), "the trace ends on the solver's path");
+        assert!(missed.len() <= 2, "{demo}");
+        misses_seen[missed.len()] += 1;
+        for (i, line) in missed.iter().enumerate() {
+            assert_ne!(check_trace_line(line, &p.nums), p.target, "a miss hit: {demo}");
+            assert_ne!(*line, *last);
+            assert!(!missed[..i].contains(line), "repeated miss: {demo}");
+        }
+        assert_eq!(check_trace_line(last, &p.nums), p.target);
+        // The trace depends on the problem alone: the same problem drawn from another config
+        // object, or built by hand, writes the same bytes.
+        let again = CountdownProblem {
+            nums: p.nums.clone(),
+            target: p.target,
+            style: p.style,
+            demo: DemoStyle::Search,
+            max_misses: 2,
+        };
+        assert_eq!(again.demonstration().unwrap(), demo);
+    }
+    // 0, 1 and 2 misses are drawn uniformly (400 problems: ~133 each; a few problems have
+    // fewer distinct misses than drawn).
+    for (k, &n) in misses_seen.iter().enumerate() {
+        assert!((95..=175).contains(&n), "{n} problems with {k} misses: {misses_seen:?}");
+    }
+    // The problems themselves do not depend on the demonstration style.
+    let plain = countdown::generate(
+        &CountdownConfig {
+            demo: DemoStyle::Solution,
+            ..cfg.clone()
+        },
+        Split::Train,
+        400,
+        9,
+    )
+    .unwrap();
+    for (s, t) in problems.iter().zip(&plain) {
+        assert_eq!((&s.nums, s.target), (&t.nums, t.target));
+        assert_eq!(
+            t.demonstration().unwrap(),
+            t.solve().unwrap().demonstration()
+        );
+    }
+    // A pinned trace, so a change to the miss draw is noticed.
+    let p = CountdownProblem {
+        demo: DemoStyle::Search,
+        max_misses: 2,
+        ..CountdownProblem::new(vec![2, 5, 10], 13)
+    };
+    assert_eq!(
+        p.demonstration().unwrap(),
+        "<think>\n10 + 2 = 12, 12 - 5 = 7\n10 / 2 = 5, 5 * 5 = 25\n5 - 2 = 3, 10 + 3 = 13\n</think>\n<answer>\n10 + (5 - 2)\n</answer>"
+    );
+    // max_misses = 0 is the solution style.
+    let p0 = CountdownProblem { max_misses: 0, ..p };
+    assert_eq!(
+        p0.demonstration().unwrap(),
+        p0.solve().unwrap().demonstration()
+    );
+    let err = countdown::generate(
+        &CountdownConfig {
+            max_misses: 9,
+            ..cfg
+        },
+        Split::Train,
+        1,
+        0,
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid countdown option: max_misses = 9 is more than 8; every miss costs a line of completion"
+    );
+    assert!(toml::from_str::<CountdownConfig>("demo = \"trace\"").is_err());
+}

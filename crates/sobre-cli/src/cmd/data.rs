@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args as ClapArgs, Subcommand, ValueEnum};
 use sobre_data::dataset::{AnswerExtract, DatasetConfig, Format, write_jsonl};
-use sobre_data::tasks::countdown::QuestionStyle;
+use sobre_data::tasks::countdown::{DemoStyle, QuestionStyle};
 use sobre_data::tasks::{self, ArithmeticConfig, CountdownConfig, Split, TaskConfig};
 
 #[derive(ClapArgs)]
@@ -80,6 +80,13 @@ struct CountdownArgs {
     /// Question wording: tinyzero (TinyZero's instructions) or short (`Using the numbers [..], make T.`).
     #[arg(long, default_value = "tinyzero")]
     question: String,
+    /// What a demonstration's <think> holds (with --demos): solution (the solver's steps) or
+    /// search (up to --max-misses missed tries, one per line, then the solver's steps).
+    #[arg(long, default_value = "solution")]
+    demo: String,
+    /// With --demo search: the most missed tries before the solution.
+    #[arg(long, default_value_t = CountdownConfig::default().max_misses)]
+    max_misses: usize,
 }
 
 #[derive(ClapArgs)]
@@ -136,6 +143,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                         "--question: unknown style `{other}`; expected tinyzero or short"
                     ),
                 },
+                demo: match a.demo.as_str() {
+                    "solution" => DemoStyle::Solution,
+                    "search" => DemoStyle::Search,
+                    other => anyhow::bail!(
+                        "--demo: unknown style `{other}`; expected solution or search"
+                    ),
+                },
+                max_misses: a.max_misses,
             };
             generate(TaskConfig::Countdown(cfg), &a.common)
         }

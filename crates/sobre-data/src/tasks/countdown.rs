@@ -21,11 +21,30 @@
 //!
 //! The reasoning is the solver's steps in order, `a op b = c` separated by `, `; the answer is
 //! one expression over the original numbers where every compound operand is parenthesised.
+//!
+//! With `demo = "search"` the reasoning is a search trace instead (Stream-of-Search style): up
+//! to `max_misses` tries that end away from the target, one per line, then the solver's path:
+//!
+//! ```text
+//! <think>
+//! 15 + 7 = 22, 22 - 3 = 19
+//! 15 - 7 = 8, 8 + 3 = 11
+//! </think>
+//! ```
+//!
+//! Why: when every demonstrated path ends on the target, a small model learns to write the
+//! target as the last result whatever the arithmetic ("8 * 4 = 35, 15 + 35 = 47"), so its
+//! reasoning never informs its answer. Misses show results that are *not* the target, which
+//! the model can only reproduce by computing them, and a pattern (try, compare, try again)
+//! whose success a verifier rewards. The misses of a problem are drawn from a random source
+//! seeded by its key, so a problem's trace is the same in every run.
 
 use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use sha2::{Digest, Sha256};
 
 use super::{Problem, Split, TaskError, TaskRng, collect, r1_completion};
 use crate::dataset::{Prompt, Sample};
@@ -47,6 +66,23 @@ pub struct CountdownConfig {
     pub max_target: i64,
     /// How the question is worded: `tinyzero` (default) or `short`.
     pub question: QuestionStyle,
+    /// What a demonstration's `<think>` holds: `solution` (default) or `search`.
+    pub demo: DemoStyle,
+    /// With `demo = "search"`: the most missed tries before the solution (each problem draws
+    /// 0..=max_misses uniformly).
+    pub max_misses: usize,
+}
+
+/// What a countdown demonstration's reasoning shows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DemoStyle {
+    /// The solver's steps to the target: `15 + 3 = 18, 18 - 7 = 11`.
+    #[default]
+    Solution,
+    /// A search trace: random complete tries that miss the target, one per line, then the
+    /// solver's steps (see the module docs).
+    Search,
 }
 
 /// The wording of a countdown question.
@@ -72,6 +108,8 @@ impl Default for CountdownConfig {
             min_target: 1,
             max_target: 99,
             question: QuestionStyle::TinyZero,
+            demo: DemoStyle::Solution,
+            max_misses: 2,
         }
     }
 }
@@ -102,6 +140,12 @@ impl CountdownConfig {
                 self.min_target, self.max_target
             ));
         }
+        if self.max_misses > 8 {
+            return bad(format!(
+                "max_misses = {} is more than 8; every miss costs a line of completion",
+                self.max_misses
+            ));
+        }
         Ok(())
     }
 }
@@ -113,6 +157,9 @@ pub struct CountdownProblem {
     pub nums: Vec<i64>,
     pub target: i64,
     pub style: QuestionStyle,
+    /// The demonstration style and, for `Search`, the most misses.
+    pub demo: DemoStyle,
+    pub max_misses: usize,
 }
 
 /// One solver step: `a op b = result`.
@@ -131,14 +178,19 @@ pub struct Solution {
     pub expression: String,
 }
 
+/// Steps as a demonstration writes them: `15 + 3 = 18, 18 - 7 = 11`.
+fn write_steps(steps: &[Step]) -> String {
+    steps
+        .iter()
+        .map(|s| format!("{} {} {} = {}", s.a, s.op, s.b, s.result))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 impl Solution {
     /// The steps as the demonstration writes them: `15 + 3 = 18, 18 - 7 = 11`.
     pub fn reasoning(&self) -> String {
-        self.steps
-            .iter()
-            .map(|s| format!("{} {} {} = {}", s.a, s.op, s.b, s.result))
-            .collect::<Vec<_>>()
-            .join(", ")
+        write_steps(&self.steps)
     }
 
     /// The full R1-format demonstration.
@@ -154,7 +206,49 @@ impl CountdownProblem {
             nums,
             target,
             style: QuestionStyle::TinyZero,
+            demo: DemoStyle::Solution,
+            max_misses: 0,
         }
+    }
+
+    /// The demonstration in the problem's [`DemoStyle`], if the target is reachable.
+    pub fn demonstration(&self) -> Option<String> {
+        let solution = self.solve()?;
+        if self.demo == DemoStyle::Solution {
+            return Some(solution.demonstration());
+        }
+        let mut lines: Vec<String> = self
+            .misses(&solution)
+            .iter()
+            .map(|m| write_steps(m))
+            .collect();
+        lines.push(solution.reasoning());
+        Some(r1_completion(&lines.join("\n"), &solution.expression))
+    }
+
+    /// The missed tries of a search trace: 0..=max_misses distinct random complete reductions
+    /// (each step a random pair and a random operation the solver allows) whose result is not
+    /// the target, none equal to the solver's path. Seeded by the problem's key.
+    pub fn misses(&self, solution: &Solution) -> Vec<Vec<Step>> {
+        let digest = Sha256::digest(self.key().as_bytes());
+        let mut seed = [0u8; 8];
+        seed.copy_from_slice(&digest[..8]);
+        let mut rng = TaskRng::new(u64::from_le_bytes(seed), Split::Train);
+        let want = rng.range(0, self.max_misses as i64) as usize;
+        let mut out: Vec<Vec<Step>> = Vec::with_capacity(want);
+        // A few problems have almost every reduction on the target; give up rather than loop.
+        for _ in 0..32 * (want + 1) {
+            if out.len() == want {
+                break;
+            }
+            let Some((steps, value)) = random_reduction(&self.nums, &mut rng) else {
+                continue;
+            };
+            if value != self.target && steps != solution.steps && !out.contains(&steps) {
+                out.push(steps);
+            }
+        }
+        out
     }
 
     /// The question text in the problem's [`QuestionStyle`] (TinyZero's is its `make_prefix`
@@ -215,7 +309,7 @@ impl Problem for CountdownProblem {
             answer: None,
             // Generated problems are solvable by construction; `solve` cannot miss.
             completion: if with_demo {
-                self.solve().map(|s| s.demonstration())
+                self.demonstration()
             } else {
                 None
             },
@@ -233,6 +327,31 @@ fn combine(a: i64, b: i64) -> impl Iterator<Item = (i64, char, i64, i64)> {
     let mul = a.checked_mul(b).map(|r| (a, '*', b, r));
     let div = (lo > 0 && hi % lo == 0).then(|| (hi, '/', lo, hi / lo));
     [add, sub, mul, div].into_iter().flatten()
+}
+
+/// One complete reduction of `nums` by random steps: pick two items and one of the results
+/// [`combine`] allows, replace them by it, until one value is left. Returns the steps and that
+/// value, or `None` if a pair allows no operation (only on i64 overflow).
+fn random_reduction(nums: &[i64], rng: &mut TaskRng) -> Option<(Vec<Step>, i64)> {
+    let mut items = nums.to_vec();
+    let mut steps = Vec::with_capacity(nums.len().saturating_sub(1));
+    while items.len() > 1 {
+        let i = rng.range(0, items.len() as i64 - 1) as usize;
+        let mut j = rng.range(0, items.len() as i64 - 2) as usize;
+        if j >= i {
+            j += 1;
+        }
+        let options: Vec<_> = combine(items[i], items[j]).collect();
+        if options.is_empty() {
+            return None;
+        }
+        let (a, op, b, result) = options[rng.range(0, options.len() as i64 - 1) as usize];
+        items.remove(i.max(j));
+        items.remove(i.min(j));
+        items.push(result);
+        steps.push(Step { a, op, b, result });
+    }
+    Some((steps, *items.first()?))
 }
 
 /// Every value reachable using all of `nums` exactly once.
@@ -342,6 +461,8 @@ fn draw(cfg: &CountdownConfig, rng: &mut TaskRng) -> Option<CountdownProblem> {
         nums,
         target,
         style: cfg.question,
+        demo: cfg.demo,
+        max_misses: cfg.max_misses,
     })
 }
 
