@@ -50,6 +50,60 @@ pub struct ModelSection {
     pub aux_loss_free_bias: Option<bool>,
     /// Override the model's `bias_update_rate`.
     pub bias_update_rate: Option<f64>,
+    /// Shape overrides of a preset, by their `config.json` names (as transformers'
+    /// `from_config(..., **kwargs)`): a preset with `hidden_size = 256` is that preset made
+    /// wider. Not allowed with `path` (a model directory's shape is its weights').
+    pub hidden_size: Option<usize>,
+    pub num_hidden_layers: Option<usize>,
+    pub num_attention_heads: Option<usize>,
+    pub num_key_value_heads: Option<usize>,
+    pub head_dim: Option<usize>,
+    /// The dense MLP's width (dense layers and shared experts).
+    pub intermediate_size: Option<usize>,
+    pub moe_intermediate_size: Option<usize>,
+    pub num_experts: Option<usize>,
+    pub num_experts_per_tok: Option<usize>,
+}
+
+impl ModelSection {
+    /// The shape overrides that are set, as `(key, value)`.
+    pub fn shape_overrides(&self) -> Vec<(&'static str, usize)> {
+        [
+            ("hidden_size", self.hidden_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+            ("intermediate_size", self.intermediate_size),
+            ("moe_intermediate_size", self.moe_intermediate_size),
+            ("num_experts", self.num_experts),
+            ("num_experts_per_tok", self.num_experts_per_tok),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k, v)))
+        .collect()
+    }
+
+    /// The preset (`tiny` when none is named) with the shape overrides applied, validated.
+    pub fn preset_shape(&self) -> Result<sobre_model::ModelConfig, sobre_model::ModelError> {
+        let mut mc = sobre_model::ModelConfig::preset(self.preset.as_deref().unwrap_or("tiny"))?;
+        for (key, v) in self.shape_overrides() {
+            let field = match key {
+                "hidden_size" => &mut mc.hidden_size,
+                "num_hidden_layers" => &mut mc.num_hidden_layers,
+                "num_attention_heads" => &mut mc.num_attention_heads,
+                "num_key_value_heads" => &mut mc.num_key_value_heads,
+                "head_dim" => &mut mc.head_dim,
+                "intermediate_size" => &mut mc.intermediate_size,
+                "moe_intermediate_size" => &mut mc.moe_intermediate_size,
+                "num_experts" => &mut mc.num_experts,
+                _ => &mut mc.num_experts_per_tok,
+            };
+            *field = v;
+        }
+        mc.validate("[model]")?;
+        Ok(mc)
+    }
 }
 
 /// `[tokenizer]`: load one, or train a byte-level BPE on the training data.
@@ -694,6 +748,20 @@ impl Config {
         {
             return fail("model.preset", e.to_string());
         }
+        let shape = self.model.shape_overrides();
+        if let Some((key, _)) = shape.first() {
+            if self.model.path.is_some() {
+                return fail(
+                    &format!("model.{key}"),
+                    "shape overrides apply to a preset; a model directory's shape is that of its \
+                     weights (edit its config.json instead)"
+                        .into(),
+                );
+            }
+            if let Err(e) = self.model.preset_shape() {
+                return fail(&format!("model.{key}"), e.to_string());
+            }
+        }
         if let Some(r) = self.model.router_aux_loss_coef {
             nonneg("model.router_aux_loss_coef", r)?;
         }
@@ -1018,6 +1086,56 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("did you mean `beta`"), "{e}");
+    }
+
+    #[test]
+    fn model_shape_overrides_widen_a_preset_and_errors_name_the_key() {
+        let text = "[data]\ntask = \"countdown\"\n[model]\npreset = \"small\"\nhidden_size = 256\nmoe_intermediate_size = 192\n";
+        let (cfg, _) = Config::parse(text, "run.toml", &[]).unwrap();
+        let mc = cfg.model.preset_shape().unwrap();
+        let small = sobre_model::ModelConfig::preset("small").unwrap();
+        assert_eq!((mc.hidden_size, mc.moe_intermediate_size), (256, 192));
+        // Everything else is the preset's.
+        assert_eq!(
+            (mc.num_hidden_layers, mc.num_experts, mc.head_dim, mc.intermediate_size),
+            (small.num_hidden_layers, small.num_experts, small.head_dim, small.intermediate_size)
+        );
+        assert_eq!(
+            cfg.model.shape_overrides(),
+            vec![("hidden_size", 256), ("moe_intermediate_size", 192)]
+        );
+        // An impossible shape names the key on its line.
+        let text = "[data]\ntask = \"countdown\"\n[model]\npreset = \"small\"\nnum_experts_per_tok = 9\n";
+        let e = Config::parse(text, "run.toml", &[]).unwrap_err().to_string();
+        assert!(
+            e.starts_with("run.toml:5: `model.num_experts_per_tok`"),
+            "{e}"
+        );
+        assert!(e.contains("must be in 1..=8"), "{e}");
+        let e = Config::parse(
+            "[data]\ntask = \"countdown\"\n",
+            "t",
+            &["model.num_attention_heads=3".into()],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("multiple of `num_key_value_heads`"), "{e}");
+        // A model directory's shape is its weights'.
+        let dir = tempfile::tempdir().unwrap();
+        let mc = sobre_model::ModelConfig::preset("tiny").unwrap();
+        std::fs::write(
+            dir.path().join("config.json"),
+            mc.to_json().to_string(),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("tokenizer.json"), "{}").unwrap();
+        let text = format!(
+            "[data]\ntask = \"countdown\"\n[model]\npath = {:?}\nhidden_size = 64\n",
+            dir.path().display().to_string()
+        );
+        let e = Config::parse(&text, "run.toml", &[]).unwrap_err().to_string();
+        assert!(e.contains("`model.hidden_size`"), "{e}");
+        assert!(e.contains("shape overrides apply to a preset"), "{e}");
     }
 
     #[test]

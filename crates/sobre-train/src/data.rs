@@ -171,12 +171,12 @@ pub fn build_template(cfg: &Config, tokenizer_dir: Option<&Path>) -> Result<Temp
     Template::from_name(&cfg.template.name).map_err(|e| data_err("template", e))
 }
 
-/// The `[model] preset`'s config with the tokenizer's eos/pad ids and the `[model]` overrides
-/// (router aux-loss coefficient, aux-loss-free bias and its rate) applied; the caller sets the
-/// vocabulary size. Errors name an unknown preset.
+/// The `[model] preset`'s config with its shape overrides, the tokenizer's eos/pad ids and the
+/// `[model]` overrides (router aux-loss coefficient, aux-loss-free bias and its rate) applied;
+/// the caller sets the vocabulary size. Errors name an unknown preset or a bad shape.
 pub fn preset_config(cfg: &Config, special: &SpecialTokens) -> Result<ModelConfig, TrainError> {
     let m = &cfg.model;
-    let mut mc = ModelConfig::preset(m.preset.as_deref().unwrap_or("tiny"))?;
+    let mut mc = m.preset_shape()?;
     mc.eos_token_id = vec![special.eos];
     mc.pad_token_id = Some(special.pad);
     if let Some(r) = m.router_aux_loss_coef {
