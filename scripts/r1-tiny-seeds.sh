@@ -25,7 +25,7 @@ for seed in "${seeds[@]}"; do
   "$sobre" train --config configs/r1-tiny.toml --out "$run" --set run.seed="$seed" \
     --set "eval.compare.control=\"$control\""
   "$sobre" plot "$run" --out "docs/r1-tiny-seed$seed.png" \
-    --title "r1-tiny, seed $seed: SFT on 2,000 demonstrations, then GRPO"
+    --title "r1-tiny, seed $seed: SFT on 1,000 demonstrations, then GRPO"
 done
 echo
 echo "seed  sft  final  control  (held-out pass@1, %; runs/r1-tiny-seed*/final_eval.json)"
