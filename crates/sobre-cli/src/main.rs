@@ -12,6 +12,10 @@ use clap::{Parser, Subcommand};
     about = "Train small reasoning MoE models with GRPO and checkable rewards"
 )]
 struct Cli {
+    /// Where to compute: cpu (burn's flex backend, the default build's only one); tch,
+    /// tch-cuda[:N] with the `tch` feature; cuda[:N] with the `cuda` feature.
+    #[arg(long, global = true, default_value = "cpu")]
+    device: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -43,6 +47,11 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let chosen = sobre_model::device_by_name(&cli.device).and_then(sobre_model::use_device);
+    if let Err(err) = chosen {
+        eprintln!("error: --device: {err}");
+        return std::process::ExitCode::from(2);
+    }
     let result = match cli.command {
         Command::Inspect(args) => cmd::inspect::run(args),
         Command::Logits(args) => cmd::logits::run(args),

@@ -42,6 +42,9 @@ pub enum ModelError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A device this build cannot use, or a second choice of device.
+    #[error("{0}")]
+    Device(String),
 }
 
 impl ModelError {
@@ -53,7 +56,87 @@ impl ModelError {
     }
 }
 
-/// The CPU device sobre uses by default: burn's pure-Rust `flex` backend.
+static DEVICE: std::sync::OnceLock<burn::prelude::Device> = std::sync::OnceLock::new();
+
+/// The device sobre computes on: burn's pure-Rust `flex` CPU backend, unless the program chose
+/// another with [`use_device`] before any work (the CLI's `--device`).
 pub fn default_device() -> burn::prelude::Device {
-    burn::prelude::Device::flex()
+    DEVICE
+        .get()
+        .cloned()
+        .unwrap_or_else(burn::prelude::Device::flex)
+}
+
+/// The backends this build can run on, by the names [`device_by_name`] takes.
+pub fn available_devices() -> Vec<&'static str> {
+    let mut names = vec!["cpu"];
+    if cfg!(feature = "tch") {
+        names.extend(["tch", "tch-cuda"]);
+    }
+    if cfg!(feature = "cuda") {
+        names.push("cuda");
+    }
+    names
+}
+
+/// A device by name: `cpu` (or `flex`, the default build's only backend); with the cargo
+/// feature `tch`, `tch` (libtorch on the CPU) and `tch-cuda[:N]`; with `cuda`, `cuda[:N]`
+/// (burn's CubeCL CUDA backend). A name this build lacks is an error that says which feature
+/// it needs.
+pub fn device_by_name(name: &str) -> Result<burn::prelude::Device, ModelError> {
+    let (kind, index) = match name.split_once(':') {
+        Some((k, i)) => {
+            let i: usize = i.parse().map_err(|_| {
+                ModelError::Device(format!("`{name}`: the device index `{i}` is not a number"))
+            })?;
+            (k, i)
+        }
+        None => (name, 0),
+    };
+    let missing = |feature: &str| {
+        ModelError::Device(format!(
+            "device `{name}` needs sobre built with the cargo feature `{feature}` (not in the \
+             default build); this build has: {}",
+            available_devices().join(", ")
+        ))
+    };
+    // Which of these are used depends on the features built in.
+    let _ = (index, &missing);
+    if name.contains(':') && !matches!(kind, "tch-cuda" | "cuda") {
+        return Err(ModelError::Device(format!(
+            "`{name}`: only tch-cuda and cuda take a device index (`cuda:1`)"
+        )));
+    }
+    match kind {
+        "cpu" | "flex" => Ok(burn::prelude::Device::flex()),
+        #[cfg(feature = "tch")]
+        #[allow(deprecated)] // burn 0.22 deprecates burn-tch; the issue asks for it as a baseline
+        "tch" => Ok(burn::prelude::Device::libtorch()),
+        #[cfg(feature = "tch")]
+        #[allow(deprecated)]
+        "tch-cuda" => Ok(burn::prelude::Device::libtorch_cuda(index)),
+        #[cfg(not(feature = "tch"))]
+        "tch" | "tch-cuda" => Err(missing("tch")),
+        #[cfg(feature = "cuda")]
+        "cuda" => Ok(burn::prelude::Device::cuda(index)),
+        #[cfg(not(feature = "cuda"))]
+        "cuda" => Err(missing("cuda")),
+        other => Err(ModelError::Device(format!(
+            "unknown device `{other}`; this build has: {}",
+            available_devices().join(", ")
+        ))),
+    }
+}
+
+/// Makes `device` the one [`default_device`] returns for the rest of the process. Call it once,
+/// before any work; a second call with another device is an error (tensors already made would
+/// live on the first).
+pub fn use_device(device: burn::prelude::Device) -> Result<(), ModelError> {
+    let chosen = DEVICE.get_or_init(|| device.clone());
+    if *chosen != device {
+        return Err(ModelError::Device(format!(
+            "the device is already {chosen:?}; it is chosen once per process"
+        )));
+    }
+    Ok(())
 }

@@ -303,6 +303,7 @@ pub fn bench_step(cfg: &Config, opts: &BenchOptions) -> Result<Value, TrainError
     let med_tokens = median(&completion_tokens);
     Ok(json!({
         "benchmark": "grpo_step",
+        "device": format!("{:?}", sobre_model::default_device()),
         "model": {
             "preset": cfg.model.preset,
             "path": cfg.model.path,

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use sobre_train::Config;
 use sobre_train::pipeline::{Pipeline, RunOptions, install_ctrlc};
 
@@ -29,9 +29,6 @@ pub struct Args {
     /// Continue from the newest complete checkpoint in the run directory.
     #[arg(long)]
     pub resume: bool,
-    /// Device: cpu (burn's flex backend; the only one in the default build).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
     /// Stop after this many GRPO steps, save, and print the resume command (as Ctrl-C does).
     #[arg(long, value_name = "STEPS")]
     pub stop_after: Option<usize>,
@@ -41,15 +38,6 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    match args.device.as_str() {
-        "cpu" | "flex" => {}
-        "cuda" | "tch" => bail!(
-            "device `{}` needs sobre built with the cargo feature `{}` (not in the default build)",
-            args.device,
-            args.device
-        ),
-        other => bail!("unknown device `{other}`: expected cpu (flex)"),
-    }
     let (cfg, source) = Config::load(&args.config, &args.set)?;
     let stop = install_ctrlc();
     let opts = RunOptions {
