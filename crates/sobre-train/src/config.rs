@@ -97,7 +97,13 @@ impl ModelSection {
                 "intermediate_size" => &mut mc.intermediate_size,
                 "moe_intermediate_size" => &mut mc.moe_intermediate_size,
                 "num_experts" => &mut mc.num_experts,
-                _ => &mut mc.num_experts_per_tok,
+                "num_experts_per_tok" => &mut mc.num_experts_per_tok,
+                other => {
+                    return Err(sobre_model::ModelError::Config {
+                        origin: "[model]".into(),
+                        msg: format!("`{other}` is not a shape key"),
+                    });
+                }
             };
             *field = v;
         }

@@ -229,7 +229,7 @@ impl CountdownProblem {
     /// The missed tries of a search trace: 0..=max_misses distinct random complete reductions
     /// (each step a random pair and a random operation the solver allows) whose result is not
     /// the target, none equal to the solver's path. Seeded by the problem's key.
-    pub fn misses(&self, solution: &Solution) -> Vec<Vec<Step>> {
+    fn misses(&self, solution: &Solution) -> Vec<Vec<Step>> {
         let digest = Sha256::digest(self.key().as_bytes());
         let mut seed = [0u8; 8];
         seed.copy_from_slice(&digest[..8]);
