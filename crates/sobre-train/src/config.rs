@@ -87,25 +87,21 @@ impl ModelSection {
     /// The preset (`tiny` when none is named) with the shape overrides applied, validated.
     pub fn preset_shape(&self) -> Result<sobre_model::ModelConfig, sobre_model::ModelError> {
         let mut mc = sobre_model::ModelConfig::preset(self.preset.as_deref().unwrap_or("tiny"))?;
-        for (key, v) in self.shape_overrides() {
-            let field = match key {
-                "hidden_size" => &mut mc.hidden_size,
-                "num_hidden_layers" => &mut mc.num_hidden_layers,
-                "num_attention_heads" => &mut mc.num_attention_heads,
-                "num_key_value_heads" => &mut mc.num_key_value_heads,
-                "head_dim" => &mut mc.head_dim,
-                "intermediate_size" => &mut mc.intermediate_size,
-                "moe_intermediate_size" => &mut mc.moe_intermediate_size,
-                "num_experts" => &mut mc.num_experts,
-                "num_experts_per_tok" => &mut mc.num_experts_per_tok,
-                other => {
-                    return Err(sobre_model::ModelError::Config {
-                        origin: "[model]".into(),
-                        msg: format!("`{other}` is not a shape key"),
-                    });
-                }
-            };
-            *field = v;
+        let m = self;
+        for (field, v) in [
+            (&mut mc.hidden_size, m.hidden_size),
+            (&mut mc.num_hidden_layers, m.num_hidden_layers),
+            (&mut mc.num_attention_heads, m.num_attention_heads),
+            (&mut mc.num_key_value_heads, m.num_key_value_heads),
+            (&mut mc.head_dim, m.head_dim),
+            (&mut mc.intermediate_size, m.intermediate_size),
+            (&mut mc.moe_intermediate_size, m.moe_intermediate_size),
+            (&mut mc.num_experts, m.num_experts),
+            (&mut mc.num_experts_per_tok, m.num_experts_per_tok),
+        ] {
+            if let Some(v) = v {
+                *field = v;
+            }
         }
         mc.validate("[model]")?;
         Ok(mc)
