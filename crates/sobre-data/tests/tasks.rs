@@ -370,7 +370,11 @@ fn check_trace_line(line: &str, nums: &[i64]) -> i64 {
         pool.push(r);
         last = r;
     }
-    assert_eq!(pool, vec![last], "`{line}` must use every number of {nums:?} once");
+    assert_eq!(
+        pool,
+        vec![last],
+        "`{line}` must use every number of {nums:?} once"
+    );
     last
 }
 
@@ -401,11 +405,19 @@ fn search_demonstrations_are_correct_misses_then_the_solution() {
             .unwrap();
         let lines: Vec<&str> = think.lines().collect();
         let (last, missed) = lines.split_last().unwrap();
-        assert_eq!(*last, sol.reasoning(), "the trace ends on the solver's path");
+        assert_eq!(
+            *last,
+            sol.reasoning(),
+            "the trace ends on the solver's path"
+        );
         assert!(missed.len() <= 2, "{demo}");
         misses_seen[missed.len()] += 1;
         for (i, line) in missed.iter().enumerate() {
-            assert_ne!(check_trace_line(line, &p.nums), p.target, "a miss hit: {demo}");
+            assert_ne!(
+                check_trace_line(line, &p.nums),
+                p.target,
+                "a miss hit: {demo}"
+            );
             assert_ne!(*line, *last);
             assert!(!missed[..i].contains(line), "repeated miss: {demo}");
         }
@@ -424,7 +436,10 @@ fn search_demonstrations_are_correct_misses_then_the_solution() {
     // 0, 1 and 2 misses are drawn uniformly (400 problems: ~133 each; a few problems have
     // fewer distinct misses than drawn).
     for (k, &n) in misses_seen.iter().enumerate() {
-        assert!((95..=175).contains(&n), "{n} problems with {k} misses: {misses_seen:?}");
+        assert!(
+            (95..=175).contains(&n),
+            "{n} problems with {k} misses: {misses_seen:?}"
+        );
     }
     // The problems themselves do not depend on the demonstration style.
     let plain = countdown::generate(

@@ -110,7 +110,8 @@ pub fn device_by_name(name: &str) -> Result<burn::prelude::Device, ModelError> {
     match kind {
         "cpu" | "flex" => Ok(burn::prelude::Device::flex()),
         #[cfg(feature = "tch")]
-        #[allow(deprecated)] // burn 0.22 deprecates burn-tch; the issue asks for it as a baseline
+        #[allow(deprecated)]
+        // burn 0.22 deprecates burn-tch; the issue asks for it as a baseline
         "tch" => Ok(burn::prelude::Device::libtorch()),
         #[cfg(feature = "tch")]
         #[allow(deprecated)]

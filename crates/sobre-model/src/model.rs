@@ -790,9 +790,67 @@ impl MoeModel {
     pub fn forward(
         &self,
         batch: &Batch,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
         opts: ForwardOptions,
     ) -> ModelOutput {
+        let (h, router) = self.trunk(batch, cache, opts);
+        let [b, s, hidden] = h.dims();
+        let h = match opts.logits {
+            LogitsMode::All => h,
+            LogitsMode::Last => h.slice([0..b, s - 1..s, 0..hidden]),
+        };
+        let rows = h.dims()[1];
+        let logits =
+            self.head(h.reshape([b * rows, hidden]))
+                .reshape([b, rows, self.config.vocab_size]);
+        ModelOutput { logits, router }
+    }
+
+    /// Logits at chosen positions only: row `i` of the result is what
+    /// `forward(batch, None, opts).logits` holds at flat position `positions[i]` (`row · seq +
+    /// column`), without running the final norm and LM head anywhere else. Scoring completions
+    /// needs the positions that predict completion tokens, not the prompt's.
+    ///
+    /// # Shapes
+    /// `positions: [n]` → logits `[n, vocab]`.
+    ///
+    /// # Panics
+    /// As [`MoeModel::forward`], and if a position is outside `batch · seq`.
+    pub fn forward_positions(
+        &self,
+        batch: &Batch,
+        positions: &[usize],
+        opts: ForwardOptions,
+    ) -> (Tensor<2>, RouterStats) {
+        let (b, s) = (batch.batch, batch.seq);
+        assert!(
+            positions.iter().all(|&p| p < b * s),
+            "positions must lie inside batch·seq"
+        );
+        let (h, router) = self.trunk(batch, None, opts);
+        let hidden = self.config.hidden_size;
+        let index = int_tensor_1d(positions.iter().map(|&p| p as i64).collect(), &h.device());
+        let picked = h.reshape([b * s, hidden]).select(0, index);
+        (self.head(picked), router)
+    }
+
+    /// Final norm and LM head. `[rows, hidden]` → `[rows, vocab]`
+    fn head(&self, h: Tensor<2>) -> Tensor<2> {
+        let h = self.norm.forward(h);
+        match &self.lm_head {
+            Some(w) => h.matmul(w.val()),
+            None => h.matmul(self.embed_tokens.val().transpose()),
+        }
+    }
+
+    /// Embeddings and decoder layers: hidden states `[batch, seq, hidden]` before the final
+    /// norm, and the router statistics.
+    fn trunk(
+        &self,
+        batch: &Batch,
+        mut cache: Option<&mut KvCache>,
+        opts: ForwardOptions,
+    ) -> (Tensor<3>, RouterStats) {
         let (b, s) = (batch.batch, batch.seq);
         assert_eq!(
             batch.input_ids.len(),
@@ -897,18 +955,6 @@ impl MoeModel {
             c.len = keys;
         }
 
-        let h = match opts.logits {
-            LogitsMode::All => h,
-            LogitsMode::Last => h.slice([0..b, s - 1..s, 0..cfg.hidden_size]),
-        };
-        let rows = h.dims()[1];
-        let h = self.norm.forward(h).reshape([b * rows, cfg.hidden_size]);
-        let logits = match &self.lm_head {
-            Some(w) => h.matmul(w.val()),
-            None => h.matmul(self.embed_tokens.val().transpose()),
-        }
-        .reshape([b, rows, cfg.vocab_size]);
-
         let aux_loss = acc.and_then(|acc| {
             let prob_sum = acc.prob_sum?;
             let rows = acc.rows.max(1.0);
@@ -921,13 +967,13 @@ impl MoeModel {
             let tokens = Tensor::<1>::from_data(TensorData::new(tokens, [n]), &device);
             Some((tokens * prob_sum / rows).sum() * cfg.num_experts as f64)
         });
-        ModelOutput {
-            logits,
-            router: RouterStats {
+        (
+            h,
+            RouterStats {
                 expert_counts: counts,
                 aux_loss,
             },
-        }
+        )
     }
 
     /// DeepSeek-V3's auxiliary-loss-free update: every sparse layer's bias moves by

@@ -4,8 +4,14 @@ use sobre_model::{available_devices, default_device, device_by_name, use_device}
 
 #[test]
 fn device_names_and_the_process_wide_choice() {
-    assert_eq!(device_by_name("cpu").unwrap(), burn::prelude::Device::flex());
-    assert_eq!(device_by_name("flex").unwrap(), burn::prelude::Device::flex());
+    assert_eq!(
+        device_by_name("cpu").unwrap(),
+        burn::prelude::Device::flex()
+    );
+    assert_eq!(
+        device_by_name("flex").unwrap(),
+        burn::prelude::Device::flex()
+    );
     assert!(available_devices().contains(&"cpu"));
     if !cfg!(feature = "tch") {
         let e = device_by_name("tch").unwrap_err().to_string();
@@ -23,9 +29,15 @@ fn device_names_and_the_process_wide_choice() {
     let e = device_by_name("cuda:x").unwrap_err().to_string();
     assert_eq!(e, "`cuda:x`: the device index `x` is not a number");
     let e = device_by_name("cpu:1").unwrap_err().to_string();
-    assert_eq!(e, "`cpu:1`: only tch-cuda and cuda take a device index (`cuda:1`)");
+    assert_eq!(
+        e,
+        "`cpu:1`: only tch-cuda and cuda take a device index (`cuda:1`)"
+    );
     let e = device_by_name("gpu").unwrap_err().to_string();
-    assert!(e.starts_with("unknown device `gpu`; this build has: cpu"), "{e}");
+    assert!(
+        e.starts_with("unknown device `gpu`; this build has: cpu"),
+        "{e}"
+    );
 
     // The choice is made once per process: the same device again is fine, another is refused.
     assert_eq!(default_device(), burn::prelude::Device::flex());

@@ -134,6 +134,24 @@ fn last_only_logits_equal_the_last_column() {
 }
 
 #[test]
+fn logits_at_positions_equal_the_full_forward_there() {
+    let cfg = test_config();
+    let m = model(&cfg, 5);
+    let b = Batch::right_padded(&[ids(9, 5, cfg.vocab_size), ids(5, 6, cfg.vocab_size)], 0);
+    let full = values(m.forward(&b, None, ForwardOptions::default()).logits); // [2, 9, V]
+    // Out of order, repeated, and in both rows (flat index = row · 9 + column).
+    let positions = [12, 3, 0, 8, 13, 3];
+    let (picked, _) = m.forward_positions(&b, &positions, ForwardOptions::default());
+    assert_eq!(picked.dims(), [positions.len(), cfg.vocab_size]);
+    let picked = values(picked);
+    let v = cfg.vocab_size;
+    for (i, &p) in positions.iter().enumerate() {
+        let d = max_diff(&picked[i * v..(i + 1) * v], &full[p * v..(p + 1) * v]);
+        assert!(d < 1e-6, "position {p}: {d:e}");
+    }
+}
+
+#[test]
 fn dispatch_equals_dense_reference() {
     for (scoring, norm, bias) in [
         (sobre_model::ScoringFunc::Softmax, false, false),

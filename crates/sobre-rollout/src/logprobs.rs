@@ -79,26 +79,21 @@ pub fn completion_scores(
     opts: ForwardOptions,
     entropy: bool,
 ) -> Scored {
-    let out = model.forward(&scored.batch, None, opts);
-    let [rows, seq, vocab] = out.logits.dims();
-    let device = out.logits.device();
+    let (rows, seq) = (scored.rows, scored.batch.seq);
     let m = scored.max_completion;
-    // Gather, per row, the m logit rows that predict the completion tokens. A row's columns
-    // past its own completion read position 0 (any valid index; masked out).
+    // Logits only at the m positions per row that predict the completion tokens (the prompt's
+    // own positions never reach the LM head). A row's columns past its own completion read
+    // position 0 (any valid index; masked out).
     let mut index = Vec::with_capacity(rows * m);
     for r in 0..rows {
         let p = scored.prompt_lens[r];
         for i in 0..m {
             let valid = scored.mask[r * m + i] > 0.0;
-            index.push(if valid {
-                (r * seq + p + i - 1) as i64
-            } else {
-                (r * seq) as i64
-            });
+            index.push(if valid { r * seq + p + i - 1 } else { r * seq });
         }
     }
-    let index = Tensor::<1, Int>::from_data(TensorData::new(index, [rows * m]), &device);
-    let mut picked = out.logits.reshape([rows * seq, vocab]).select(0, index);
+    let (mut picked, router) = model.forward_positions(&scored.batch, &index, opts);
+    let device = picked.device();
     if temperature > 0.0 && temperature != 1.0 {
         picked = picked / temperature as f64;
     }
@@ -118,7 +113,7 @@ pub fn completion_scores(
     Scored {
         logp: lp.gather(1, targets).reshape([rows, m]) * mask,
         entropy,
-        router: out.router,
+        router,
     }
 }
 

@@ -78,12 +78,20 @@ pub fn token_logprob(logits: &[f32], temperature: f32, token: u32) -> f32 {
     } else {
         1.0
     };
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+    let max = row_max(logits);
     let lse = logits
         .iter()
         .map(|&x| ((x as f64 - max) / t).exp())
         .sum::<f64>()
         .ln();
+    logprob_from_lse(logits, max, t, lse, token)
+}
+
+fn row_max(logits: &[f32]) -> f64 {
+    logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64
+}
+
+fn logprob_from_lse(logits: &[f32], max: f64, t: f64, lse: f64, token: u32) -> f32 {
     ((logits[token as usize] as f64 - max) / t - lse) as f32
 }
 
@@ -113,8 +121,57 @@ pub fn sample(logits: &[f32], params: &SamplingParams, u: f64) -> (u32, f32) {
         let tok = argmax(logits);
         return (tok, token_logprob(logits, 0.0, tok));
     }
+    let untruncated = (params.top_k == 0 || params.top_k >= logits.len())
+        && params.top_p >= 1.0
+        && params.min_p <= 0.0;
+    if untruncated && let Some(hit) = sample_most_likely(logits, params.temperature, u) {
+        return hit;
+    }
+    sample_reference(logits, params, u)
+}
+
+/// The fast path of [`sample`] for an untruncated distribution: one pass that finds the most
+/// likely token and the normaliser, and returns that token when `u` falls inside its share of
+/// the CDF with a margin no summation order can cross. A trained policy is confident (entropy
+/// well under one nat), so this is most draws; the rest return `None` and go through the sort.
+///
+/// Exactness: the reference sums the candidates in sorted order, this in index order. Both are
+/// sums of the same `n` positive terms, so they differ by at most `2(n−1)·ε·total`; the test
+/// `target < first` is only trusted when it holds for `total` enlarged by twice that bound.
+fn sample_most_likely(logits: &[f32], temperature: f32, u: f64) -> Option<(u32, f32)> {
+    let t = temperature as f64;
+    let max = row_max(logits);
+    let (mut total, mut best, mut best_e) = (0.0f64, 0usize, f64::NEG_INFINITY);
+    for (i, &x) in logits.iter().enumerate() {
+        let e = ((x as f64 - max) / t).exp();
+        total += e;
+        // Strict: ties go to the lowest index, as in the reference's order.
+        if e > best_e {
+            best_e = e;
+            best = i;
+        }
+    }
+    let bound = total + 4.0 * logits.len() as f64 * f64::EPSILON * total;
+    if u * bound < best_e {
+        // `total` is summed in index order, exactly as `token_logprob` sums it.
+        Some((
+            best as u32,
+            logprob_from_lse(logits, max, t, total.ln(), best as u32),
+        ))
+    } else {
+        None
+    }
+}
+
+/// [`sample`] by its definition: sort every candidate, truncate, invert the CDF. The
+/// reference the fast path is tested against, and the path for truncated sampling.
+pub fn sample_reference(logits: &[f32], params: &SamplingParams, u: f64) -> (u32, f32) {
+    if params.temperature <= 0.0 {
+        let tok = argmax(logits);
+        return (tok, token_logprob(logits, 0.0, tok));
+    }
     let t = params.temperature as f64;
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+    let max = row_max(logits);
     let mut cand: Vec<(u32, f64)> = logits
         .iter()
         .enumerate()
@@ -236,6 +293,55 @@ mod tests {
         assert_eq!(sample(&logits, &p, 0.999).0, 0);
         // The recorded logprob ignores truncation: it is the full distribution's.
         assert!((sample(&logits, &p, 0.999).1 - 0.4f32.ln()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn fast_path_agrees_with_the_reference_bit_for_bit() {
+        use rand_chacha::ChaCha8Rng;
+        use rand_chacha::rand_core::{Rng, SeedableRng};
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let mut unit = move || (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        let (mut fast_hits, mut draws) = (0, 0);
+        for row in 0..400 {
+            let n = [2, 3, 299, 512][row % 4];
+            // Confident rows (one logit far ahead), flat rows, and rows with tied maxima.
+            let spread = [0.5, 3.0, 12.0][row % 3];
+            let mut logits: Vec<f32> = (0..n).map(|_| (unit() * spread) as f32).collect();
+            let lead = (unit() * n as f64) as usize % n;
+            logits[lead] += [0.0, 4.0, 15.0][(row / 3) % 3];
+            if row % 5 == 0 {
+                let other = (lead + 1) % n;
+                logits[other] = logits[lead];
+            }
+            let t = [1.0f32, 0.7, 1.3][row % 3];
+            let p = params(t);
+            // The most likely token's share of the CDF, and u right at its edge.
+            let max = row_max(&logits);
+            let e: Vec<f64> = logits
+                .iter()
+                .map(|&x| ((x as f64 - max) / t as f64).exp())
+                .collect();
+            let share = 1.0 / e.iter().sum::<f64>();
+            let edge = [share, share - 1e-15, share + 1e-15, share * (1.0 - 1e-13)];
+            for u in (0..8)
+                .map(|_| unit())
+                .chain(edge.into_iter().filter(|u| (0.0..1.0).contains(u)))
+            {
+                draws += 1;
+                let want = sample_reference(&logits, &p, u);
+                let got = sample(&logits, &p, u);
+                assert_eq!(got.0, want.0, "row {row} u {u}");
+                assert_eq!(got.1.to_bits(), want.1.to_bits(), "row {row} u {u}");
+                if sample_most_likely(&logits, t, u).is_some() {
+                    fast_hits += 1;
+                }
+            }
+        }
+        // Both paths were exercised.
+        assert!(
+            fast_hits > draws / 5 && fast_hits < draws,
+            "{fast_hits} of {draws}"
+        );
     }
 
     #[test]

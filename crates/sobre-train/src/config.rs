@@ -1099,16 +1099,29 @@ mod tests {
         assert_eq!((mc.hidden_size, mc.moe_intermediate_size), (256, 192));
         // Everything else is the preset's.
         assert_eq!(
-            (mc.num_hidden_layers, mc.num_experts, mc.head_dim, mc.intermediate_size),
-            (small.num_hidden_layers, small.num_experts, small.head_dim, small.intermediate_size)
+            (
+                mc.num_hidden_layers,
+                mc.num_experts,
+                mc.head_dim,
+                mc.intermediate_size
+            ),
+            (
+                small.num_hidden_layers,
+                small.num_experts,
+                small.head_dim,
+                small.intermediate_size
+            )
         );
         assert_eq!(
             cfg.model.shape_overrides(),
             vec![("hidden_size", 256), ("moe_intermediate_size", 192)]
         );
         // An impossible shape names the key on its line.
-        let text = "[data]\ntask = \"countdown\"\n[model]\npreset = \"small\"\nnum_experts_per_tok = 9\n";
-        let e = Config::parse(text, "run.toml", &[]).unwrap_err().to_string();
+        let text =
+            "[data]\ntask = \"countdown\"\n[model]\npreset = \"small\"\nnum_experts_per_tok = 9\n";
+        let e = Config::parse(text, "run.toml", &[])
+            .unwrap_err()
+            .to_string();
         assert!(
             e.starts_with("run.toml:5: `model.num_experts_per_tok`"),
             "{e}"
@@ -1125,17 +1138,15 @@ mod tests {
         // A model directory's shape is its weights'.
         let dir = tempfile::tempdir().unwrap();
         let mc = sobre_model::ModelConfig::preset("tiny").unwrap();
-        std::fs::write(
-            dir.path().join("config.json"),
-            mc.to_json().to_string(),
-        )
-        .unwrap();
+        std::fs::write(dir.path().join("config.json"), mc.to_json().to_string()).unwrap();
         std::fs::write(dir.path().join("tokenizer.json"), "{}").unwrap();
         let text = format!(
             "[data]\ntask = \"countdown\"\n[model]\npath = {:?}\nhidden_size = 64\n",
             dir.path().display().to_string()
         );
-        let e = Config::parse(&text, "run.toml", &[]).unwrap_err().to_string();
+        let e = Config::parse(&text, "run.toml", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`model.hidden_size`"), "{e}");
         assert!(e.contains("shape overrides apply to a preset"), "{e}");
     }
