@@ -88,7 +88,7 @@ fn a_completion_alone_equals_the_same_completion_in_a_mixed_batch() {
     let m = test_model(1);
     let params = sampled(1.0, 10, 7);
     let a = prompt(&[5, 9, 2], 42);
-    let alone = generate(&m, &[a.clone()], 3, &params, None).unwrap();
+    let alone = generate(&m, std::slice::from_ref(&a), 3, &params, None).unwrap();
     let mixed = generate(
         &m,
         &[prompt(&[1, 2, 3, 4, 5, 6, 7, 8], 1), a, prompt(&[60], 2)],
