@@ -809,7 +809,8 @@ impl MoeModel {
     /// Logits at chosen positions only: row `i` of the result is what
     /// `forward(batch, None, opts).logits` holds at flat position `positions[i]` (`row · seq +
     /// column`), without running the final norm and LM head anywhere else. Scoring completions
-    /// needs the positions that predict completion tokens, not the prompt's.
+    /// needs the positions that predict completion tokens, not the prompt's. `opts.logits` is
+    /// not used: the positions say which logits are wanted.
     ///
     /// # Shapes
     /// `positions: [n]` → logits `[n, vocab]`.
