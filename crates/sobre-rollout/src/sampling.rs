@@ -117,11 +117,9 @@ pub fn argmax(logits: &[f32]) -> u32 {
 /// policy's distribution after temperature and before any truncation, which is what training
 /// recomputes (see the crate docs).
 pub fn sample(logits: &[f32], params: &SamplingParams, u: f64) -> (u32, f32) {
-    if params.temperature <= 0.0 {
-        let tok = argmax(logits);
-        return (tok, token_logprob(logits, 0.0, tok));
-    }
-    let untruncated = (params.top_k == 0 || params.top_k >= logits.len())
+    // Greedy (temperature 0) and truncated sampling go straight to the reference.
+    let untruncated = params.temperature > 0.0
+        && (params.top_k == 0 || params.top_k >= logits.len())
         && params.top_p >= 1.0
         && params.min_p <= 0.0;
     if untruncated && let Some(hit) = sample_most_likely(logits, params.temperature, u) {
