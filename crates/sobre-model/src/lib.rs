@@ -21,8 +21,8 @@ pub use config::{Family, ModelConfig, ScoringFunc, TopkMethod};
 pub use generation::GenerationConfig;
 pub use io::{init_model, load_model, load_model_with_config, save_model};
 pub use model::{
-    Batch, ForwardOptions, GroupLimit, GroupScore, KvCache, LogitsMode, ModelOutput, MoeImpl,
-    MoeModel, RouterStats,
+    AuxParts, Batch, ForwardOptions, GroupLimit, GroupScore, KvCache, LogitsMode, ModelOutput,
+    MoeImpl, MoeModel, RouteTotals, RouterStats,
 };
 
 /// Everything that can go wrong reading or writing a model.

@@ -201,6 +201,59 @@ pub struct RouterStats {
     /// `load_balancing_loss_func` does (over all sparse layers, padding excluded), unscaled by
     /// `router_aux_loss_coef`. `[1]`; present when `ForwardOptions::aux_loss` is set.
     pub aux_loss: Option<Tensor<1>>,
+    /// The pieces `aux_loss` is made of, present with it: data-parallel replicas combine
+    /// their shards' routing totals into the whole batch's balance loss.
+    pub aux_parts: Option<AuxParts>,
+}
+
+/// Routing totals over real tokens and sparse layers (no gradient).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RouteTotals {
+    /// `[experts]`: tokens routed to each expert (each token counts k times).
+    pub tokens_per_expert: Vec<f64>,
+    /// Tokens routed (once per sparse layer).
+    pub rows: f64,
+}
+
+impl RouteTotals {
+    /// Add another shard's totals.
+    pub fn add(&mut self, other: &RouteTotals) {
+        if self.tokens_per_expert.len() < other.tokens_per_expert.len() {
+            self.tokens_per_expert
+                .resize(other.tokens_per_expert.len(), 0.0);
+        }
+        for (a, b) in self.tokens_per_expert.iter_mut().zip(&other.tokens_per_expert) {
+            *a += b;
+        }
+        self.rows += other.rows;
+    }
+}
+
+/// The balance loss `E · Σ_i f_i · P_i` (f_i: share of routed tokens, no gradient; P_i: mean
+/// router probability) of one forward, in pieces.
+#[derive(Debug, Clone)]
+pub struct AuxParts {
+    pub totals: RouteTotals,
+    /// `[experts]`: Σ over real tokens and sparse layers of the router probabilities.
+    pub prob_sum: Tensor<1>,
+}
+
+impl AuxParts {
+    /// This forward's share of the balance loss of a batch whose totals are `batch`:
+    /// `E · Σ_i (T_i / N) · (prob_sum_i / N)`. With its own totals it is this forward's loss
+    /// (`RouterStats::aux_loss`); the shares of a batch's shards, each given the sum of their
+    /// totals, add up to the loss of the batch in one forward. `[1]`.
+    pub fn loss_in(&self, batch: &RouteTotals) -> Tensor<1> {
+        let rows = batch.rows.max(1.0);
+        let n = batch.tokens_per_expert.len();
+        let share: Vec<f32> = batch
+            .tokens_per_expert
+            .iter()
+            .map(|&c| (c / rows) as f32)
+            .collect();
+        let share = Tensor::<1>::from_data(TensorData::new(share, [n]), &self.prob_sum.device());
+        (share * self.prob_sum.clone() / rows).sum() * n as f64
+    }
 }
 
 /// What a forward call returns.
@@ -956,23 +1009,21 @@ impl MoeModel {
             c.len = keys;
         }
 
-        let aux_loss = acc.and_then(|acc| {
-            let prob_sum = acc.prob_sum?;
-            let rows = acc.rows.max(1.0);
-            let tokens: Vec<f32> = acc
-                .tokens_per_expert
-                .iter()
-                .map(|&c| (c / rows) as f32)
-                .collect();
-            let n = tokens.len();
-            let tokens = Tensor::<1>::from_data(TensorData::new(tokens, [n]), &device);
-            Some((tokens * prob_sum / rows).sum() * cfg.num_experts as f64)
+        let aux_parts = acc.and_then(|acc| {
+            Some(AuxParts {
+                prob_sum: acc.prob_sum?,
+                totals: RouteTotals {
+                    tokens_per_expert: acc.tokens_per_expert,
+                    rows: acc.rows,
+                },
+            })
         });
         (
             h,
             RouterStats {
                 expert_counts: counts,
-                aux_loss,
+                aux_loss: aux_parts.as_ref().map(|p| p.loss_in(&p.totals)),
+                aux_parts,
             },
         )
     }

@@ -151,6 +151,46 @@ fn logits_at_positions_equal_the_full_forward_there() {
     }
 }
 
+/// Data-parallel shards of a batch, each given the batch's routing totals, have balance-loss
+/// shares that add up to the batch's loss in one forward; each shard alone (its own totals)
+/// does not, which is why replicas exchange totals.
+#[test]
+fn shards_balance_losses_add_up_to_the_batch_loss() {
+    let cfg = test_config();
+    let m = model(&cfg, 7);
+    let seqs: Vec<Vec<u32>> = (0..4)
+        .map(|i| ids(4 + 3 * i, 20 + i as u32, cfg.vocab_size))
+        .collect();
+    let opts = ForwardOptions {
+        aux_loss: true,
+        ..Default::default()
+    };
+    let whole = m.forward(&Batch::right_padded(&seqs, 0), None, opts).router;
+    let whole_loss = values(whole.aux_loss.unwrap())[0];
+    let shards: Vec<_> = [&seqs[..1], &seqs[1..]]
+        .iter()
+        .map(|part| {
+            let r = m.forward(&Batch::right_padded(part, 0), None, opts).router;
+            r.aux_parts.unwrap()
+        })
+        .collect();
+    let mut totals = sobre_model::RouteTotals::default();
+    for s in &shards {
+        totals.add(&s.totals);
+    }
+    assert_eq!(totals.rows, whole.aux_parts.as_ref().unwrap().totals.rows);
+    let summed: f32 = shards.iter().map(|s| values(s.loss_in(&totals))[0]).sum();
+    assert!(
+        (summed - whole_loss).abs() < 1e-5 && whole_loss > 0.5,
+        "{summed} vs {whole_loss}"
+    );
+    let own: f32 = shards
+        .iter()
+        .map(|s| values(s.loss_in(&s.totals))[0] * (s.totals.rows / totals.rows) as f32)
+        .sum();
+    assert!((own - whole_loss).abs() > 1e-4, "{own} vs {whole_loss}");
+}
+
 #[test]
 fn dispatch_equals_dense_reference() {
     for (scoring, norm, bias) in [

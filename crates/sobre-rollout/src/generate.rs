@@ -52,8 +52,9 @@ pub struct Completion {
 }
 
 /// Turns token ids into text, for stop strings and `Completion::text`. Implemented by the
-/// data crate's tokenizer; rollouts do not depend on it.
-pub trait Detokenizer {
+/// data crate's tokenizer; rollouts do not depend on it. `Sync` because shards of a rollout
+/// decode on their own threads.
+pub trait Detokenizer: Sync {
     fn decode(&self, ids: &[u32]) -> String;
 }
 
@@ -103,6 +104,11 @@ fn uniform(rng: &mut ChaCha8Rng) -> f64 {
 /// is dropped). Each sequence draws exactly one uniform from its own stream per token, so its
 /// tokens do not depend on batch size, order or thread count. Completions come back ordered by
 /// prompt, then sample index.
+///
+/// With `params.data_parallel_size = n > 1` the prompts are cut into `n` contiguous shards of
+/// near-equal size, each decoded by its own engine on its own thread, and the completions are
+/// joined back in prompt order: the same streams, so the same tokens unless a float sum moved
+/// by the different padding crosses a sampling boundary.
 pub fn generate(
     model: &MoeModel,
     prompts: &[Prompt],
@@ -110,14 +116,56 @@ pub fn generate(
     params: &SamplingParams,
     detok: Option<&dyn Detokenizer>,
 ) -> Result<Vec<Completion>, RolloutError> {
-    generate_with(
-        model,
-        prompts,
-        group_size,
-        params,
-        detok,
-        EngineMode::SharedPrefill,
-    )
+    let shards = params.data_parallel_size.min(prompts.len());
+    if shards <= 1 {
+        return generate_with(
+            model,
+            prompts,
+            group_size,
+            params,
+            detok,
+            EngineMode::SharedPrefill,
+        );
+    }
+    // Shard sizes differ by at most one prompt: ⌈len/n⌉ for the first `len mod n` shards.
+    let (base, extra) = (prompts.len() / shards, prompts.len() % shards);
+    let mut bounds = Vec::with_capacity(shards);
+    let mut start = 0;
+    for i in 0..shards {
+        let end = start + base + usize::from(i < extra);
+        bounds.push((start, end));
+        start = end;
+    }
+    let results: Vec<Result<Vec<Completion>, RolloutError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = bounds
+            .iter()
+            .map(|&(a, b)| {
+                scope.spawn(move || {
+                    generate_with(
+                        model,
+                        &prompts[a..b],
+                        group_size,
+                        params,
+                        detok,
+                        EngineMode::SharedPrefill,
+                    )
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            // A panic in a shard is a bug in this crate or the backend: pass it on as is.
+            .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    });
+    let mut out = Vec::with_capacity(prompts.len() * group_size);
+    for ((offset, _), shard) in bounds.into_iter().zip(results) {
+        for mut c in shard.map_err(|e| e.offset_prompt(offset))? {
+            c.prompt_index += offset;
+            out.push(c);
+        }
+    }
+    Ok(out)
 }
 
 /// [`generate`] with an explicit engine mode (benchmarks and tests).

@@ -34,3 +34,16 @@ pub enum RolloutError {
     #[error("prompt {index} {msg}")]
     Prompt { index: usize, msg: String },
 }
+
+impl RolloutError {
+    /// The same error with a prompt index counted from `offset` (a shard's first prompt).
+    fn offset_prompt(self, offset: usize) -> Self {
+        match self {
+            RolloutError::Prompt { index, msg } => RolloutError::Prompt {
+                index: index + offset,
+                msg,
+            },
+            other => other,
+        }
+    }
+}

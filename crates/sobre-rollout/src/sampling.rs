@@ -30,6 +30,14 @@ pub struct SamplingParams {
     pub ignore_eos: bool,
     /// Base seed; each (prompt key, sample index) gets its own stream derived from it.
     pub seed: u64,
+    /// Rollout engines working at once, each on its own thread and its own contiguous share
+    /// of the prompts (vLLM's data parallelism, on CPU threads). A small model's matrices are
+    /// too small for the backend to split one forward across cores, so this is how a
+    /// rollout uses a second core. Results depend on this value (each shard pads to its own
+    /// longest prompt, which moves float sums in the last bits) but not on the machine.
+    /// Not read from a `[rollout]` table: a run sets it from `run.data_parallel_size`.
+    #[serde(skip)]
+    pub data_parallel_size: usize,
 }
 
 impl Default for SamplingParams {
@@ -44,6 +52,7 @@ impl Default for SamplingParams {
             stop_strings: vec![],
             ignore_eos: false,
             seed: 0,
+            data_parallel_size: 1,
         }
     }
 }
@@ -65,6 +74,9 @@ impl SamplingParams {
         }
         if self.max_new_tokens == 0 {
             return Err("max_new_tokens must be at least 1".into());
+        }
+        if self.data_parallel_size == 0 {
+            return Err("data_parallel_size must be at least 1".into());
         }
         Ok(())
     }

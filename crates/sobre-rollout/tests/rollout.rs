@@ -153,6 +153,58 @@ fn shared_prefill_separate_prefill_and_no_cache_agree() {
     }
 }
 
+/// Data-parallel shards against the one-engine reference: same completions, same order, with
+/// prompt indices counted over the whole batch; shards of unequal size (5 prompts, 2 and 3
+/// shards) and more shards than prompts.
+#[test]
+fn data_parallel_shards_agree_with_one_engine() {
+    let m = test_model(6);
+    let prompts: Vec<Prompt> = [
+        &[1u32, 2, 3][..],
+        &[9, 8, 7, 6, 5, 4],
+        &[60],
+        &[11, 12, 13, 14],
+        &[40, 41],
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, ids)| prompt(ids, 100 + i as u64))
+    .collect();
+    let one = generate(&m, &prompts, 3, &sampled(1.0, 10, 9), None).unwrap();
+    assert_eq!(one.len(), 15);
+    for n in [2, 3, 8] {
+        let params = SamplingParams {
+            data_parallel_size: n,
+            ..sampled(1.0, 10, 9)
+        };
+        let sharded = generate(&m, &prompts, 3, &params, None).unwrap();
+        assert_eq!(sharded.len(), one.len(), "{n} shards");
+        for (a, b) in one.iter().zip(&sharded) {
+            assert_eq!(
+                (a.prompt_index, a.sample_index, a.prompt_tokens),
+                (b.prompt_index, b.sample_index, b.prompt_tokens),
+                "{n} shards"
+            );
+            assert_same(a, b, 1e-5);
+        }
+    }
+    // A bad prompt in a later shard is reported with its index in the whole batch.
+    let mut bad = prompts.clone();
+    bad[4].ids = vec![];
+    let params = SamplingParams {
+        data_parallel_size: 2,
+        ..sampled(1.0, 10, 9)
+    };
+    let err = generate(&m, &bad, 3, &params, None).unwrap_err().to_string();
+    assert_eq!(err, "prompt 4 is empty");
+    let zero = SamplingParams {
+        data_parallel_size: 0,
+        ..sampled(1.0, 10, 9)
+    };
+    let err = generate(&m, &prompts, 3, &zero, None).unwrap_err().to_string();
+    assert!(err.contains("data_parallel_size must be at least 1"), "{err}");
+}
+
 #[test]
 fn seeds_decide_the_samples() {
     let m = test_model(4);

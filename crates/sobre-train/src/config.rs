@@ -333,6 +333,13 @@ pub struct RunSection {
     pub samples_per_step: usize,
     /// Worker threads (0 = all cores).
     pub threads: usize,
+    /// Model replicas working at once on contiguous shards of every batch, one thread each:
+    /// generation, the reference forward, and the policy's forward + backward, whose gradients
+    /// are summed before the optimizer step (SFT and GRPO alike). A small model's matrices are
+    /// too small for the backend to spread one forward over cores, so this is how a run uses
+    /// more than one. Results depend on this value (each shard pads to its own length, and
+    /// sums gradients in its own order), not on `threads` or the machine.
+    pub data_parallel_size: usize,
     /// Non-finite losses or gradients in a row that stop the run.
     pub max_consecutive_nonfinite: usize,
     /// Show a progress bar (on a terminal).
@@ -350,6 +357,7 @@ impl Default for RunSection {
             log_every: 1,
             samples_per_step: 2,
             threads: 0,
+            data_parallel_size: 1,
             max_consecutive_nonfinite: 3,
             progress: true,
         }
@@ -971,6 +979,9 @@ impl Config {
         // [run]
         if self.run.keep_last == 0 {
             return fail("run.keep_last", "must be at least 1".into());
+        }
+        if self.run.data_parallel_size == 0 {
+            return fail("run.data_parallel_size", "must be at least 1".into());
         }
         if self.run.max_consecutive_nonfinite == 0 {
             return fail("run.max_consecutive_nonfinite", "must be at least 1".into());

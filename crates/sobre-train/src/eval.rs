@@ -66,6 +66,9 @@ pub struct EvalOptions {
     pub correct_reward: Option<String>,
     /// Problems per generation batch (0 = all at once); bounds the KV-cache memory.
     pub batch_problems: usize,
+    /// Rollout engines decoding shares of each batch at once, a thread each
+    /// (`SamplingParams::data_parallel_size`).
+    pub data_parallel_size: usize,
 }
 
 impl Default for EvalOptions {
@@ -81,6 +84,7 @@ impl Default for EvalOptions {
             stop_strings: vec![],
             correct_reward: None,
             batch_problems: 64,
+            data_parallel_size: 1,
         }
     }
 }
@@ -103,6 +107,7 @@ impl EvalOptions {
             stop_strings: cfg.rollout.stop_strings.clone(),
             correct_reward: cfg.eval.reward.clone(),
             batch_problems: 64,
+            data_parallel_size: cfg.run.data_parallel_size,
         }
     }
 }
@@ -379,6 +384,7 @@ pub fn evaluate(
         stop_strings: opts.stop_strings.clone(),
         ignore_eos: false,
         seed: opts.seed,
+        data_parallel_size: opts.data_parallel_size,
     };
     params.validate().map_err(TrainError::Data)?;
     let policy = model.valid();

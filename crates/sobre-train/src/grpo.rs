@@ -6,12 +6,13 @@
 //! of step s, round r is derived from (run seed, rollout seed, s, r), so a step is a pure
 //! function of the weights, the optimizer state, the cursor and the step number.
 
+use std::ops::Range;
 use std::time::Instant;
 
 use burn::prelude::*;
 use serde_json::{Map, Value, json};
 use sobre_data::{Sample, Template, Tokenizer};
-use sobre_model::{ForwardOptions, MoeModel};
+use sobre_model::{ForwardOptions, MoeModel, RouteTotals};
 use sobre_reward::CombinedReward;
 use sobre_rollout::{Completion, FinishReason, Prompt, SamplingParams, generate};
 
@@ -22,10 +23,11 @@ use crate::data::{Detok, Order, derive_seed, encode_prompt, reward_sample};
 use crate::kl::KlEstimator;
 use crate::losses::{
     LossSettings, PolicyLossInput, clip_fractions, host_log_ratios, is_sequence_level,
-    policy_loss_fn,
+    policy_loss_fn, shard_weight,
 };
-use crate::metrics::{add_counts, expert_load, num, peak_rss_mib};
-use crate::optim::{AdamW, backward_and_step};
+use crate::metrics::{add_counts, add_shard_counts, expert_load, num, peak_rss_mib};
+use crate::optim::{AdamW, apply_gradients, sharded_gradients};
+use crate::parallel::{par_map, split_range};
 use crate::score::{Layout, host, score};
 
 /// What a GRPO step needs besides the model and optimizer.
@@ -49,6 +51,30 @@ struct Scored {
     reward: f32,
     components: Vec<Option<f32>>,
 }
+
+/// What one data-parallel shard of a mini-batch update reports: sums over its tokens, so the
+/// mini-batch's figures are the same whatever the number of shards.
+#[derive(Default)]
+struct ShardStats {
+    /// Tokens in the loss (row mask applied).
+    tokens: f64,
+    /// Clipped-below and clipped-above tokens.
+    clip_lo: f64,
+    clip_hi: f64,
+    /// Σ KL over the loss's tokens, when a reference is on.
+    kl: Option<f64>,
+    /// The shard's share of the mini-batch's router balance loss.
+    aux: Option<f64>,
+    /// First pass only: scored tokens, Σ entropy, Σ |logp − rollout logp|.
+    scored_tokens: f64,
+    entropy: f64,
+    mismatch: f64,
+    expert_counts: Vec<Vec<u32>>,
+}
+
+/// A shard's forward, kept for its loss: shard index, scores, and its `[rows · tokens]` loss
+/// mask, advantages and rollout log-probabilities.
+type ShardForward = (usize, crate::score::Scored, Vec<f32>, Vec<f32>, Vec<f32>);
 
 /// The result of a step.
 pub struct StepOutput {
@@ -152,6 +178,7 @@ pub fn grpo_step(
                 cfg.run.seed ^ cfg.rollout.seed,
                 &[1, step as u64, round as u64],
             ),
+            data_parallel_size: cfg.run.data_parallel_size,
             ..cfg.rollout.clone()
         };
         let completions = generate(&policy, &requests, gs, &params, Some(&detok))?;
@@ -203,33 +230,45 @@ pub fn grpo_step(
         })
         .collect();
 
-    // ---- mini-batches, reference logprobs ----
+    // ---- mini-batches, their data-parallel shards, reference logprobs ----
     let mb = cfg.mini_batch().min(rows.max(1));
-    let chunks: Vec<std::ops::Range<usize>> = (0..rows)
+    let chunks: Vec<Range<usize>> = (0..rows)
         .step_by(mb.max(1))
         .map(|s| s..(s + mb).min(rows))
         .collect();
-    let layouts: Vec<Layout> = chunks
+    // shards[ci]: the row ranges of mini-batch ci, one per replica; each pads to its own width.
+    let shards: Vec<Vec<Range<usize>>> = chunks
         .iter()
-        .map(|r| {
-            let pairs: Vec<(&[u32], &[u32])> = kept[r.clone()]
+        .map(|r| split_range(r.clone(), cfg.run.data_parallel_size))
+        .collect();
+    let layouts: Vec<Vec<Layout>> = shards
+        .iter()
+        .map(|ranges| {
+            ranges
                 .iter()
-                .map(|s| (s.prompt_ids.as_slice(), s.completion.tokens.as_slice()))
-                .collect();
-            Layout::new(&pairs, pad)
+                .map(|r| {
+                    let pairs: Vec<(&[u32], &[u32])> = kept[r.clone()]
+                        .iter()
+                        .map(|s| (s.prompt_ids.as_slice(), s.completion.tokens.as_slice()))
+                        .collect();
+                    Layout::new(&pairs, pad)
+                })
+                .collect()
         })
         .collect();
     // Rows with an empty completion cannot be scored (no token to predict); they are masked.
     let t1 = Instant::now();
     let kl_est = KlEstimator::from_name(&g.kl_estimator).unwrap_or(KlEstimator::K3);
     let temperature = cfg.rollout.temperature;
-    let ref_lp: Vec<Option<Vec<f32>>> = layouts
+    let ref_lp: Vec<Vec<Option<Vec<f32>>>> = layouts
         .iter()
-        .map(|l| match ctx.reference {
-            Some(r) if g.beta > 0.0 && l.max_completion > 0 => Some(host(
-                score(r, l, temperature, ForwardOptions::default(), false).logp,
-            )),
-            _ => None,
+        .map(|ls| match ctx.reference {
+            Some(r) if g.beta > 0.0 => par_map(ls, |l| {
+                (l.max_completion > 0).then(|| {
+                    host(score(r, l, temperature, ForwardOptions::default(), false).logp)
+                })
+            }),
+            _ => vec![None; ls.len()],
         })
         .collect();
     let time_reference = t1.elapsed().as_secs_f64();
@@ -238,11 +277,18 @@ pub fn grpo_step(
     let t2 = Instant::now();
     let loss_fn = policy_loss_fn(&g.loss).unwrap_or(crate::losses::grpo);
     let seq_level = is_sequence_level(&g.loss);
-    let total_tokens: f64 = layouts
+    // Masked tokens of each shard (the row mask applied).
+    let shard_tokens: Vec<Vec<f64>> = layouts
         .iter()
-        .enumerate()
-        .map(|(ci, l)| masked_count(l, &row_mask[chunks[ci].clone()]))
-        .sum();
+        .zip(&shards)
+        .map(|(ls, ranges)| {
+            ls.iter()
+                .zip(ranges)
+                .map(|(l, r)| masked_count(l, &row_mask[r.clone()]))
+                .collect()
+        })
+        .collect();
+    let total_tokens: f64 = shard_tokens.iter().flatten().sum();
     let settings = LossSettings {
         epsilon: g.epsilon,
         epsilon_high: cfg.epsilon_high(),
@@ -261,102 +307,148 @@ pub fn grpo_step(
     let mut counts: Vec<Vec<u64>> = vec![];
     let (mut updates, mut skipped) = (0usize, 0usize);
     for it in 0..g.num_iterations {
-        for (ci, layout) in layouts.iter().enumerate() {
-            if layout.max_completion == 0 {
+        for (ci, chunk) in chunks.iter().enumerate() {
+            if layouts[ci].iter().all(|l| l.max_completion == 0) {
                 continue;
             }
-            let range = chunks[ci].clone();
-            let m = layout.max_completion;
-            let mut mask = layout.mask.clone();
-            let mut adv = vec![0.0f32; layout.rows * m];
-            let mut rollout_lp = vec![0.0f32; layout.rows * m];
-            for (r, gi) in range.clone().enumerate() {
-                for i in 0..m {
-                    mask[r * m + i] *= row_mask[gi];
-                    adv[r * m + i] = advantages[gi];
+            let mb_tokens: f64 = shard_tokens[ci].iter().sum();
+            // One shard's forward; then, given the mini-batch's routing totals, its loss
+            // (weighted into the mini-batch's) and its host statistics.
+            let forward = |model: &MoeModel, si: usize| {
+                let (layout, range) = (&layouts[ci][si], shards[ci][si].clone());
+                let m = layout.max_completion;
+                if m == 0 {
+                    return (None, None);
                 }
-                for (i, &lp) in kept[gi].completion.logprobs.iter().enumerate().take(m) {
-                    rollout_lp[r * m + i] = lp;
+                let mut mask = layout.mask.clone();
+                let mut adv = vec![0.0f32; layout.rows * m];
+                let mut rollout_lp = vec![0.0f32; layout.rows * m];
+                for (r, gi) in range.enumerate() {
+                    for i in 0..m {
+                        mask[r * m + i] *= row_mask[gi];
+                        adv[r * m + i] = advantages[gi];
+                    }
+                    for (i, &lp) in kept[gi].completion.logprobs.iter().enumerate().take(m) {
+                        rollout_lp[r * m + i] = lp;
+                    }
                 }
+                let opts = ForwardOptions {
+                    aux_loss: aux_coef > 0.0,
+                    ..Default::default()
+                };
+                let scored = score(model, layout, temperature, opts, it == 0);
+                let routes = scored.router.aux_parts.as_ref().map(|p| p.totals.clone());
+                (Some((si, scored, mask, adv, rollout_lp)), routes)
+            };
+            let finish = |state: Option<ShardForward>, routes: Option<&RouteTotals>| {
+                let Some((si, scored, mask, adv, rollout_lp)) = state else {
+                    return (None, ShardStats::default());
+                };
+                let (layout, range) = (&layouts[ci][si], shards[ci][si].clone());
+                let m = layout.max_completion;
+                let logp_host = host(scored.logp.clone());
+                let (old, old_host) = if g.num_iterations > 1 {
+                    (layout.tensor(rollout_lp.clone(), &device), rollout_lp.clone())
+                } else {
+                    (scored.logp.clone().detach(), logp_host.clone())
+                };
+                let input = PolicyLossInput {
+                    logp: scored.logp.clone(),
+                    old_logp: old,
+                    ref_logp: ref_lp[ci][si]
+                        .as_ref()
+                        .map(|v| layout.tensor(v.clone(), &device)),
+                    advantages: layout.tensor(adv.clone(), &device),
+                    mask: layout.tensor(mask.clone(), &device),
+                };
+                let weight = shard_weight(
+                    &g.loss,
+                    range.len(),
+                    chunk.len(),
+                    shard_tokens[ci][si],
+                    mb_tokens,
+                );
+                let mut loss = loss_fn(&input, &settings);
+                if weight != 1.0 {
+                    loss = loss * weight;
+                }
+                let mut st = ShardStats::default();
+                if let (Some(parts), Some(batch)) = (&scored.router.aux_parts, routes)
+                    && aux_coef > 0.0
+                {
+                    // This shard's share of the mini-batch's balance loss: the same loss as
+                    // one forward over the whole mini-batch.
+                    let aux = parts.loss_in(batch);
+                    st.aux = Some(host(aux.clone()).first().copied().unwrap_or(f32::NAN) as f64);
+                    loss = loss + aux * aux_coef;
+                }
+                let lr_host = host_log_ratios(&logp_host, &old_host, &mask, m, seq_level);
+                let (lo, hi) = clip_fractions(
+                    &lr_host,
+                    &adv,
+                    &mask,
+                    settings.epsilon,
+                    settings.epsilon_high,
+                );
+                st.tokens = mask.iter().filter(|&&x| x > 0.0).count() as f64;
+                (st.clip_lo, st.clip_hi) = (lo * st.tokens, hi * st.tokens);
+                if let Some(rl) = &ref_lp[ci][si] {
+                    st.kl = Some(
+                        logp_host
+                            .iter()
+                            .zip(rl)
+                            .zip(&mask)
+                            .filter(|(_, m)| **m > 0.0)
+                            .map(|((a, b), _)| kl_est.host(*a, *b) as f64)
+                            .sum(),
+                    );
+                }
+                if it == 0 {
+                    st.scored_tokens = layout.mask.iter().filter(|&&x| x > 0.0).count() as f64;
+                    st.entropy = scored
+                        .entropy
+                        .iter()
+                        .zip(&layout.mask)
+                        .filter(|(_, m)| **m > 0.0)
+                        .map(|(e, _)| *e as f64)
+                        .sum();
+                    st.mismatch = logp_host
+                        .iter()
+                        .zip(&rollout_lp)
+                        .zip(&layout.mask)
+                        .filter(|(_, m)| **m > 0.0)
+                        .map(|((a, b), _)| (a - b).abs() as f64)
+                        .sum();
+                }
+                st.expert_counts = scored.router.expert_counts.clone();
+                (Some(loss), st)
+            };
+            let (loss_value, grads, stats) =
+                sharded_gradients(&model, shards[ci].len(), forward, finish);
+            // Mini-batch statistics from the shards' sums.
+            let sum = |f: fn(&ShardStats) -> f64| stats.iter().map(f).sum::<f64>();
+            let n_tok = sum(|s| s.tokens).max(1.0);
+            clip_lo.push(sum(|s| s.clip_lo) / n_tok);
+            clip_hi.push(sum(|s| s.clip_hi) / n_tok);
+            if stats.iter().any(|s| s.kl.is_some()) {
+                kls.push(sum(|s| s.kl.unwrap_or(0.0)) / n_tok);
             }
-            let opts = ForwardOptions {
-                aux_loss: aux_coef > 0.0,
-                ..Default::default()
-            };
-            let scored = score(&model, layout, temperature, opts, it == 0);
-            let logp_host = host(scored.logp.clone());
-            let old = if g.num_iterations > 1 {
-                layout.tensor(rollout_lp.clone(), &device)
-            } else {
-                scored.logp.clone().detach()
-            };
-            let old_host = if g.num_iterations > 1 {
-                rollout_lp.clone()
-            } else {
-                logp_host.clone()
-            };
-            let input = PolicyLossInput {
-                logp: scored.logp.clone(),
-                old_logp: old,
-                ref_logp: ref_lp[ci]
-                    .as_ref()
-                    .map(|v| layout.tensor(v.clone(), &device)),
-                advantages: layout.tensor(adv.clone(), &device),
-                mask: layout.tensor(mask.clone(), &device),
-            };
-            let mut loss = loss_fn(&input, &settings);
-            if let Some(aux) = &scored.router.aux_loss
-                && aux_coef > 0.0
-            {
-                aux_vals.push(host(aux.clone()).first().copied().unwrap_or(f32::NAN) as f64);
-                loss = loss + aux.clone() * aux_coef;
+            if stats.iter().any(|s| s.aux.is_some()) {
+                aux_vals.push(sum(|s| s.aux.unwrap_or(0.0)));
             }
-            let loss_value = host(loss.clone()).first().copied().unwrap_or(f32::NAN) as f64;
-            // Host statistics of this mini-batch.
-            let n_tok = mask.iter().filter(|&&x| x > 0.0).count().max(1) as f64;
-            let lr_host = host_log_ratios(&logp_host, &old_host, &mask, m, seq_level);
-            let (lo, hi) = clip_fractions(
-                &lr_host,
-                &adv,
-                &mask,
-                settings.epsilon,
-                settings.epsilon_high,
-            );
-            clip_lo.push(lo);
-            clip_hi.push(hi);
-            if let Some(rl) = &ref_lp[ci] {
-                let k: f64 = logp_host
-                    .iter()
-                    .zip(rl)
-                    .zip(&mask)
-                    .filter(|(_, m)| **m > 0.0)
-                    .map(|((a, b), _)| kl_est.host(*a, *b) as f64)
-                    .sum();
-                kls.push(k / n_tok);
+            let mut batch_counts: Vec<Vec<u32>> = vec![];
+            for s in &stats {
+                add_shard_counts(&mut batch_counts, &s.expert_counts);
             }
             if it == 0 {
-                let e: f64 = scored
-                    .entropy
-                    .iter()
-                    .zip(&layout.mask)
-                    .filter(|(_, m)| **m > 0.0)
-                    .map(|(e, _)| *e as f64)
-                    .sum();
-                ents.push(e / layout.mask.iter().filter(|&&x| x > 0.0).count().max(1) as f64);
-                let d: f64 = logp_host
-                    .iter()
-                    .zip(&rollout_lp)
-                    .zip(&layout.mask)
-                    .filter(|(_, m)| **m > 0.0)
-                    .map(|((a, b), _)| (a - b).abs() as f64)
-                    .sum();
-                mism.push(d / layout.mask.iter().filter(|&&x| x > 0.0).count().max(1) as f64);
-                add_counts(&mut counts, &scored.router.expert_counts);
+                let scored_tokens = sum(|s| s.scored_tokens).max(1.0);
+                ents.push(sum(|s| s.entropy) / scored_tokens);
+                mism.push(sum(|s| s.mismatch) / scored_tokens);
+                add_counts(&mut counts, &batch_counts);
             }
-            let batch_counts = scored.router.expert_counts.clone();
-            drop(input);
-            drop(scored);
-            let (next, outcome) = backward_and_step(model, loss, opt, lr, cfg.optim.max_grad_norm);
+            drop(stats);
+            let (next, outcome) =
+                apply_gradients(model, grads, opt, lr, cfg.optim.max_grad_norm);
             model = next;
             losses.push(loss_value);
             norms.push(outcome.grad_norm);

@@ -33,6 +33,7 @@ pub mod kl;
 pub mod losses;
 pub mod metrics;
 pub mod optim;
+pub mod parallel;
 pub mod pipeline;
 pub mod score;
 pub mod sft;

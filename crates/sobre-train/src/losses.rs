@@ -72,6 +72,25 @@ pub fn policy_loss_fn(name: &str) -> Option<PolicyLossFn> {
         .map(|(_, f)| *f)
 }
 
+/// The weight of one data-parallel shard's loss in its mini-batch's loss, such that
+/// `Σ_shards weight · loss(shard) = loss(mini-batch)` for every registered loss: the means over
+/// sequences (`grpo`, `gspo`, and `dr_grpo`, whose constant normaliser counts the shard's rows)
+/// weigh a shard by its rows, `bnpo`'s token mean by its tokens, and `dapo` already divides by a
+/// batch-wide constant. `tokens` count the mask's ones.
+pub fn shard_weight(
+    name: &str,
+    shard_rows: usize,
+    rows: usize,
+    shard_tokens: f64,
+    tokens: f64,
+) -> f64 {
+    match name {
+        "dapo" => 1.0,
+        "bnpo" => shard_tokens / tokens.max(1.0),
+        _ => shard_rows as f64 / rows.max(1) as f64,
+    }
+}
+
 /// Whether the loss uses a sequence-level importance ratio.
 pub fn is_sequence_level(name: &str) -> bool {
     name == "gspo"
@@ -263,6 +282,58 @@ mod tests {
             ref_logp: None,
             advantages: t2(vec![1.0, 1.0, 1.0, -2.0, -2.0, -2.0], [2, 3]),
             mask: t2(vec![1.0, 1.0, 1.0, 1.0, 1.0, 0.0], [2, 3]),
+        }
+    }
+
+    /// Rows `rows` of a `[n, m]` row-major vector, as a tensor.
+    fn rows_of(v: &[f32], m: usize, rows: std::ops::Range<usize>) -> Tensor<2> {
+        t2(v[rows.start * m..rows.end * m].to_vec(), [rows.len(), m])
+    }
+
+    /// Data-parallel shards: every registered loss, with the KL term on, over 5 rows of varied
+    /// lengths (one fully masked) cut into 1, 2 and 3 shards, sums to the whole batch's loss.
+    #[test]
+    fn shard_weights_make_shard_losses_sum_to_the_batch_loss() {
+        let (n, m) = (5usize, 4usize);
+        let logp: Vec<f32> = (0..n * m).map(|i| -0.3 - 0.11 * (i % 7) as f32).collect();
+        let old: Vec<f32> = (0..n * m).map(|i| -0.35 - 0.09 * (i % 5) as f32).collect();
+        let refp: Vec<f32> = (0..n * m).map(|i| -0.4 - 0.05 * (i % 3) as f32).collect();
+        let adv: Vec<f32> = [0.7f32, -1.2, 0.4, 1.5, -0.3]
+            .iter()
+            .flat_map(|&a| std::iter::repeat_n(a, m))
+            .collect();
+        let lens = [4usize, 2, 0, 3, 1];
+        let mask: Vec<f32> = lens
+            .iter()
+            .flat_map(|&l| (0..m).map(move |i| if i < l { 1.0 } else { 0.0 }))
+            .collect();
+        let part = |r: std::ops::Range<usize>| PolicyLossInput {
+            logp: rows_of(&logp, m, r.clone()),
+            old_logp: rows_of(&old, m, r.clone()),
+            ref_logp: Some(rows_of(&refp, m, r.clone())),
+            advantages: rows_of(&adv, m, r.clone()),
+            mask: rows_of(&mask, m, r),
+        };
+        let s = settings(0.04);
+        let tokens: f64 = lens.iter().sum::<usize>() as f64;
+        for (name, f) in LOSS_REGISTRY {
+            let whole = scalar(f(&part(0..n), &s)) as f64;
+            assert!(whole.abs() > 1e-3, "{name}: a loss that is ~0 proves nothing");
+            for shards in [vec![0..5], vec![0..3, 3..5], vec![0..2, 2..4, 4..5]] {
+                let sum: f64 = shards
+                    .iter()
+                    .map(|r| {
+                        let t: f64 = lens[r.clone()].iter().sum::<usize>() as f64;
+                        let w = shard_weight(name, r.len(), n, t, tokens);
+                        w * scalar(f(&part(r.clone()), &s)) as f64
+                    })
+                    .sum();
+                assert!(
+                    (sum - whole).abs() < 1e-5,
+                    "{name}, {} shards: {sum} vs {whole}",
+                    shards.len()
+                );
+            }
         }
     }
 

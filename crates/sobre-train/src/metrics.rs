@@ -94,6 +94,19 @@ pub fn expert_load(counts: &[Vec<u64>]) -> (Vec<Vec<f64>>, Option<f64>) {
     (loads, imbalance)
 }
 
+/// Add one data-parallel shard's `[layer][expert]` routing counts into `acc` (empty at first).
+pub fn add_shard_counts(acc: &mut Vec<Vec<u32>>, counts: &[Vec<u32>]) {
+    if acc.is_empty() {
+        *acc = counts.to_vec();
+        return;
+    }
+    for (a, c) in acc.iter_mut().zip(counts) {
+        for (x, &y) in a.iter_mut().zip(c) {
+            *x += y;
+        }
+    }
+}
+
 /// Add `counts` (`[layer][expert]`) into `acc`.
 pub fn add_counts(acc: &mut Vec<Vec<u64>>, counts: &[Vec<u32>]) {
     if acc.len() < counts.len() {

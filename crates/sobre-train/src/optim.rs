@@ -16,15 +16,18 @@
 //! `p ← p − lr · (m / (1−β₁ᵗ)) / (√(v / (1−β₂ᵗ)) + ε)`.
 
 use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
+use std::sync::{Barrier, Mutex};
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::prelude::*;
 use burn::tensor::Gradients;
-use sobre_model::MoeModel;
+use sobre_model::{MoeModel, RouteTotals};
 
 use crate::TrainError;
 use crate::config::Config;
+use crate::parallel::par_map;
 
 /// The learning-rate schedule: linear warmup from 0, then constant, linear or cosine decay to
 /// `min_lr_ratio · lr` at `total` steps (HF's `get_*_schedule_with_warmup`).
@@ -200,15 +203,23 @@ pub fn collect_grads(model: &MoeModel, grads: &Gradients) -> Vec<HostGrad> {
     c.out
 }
 
-/// Add `other` into `acc` (gradient accumulation).
+/// Add `other` into `acc` (gradient accumulation), matching gradients by parameter path: a
+/// batch that routes no token to an expert has no gradient for it, so two lists need not hold
+/// the same parameters. Paths new to `acc` are appended in `other`'s order.
 pub fn accumulate(acc: &mut Vec<HostGrad>, other: Vec<HostGrad>) {
-    if acc.is_empty() {
-        *acc = other;
-        return;
-    }
-    for (a, b) in acc.iter_mut().zip(other) {
-        for (x, y) in a.values.iter_mut().zip(b.values) {
-            *x += y;
+    let index: std::collections::HashMap<String, usize> = acc
+        .iter()
+        .enumerate()
+        .map(|(i, g)| (g.path.clone(), i))
+        .collect();
+    for g in other {
+        match index.get(&g.path) {
+            Some(&i) => {
+                for (x, y) in acc[i].values.iter_mut().zip(g.values) {
+                    *x += y;
+                }
+            }
+            None => acc.push(g),
         }
     }
 }
@@ -519,13 +530,35 @@ pub fn backward_and_step(
     lr: f64,
     max_grad_norm: f64,
 ) -> (MoeModel, UpdateOutcome) {
+    let grads = host_gradients(&model, loss).1;
+    apply_gradients(model, grads, opt, lr, max_grad_norm)
+}
+
+/// The loss's value and, when it is finite, the gradients of `model`'s parameters on the host.
+fn host_gradients(model: &MoeModel, loss: Tensor<1>) -> (f64, Option<Vec<HostGrad>>) {
     let value = loss
         .clone()
         .try_into_vec_as::<f32>()
         .ok()
         .and_then(|v| v.first().copied())
-        .unwrap_or(f32::NAN);
+        .unwrap_or(f32::NAN) as f64;
     if !value.is_finite() {
+        return (value, None);
+    }
+    let grads = loss.backward();
+    (value, Some(collect_grads(model, &grads)))
+}
+
+/// Clip `grads` by global norm and apply AdamW at `lr`; `None` (a non-finite loss) or a
+/// non-finite norm leaves the weights and moments untouched and reports the update skipped.
+pub fn apply_gradients(
+    model: MoeModel,
+    grads: Option<Vec<HostGrad>>,
+    opt: &mut AdamW,
+    lr: f64,
+    max_grad_norm: f64,
+) -> (MoeModel, UpdateOutcome) {
+    let Some(host) = grads else {
         return (
             model,
             UpdateOutcome {
@@ -533,10 +566,7 @@ pub fn backward_and_step(
                 skipped: true,
             },
         );
-    }
-    let grads = loss.backward();
-    let host = collect_grads(&model, &grads);
-    drop(grads);
+    };
     let norm = global_norm(&host);
     if !norm.is_finite() {
         return (
@@ -556,4 +586,80 @@ pub fn backward_and_step(
             skipped: false,
         },
     )
+}
+
+/// Data-parallel gradients of a batch cut into `shards`, each on its own thread with its own
+/// replica of the parameters (a separate autodiff graph: burn merges the graphs of ops that
+/// share a leaf, which would serialise the threads).
+///
+/// On each replica `forward(model_i, i)` runs shard `i`'s forward and returns what `finish`
+/// needs plus the shard's routing totals (when a balance loss is on); the replicas exchange
+/// totals; then `finish(state, batch_totals)` builds the shard's loss, weighted so that the
+/// shards' losses sum to the batch's (`AuxParts::loss_in` with the batch's totals does that for
+/// the balance loss). A shard may have no loss (nothing to score) and adds nothing.
+///
+/// Returns the sum of the shard losses; the sum of their gradients, added in shard order (so
+/// the result depends on `shards`, not on the machine), or `None` when a shard's loss is not
+/// finite; and each shard's side output. One shard runs on the calling thread, unreplicated.
+pub fn sharded_gradients<S, R: Send>(
+    model: &MoeModel,
+    shards: usize,
+    forward: impl Fn(&MoeModel, usize) -> (S, Option<RouteTotals>) + Sync,
+    finish: impl Fn(S, Option<&RouteTotals>) -> (Option<Tensor<1>>, R) + Sync,
+) -> (f64, Option<Vec<HostGrad>>, Vec<R>) {
+    let n = shards.max(1);
+    // Each shard's totals (`Err` if its forward panicked), filled before the barrier.
+    let slots: Mutex<Vec<Option<Result<Option<RouteTotals>, ()>>>> = Mutex::new(vec![None; n]);
+    let barrier = Barrier::new(n);
+    let ids: Vec<usize> = (0..n).collect();
+    let results = par_map(&ids, |&i| {
+        let replica;
+        let m = if n > 1 {
+            replica = model.clone().fork(&model.device());
+            &replica
+        } else {
+            model
+        };
+        // Every replica must reach the barrier, or the others wait forever.
+        let ran = std::panic::catch_unwind(AssertUnwindSafe(|| forward(m, i)));
+        let published = ran.as_ref().map(|(_, t)| t.clone()).map_err(|_| ());
+        lock(&slots)[i] = Some(published);
+        barrier.wait();
+        let (state, _) = ran.unwrap_or_else(|e| std::panic::resume_unwind(e));
+        let mut batch: Option<RouteTotals> = None;
+        for slot in lock(&slots).iter() {
+            match slot {
+                Some(Ok(Some(t))) => batch.get_or_insert_with(RouteTotals::default).add(t),
+                Some(Ok(None)) => {}
+                _ => panic!("another data-parallel replica failed in its forward pass"),
+            }
+        }
+        let (loss, out) = finish(state, batch.as_ref());
+        let (value, grads) = match loss {
+            Some(loss) => host_gradients(m, loss),
+            None => (0.0, Some(vec![])),
+        };
+        (value, grads, out)
+    });
+    let mut loss = 0.0;
+    let mut sum: Option<Vec<HostGrad>> = Some(vec![]);
+    let mut outs = Vec::with_capacity(results.len());
+    for (value, grads, out) in results {
+        loss += value;
+        sum = match (sum, grads) {
+            (Some(mut acc), Some(g)) => {
+                accumulate(&mut acc, g);
+                Some(acc)
+            }
+            _ => None,
+        };
+        outs.push(out);
+    }
+    (loss, sum, outs)
+}
+
+/// The guard of `m`, also after another thread panicked holding it (the data is still whole:
+/// each thread writes only its own slot).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }

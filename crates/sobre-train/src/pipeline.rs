@@ -17,9 +17,12 @@ use crate::data::{
     Order, align_token_ids, build_template, build_tokenizer, derive_seed, load_data, preset_config,
 };
 use crate::grpo::{GrpoContext, default_accuracy_reward, evaluate, grpo_step};
-use crate::metrics::{JsonlWriter, expert_load, num, peak_rss_mib, summary_line};
-use crate::optim::{AdamW, AdamWConfig, Schedule, backward_and_step};
-use crate::sft::{next_batch, sft_loss};
+use crate::metrics::{
+    JsonlWriter, add_shard_counts, expert_load, num, peak_rss_mib, summary_line,
+};
+use crate::optim::{AdamW, AdamWConfig, Schedule, apply_gradients, sharded_gradients};
+use crate::parallel::split_range;
+use crate::sft::{completion_tokens, next_batch, sft_forward, sft_loss};
 use crate::{Config, TrainError};
 
 /// How to run, beyond the config.
@@ -329,19 +332,39 @@ impl Pipeline {
                     cfg.sft.batch_size,
                     cfg.sft.max_length,
                 )?;
-                let (loss, nll, tokens, router) = sft_loss(&model, &batch, special.pad, aux_coef);
+                let batch_tokens = completion_tokens(&batch);
+                let ranges = split_range(0..batch.len(), cfg.run.data_parallel_size);
+                let (_, grads, shards) = sharded_gradients(
+                    &model,
+                    ranges.len(),
+                    |m, si| {
+                        let rows = &batch[ranges[si].clone()];
+                        let scored = sft_forward(m, rows, special.pad, aux_coef > 0.0);
+                        let routes = scored.router.aux_parts.as_ref().map(|p| p.totals.clone());
+                        ((scored, completion_tokens(rows)), routes)
+                    },
+                    |(scored, tokens), routes| {
+                        let (loss, nll) = sft_loss(&scored, batch_tokens, aux_coef, routes);
+                        (Some(loss), (nll, tokens, scored.router.expert_counts))
+                    },
+                );
+                let nll: f64 = shards.iter().map(|s| s.0).sum();
+                let tokens: usize = shards.iter().map(|s| s.1).sum();
+                let mut expert_counts: Vec<Vec<u32>> = vec![];
+                for (_, _, c) in &shards {
+                    add_shard_counts(&mut expert_counts, c);
+                }
                 let (next, out) =
-                    backward_and_step(model, loss, &mut opt, lr, cfg.optim.max_grad_norm);
+                    apply_gradients(model, grads, &mut opt, lr, cfg.optim.max_grad_norm);
                 model = next;
                 if !out.skipped && model.config.aux_loss_free_bias {
                     let rate = model.config.bias_update_rate as f32;
-                    model.update_expert_bias(&router.expert_counts, rate);
+                    model.update_expert_bias(&expert_counts, rate);
                 }
                 state.demo_position = pos;
                 state.step += 1;
                 state.sft_steps = state.step;
-                let counts: Vec<Vec<u64>> = router
-                    .expert_counts
+                let counts: Vec<Vec<u64>> = expert_counts
                     .iter()
                     .map(|l| l.iter().map(|&c| c as u64).collect())
                     .collect();

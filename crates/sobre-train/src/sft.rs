@@ -7,11 +7,11 @@
 
 use burn::prelude::*;
 use sobre_data::{Sample, Template, Tokenizer};
-use sobre_model::{ForwardOptions, MoeModel, RouterStats};
+use sobre_model::{ForwardOptions, MoeModel, RouteTotals};
 
 use crate::TrainError;
 use crate::data::{Order, encode_prompt};
-use crate::score::{Layout, score};
+use crate::score::{Layout, Scored, score};
 
 /// A tokenized demonstration: `(prompt ids, completion ids)`.
 pub type Pair = (Vec<u32>, Vec<u32>);
@@ -47,35 +47,47 @@ pub fn next_batch(
     Ok(out)
 }
 
-/// The SFT loss of a batch: `−Σ log p(completion tokens) / #tokens` (+ `aux_coef · aux_loss`).
-/// Returns the loss, its NLL part on the host, the token count and router statistics.
-pub fn sft_loss(
-    model: &MoeModel,
-    rows: &[Pair],
-    pad: u32,
-    aux_coef: f64,
-) -> (Tensor<1>, f64, usize, RouterStats) {
+/// Completion tokens of `rows`: what the SFT loss averages over.
+pub fn completion_tokens(rows: &[Pair]) -> usize {
+    rows.iter().map(|(_, c)| c.len()).sum()
+}
+
+/// The training forward of `rows` (a batch, or one data-parallel shard of it): completion
+/// log-probabilities at temperature 1 and router statistics (with the balance loss's pieces
+/// when `aux_loss`).
+pub fn sft_forward(model: &MoeModel, rows: &[Pair], pad: u32, aux_loss: bool) -> Scored {
     let pairs: Vec<(&[u32], &[u32])> = rows
         .iter()
         .map(|(p, c)| (p.as_slice(), c.as_slice()))
         .collect();
     let layout = Layout::new(&pairs, pad);
-    let tokens = layout.mask.iter().filter(|&&m| m > 0.0).count();
     let opts = ForwardOptions {
-        aux_loss: aux_coef > 0.0,
+        aux_loss,
         ..Default::default()
     };
-    let scored = score(model, &layout, 1.0, opts, false);
-    let nll = scored.logp.sum().neg() / tokens.max(1) as f64;
+    score(model, &layout, 1.0, opts, false)
+}
+
+/// The SFT loss of a forward's rows as part of a batch of `batch_tokens` completion tokens
+/// whose routing totals are `batch_routes`: `−Σ log p(completion tokens) / batch_tokens`
+/// (+ `aux_coef ·` the rows' share of the batch's balance loss), so that the shards of a batch
+/// have losses that sum to the batch's. Returns the loss and its NLL part on the host.
+pub fn sft_loss(
+    scored: &Scored,
+    batch_tokens: usize,
+    aux_coef: f64,
+    batch_routes: Option<&RouteTotals>,
+) -> (Tensor<1>, f64) {
+    let nll = scored.logp.clone().sum().neg() / batch_tokens.max(1) as f64;
     let nll_value = nll
         .clone()
         .try_into_vec_as::<f32>()
         .ok()
         .and_then(|v| v.first().copied())
         .unwrap_or(f32::NAN) as f64;
-    let loss = match &scored.router.aux_loss {
-        Some(aux) if aux_coef > 0.0 => nll + aux.clone() * aux_coef,
+    let loss = match (&scored.router.aux_parts, batch_routes) {
+        (Some(parts), Some(batch)) if aux_coef > 0.0 => nll + parts.loss_in(batch) * aux_coef,
         _ => nll,
     };
-    (loss, nll_value, tokens, scored.router)
+    (loss, nll_value)
 }

@@ -412,3 +412,99 @@ fn demo_config_runs_shrunk_and_keeps_its_sft_checkpoint() {
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     assert_eq!(metrics.matches("\"eval/pass@1\"").count(), 2);
 }
+
+fn metric_rows(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// `run.data_parallel_size` splits every batch over model replicas on their own threads and
+/// sums their gradients. Against one replica: every SFT step and the first GRPO step (two
+/// mini-batches, KL to the reference, several policy losses) give the same loss and gradient
+/// norm to float noise, the same samples, and the SFT checkpoints the same logits. Not later
+/// GRPO steps: replicas sum in another order, and AdamW turns a float-noise difference in a
+/// near-zero gradient (this random model's, mostly) into a full-size step, so the weights part
+/// at the 1e-3 level and the samples soon after. The router's balance loss is the whole
+/// batch's (replicas exchange routing totals), so it is covered too. A `regex_match` reward
+/// makes the random tiny model's groups differ, so the GRPO gradient is not ~0.
+#[test]
+fn data_parallel_replicas_follow_the_one_replica_run() {
+    let text = format!("{}\n[[reward]]\nname = \"regex_match\"\npattern = \"[0-4]\"\n", smoke());
+    for (loss, aux, replicas, tol) in [
+        ("grpo", 0.0, &[2usize, 3][..], 1e-4f64),
+        ("bnpo", 0.0, &[2], 1e-4),
+        ("dapo", 0.0, &[2], 1e-4),
+        ("grpo", 0.01, &[2, 3], 1e-4),
+    ] {
+        let all: Vec<usize> = std::iter::once(1).chain(replicas.iter().copied()).collect();
+        let mut figures = vec![];
+        let mut sft_logits = vec![];
+        for &dp in &all {
+            let sets: Vec<String> = [
+                "sft.steps=3".to_string(),
+                "run.steps=1".into(),
+                "grpo.mini_batch_size=8".into(),
+                format!("model.router_aux_loss_coef={aux}"),
+                format!("grpo.loss=\"{loss}\""),
+                format!("run.data_parallel_size={dp}"),
+            ]
+            .into();
+            let dir = tempfile::tempdir().unwrap();
+            let (cfg, src) = Config::parse(&text, "smoke+regex.toml", &sets).unwrap();
+            let opts = RunOptions {
+                out_dir: Some(dir.path().to_path_buf()),
+                quiet: true,
+                ..Default::default()
+            };
+            let s = Pipeline::new(cfg, src, opts).unwrap().run().unwrap();
+            assert_eq!((s.sft_steps, s.grpo_steps), (3, 1), "{loss}, {dp} replicas");
+            figures.push(metric_rows(dir.path()));
+            let device = sobre_model::default_device();
+            let m = sobre_model::load_model(&dir.path().join("checkpoints/sft"), &device).unwrap();
+            let probe = sobre_model::Batch::left_padded(&[vec![5u32, 9, 2, 7], vec![3, 4]], 0);
+            let logits = m.forward(&probe, None, Default::default()).logits;
+            sft_logits.push(logits.try_into_vec_as::<f32>().unwrap());
+        }
+        for (k, &dp) in all.iter().enumerate().skip(1) {
+            for (a, b) in figures[0].iter().zip(&figures[k]) {
+                let at = format!("{loss}, {dp} replicas, {} step {}", a["stage"], a["step"]);
+                assert_eq!((&a["stage"], &a["step"]), (&b["stage"], &b["step"]), "{at}");
+                if a["stage"] == "grpo" && a["step"] != 1 {
+                    continue;
+                }
+                let keys = ["loss", "grad_norm", "aux_loss", "entropy", "kl"];
+                for key in keys {
+                    let (Some(x), Some(y)) = (a[key].as_f64(), b[key].as_f64()) else {
+                        assert_eq!(a[key], b[key], "{at}: {key}");
+                        continue;
+                    };
+                    // Relative, with a floor: GRPO's loss is a sum of O(1) terms that cancel to
+                    // ~1e-7 on a first pass, where only the summation order differs.
+                    assert!(
+                        (x - y).abs() <= tol * x.abs().max(1e-2),
+                        "{at}: {key} {x} vs {y}"
+                    );
+                }
+                if a["stage"] == "grpo" {
+                    // The same completions were sampled and rewarded.
+                    for key in ["reward_mean", "completion_length_mean", "num_groups"] {
+                        assert_eq!(a[key], b[key], "{at}: {key}");
+                    }
+                    assert!(a["reward_std"].as_f64() > Some(0.0), "{at}: no signal");
+                }
+            }
+            let worst = sft_logits[0]
+                .iter()
+                .zip(&sft_logits[k])
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0f32, f32::max);
+            assert!(
+                worst < tol as f32,
+                "{loss}, {dp} replicas: SFT logits differ by {worst}"
+            );
+        }
+    }
+}

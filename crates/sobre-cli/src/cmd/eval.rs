@@ -83,6 +83,10 @@ pub struct Args {
     /// Problems generated per batch (bounds memory; results do not depend on it).
     #[arg(long, default_value_t = 64)]
     pub batch_problems: usize,
+    /// Rollout engines decoding shares of each batch at once, a thread each (default: the
+    /// config's rollout.data_parallel_size; 1 with --data).
+    #[arg(long)]
+    pub data_parallel_size: Option<usize>,
     /// Print the report as one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
@@ -198,8 +202,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         opts.correct_reward = Some(r.clone());
     }
     opts.batch_problems = args.batch_problems;
+    if let Some(n) = args.data_parallel_size {
+        opts.data_parallel_size = n;
+    }
     if opts.samples == 0 {
         bail!("--samples must be at least 1");
+    }
+    if opts.data_parallel_size == 0 {
+        bail!("--data-parallel-size must be at least 1");
     }
     if opts.samples > 1 && opts.temperature == 0.0 {
         eprintln!(

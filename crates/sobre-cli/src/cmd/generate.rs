@@ -122,6 +122,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         stop_strings: vec![],
         ignore_eos: args.ignore_eos,
         seed: args.seed,
+        // One prompt: nothing to shard.
+        data_parallel_size: 1,
     };
     let from_file: Vec<String> = [
         (
