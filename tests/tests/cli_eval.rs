@@ -129,6 +129,20 @@ fn eval_reports_keys_ranges_and_writes_every_sample() {
         std::fs::read_to_string(out_dir.join("samples.jsonl")).unwrap(),
         std::fs::read_to_string(out2.join("samples.jsonl")).unwrap()
     );
+    // Nor on how many replicas generate them (3 threads, shards of 2 problems).
+    let out3 = tmp.path().join("eval3");
+    let mut args3 = args.to_vec();
+    args3[last] = out3.to_str().unwrap();
+    args3.extend(["--data-parallel-size", "3"]);
+    ok_stdout(&sobre(&args3));
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("samples.jsonl")).unwrap(),
+        std::fs::read_to_string(out3.join("samples.jsonl")).unwrap()
+    );
+    let mut zero = args.to_vec();
+    zero.extend(["--data-parallel-size", "0"]);
+    let e = err_stderr(&sobre(&zero));
+    assert!(e.contains("--data-parallel-size must be at least 1"), "{e}");
 
     // A JSONL file: countdown fields → countdown + format rewards; greedy for one sample.
     let ckpt = run.join("checkpoints/step-000001");

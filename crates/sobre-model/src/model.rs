@@ -222,7 +222,11 @@ impl RouteTotals {
             self.tokens_per_expert
                 .resize(other.tokens_per_expert.len(), 0.0);
         }
-        for (a, b) in self.tokens_per_expert.iter_mut().zip(&other.tokens_per_expert) {
+        for (a, b) in self
+            .tokens_per_expert
+            .iter_mut()
+            .zip(&other.tokens_per_expert)
+        {
             *a += b;
         }
         self.rows += other.rows;

@@ -195,14 +195,21 @@ fn data_parallel_shards_agree_with_one_engine() {
         data_parallel_size: 2,
         ..sampled(1.0, 10, 9)
     };
-    let err = generate(&m, &bad, 3, &params, None).unwrap_err().to_string();
+    let err = generate(&m, &bad, 3, &params, None)
+        .unwrap_err()
+        .to_string();
     assert_eq!(err, "prompt 4 is empty");
     let zero = SamplingParams {
         data_parallel_size: 0,
         ..sampled(1.0, 10, 9)
     };
-    let err = generate(&m, &prompts, 3, &zero, None).unwrap_err().to_string();
-    assert!(err.contains("data_parallel_size must be at least 1"), "{err}");
+    let err = generate(&m, &prompts, 3, &zero, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("data_parallel_size must be at least 1"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -1073,6 +1073,20 @@ mod tests {
             e.starts_with("run.toml:6: `grpo.mini_batch_size`: must divide"),
             "{e}"
         );
+        let text = "[data]\ntask = \"countdown\"\n[run]\ndata_parallel_size = 0\n";
+        let e = Config::parse(text, "run.toml", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("run.toml:4: `run.data_parallel_size`: must be at least 1"),
+            "{e}"
+        );
+        // Replicas are a run setting, not a sampling one: `[rollout]` does not take them.
+        let text = "[data]\ntask = \"countdown\"\n[rollout]\ndata_parallel_size = 2\n";
+        let e = Config::parse(text, "run.toml", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `data_parallel_size`"), "{e}");
         let text = "[data]\ntask = \"countdown\"\n[grpo]\nloss = \"gpro\"\n";
         let e = Config::parse(text, "run.toml", &[])
             .unwrap_err()

@@ -264,9 +264,8 @@ pub fn grpo_step(
         .iter()
         .map(|ls| match ctx.reference {
             Some(r) if g.beta > 0.0 => par_map(ls, |l| {
-                (l.max_completion > 0).then(|| {
-                    host(score(r, l, temperature, ForwardOptions::default(), false).logp)
-                })
+                (l.max_completion > 0)
+                    .then(|| host(score(r, l, temperature, ForwardOptions::default(), false).logp))
             }),
             _ => vec![None; ls.len()],
         })
@@ -348,7 +347,10 @@ pub fn grpo_step(
                 let m = layout.max_completion;
                 let logp_host = host(scored.logp.clone());
                 let (old, old_host) = if g.num_iterations > 1 {
-                    (layout.tensor(rollout_lp.clone(), &device), rollout_lp.clone())
+                    (
+                        layout.tensor(rollout_lp.clone(), &device),
+                        rollout_lp.clone(),
+                    )
                 } else {
                     (scored.logp.clone().detach(), logp_host.clone())
                 };
@@ -447,8 +449,7 @@ pub fn grpo_step(
                 add_counts(&mut counts, &batch_counts);
             }
             drop(stats);
-            let (next, outcome) =
-                apply_gradients(model, grads, opt, lr, cfg.optim.max_grad_norm);
+            let (next, outcome) = apply_gradients(model, grads, opt, lr, cfg.optim.max_grad_norm);
             model = next;
             losses.push(loss_value);
             norms.push(outcome.grad_norm);

@@ -609,7 +609,8 @@ pub fn sharded_gradients<S, R: Send>(
 ) -> (f64, Option<Vec<HostGrad>>, Vec<R>) {
     let n = shards.max(1);
     // Each shard's totals (`Err` if its forward panicked), filled before the barrier.
-    let slots: Mutex<Vec<Option<Result<Option<RouteTotals>, ()>>>> = Mutex::new(vec![None; n]);
+    type Slot = Option<Result<Option<RouteTotals>, ()>>;
+    let slots: Mutex<Vec<Slot>> = Mutex::new(vec![None; n]);
     let barrier = Barrier::new(n);
     let ids: Vec<usize> = (0..n).collect();
     let results = par_map(&ids, |&i| {

@@ -17,9 +17,7 @@ use crate::data::{
     Order, align_token_ids, build_template, build_tokenizer, derive_seed, load_data, preset_config,
 };
 use crate::grpo::{GrpoContext, default_accuracy_reward, evaluate, grpo_step};
-use crate::metrics::{
-    JsonlWriter, add_shard_counts, expert_load, num, peak_rss_mib, summary_line,
-};
+use crate::metrics::{JsonlWriter, add_shard_counts, expert_load, num, peak_rss_mib, summary_line};
 use crate::optim::{AdamW, AdamWConfig, Schedule, apply_gradients, sharded_gradients};
 use crate::parallel::split_range;
 use crate::sft::{completion_tokens, next_batch, sft_forward, sft_loss};

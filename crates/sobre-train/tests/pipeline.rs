@@ -349,6 +349,8 @@ fn demo_config_and_its_control_share_everything_but_the_stages() {
         )
     );
     assert_eq!(demo.run.seed, control.run.seed);
+    // Both use the machine's cores the same way.
+    assert_eq!(demo.run.data_parallel_size, control.run.data_parallel_size);
     for c in [&demo, &control] {
         assert!(c.eval.at_end);
         assert_eq!(
@@ -432,7 +434,10 @@ fn metric_rows(dir: &Path) -> Vec<serde_json::Value> {
 /// makes the random tiny model's groups differ, so the GRPO gradient is not ~0.
 #[test]
 fn data_parallel_replicas_follow_the_one_replica_run() {
-    let text = format!("{}\n[[reward]]\nname = \"regex_match\"\npattern = \"[0-4]\"\n", smoke());
+    let text = format!(
+        "{}\n[[reward]]\nname = \"regex_match\"\npattern = \"[0-4]\"\n",
+        smoke()
+    );
     for (loss, aux, replicas, tol) in [
         ("grpo", 0.0, &[2usize, 3][..], 1e-4f64),
         ("bnpo", 0.0, &[2], 1e-4),
