@@ -448,7 +448,6 @@ pub fn grpo_step(
                 mism.push(sum(|s| s.mismatch) / scored_tokens);
                 add_counts(&mut counts, &batch_counts);
             }
-            drop(stats);
             let (next, outcome) = apply_gradients(model, grads, opt, lr, cfg.optim.max_grad_norm);
             model = next;
             losses.push(loss_value);

@@ -521,19 +521,6 @@ pub struct UpdateOutcome {
     pub skipped: bool,
 }
 
-/// Backpropagate `loss`, clip by global norm, and apply AdamW at `lr` — unless the loss or the
-/// gradient norm is not finite, in which case the weights and moments are left untouched.
-pub fn backward_and_step(
-    model: MoeModel,
-    loss: Tensor<1>,
-    opt: &mut AdamW,
-    lr: f64,
-    max_grad_norm: f64,
-) -> (MoeModel, UpdateOutcome) {
-    let grads = host_gradients(&model, loss).1;
-    apply_gradients(model, grads, opt, lr, max_grad_norm)
-}
-
 /// The loss's value and, when it is finite, the gradients of `model`'s parameters on the host.
 fn host_gradients(model: &MoeModel, loss: Tensor<1>) -> (f64, Option<Vec<HostGrad>>) {
     let value = loss

@@ -124,9 +124,11 @@ fn every_loss_and_option_runs_finite() {
     }
 }
 
+/// A non-finite loss in any data-parallel shard skips the whole update: weights and optimizer
+/// state stay as they were. A finite one updates.
 #[test]
 fn non_finite_loss_skips_the_update() {
-    use sobre_train::optim::{AdamW, AdamWConfig, backward_and_step};
+    use sobre_train::optim::{AdamW, AdamWConfig, apply_gradients, sharded_gradients};
     let device = sobre_model::default_device().autodiff();
     let cfg = sobre_model::ModelConfig::preset("tiny").unwrap();
     let model = sobre_model::init_model(&cfg, 1, &device);
@@ -137,14 +139,26 @@ fn non_finite_loss_skips_the_update() {
         eps: 1e-8,
         weight_decay: 0.0,
     });
-    let loss = model.embed_tokens.val().sum() * f64::NAN;
-    let (model, out) = backward_and_step(model, loss, &mut opt, 1e-3, 1.0);
+    // Shard 1 of 2 is NaN.
+    let (loss, grads, _) = sharded_gradients(
+        &model,
+        2,
+        |m, i| ((m.embed_tokens.val().sum(), i), None),
+        |(sum, i), _| (Some(if i == 1 { sum * f64::NAN } else { sum }), ()),
+    );
+    assert!(loss.is_nan() && grads.is_none());
+    let (model, out) = apply_gradients(model, grads, &mut opt, 1e-3, 1.0);
     assert!(out.skipped);
     assert_eq!(opt.step, 0);
     assert_eq!(sobre_model::io::hf_tensors(&model), before);
     // A finite loss does update (and only the parameters it reaches).
-    let loss = model.embed_tokens.val().sum();
-    let (model, out) = backward_and_step(model, loss, &mut opt, 1e-3, 1.0);
+    let (_, grads, _) = sharded_gradients(
+        &model,
+        2,
+        |m, _| (m.embed_tokens.val().sum(), None),
+        |sum, _| (Some(sum), ()),
+    );
+    let (model, out) = apply_gradients(model, grads, &mut opt, 1e-3, 1.0);
     assert!(!out.skipped && out.grad_norm > 0.0);
     assert_ne!(sobre_model::io::hf_tensors(&model), before);
 }
