@@ -37,8 +37,10 @@ pub struct BenchOptions {
     pub warmup: usize,
     /// Timed steps (medians are over these).
     pub steps: usize,
-    /// Run this many steps in all (if more than `warmup + steps`) and compare the resident set
-    /// size after step `leak_check_from` with the one after the last step. 0 = off.
+    /// Run this many steps in all (if more than `warmup + steps`) and fit a line to the
+    /// resident set size after each step from `leak_check_from` on: its rise over those steps
+    /// is the growth judged against the bound (the first-to-last difference is reported too).
+    /// 0 = off.
     pub leak_check_steps: usize,
     /// First step of the leak check (1-based), after which RSS should be flat.
     pub leak_check_from: usize,
@@ -284,14 +286,18 @@ pub fn bench_step(cfg: &Config, opts: &BenchOptions) -> Result<Value, TrainError
         let from = opts.leak_check_from.clamp(1, rss_after.len());
         let a = rss_after[from - 1];
         let b = *rss_after.last().unwrap_or(&f64::NAN);
+        // A leak is a trend: allocator high-water moves RSS up and down by tens of MiB from
+        // one step to the next, so the first-to-last difference alone misreads noise.
+        let trend = rss_trend_mib(&rss_after[from - 1..]);
         Some(json!({
             "steps": rss_after.len(),
             "from_step": from,
             "rss_mib_at_from": round(a, 1),
             "rss_mib_at_end": round(b, 1),
-            "growth_mib": round(b - a, 1),
+            "endpoint_growth_mib": round(b - a, 1),
+            "growth_mib": round(trend, 1),
             "bound_mib": opts.leak_bound_mib,
-            "within_bound": (b - a) <= opts.leak_bound_mib,
+            "within_bound": trend <= opts.leak_bound_mib,
             "rss_mib_every_10_steps": rss_after.iter().step_by(10).map(|x| round(*x, 1)).collect::<Vec<_>>(),
         }))
     } else {
@@ -397,5 +403,47 @@ fn policy_breakdown(
         backward_s: round(median(&b[1..]), 4),
         grads_to_host_s: round(median(&g[1..]), 4),
         optimizer_s: round(median(&o[1..]), 4),
+    }
+}
+
+/// Growth over a series of per-step RSS readings (MiB) along its least-squares line: the
+/// slope times the steps it spans. 0 for fewer than two readings.
+pub fn rss_trend_mib(series: &[f64]) -> f64 {
+    let n = series.len();
+    if n < 2 {
+        return 0.0;
+    }
+    let mean_x = (n - 1) as f64 / 2.0;
+    let mean_y = series.iter().sum::<f64>() / n as f64;
+    let (mut sxy, mut sxx) = (0.0, 0.0);
+    for (i, y) in series.iter().enumerate() {
+        let dx = i as f64 - mean_x;
+        sxy += dx * (y - mean_y);
+        sxx += dx * dx;
+    }
+    sxy / sxx * (n - 1) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rss_trend_reads_a_leak_and_not_noise() {
+        // 0.5 MiB per step over 190 steps, with ±40 MiB of alternating noise: 95 MiB.
+        let leak: Vec<f64> = (0..191)
+            .map(|i| 600.0 + 0.5 * i as f64 + if i % 2 == 0 { 40.0 } else { -40.0 })
+            .collect();
+        assert!(
+            (rss_trend_mib(&leak) - 95.0).abs() < 1.0,
+            "{}",
+            rss_trend_mib(&leak)
+        );
+        // Flat with the same noise (and a high first reading): ~0, where the end points say −80.
+        let flat: Vec<f64> = (0..191)
+            .map(|i| 600.0 + if i % 2 == 0 { 40.0 } else { -40.0 })
+            .collect();
+        assert!(rss_trend_mib(&flat).abs() < 1.0, "{}", rss_trend_mib(&flat));
+        assert_eq!(rss_trend_mib(&[700.0]), 0.0);
     }
 }

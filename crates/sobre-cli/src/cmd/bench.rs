@@ -47,7 +47,7 @@ struct StepArgs {
     #[arg(long, default_value_t = 10)]
     steps: usize,
     /// Run this many steps in all and report the RSS growth from step --leak-check-from to the
-    /// last (0 = no leak check).
+    /// last, along the least-squares line through the per-step readings (0 = no leak check).
     #[arg(long, default_value_t = 0)]
     leak_check_steps: usize,
     #[arg(long, default_value_t = 10)]
