@@ -5,6 +5,7 @@ use rand_chacha::rand_core::{Rng, SeedableRng};
 use sobre_model::{Batch, ForwardOptions, KvCache, LogitsMode, MoeModel};
 
 use crate::RolloutError;
+use crate::parallel::{par_map, split_range};
 use crate::sampling::{SamplingParams, sample};
 
 /// One prompt to complete. `key` identifies it for seeding: the same key, sample index and
@@ -127,39 +128,19 @@ pub fn generate(
             EngineMode::SharedPrefill,
         );
     }
-    // Shard sizes differ by at most one prompt: ⌈len/n⌉ for the first `len mod n` shards.
-    let (base, extra) = (prompts.len() / shards, prompts.len() % shards);
-    let mut bounds = Vec::with_capacity(shards);
-    let mut start = 0;
-    for i in 0..shards {
-        let end = start + base + usize::from(i < extra);
-        bounds.push((start, end));
-        start = end;
-    }
-    let results: Vec<Result<Vec<Completion>, RolloutError>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = bounds
-            .iter()
-            .map(|&(a, b)| {
-                scope.spawn(move || {
-                    generate_with(
-                        model,
-                        &prompts[a..b],
-                        group_size,
-                        params,
-                        detok,
-                        EngineMode::SharedPrefill,
-                    )
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            // A panic in a shard is a bug in this crate or the backend: pass it on as is.
-            .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-            .collect()
+    let bounds = split_range(0..prompts.len(), shards);
+    let results = par_map(&bounds, |r| {
+        generate_with(
+            model,
+            &prompts[r.clone()],
+            group_size,
+            params,
+            detok,
+            EngineMode::SharedPrefill,
+        )
     });
     let mut out = Vec::with_capacity(prompts.len() * group_size);
-    for ((offset, _), shard) in bounds.into_iter().zip(results) {
+    for (offset, shard) in bounds.into_iter().map(|r| r.start).zip(results) {
         for mut c in shard.map_err(|e| e.offset_prompt(offset))? {
             c.prompt_index += offset;
             out.push(c);

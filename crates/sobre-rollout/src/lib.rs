@@ -17,6 +17,7 @@
 pub mod bench;
 pub mod generate;
 pub mod logprobs;
+pub mod parallel;
 pub mod sampling;
 
 pub use generate::{

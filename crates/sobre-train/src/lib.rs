@@ -33,7 +33,8 @@ pub mod kl;
 pub mod losses;
 pub mod metrics;
 pub mod optim;
-pub mod parallel;
+/// Batch shards on threads: the rollout crate's helpers, shared by the trainer.
+pub use sobre_rollout::parallel;
 pub mod pipeline;
 pub mod score;
 pub mod sft;

@@ -2,9 +2,9 @@
 //!
 //! The `small` model's matrices are below the sizes at which the CPU backend splits one
 //! operation across cores, so a step uses one core however many threads the pool has. Shards
-//! of a batch on their own threads (each with its own autodiff graph, see
-//! [`crate::optim::sharded_gradients`]) are how a step uses the others — what
-//! `torchrun --nproc_per_node` does with processes. The shards are fixed by
+//! of a batch on their own threads (rollout engines in [`crate::generate`]; model replicas with
+//! their own autodiff graphs in the trainer's `optim::sharded_gradients`) are how a step uses
+//! the others — what `torchrun --nproc_per_node` does with processes. The shards are fixed by
 //! `run.data_parallel_size`, never by the machine, so a run's results do not depend on how many
 //! cores it finds.
 
