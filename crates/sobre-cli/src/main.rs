@@ -1,6 +1,7 @@
 //! `sobre`: the command-line front-end. It parses arguments and delegates to the library crates;
 //! no training, sampling or scoring logic lives here.
 
+mod alloc;
 mod cmd;
 
 use clap::{Parser, Subcommand};
@@ -46,6 +47,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    alloc::tune();
     let cli = Cli::parse();
     let chosen = sobre_model::device_by_name(&cli.device).and_then(sobre_model::use_device);
     if let Err(err) = chosen {

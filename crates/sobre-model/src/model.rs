@@ -22,9 +22,12 @@ use burn::tensor::activation::{sigmoid, silu, softmax};
 
 use crate::config::{ModelConfig, ScoringFunc, TopkMethod};
 
-/// Masked attention scores. Finite (not -inf) so a query row with every key masked — a padding
-/// query in a left-padded batch — gives no NaN; such rows are then zeroed (see `AttnContext`).
-const MASKED: f32 = -1.0e30;
+/// Masked attention scores. `-inf`, not a large finite negative: `exp` of a huge finite negative
+/// takes libm's underflow path (errno and all), which was 3% of the W1 benchmark's profile, while
+/// `exp(-inf)` is an early return; both give exactly 0. A query row with every key masked (a
+/// padding query in a left-padded batch) would give NaN, so it keeps its own column unmasked and
+/// is zeroed afterwards (see `AttnContext`).
+const MASKED: f32 = f32::NEG_INFINITY;
 
 /// Which implementation computes the experts of a sparse layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -358,9 +361,9 @@ struct AttnContext {
     /// `[batch, 1, seq, keys]`: 0 where a query may attend, `MASKED` elsewhere.
     mask: Tensor<4>,
     /// `[batch, 1, seq, 1]`: 0 for query rows with no key to attend to, 1 elsewhere; present
-    /// only when such rows exist. Softmax over an all-masked row is uniform over every key, which
-    /// would let padding read real tokens (and, through the softmax Jacobian, send gradient to
-    /// them that the f32 forward never shows); zeroing the row makes padding inert.
+    /// only when such rows exist. Such a row attends to its own column only (the mask leaves it
+    /// open so the softmax is finite); zeroing the row's probabilities makes padding inert: it
+    /// contributes no output and receives no gradient.
     empty_rows: Option<Tensor<4>>,
     /// Column where the new tokens go in the cache (= past length).
     past: usize,
@@ -953,12 +956,18 @@ impl MoeModel {
         let mut row_has_key = vec![0.0f32; b * s];
         for row in 0..b {
             for i in 0..s {
+                let q = row * s + i;
                 for j in 0..keys {
                     if j > past + i || !key_valid[row * keys + j] {
-                        mask[(row * s + i) * keys + j] = MASKED;
+                        mask[q * keys + j] = MASKED;
                     } else {
-                        row_has_key[row * s + i] = 1.0;
+                        row_has_key[q] = 1.0;
                     }
+                }
+                // A query with no key (left padding) keeps its own column so that its softmax
+                // row is finite; `empty_rows` then zeroes the row's output and gradient.
+                if row_has_key[q] == 0.0 {
+                    mask[q * keys + past + i] = 0.0;
                 }
             }
         }

@@ -264,6 +264,12 @@ fn batched_unequal_lengths_equal_each_sequence_alone() {
             Batch::right_padded(&seqs, 0)
         };
         let out = values(m.forward(&b, None, ForwardOptions::default()).logits);
+        // Masked scores are -inf; a left-padding query has no key, and must still give a finite
+        // row (its own column stays open), or NaN would reach real rows through V.
+        assert!(
+            out.iter().all(|x| x.is_finite()),
+            "left={left}: non-finite logits"
+        );
         for (r, s) in seqs.iter().enumerate() {
             let alone = values(
                 m.forward(
