@@ -355,7 +355,7 @@ pub struct Attention {
 
 /// Per-call tensors shared by all layers: RoPE tables and the additive attention mask.
 struct AttnContext {
-    /// `[batch, 1, seq, head_dim]`
+    /// `[batch, 1, seq, head_dim]`; `sin` with its first half negated (see [`swap_halves`]).
     cos: Tensor<4>,
     sin: Tensor<4>,
     /// `[batch, 1, seq, keys]`: 0 where a query may attend, `MASKED` elsewhere.
@@ -369,11 +369,14 @@ struct AttnContext {
     past: usize,
 }
 
-fn rotate_half(x: Tensor<4>) -> Tensor<4> {
+/// `[x1, x2] → [x2, x1]` over the last dimension. With the sign of `rotate_half`'s `−x2` folded
+/// into the first half of the `sin` table, RoPE needs no `neg` op (nor its backward); the
+/// products are the same to the bit, as `(−a)·b = a·(−b)` exactly.
+fn swap_halves(x: Tensor<4>) -> Tensor<4> {
     let [b, h, s, d] = x.dims();
     let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..d / 2]);
     let x2 = x.slice([0..b, 0..h, 0..s, d / 2..d]);
-    Tensor::cat(vec![x2.neg(), x1], 3)
+    Tensor::cat(vec![x2, x1], 3)
 }
 
 impl Attention {
@@ -407,7 +410,7 @@ impl Attention {
                 None => t,
             };
             let t = t.swap_dims(1, 2); // [b, n, s, d]
-            t.clone() * ctx.cos.clone() + rotate_half(t) * ctx.sin.clone()
+            t.clone() * ctx.cos.clone() + swap_halves(t) * ctx.sin.clone()
         };
         let (qn, kn) = (self.q_norm.as_ref(), self.k_norm.as_ref());
         let q = heads(project(&self.q_proj, qn), nh, qn);
@@ -1072,6 +1075,8 @@ impl MoeModel {
 
 /// RoPE `cos`/`sin` tables for each token, rotate-half layout (`[θ₀…θ_{d/2−1}, θ₀…θ_{d/2−1}]`),
 /// computed in f32 the way transformers does (`inv_freq = 1 / θ^(2i/d)`, angle = pos · inv_freq).
+/// The first half of `sin` is negated: `x·cos + swap_halves(x)·sin` is transformers'
+/// `x·cos + rotate_half(x)·sin`.
 ///
 /// # Shapes
 /// `positions: [batch, seq]` → two `[batch, 1, seq, head_dim]` tables, flattened.
@@ -1090,9 +1095,9 @@ fn rope_tables(
     let mut sin = Vec::with_capacity(b * s * head_dim);
     for &p in &positions[..b * s] {
         let angles: Vec<f32> = inv_freq.iter().map(|f| p as f32 * f).collect();
-        for _ in 0..2 {
+        for sign in [-1.0f32, 1.0] {
             cos.extend(angles.iter().map(|a| a.cos()));
-            sin.extend(angles.iter().map(|a| a.sin()));
+            sin.extend(angles.iter().map(|a| sign * a.sin()));
         }
     }
     (cos, sin)
@@ -1179,6 +1184,7 @@ mod tests {
         for (a, b) in cos[4..].iter().zip(want) {
             assert!((a - b).abs() < 1e-6);
         }
-        assert!((sin[4] - 3.0f32.sin()).abs() < 1e-6 && (sin[7] - 0.3f32.sin()).abs() < 1e-6);
+        // The first half of `sin` carries rotate-half's minus sign.
+        assert!((sin[4] + 3.0f32.sin()).abs() < 1e-6 && (sin[7] - 0.3f32.sin()).abs() < 1e-6);
     }
 }

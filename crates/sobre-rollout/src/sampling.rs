@@ -134,43 +134,104 @@ pub fn sample(logits: &[f32], params: &SamplingParams, u: f64) -> (u32, f32) {
         && (params.top_k == 0 || params.top_k >= logits.len())
         && params.top_p >= 1.0
         && params.min_p <= 0.0;
-    if untruncated && let Some(hit) = sample_most_likely(logits, params.temperature, u) {
-        return hit;
+    if !untruncated {
+        return sample_reference(logits, params, u);
     }
-    sample_reference(logits, params, u)
+    let w = Weights::new(logits, params.temperature);
+    w.most_likely(logits, u)
+        .unwrap_or_else(|| w.invert_sorted(logits, u))
 }
 
-/// The fast path of [`sample`] for an untruncated distribution: one pass that finds the most
-/// likely token and the normaliser, and returns that token when `u` falls inside its share of
-/// the CDF with a margin no summation order can cross. A trained policy is confident (entropy
-/// well under one nat), so this is most draws; the rest return `None` and go through the sort.
-///
-/// Exactness: the reference sums the candidates in sorted order, this in index order. Both are
-/// sums of the same `n` positive terms, so they differ by at most `2(n−1)·ε·total`; the test
-/// `target < first` is only trusted when it holds for `total` enlarged by twice that bound.
-fn sample_most_likely(logits: &[f32], temperature: f32, u: f64) -> Option<(u32, f32)> {
-    let t = temperature as f64;
-    let max = row_max(logits);
-    let (mut total, mut best, mut best_e) = (0.0f64, 0usize, f64::NEG_INFINITY);
-    for (i, &x) in logits.iter().enumerate() {
-        let e = ((x as f64 - max) / t).exp();
-        total += e;
-        // Strict: ties go to the lowest index, as in the reference's order.
-        if e > best_e {
-            best_e = e;
-            best = i;
+/// One untruncated row's `exp((x − max) / t)` per token, their sum in index order (the
+/// normaliser `token_logprob` computes, to the bit) and the most likely token (lowest id on
+/// ties). Computed once, used by the fast path and, when it declines, by the sorted inversion.
+struct Weights {
+    max: f64,
+    t: f64,
+    e: Vec<f64>,
+    total: f64,
+    best: usize,
+}
+
+impl Weights {
+    fn new(logits: &[f32], temperature: f32) -> Self {
+        let t = temperature as f64;
+        let max = row_max(logits);
+        let e: Vec<f64> = logits
+            .iter()
+            .map(|&x| ((x as f64 - max) / t).exp())
+            .collect();
+        let (mut total, mut best) = (0.0f64, 0usize);
+        for (i, &ei) in e.iter().enumerate() {
+            total += ei;
+            // Strict: ties go to the lowest index, as in the reference's order.
+            if ei > e[best] {
+                best = i;
+            }
+        }
+        Weights {
+            max,
+            t,
+            e,
+            total,
+            best,
         }
     }
-    let bound = total + 4.0 * logits.len() as f64 * f64::EPSILON * total;
-    if u * bound < best_e {
-        // `total` is summed in index order, exactly as `token_logprob` sums it.
-        Some((
-            best as u32,
-            logprob_from_lse(logits, max, t, total.ln(), best as u32),
-        ))
-    } else {
-        None
+
+    fn logprob(&self, logits: &[f32], token: u32) -> f32 {
+        logprob_from_lse(logits, self.max, self.t, self.total.ln(), token)
     }
+
+    /// The fast path of [`sample`] for an untruncated distribution: one pass that finds the most
+    /// likely token and the normaliser, and returns that token when `u` falls inside its share of
+    /// the CDF with a margin no summation order can cross. A trained policy is confident (entropy
+    /// well under one nat), so this is most draws; the rest return `None` and go through the sort.
+    ///
+    /// Exactness: the reference sums the candidates in sorted order, this in index order. Both are
+    /// sums of the same `n` positive terms, so they differ by at most `2(n−1)·ε·total`; the test
+    /// `target < first` is only trusted when it holds for `total` enlarged by twice that bound.
+    fn most_likely(&self, logits: &[f32], u: f64) -> Option<(u32, f32)> {
+        let bound = self.total + 4.0 * self.e.len() as f64 * f64::EPSILON * self.total;
+        // `total` is summed in index order, exactly as `token_logprob` sums it.
+        (u * bound < self.e[self.best])
+            .then(|| (self.best as u32, self.logprob(logits, self.best as u32)))
+    }
+
+    /// [`sample_reference`] for an untruncated row, from the weights already computed: the
+    /// same candidates, order, sums and inversion, so the same bits.
+    fn invert_sorted(&self, logits: &[f32], u: f64) -> (u32, f32) {
+        let mut cand: Vec<(u32, f64)> = self
+            .e
+            .iter()
+            .enumerate()
+            .map(|(i, &e)| (i as u32, e))
+            .collect();
+        sort_candidates(&mut cand);
+        let tok = invert_cdf(&cand, u);
+        (tok, self.logprob(logits, tok))
+    }
+}
+
+/// Most likely first, ties by lower id. Token ids are distinct, so the order is total: no two
+/// candidates compare equal, and the unstable sort (no scratch buffer) gives exactly the stable
+/// sort's order.
+fn sort_candidates(cand: &mut [(u32, f64)]) {
+    cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+}
+
+/// The token where the cumulative weight of `kept` (in its order) first exceeds `u` times its
+/// total; the last one if rounding leaves `u · total` at or past the end.
+fn invert_cdf(kept: &[(u32, f64)], u: f64) -> u32 {
+    let total: f64 = kept.iter().map(|c| c.1).sum();
+    let target = u * total;
+    let mut acc = 0.0;
+    for c in kept {
+        acc += c.1;
+        if target < acc {
+            return c.0;
+        }
+    }
+    kept[kept.len() - 1].0
 }
 
 /// [`sample`] by its definition: sort every candidate, truncate, invert the CDF. The
@@ -187,7 +248,7 @@ pub fn sample_reference(logits: &[f32], params: &SamplingParams, u: f64) -> (u32
         .enumerate()
         .map(|(i, &x)| (i as u32, ((x as f64 - max) / t).exp()))
         .collect();
-    cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    sort_candidates(&mut cand);
     let mut keep = cand.len();
     if params.top_k > 0 {
         keep = keep.min(params.top_k);
@@ -212,18 +273,7 @@ pub fn sample_reference(logits: &[f32], params: &SamplingParams, u: f64) -> (u32
             .count()
             .max(1);
     }
-    let kept = &cand[..keep];
-    let total: f64 = kept.iter().map(|c| c.1).sum();
-    let target = u * total;
-    let mut acc = 0.0;
-    let mut tok = kept[keep - 1].0;
-    for c in kept {
-        acc += c.1;
-        if target < acc {
-            tok = c.0;
-            break;
-        }
-    }
+    let tok = invert_cdf(&cand[..keep], u);
     (tok, token_logprob(logits, params.temperature, tok))
 }
 
@@ -342,7 +392,7 @@ mod tests {
                 let got = sample(&logits, &p, u);
                 assert_eq!(got.0, want.0, "row {row} u {u}");
                 assert_eq!(got.1.to_bits(), want.1.to_bits(), "row {row} u {u}");
-                if sample_most_likely(&logits, t, u).is_some() {
+                if Weights::new(&logits, t).most_likely(&logits, u).is_some() {
                     fast_hits += 1;
                 }
             }
