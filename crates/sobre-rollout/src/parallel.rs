@@ -1,7 +1,8 @@
 //! Data parallelism on one machine: a batch cut into contiguous shards, one thread each.
 //!
-//! The `small` model's matrices are below the sizes at which the CPU backend splits one
-//! operation across cores, so a step uses one core however many threads the pool has. Shards
+//! sobre builds burn's CPU backend without its rayon feature, so every tensor op runs on the
+//! thread that calls it (splitting ops across cores as well measured slower beside replicas:
+//! docs/PERF.md item 8), and one thread is one core. Shards
 //! of a batch on their own threads (rollout engines in [`crate::generate`]; model replicas with
 //! their own autodiff graphs in the trainer's `optim::sharded_gradients`) are how a step uses
 //! the others — what `torchrun --nproc_per_node` does with processes. The shards are fixed by

@@ -31,9 +31,8 @@ pub struct SamplingParams {
     /// Base seed; each (prompt key, sample index) gets its own stream derived from it.
     pub seed: u64,
     /// Rollout engines working at once, each on its own thread and its own contiguous share
-    /// of the prompts (vLLM's data parallelism, on CPU threads). A small model's matrices are
-    /// too small for the backend to split one forward across cores, so this is how a
-    /// rollout uses a second core. Results depend on this value (each shard pads to its own
+    /// of the prompts (vLLM's data parallelism, on CPU threads). The CPU backend runs each op
+    /// on its calling thread, so this is how a rollout uses a second core. Results depend on this value (each shard pads to its own
     /// longest prompt, which moves float sums in the last bits) but not on the machine.
     /// Not read from a `[rollout]` table: a run sets it from `run.data_parallel_size`.
     #[serde(skip)]

@@ -331,13 +331,15 @@ pub struct RunSection {
     pub log_every: usize,
     /// Completions written to `samples.jsonl` per step.
     pub samples_per_step: usize,
-    /// Worker threads (0 = all cores).
+    /// Threads of rayon's global pool (0 = all cores): tokenizer training. Not the tensor ops':
+    /// sobre builds the CPU backend without its rayon feature, so each op runs on the thread
+    /// that calls it, and `data_parallel_size` is what puts a run on more cores.
     pub threads: usize,
     /// Model replicas working at once on contiguous shards of every batch, one thread each:
     /// generation, the reference forward, and the policy's forward + backward, whose gradients
-    /// are summed before the optimizer step (SFT and GRPO alike). A small model's matrices are
-    /// too small for the backend to spread one forward over cores, so this is how a run uses
-    /// more than one. Results depend on this value (each shard pads to its own length, and
+    /// are summed before the optimizer step (SFT and GRPO alike). The CPU backend runs each op
+    /// on its calling thread (splitting ops across cores as well measured slower beside
+    /// replicas, docs/PERF.md item 8), so this is how a run uses more than one core. Results depend on this value (each shard pads to its own length, and
     /// sums gradients in its own order), not on `threads` or the machine.
     pub data_parallel_size: usize,
     /// Non-finite losses or gradients in a row that stop the run.
