@@ -32,8 +32,9 @@ pub struct SamplingParams {
     pub seed: u64,
     /// Rollout engines working at once, each on its own thread and its own contiguous share
     /// of the prompts (vLLM's data parallelism, on CPU threads). The CPU backend runs each op
-    /// on its calling thread, so this is how a rollout uses a second core. Results depend on this value (each shard pads to its own
-    /// longest prompt, which moves float sums in the last bits) but not on the machine.
+    /// on its calling thread, so this is how a rollout uses a second core. Results depend on
+    /// this value (each shard pads to its own longest prompt, which moves float sums in the last
+    /// bits) but not on the machine.
     /// Not read from a `[rollout]` table: a run sets it from `run.data_parallel_size`.
     #[serde(skip)]
     pub data_parallel_size: usize,
@@ -181,9 +182,8 @@ impl Weights {
         logprob_from_lse(logits, self.max, self.t, self.total.ln(), token)
     }
 
-    /// The fast path of [`sample`] for an untruncated distribution: one pass that finds the most
-    /// likely token and the normaliser, and returns that token when `u` falls inside its share of
-    /// the CDF with a margin no summation order can cross. A trained policy is confident (entropy
+    /// The fast path of [`sample`] for an untruncated distribution: the most likely token, when
+    /// `u` falls inside its share of the CDF with a margin no summation order can cross. A trained policy is confident (entropy
     /// well under one nat), so this is most draws; the rest return `None` and go through the sort.
     ///
     /// Exactness: the reference sums the candidates in sorted order, this in index order. Both are
