@@ -3,7 +3,7 @@
 //! sobre builds burn's CPU backend without its rayon feature, so every tensor op runs on the
 //! thread that calls it (splitting ops across cores as well measured slower beside replicas:
 //! docs/PERF.md item 8), and one thread is one core. Shards of a batch on their own threads
-//! (rollout engines in [`crate::generate`]; model replicas with their own autodiff graphs in the
+//! (rollout engines in [`crate::generate`](mod@crate::generate); model replicas with their own autodiff graphs in the
 //! trainer's `optim::sharded_gradients`) are how a step uses more cores — what `torchrun
 //! --nproc_per_node` does with processes. The shards are fixed by `run.data_parallel_size`,
 //! never by the machine, so a run's results do not depend on how many cores it finds.
