@@ -1,6 +1,6 @@
 //! sobre-rollout: fast, exact sampling of groups of completions for GRPO.
 //!
-//! [`generate`] prefills each prompt once, copies its KV cache to the prompt's `group_size`
+//! [`generate`](fn@generate) prefills each prompt once, copies its KV cache to the prompt's `group_size`
 //! samples, and decodes every live sequence as one batch; finished sequences leave the batch.
 //! Each (prompt key, sample index) draws from its own random stream, so a completion does not
 //! depend on what else was in the batch.
