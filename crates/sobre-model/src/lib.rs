@@ -11,6 +11,7 @@
 //! is burn's pure-Rust `flex`.
 
 pub mod config;
+pub mod fused;
 pub mod generation;
 pub mod io;
 pub mod model;
@@ -21,8 +22,8 @@ pub use config::{Family, ModelConfig, ScoringFunc, TopkMethod};
 pub use generation::GenerationConfig;
 pub use io::{init_model, load_model, load_model_with_config, save_model};
 pub use model::{
-    AuxParts, Batch, ForwardOptions, GroupLimit, GroupScore, KvCache, LogitsMode, ModelOutput,
-    MoeImpl, MoeModel, RouteTotals, RouterStats,
+    AuxParts, Batch, ForwardOptions, GroupLimit, GroupScore, Kernels, KvCache, LogitsMode,
+    ModelOutput, MoeImpl, MoeModel, RouteTotals, RouterStats,
 };
 
 /// Everything that can go wrong reading or writing a model.

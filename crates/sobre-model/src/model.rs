@@ -21,6 +21,7 @@ use burn::tensor::IndexingUpdateOp;
 use burn::tensor::activation::{sigmoid, silu, softmax};
 
 use crate::config::{ModelConfig, ScoringFunc, TopkMethod};
+use crate::fused;
 
 /// Masked attention scores. `-inf`, not a large finite negative: `exp` of a huge finite negative
 /// takes libm's underflow path (errno and all), which was 3% of the W1 benchmark's profile, while
@@ -40,6 +41,18 @@ pub enum MoeImpl {
     DenseReference,
 }
 
+/// Which implementation computes RMSNorm, SwiGLU's activation, RoPE and the attention softmax.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kernels {
+    /// The fused kernels of [`fused`] (one op and one backward each) where the backend has them
+    /// (`flex`), the reference elsewhere.
+    #[default]
+    Fused,
+    /// Compositions of burn tensor ops, on every backend: the slow reference the fused kernels
+    /// are tested against.
+    Reference,
+}
+
 /// Which positions get logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LogitsMode {
@@ -55,6 +68,7 @@ pub enum LogitsMode {
 pub struct ForwardOptions {
     pub moe: MoeImpl,
     pub logits: LogitsMode,
+    pub kernels: Kernels,
     /// Build the differentiable auxiliary balance loss (training only).
     pub aux_loss: bool,
 }
@@ -209,6 +223,34 @@ pub struct RouterStats {
     pub aux_parts: Option<AuxParts>,
 }
 
+impl RouterStats {
+    /// The statistics of two forward calls over disjoint tokens, as if made by one.
+    fn merge(self, other: RouterStats) -> RouterStats {
+        let mut expert_counts = self.expert_counts;
+        for (mine, theirs) in expert_counts.iter_mut().zip(&other.expert_counts) {
+            for (a, b) in mine.iter_mut().zip(theirs) {
+                *a += b;
+            }
+        }
+        let aux_parts = match (self.aux_parts, other.aux_parts) {
+            (Some(a), Some(b)) => {
+                let mut totals = a.totals;
+                totals.add(&b.totals);
+                Some(AuxParts {
+                    totals,
+                    prob_sum: a.prob_sum + b.prob_sum,
+                })
+            }
+            (a, b) => a.or(b),
+        };
+        RouterStats {
+            expert_counts,
+            aux_loss: aux_parts.as_ref().map(|p| p.loss_in(&p.totals)),
+            aux_parts,
+        }
+    }
+}
+
 /// Routing totals over real tokens and sparse layers (no gradient).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RouteTotals {
@@ -280,10 +322,19 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let var = x.clone().square().mean_dim(D - 1);
-        x * (var + self.eps).sqrt().recip() * self.weight.val().unsqueeze()
+    /// `fused`: run [`fused::rms_norm`] (the caller checked [`fused::available`]).
+    pub fn forward<const D: usize>(&self, x: Tensor<D>, fused: bool) -> Tensor<D> {
+        rms_norm(x, self.weight.val(), self.eps, fused)
     }
+}
+
+/// `x * rsqrt(mean(x²) + eps) * weight` over the last dimension; `weight: [last dim]`.
+fn rms_norm<const D: usize>(x: Tensor<D>, weight: Tensor<1>, eps: f64, fused: bool) -> Tensor<D> {
+    if fused {
+        return fused::rms_norm(x, weight, eps);
+    }
+    let var = x.clone().square().mean_dim(D - 1);
+    x * (var + eps).sqrt().recip() * weight.unsqueeze()
 }
 
 /// A projection `x · W + b` with `W: [in, out]`.
@@ -307,7 +358,10 @@ impl Proj {
 
 /// `down(silu(gate(x)) * up(x))` with gate and up fused: `gate_up: [hidden, 2·inter]`
 /// (gate first), `down: [inter, hidden]`.
-fn swiglu(x: Tensor<2>, gate_up: Tensor<2>, down: Tensor<2>) -> Tensor<2> {
+fn swiglu(x: Tensor<2>, gate_up: Tensor<2>, down: Tensor<2>, fused: bool) -> Tensor<2> {
+    if fused {
+        return fused::silu_mul(x.matmul(gate_up)).matmul(down);
+    }
     let [rows, _] = x.dims();
     let inter = gate_up.dims()[1] / 2;
     let h = x.matmul(gate_up);
@@ -324,8 +378,8 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        swiglu(x, self.gate_up.val(), self.down.val())
+    pub fn forward(&self, x: Tensor<2>, fused: bool) -> Tensor<2> {
+        swiglu(x, self.gate_up.val(), self.down.val(), fused)
     }
 }
 
@@ -367,6 +421,8 @@ struct AttnContext {
     empty_rows: Option<Tensor<4>>,
     /// Column where the new tokens go in the cache (= past length).
     past: usize,
+    /// Run the [`fused`] kernels (they are available on this device and were asked for).
+    fused: bool,
 }
 
 /// `[x1, x2] → [x2, x1]` over the last dimension. With the sign of `rotate_half`'s `−x2` folded
@@ -377,6 +433,27 @@ fn swap_halves(x: Tensor<4>) -> Tensor<4> {
     let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..d / 2]);
     let x2 = x.slice([0..b, 0..h, 0..s, d / 2..d]);
     Tensor::cat(vec![x2, x1], 3)
+}
+
+/// RoPE on heads `[batch, seq, heads, head_dim]`, returned as `[batch, heads, seq, head_dim]`.
+/// `cos`, `sin`: `[batch, 1, seq, head_dim]`, `sin` sign-folded (see [`swap_halves`]).
+fn apply_rope(t: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>, fused: bool) -> Tensor<4> {
+    if fused {
+        return fused::rope(t, cos.clone(), sin.clone()).swap_dims(1, 2);
+    }
+    let t = t.swap_dims(1, 2);
+    t.clone() * cos.clone() + swap_halves(t) * sin.clone()
+}
+
+/// `softmax(scores · scale + mask)` over the keys.
+///
+/// # Shapes
+/// `scores: [batch, heads, seq, keys]`, `mask: [batch, 1, seq, keys]` → like `scores`
+fn attention_probs(scores: Tensor<4>, mask: &Tensor<4>, scale: f64, fused: bool) -> Tensor<4> {
+    if fused {
+        return fused::masked_softmax(scores, mask.clone(), scale);
+    }
+    softmax(scores * scale + mask.clone(), 3)
 }
 
 impl Attention {
@@ -395,7 +472,7 @@ impl Attention {
         let project = |proj: &Proj, norm: Option<&RmsNorm>| {
             let mut t = proj.forward(x2.clone());
             if let Some(norm) = norm.filter(|_| self.qk_norm_over_projection) {
-                t = norm.forward(t);
+                t = norm.forward(t, ctx.fused);
             }
             match self.clip_qkv {
                 Some(c) => t.clamp(-c, c),
@@ -406,11 +483,10 @@ impl Attention {
         let heads = |t: Tensor<2>, n: usize, norm: Option<&RmsNorm>| {
             let t = t.reshape([b, s, n, d]);
             let t = match norm.filter(|_| !self.qk_norm_over_projection) {
-                Some(norm) => norm.forward(t),
+                Some(norm) => norm.forward(t, ctx.fused),
                 None => t,
             };
-            let t = t.swap_dims(1, 2); // [b, n, s, d]
-            t.clone() * ctx.cos.clone() + swap_halves(t) * ctx.sin.clone()
+            apply_rope(t, &ctx.cos, &ctx.sin, ctx.fused) // [b, n, s, d]
         };
         let (qn, kn) = (self.q_norm.as_ref(), self.k_norm.as_ref());
         let q = heads(project(&self.q_proj, qn), nh, qn);
@@ -441,8 +517,8 @@ impl Attention {
         let group = nh / nkv;
         let q = q.reshape([b, nkv, group * s, d]);
         let scores = q.matmul(k.swap_dims(2, 3)).reshape([b, nh, s, keys]);
-        let scores = scores * (1.0 / (d as f64).sqrt()) + ctx.mask.clone();
-        let mut probs = softmax(scores, 3);
+        let scale = 1.0 / (d as f64).sqrt();
+        let mut probs = attention_probs(scores, &ctx.mask, scale, ctx.fused);
         if let Some(keep) = &ctx.empty_rows {
             probs = probs * keep.clone();
         }
@@ -609,13 +685,16 @@ impl MoeBlock {
     }
 
     /// # Shapes
-    /// `x: [tokens, hidden]` → `[tokens, hidden]`; `valid: [tokens]` marks real tokens (padding
+    /// `x: [tokens, hidden]` → `[tokens, hidden]`; `weight: [tokens]` is how many times each
+    /// token counts in the statistics: 0 for padding (computed like any token but left out),
+    /// 1 for a real token, n for a prefix shared by n rows
     /// is computed like any token but left out of the statistics).
     fn forward(
         &self,
         x: Tensor<2>,
-        valid: &[bool],
+        weight: &[u32],
         moe: MoeImpl,
+        fused: bool,
         aux: Option<&mut AuxAccumulator>,
     ) -> (Tensor<2>, Vec<u32>) {
         let [t, _] = x.dims();
@@ -642,10 +721,8 @@ impl MoeBlock {
 
         let mut counts = vec![0u32; e];
         for (tok, row) in chosen.chunks_exact(k).enumerate() {
-            if valid[tok] {
-                for &ex in row {
-                    counts[ex] += 1;
-                }
+            for &ex in row {
+                counts[ex] += weight[tok];
             }
         }
 
@@ -663,12 +740,12 @@ impl MoeBlock {
         }
 
         let routed = match moe {
-            MoeImpl::Dispatch => self.dispatch(x.clone(), &chosen, weights, &device),
-            MoeImpl::DenseReference => self.dense_reference(x.clone(), &chosen, weights, &device),
+            MoeImpl::Dispatch => self.dispatch(x.clone(), &chosen, weights, fused),
+            MoeImpl::DenseReference => self.dense_reference(x.clone(), &chosen, weights, fused),
         };
         let mut out = routed;
         if let Some(shared) = &self.shared_expert {
-            let mut s = shared.forward(x.clone());
+            let mut s = shared.forward(x.clone(), fused);
             if let Some(g) = &self.shared_expert_gate {
                 s = s * sigmoid(x.clone().matmul(g.val()));
             }
@@ -676,7 +753,7 @@ impl MoeBlock {
         }
 
         if let Some(acc) = aux {
-            let n_valid = valid.iter().filter(|&&v| v).count();
+            let n_valid: u32 = weight.iter().sum();
             for (ex, c) in counts.iter().enumerate() {
                 acc.tokens_per_expert[ex] += *c as f64;
             }
@@ -685,13 +762,7 @@ impl MoeBlock {
                 ScoringFunc::Sigmoid => scores.clone() / scores.sum_dim(1),
             };
             let mask = Tensor::<2>::from_data(
-                TensorData::new(
-                    valid
-                        .iter()
-                        .map(|&v| if v { 1.0f32 } else { 0.0 })
-                        .collect(),
-                    [t, 1],
-                ),
+                TensorData::new(weight.iter().map(|&w| w as f32).collect(), [t, 1]),
                 &device,
             );
             let psum = (probs * mask).sum_dim(0).reshape([e]);
@@ -704,33 +775,16 @@ impl MoeBlock {
         (out, counts)
     }
 
-    /// Expert `ex`'s fused `gate_up: [hidden, 2·inter]` and `down: [inter, hidden]`, as views
-    /// of the stacked parameters (gradients flow back into them).
-    fn expert_weights(&self, ex: usize) -> (Tensor<2>, Tensor<2>) {
-        let [_, hidden, gu] = self.experts_gate_up.val().dims();
-        let [_, inter, _] = self.experts_down.val().dims();
-        let w_gu = self
-            .experts_gate_up
-            .val()
-            .slice([ex..ex + 1, 0..hidden, 0..gu])
-            .reshape([hidden, gu]);
-        let w_d = self
-            .experts_down
-            .val()
-            .slice([ex..ex + 1, 0..inter, 0..hidden])
-            .reshape([inter, hidden]);
-        (w_gu, w_d)
-    }
-
     /// Tokens grouped by expert: one gather, one matmul chain per used expert, one scatter-add.
     fn dispatch(
         &self,
         x: Tensor<2>,
         chosen: &[usize],
         weights: Tensor<2>,
-        device: &Device,
+        fused: bool,
     ) -> Tensor<2> {
         let [t, hidden] = x.dims();
+        let device = &x.device();
         let e = self.num_experts();
         let k = self.top_k;
         // Stable grouping by expert: slot (token, j) goes to expert chosen[token·k + j].
@@ -742,19 +796,13 @@ impl MoeBlock {
         let tokens = int_tensor_1d(slots.iter().map(|&s| (s / k) as i64).collect(), device);
         let slot_idx = int_tensor_1d(slots.iter().map(|&s| s as i64).collect(), device);
         let xs = x.select(0, tokens.clone()); // [t·k, hidden]
-        let mut outs = Vec::new();
-        let mut start = 0;
-        for (ex, group) in by_expert.iter().enumerate() {
-            if group.is_empty() {
-                continue;
-            }
-            let end = start + group.len();
-            let rows = xs.clone().slice([start..end, 0..hidden]);
-            let (w_gu, w_d) = self.expert_weights(ex);
-            outs.push(swiglu(rows, w_gu, w_d));
-            start = end;
-        }
-        let ys = Tensor::cat(outs, 0); // [t·k, hidden], grouped by expert
+        let sizes = by_expert.iter().map(Vec::len).collect();
+        let (gate_up, down) = (self.experts_gate_up.val(), self.experts_down.val());
+        let ys = if fused {
+            fused::experts_swiglu(xs, gate_up, down, sizes)
+        } else {
+            experts_reference(xs, gate_up, down, &sizes)
+        }; // [t·k, hidden], grouped by expert
         let w = weights
             .reshape([t * k])
             .select(0, slot_idx)
@@ -768,9 +816,10 @@ impl MoeBlock {
         x: Tensor<2>,
         chosen: &[usize],
         weights: Tensor<2>,
-        device: &Device,
+        fused: bool,
     ) -> Tensor<2> {
         let [t, hidden] = x.dims();
+        let device = &x.device();
         let e = self.num_experts();
         let k = self.top_k;
         let mut one_hot = vec![0.0f32; t * k * e];
@@ -783,12 +832,49 @@ impl MoeBlock {
             .reshape([t, e]);
         let mut out = Tensor::zeros([t, hidden], device);
         for ex in 0..e {
-            let (w_gu, w_d) = self.expert_weights(ex);
-            let y = swiglu(x.clone(), w_gu, w_d);
+            let w_gu = expert_matrix(self.experts_gate_up.val(), ex);
+            let w_d = expert_matrix(self.experts_down.val(), ex);
+            let y = swiglu(x.clone(), w_gu, w_d, fused);
             out = out + y * dense.clone().slice([0..t, ex..ex + 1]);
         }
         out
     }
+}
+
+/// Expert `ex`'s matrix of a stacked `[num_experts, rows, cols]` weight, as a slice (gradients
+/// flow back into the stack).
+fn expert_matrix(w: Tensor<3>, ex: usize) -> Tensor<2> {
+    let [_, rows, cols] = w.dims();
+    w.slice([ex..ex + 1, 0..rows, 0..cols])
+        .reshape([rows, cols])
+}
+
+/// The routed experts on rows grouped by expert (`group_sizes[e]` rows for expert `e`, in
+/// order), one `swiglu` per non-empty group: the reference for [`fused::experts_swiglu`].
+///
+/// # Shapes
+/// `xs: [Σ group_sizes, hidden]`, `gate_up: [experts, hidden, 2·inter]`,
+/// `down: [experts, inter, hidden]` → `[Σ group_sizes, hidden]`
+fn experts_reference(
+    xs: Tensor<2>,
+    gate_up: Tensor<3>,
+    down: Tensor<3>,
+    group_sizes: &[usize],
+) -> Tensor<2> {
+    let hidden = xs.dims()[1];
+    let mut outs = Vec::new();
+    let mut start = 0;
+    for (ex, &n) in group_sizes.iter().enumerate() {
+        if n == 0 {
+            continue;
+        }
+        let rows = xs.clone().slice([start..start + n, 0..hidden]);
+        let w_gu = expert_matrix(gate_up.clone(), ex);
+        let w_d = expert_matrix(down.clone(), ex);
+        outs.push(swiglu(rows, w_gu, w_d, false));
+        start += n;
+    }
+    Tensor::cat(outs, 0)
 }
 
 /// The FFN of one layer. (A layer holds one and they are few: boxing the larger variant would
@@ -856,16 +942,18 @@ impl MoeModel {
         cache: Option<&mut KvCache>,
         opts: ForwardOptions,
     ) -> ModelOutput {
-        let (h, router) = self.trunk(batch, cache, opts);
+        let (h, router) = self.trunk(batch, cache, opts, None);
         let [b, s, hidden] = h.dims();
         let h = match opts.logits {
             LogitsMode::All => h,
             LogitsMode::Last => h.slice([0..b, s - 1..s, 0..hidden]),
         };
         let rows = h.dims()[1];
-        let logits =
-            self.head(h.reshape([b * rows, hidden]))
-                .reshape([b, rows, self.config.vocab_size]);
+        let logits = self.head(h.reshape([b * rows, hidden]), opts).reshape([
+            b,
+            rows,
+            self.config.vocab_size,
+        ]);
         ModelOutput { logits, router }
     }
 
@@ -891,16 +979,74 @@ impl MoeModel {
             positions.iter().all(|&p| p < b * s),
             "positions must lie inside batch·seq"
         );
-        let (h, router) = self.trunk(batch, None, opts);
-        let hidden = self.config.hidden_size;
+        let (h, router) = self.trunk(batch, None, opts, None);
+        (self.head_at(h, positions, opts), router)
+    }
+
+    /// [`MoeModel::forward_positions`] for rows that continue shared prefixes, each prefix
+    /// computed once: row `r` is `prefixes` row `prefix_of_row[r]` followed by `suffixes` row
+    /// `r`, whose `positions` (RoPE) must continue the prefix's. `positions` index the
+    /// suffixes (`row · suffixes.seq + column`). The same logits as one forward over the
+    /// concatenated rows, up to float rounding, and the same router statistics (a prefix's
+    /// tokens count once per row that shares it). GRPO scores `group_size` completions of each
+    /// prompt: with the prompt as the prefix, its tokens go through the layers (and their
+    /// backward) once per group instead of once per completion.
+    ///
+    /// # Shapes
+    /// `prefixes: [prompts, p]` (left-padded), `suffixes: [rows, s]`, `positions: [n]` →
+    /// logits `[n, vocab]`.
+    ///
+    /// # Panics
+    /// As [`MoeModel::forward_positions`], and if `prefix_of_row` does not have one entry per
+    /// suffix row naming a prefix row.
+    pub fn forward_positions_shared(
+        &self,
+        prefixes: &Batch,
+        prefix_of_row: &[usize],
+        suffixes: &Batch,
+        positions: &[usize],
+        opts: ForwardOptions,
+    ) -> (Tensor<2>, RouterStats) {
+        let (b, s) = (suffixes.batch, suffixes.seq);
+        assert_eq!(prefix_of_row.len(), b, "one prefix per suffix row");
+        assert!(
+            prefix_of_row.iter().all(|&p| p < prefixes.batch),
+            "prefix_of_row must name prefix rows"
+        );
+        assert!(
+            positions.iter().all(|&p| p < b * s),
+            "positions must lie inside batch·seq"
+        );
+        let mut uses = vec![0u32; prefixes.batch];
+        for &p in prefix_of_row {
+            uses[p] += 1;
+        }
+        let capacity = prefixes.seq + s;
+        let mut cache = KvCache::new(&self.config, prefixes.batch, capacity, &self.device());
+        let (_, prefix_router) = self.trunk(prefixes, Some(&mut cache), opts, Some(&uses));
+        let mut cache = cache.select_rows(prefix_of_row);
+        let (h, router) = self.trunk(suffixes, Some(&mut cache), opts, None);
+        (
+            self.head_at(h, positions, opts),
+            prefix_router.merge(router),
+        )
+    }
+
+    /// Final norm and LM head at flat positions of hidden states `[batch, seq, hidden]`.
+    fn head_at(&self, h: Tensor<3>, positions: &[usize], opts: ForwardOptions) -> Tensor<2> {
+        let [b, s, hidden] = h.dims();
         let index = int_tensor_1d(positions.iter().map(|&p| p as i64).collect(), &h.device());
-        let picked = h.reshape([b * s, hidden]).select(0, index);
-        (self.head(picked), router)
+        self.head(h.reshape([b * s, hidden]).select(0, index), opts)
+    }
+
+    /// Whether this call runs the fused kernels: asked for, and the backend has them.
+    fn fused(&self, opts: ForwardOptions) -> bool {
+        opts.kernels == Kernels::Fused && fused::available(&self.device())
     }
 
     /// Final norm and LM head. `[rows, hidden]` → `[rows, vocab]`
-    fn head(&self, h: Tensor<2>) -> Tensor<2> {
-        let h = self.norm.forward(h);
+    fn head(&self, h: Tensor<2>, opts: ForwardOptions) -> Tensor<2> {
+        let h = self.norm.forward(h, self.fused(opts));
         match &self.lm_head {
             Some(w) => h.matmul(w.val()),
             None => h.matmul(self.embed_tokens.val().transpose()),
@@ -908,12 +1054,14 @@ impl MoeModel {
     }
 
     /// Embeddings and decoder layers: hidden states `[batch, seq, hidden]` before the final
-    /// norm, and the router statistics.
+    /// norm, and the router statistics, in which each real token of row `r` counts
+    /// `row_uses[r]` times (once without it).
     fn trunk(
         &self,
         batch: &Batch,
         mut cache: Option<&mut KvCache>,
         opts: ForwardOptions,
+        row_uses: Option<&[u32]>,
     ) -> (Tensor<3>, RouterStats) {
         let (b, s) = (batch.batch, batch.seq);
         assert_eq!(
@@ -933,6 +1081,7 @@ impl MoeModel {
         );
         let cfg = &self.config;
         let device = self.device();
+        let fused = self.fused(opts);
 
         // Key validity over [past | new] columns, then the causal + padding mask.
         let past = cache.as_ref().map_or(0, |c| c.len);
@@ -984,6 +1133,7 @@ impl MoeModel {
             mask: Tensor::from_data(TensorData::new(mask, [b, 1, s, keys]), &device),
             empty_rows,
             past,
+            fused,
         };
 
         let ids = int_tensor_1d(batch.input_ids.iter().map(|&i| i as i64).collect(), &device);
@@ -992,6 +1142,9 @@ impl MoeModel {
             .val()
             .select(0, ids)
             .reshape([b, s, cfg.hidden_size]);
+        let token_weight: Vec<u32> = (0..b * s)
+            .map(|i| u32::from(batch.attention_mask[i]) * row_uses.map_or(1, |u| u[i / s]))
+            .collect();
         let mut counts = Vec::new();
         let mut acc = opts.aux_loss.then(|| AuxAccumulator {
             tokens_per_expert: vec![0.0; cfg.num_experts],
@@ -1003,18 +1156,19 @@ impl MoeModel {
                 let (k, v) = (&mut c.keys[li], &mut c.values[li]);
                 (k, v)
             });
-            let a = layer
-                .self_attn
-                .forward(layer.input_layernorm.forward(h.clone()), &ctx, kv);
+            let a =
+                layer
+                    .self_attn
+                    .forward(layer.input_layernorm.forward(h.clone(), fused), &ctx, kv);
             h = h + a;
             let x = layer
                 .post_attention_layernorm
-                .forward(h.clone())
+                .forward(h.clone(), fused)
                 .reshape([b * s, cfg.hidden_size]);
             let f = match &layer.mlp {
-                Ffn::Dense(mlp) => mlp.forward(x),
+                Ffn::Dense(mlp) => mlp.forward(x, fused),
                 Ffn::Sparse(moe) => {
-                    let (y, c) = moe.forward(x, &batch.attention_mask, opts.moe, acc.as_mut());
+                    let (y, c) = moe.forward(x, &token_weight, opts.moe, fused, acc.as_mut());
                     counts.push(c);
                     y
                 }
@@ -1173,6 +1327,190 @@ mod tests {
         // Two rows are independent.
         let two: Vec<f32> = row.iter().chain(flat.iter()).copied().collect();
         assert_eq!(select_experts(&two, 8, 3, Some(v2)), vec![0, 4, 5, 0, 1, 2]);
+    }
+
+    // ---- the fused kernels against the reference compositions (values and gradients) ----
+
+    /// `n` values in `[-scale, scale)` from a 64-bit LCG (Knuth's constants), top 24 bits.
+    fn noise(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+            })
+            .collect()
+    }
+
+    fn leaf<const D: usize>(shape: [usize; D], seed: u64, scale: f32) -> Tensor<D> {
+        let n = shape.iter().product();
+        let device = Device::flex().autodiff();
+        Tensor::from_data(TensorData::new(noise(n, seed, scale), shape), &device).require_grad()
+    }
+
+    fn constant<const D: usize>(values: Vec<f32>, shape: [usize; D]) -> Tensor<D> {
+        Tensor::from_data(TensorData::new(values, shape), &Device::flex().autodiff())
+    }
+
+    /// `max |a − b| / max(|b|)`.
+    fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        let scale = b.iter().fold(f32::MIN_POSITIVE, |m, x| m.max(x.abs()));
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+            / scale
+    }
+
+    /// Runs `layer(fused)` for both settings on the same leaves, backpropagates `Σ y · c` for a
+    /// fixed random cotangent `c`, and checks that outputs agree to `fwd_tol` and every leaf's
+    /// gradient to `grad_tol` (relative to the reference's largest magnitude). Returns the
+    /// reference's output so callers can check more.
+    fn assert_fused_agrees<const D: usize, const N: usize>(
+        leaves: [Tensor<D>; N],
+        layer: impl Fn(&[Tensor<D>; N], bool) -> Tensor<D>,
+        fwd_tol: f32,
+        grad_tol: f32,
+    ) -> Vec<f32> {
+        let run = |fused: bool| {
+            let y = layer(&leaves, fused);
+            let c = constant(noise(y.shape().num_elements(), 99, 1.0), y.dims());
+            let grads = (y.clone() * c).sum().backward();
+            let g: Vec<Vec<f32>> = leaves
+                .iter()
+                .map(|l| to_vec_f32(l.grad(&grads).expect("every leaf gets a gradient")))
+                .collect();
+            (to_vec_f32(y), g)
+        };
+        let (y_fused, g_fused) = run(true);
+        let (y_ref, g_ref) = run(false);
+        let d = rel_diff(&y_fused, &y_ref);
+        assert!(
+            d <= fwd_tol,
+            "outputs differ by {d:e} (tolerance {fwd_tol:e})"
+        );
+        for (i, (a, b)) in g_fused.iter().zip(&g_ref).enumerate() {
+            let d = rel_diff(a, b);
+            assert!(
+                d <= grad_tol,
+                "gradients of input {i} differ by {d:e} (tolerance {grad_tol:e})"
+            );
+        }
+        y_ref
+    }
+
+    #[test]
+    fn fused_rms_norm_agrees_with_the_reference() {
+        // 40 = two 16-lane chunks and a tail; rows of very different scales.
+        let x = leaf([3, 5, 40], 1, 1.0) * constant(noise(15, 2, 4.0), [3, 5, 1]);
+        let x = Tensor::from_data(x.into_data(), &Device::flex().autodiff()).require_grad();
+        assert_fused_agrees(
+            [x, leaf([1, 1, 40], 3, 2.0)],
+            |[x, w], fused| rms_norm(x.clone(), w.clone().reshape([40]), 1e-6, fused),
+            1e-6,
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn fused_swiglu_agrees_with_the_reference() {
+        // Gates up to ±6: both branches of the sigmoid, saturated and not.
+        assert_fused_agrees(
+            [
+                leaf([7, 12], 4, 2.0),
+                leaf([12, 20], 5, 1.0),
+                leaf([10, 12], 6, 1.0),
+            ],
+            |[x, gu, down], fused| swiglu(x.clone(), gu.clone(), down.clone(), fused),
+            1e-6,
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn fused_experts_agree_with_the_reference() {
+        // Four experts, one of them without tokens (its weight gradients must be exactly 0).
+        let sizes = vec![3, 0, 5, 2];
+        let ys = assert_fused_agrees(
+            [
+                leaf([1, 10, 12], 10, 2.0),
+                leaf([4, 12, 16], 11, 1.0),
+                leaf([4, 8, 12], 12, 1.0),
+            ],
+            |[xs, gu, down], fused| {
+                let xs = xs.clone().reshape([10, 12]);
+                let y = if fused {
+                    fused::experts_swiglu(xs, gu.clone(), down.clone(), sizes.clone())
+                } else {
+                    experts_reference(xs, gu.clone(), down.clone(), &sizes)
+                };
+                y.reshape([1, 10, 12])
+            },
+            1e-6,
+            1e-5,
+        );
+        assert_eq!(ys.len(), 120);
+        let gu = leaf([4, 12, 16], 11, 1.0);
+        let y = fused::experts_swiglu(
+            leaf([10, 12], 10, 2.0),
+            gu.clone(),
+            leaf([4, 8, 12], 12, 1.0),
+            sizes,
+        );
+        let g = to_vec_f32(gu.grad(&y.sum().backward()).unwrap());
+        assert!(g[12 * 16..2 * 12 * 16].iter().all(|&v| v == 0.0));
+        assert!(g[..12 * 16].iter().any(|&v| v != 0.0));
+    }
+
+    #[test]
+    fn fused_rope_agrees_with_the_reference() {
+        // Two rows with different positions, three heads sharing each table row.
+        let (b, s, heads, d) = (2, 5, 3, 8);
+        let positions = [0, 1, 2, 3, 4, 7, 8, 9, 10, 11];
+        let (cos, sin) = rope_tables(&positions, b, s, d, 10_000.0);
+        let (cos, sin) = (constant(cos, [b, 1, s, d]), constant(sin, [b, 1, s, d]));
+        assert_fused_agrees(
+            [leaf([b, s, heads, d], 7, 1.0)],
+            |[t], fused| apply_rope(t.clone(), &cos, &sin, fused),
+            0.0,
+            1e-6,
+        );
+    }
+
+    #[test]
+    fn fused_masked_softmax_agrees_with_the_reference() {
+        // Causal mask over 6 keys for 4 queries after 2 cached columns; in row 1 the first three
+        // keys are padding, and its query 0 has only its own column open (a left-padding query).
+        let (b, heads, q, keys) = (2, 3, 4, 6);
+        let mut mask = vec![0.0f32; b * q * keys];
+        for row in 0..b {
+            for i in 0..q {
+                for j in 0..keys {
+                    if j > 2 + i || (row == 1 && j < 3 && !(i == 0 && j == 2)) {
+                        mask[(row * q + i) * keys + j] = MASKED;
+                    }
+                }
+            }
+        }
+        let mask = constant(mask, [b, 1, q, keys]);
+        let probs = assert_fused_agrees(
+            [leaf([b, heads, q, keys], 8, 8.0)],
+            |[scores], fused| attention_probs(scores.clone(), &mask, 0.125, fused),
+            1e-6,
+            1e-5,
+        );
+        // Masked entries are exactly 0 and rows sum to 1.
+        for (r, row) in probs.chunks_exact(keys).enumerate() {
+            let (bi, i) = (r / (heads * q), r % q);
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+            assert!(row[3 + i..].iter().all(|&p| p == 0.0), "row {r}: {row:?}");
+            if bi == 1 && i == 0 {
+                assert_eq!(row[2], 1.0);
+            }
+        }
     }
 
     #[test]

@@ -5,8 +5,8 @@ use burn::module::Param;
 use burn::prelude::*;
 use sobre_model::model::Ffn;
 use sobre_model::{
-    Batch, ForwardOptions, KvCache, LogitsMode, ModelConfig, ModelError, MoeImpl, MoeModel,
-    default_device, init_model, load_model, save_model,
+    Batch, ForwardOptions, Kernels, KvCache, LogitsMode, ModelConfig, ModelError, MoeImpl,
+    MoeModel, default_device, init_model, load_model, save_model,
 };
 
 fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
@@ -478,6 +478,73 @@ fn expert_gradients_agree_between_dispatch_and_reference() {
         max_diff(&a_r, &b_r) < 1e-4 * a_r.iter().fold(1.0f32, |m, x| m.max(x.abs())),
         "router grads differ"
     );
+}
+
+#[test]
+fn fused_kernels_agree_with_the_reference_on_the_whole_model() {
+    // Left padding (queries without keys), a dense layer, a gated shared expert, q/k norms.
+    let cfg = test_config();
+    let device = default_device().autodiff();
+    let m = init_model(&cfg, 12, &device);
+    let v = cfg.vocab_size;
+    let b = Batch::left_padded(&[ids(9, 15, v), ids(5, 16, v), ids(7, 17, v)], 0);
+    let run = |kernels: Kernels| {
+        let out = m.forward(
+            &b,
+            None,
+            ForwardOptions {
+                kernels,
+                aux_loss: true,
+                ..Default::default()
+            },
+        );
+        let logits = values(out.logits.clone());
+        let loss = out.logits.square().mean() + out.router.aux_loss.unwrap();
+        let grads = loss.backward();
+        let Ffn::Sparse(s) = &m.layers[0].mlp else {
+            unreachable!()
+        };
+        let attn = &m.layers[2].self_attn;
+        let shared = s.shared_expert.as_ref().unwrap();
+        let need = "a gradient for every parameter";
+        let grads = vec![
+            values(m.embed_tokens.val().grad(&grads).expect(need)),
+            values(
+                m.layers[0]
+                    .input_layernorm
+                    .weight
+                    .val()
+                    .grad(&grads)
+                    .expect(need),
+            ),
+            values(
+                attn.q_norm
+                    .as_ref()
+                    .unwrap()
+                    .weight
+                    .val()
+                    .grad(&grads)
+                    .expect(need),
+            ),
+            values(attn.q_proj.weight.val().grad(&grads).expect(need)),
+            values(s.router.val().grad(&grads).expect(need)),
+            values(s.experts_gate_up.val().grad(&grads).expect(need)),
+            values(s.experts_down.val().grad(&grads).expect(need)),
+            values(shared.gate_up.val().grad(&grads).expect(need)),
+            values(m.norm.weight.val().grad(&grads).expect(need)),
+        ];
+        (logits, grads)
+    };
+    let (fused_logits, fused_grads) = run(Kernels::Fused);
+    let (ref_logits, ref_grads) = run(Kernels::Reference);
+    let scale = |v: &[f32]| v.iter().fold(f32::MIN_POSITIVE, |m, x| m.max(x.abs()));
+    assert!(fused_logits.iter().all(|x| x.is_finite()));
+    assert!(max_diff(&fused_logits, &ref_logits) <= 1e-5 * scale(&ref_logits));
+    for (i, (a, r)) in fused_grads.iter().zip(&ref_grads).enumerate() {
+        assert!(scale(r) > 1e-12, "parameter {i} got no gradient");
+        let d = max_diff(a, r) / scale(r);
+        assert!(d <= 1e-4, "gradient {i} differs by {d:e} of its scale");
+    }
 }
 
 // ---- bad inputs ----

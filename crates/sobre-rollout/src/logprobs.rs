@@ -2,33 +2,47 @@
 //! training forward. The trainer scores its policy and reference with this, so training
 //! recomputes exactly the quantity sampling recorded.
 
+use std::collections::HashMap;
+
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 use sobre_model::{Batch, ForwardOptions, MoeModel, RouterStats};
 
-/// Prompt + completion pairs laid out for one training forward, right-padded.
+/// Prompt + completion pairs laid out for one training forward.
 ///
-/// Row r holds `prompt_r ++ completion_r`; the logits at position `p_r + i − 1` predict
-/// completion token i, so the targets are the completion tokens shifted into those columns.
+/// Row r is `prompt_r ++ completion_r`; the logits at the position of token `p_r + i − 1`
+/// predict completion token i. Rows whose prompts are identical (GRPO's groups) share them:
+/// each distinct prompt but its last token is a prefix computed once
+/// ([`MoeModel::forward_positions_shared`]), and row r's own part is
+/// `last prompt token ++ completion_r`, right-padded. Without repeated prompts (SFT), rows are
+/// whole and right-padded.
 #[derive(Debug, Clone)]
 pub struct ScoredBatch {
+    /// The rows (shared layout: their suffixes after the shared prefixes).
     pub batch: Batch,
     pub rows: usize,
     /// Longest completion (columns of the returned logprob matrix).
     pub max_completion: usize,
     /// `[rows, max_completion]`: 1 for real completion tokens, 0 for padding.
     pub mask: Vec<f32>,
-    prompt_lens: Vec<usize>,
+    /// The distinct prompts' prefixes (left-padded) and the prefix of each row.
+    shared: Option<(Batch, Vec<usize>)>,
+    /// `[rows · max_completion]`: flat position in `batch` of the logits that predict each
+    /// completion token (position 0 for padding: any valid index, masked out).
+    logit_positions: Vec<usize>,
     targets: Vec<i64>,
 }
 
 impl ScoredBatch {
-    /// Every prompt must be non-empty (the first completion token is predicted by its last token).
+    /// Every prompt must be non-empty (the first completion token is predicted by its last
+    /// token). Shares repeated prompts.
     pub fn new(pairs: &[(&[u32], &[u32])], pad_id: u32) -> Self {
-        let seqs: Vec<Vec<u32>> = pairs
-            .iter()
-            .map(|(p, c)| p.iter().chain(c.iter()).copied().collect())
-            .collect();
+        Self::with_prefix_sharing(pairs, pad_id, true)
+    }
+
+    /// As [`ScoredBatch::new`]; `share = false` lays every row out whole, the reference the
+    /// shared layout is tested against.
+    pub fn with_prefix_sharing(pairs: &[(&[u32], &[u32])], pad_id: u32, share: bool) -> Self {
         let m = pairs.iter().map(|(_, c)| c.len()).max().unwrap_or(0);
         let mut mask = vec![0.0; pairs.len() * m];
         let mut targets = vec![0i64; pairs.len() * m];
@@ -38,14 +52,72 @@ impl ScoredBatch {
                 targets[r * m + i] = t as i64;
             }
         }
+        // Distinct prompts in order of first appearance; sharing pays only if one repeats and
+        // some prompt has a token besides the one that stays in the rows.
+        let mut distinct: Vec<&[u32]> = Vec::new();
+        let mut index: HashMap<&[u32], usize> = HashMap::new();
+        let prefix_of_row: Vec<usize> = pairs
+            .iter()
+            .map(|(p, _)| {
+                *index.entry(p).or_insert_with(|| {
+                    distinct.push(p);
+                    distinct.len() - 1
+                })
+            })
+            .collect();
+        let share = share
+            && distinct.len() < pairs.len()
+            && distinct.iter().any(|p| p.len() > 1)
+            && pairs.iter().all(|(p, _)| !p.is_empty());
+        let (batch, shared, offsets) = if share {
+            let prefixes: Vec<Vec<u32>> =
+                distinct.iter().map(|p| p[..p.len() - 1].to_vec()).collect();
+            let suffixes: Vec<Vec<u32>> = pairs
+                .iter()
+                .map(|(p, c)| p[p.len() - 1..].iter().chain(c.iter()).copied().collect())
+                .collect();
+            let mut batch = Batch::right_padded(&suffixes, pad_id);
+            // RoPE positions continue each row's prompt.
+            for (r, (p, _)) in pairs.iter().enumerate() {
+                let row = &mut batch.positions[r * batch.seq..(r + 1) * batch.seq];
+                for (i, pos) in row.iter_mut().enumerate() {
+                    *pos = (p.len() - 1 + i) as u32;
+                }
+            }
+            let prefixes = Batch::left_padded(&prefixes, pad_id);
+            (batch, Some((prefixes, prefix_of_row)), vec![0; pairs.len()])
+        } else {
+            let seqs: Vec<Vec<u32>> = pairs
+                .iter()
+                .map(|(p, c)| p.iter().chain(c.iter()).copied().collect())
+                .collect();
+            let offsets = pairs
+                .iter()
+                .map(|(p, _)| p.len().saturating_sub(1))
+                .collect();
+            (Batch::right_padded(&seqs, pad_id), None, offsets)
+        };
+        let mut logit_positions = Vec::with_capacity(pairs.len() * m);
+        for (r, offset) in offsets.iter().enumerate() {
+            for i in 0..m {
+                let valid = mask[r * m + i] > 0.0;
+                logit_positions.push(if valid { r * batch.seq + offset + i } else { 0 });
+            }
+        }
         ScoredBatch {
-            batch: Batch::right_padded(&seqs, pad_id),
+            batch,
             rows: pairs.len(),
             max_completion: m,
             mask,
-            prompt_lens: pairs.iter().map(|(p, _)| p.len()).collect(),
+            shared,
+            logit_positions,
             targets,
         }
+    }
+
+    /// Whether rows share their prompts' prefixes.
+    pub fn shares_prefixes(&self) -> bool {
+        self.shared.is_some()
     }
 
     /// A host `[rows, max_completion]` matrix as a tensor.
@@ -79,20 +151,16 @@ pub fn completion_scores(
     opts: ForwardOptions,
     entropy: bool,
 ) -> Scored {
-    let (rows, seq) = (scored.rows, scored.batch.seq);
-    let m = scored.max_completion;
+    let (rows, m) = (scored.rows, scored.max_completion);
     // Logits only at the m positions per row that predict the completion tokens (the prompt's
-    // own positions never reach the LM head). A row's columns past its own completion read
-    // position 0 (any valid index; masked out).
-    let mut index = Vec::with_capacity(rows * m);
-    for r in 0..rows {
-        let p = scored.prompt_lens[r];
-        for i in 0..m {
-            let valid = scored.mask[r * m + i] > 0.0;
-            index.push(if valid { r * seq + p + i - 1 } else { r * seq });
+    // own positions never reach the LM head).
+    let positions = &scored.logit_positions;
+    let (mut picked, router) = match &scored.shared {
+        Some((prefixes, prefix_of_row)) => {
+            model.forward_positions_shared(prefixes, prefix_of_row, &scored.batch, positions, opts)
         }
-    }
-    let (mut picked, router) = model.forward_positions(&scored.batch, &index, opts);
+        None => model.forward_positions(&scored.batch, positions, opts),
+    };
     let device = picked.device();
     if temperature > 0.0 && temperature != 1.0 {
         picked = picked / temperature as f64;

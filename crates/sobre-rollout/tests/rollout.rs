@@ -134,6 +134,98 @@ fn rollout_logprobs_equal_the_training_forward() {
 }
 
 #[test]
+fn shared_prefixes_score_like_whole_rows() {
+    use burn::prelude::*;
+    use sobre_model::model::Ffn;
+    use sobre_rollout::completion_scores;
+    // Groups of repeated prompts of different lengths (one of a single token, whose prefix is
+    // empty), completions of different lengths (one empty); scored with the balance loss.
+    let mut c = ModelConfig::preset("tiny").unwrap();
+    c.initializer_range = 0.25;
+    let m = init_model(&c, 4, &default_device().autodiff());
+    let (p1, p2, p3): (&[u32], &[u32], &[u32]) = (&[3, 4, 5, 6, 7], &[10, 11], &[9]);
+    let comps: [&[u32]; 7] = [
+        &[1, 2, 3],
+        &[4],
+        &[5, 6, 7, 8],
+        &[],
+        &[9, 10],
+        &[11, 12],
+        &[13],
+    ];
+    let prompts = [p1, p1, p1, p2, p2, p3, p3];
+    let pairs: Vec<(&[u32], &[u32])> = prompts.iter().copied().zip(comps).collect();
+    let opts = ForwardOptions {
+        aux_loss: true,
+        ..Default::default()
+    };
+    let run = |share: bool| {
+        let layout = ScoredBatch::with_prefix_sharing(&pairs, 0, share);
+        assert_eq!(layout.shares_prefixes(), share);
+        let s = completion_scores(&m, &layout, 0.8, opts, true);
+        let cot = Tensor::<2>::from_data(
+            TensorData::new(
+                (0..7 * 4)
+                    .map(|i| ((i * 37 % 11) as f32 - 5.0) / 5.0)
+                    .collect(),
+                [7, 4],
+            ),
+            &m.device(),
+        );
+        let aux = s.router.aux_loss.clone().unwrap();
+        let grads = ((s.logp.clone() * cot).sum() + aux.clone()).backward();
+        let Ffn::Sparse(moe) = &m.layers[0].mlp else {
+            unreachable!()
+        };
+        let host = |t: Tensor<2>| t.try_into_vec_as::<f32>().unwrap();
+        let grads = vec![
+            host(m.embed_tokens.val().grad(&grads).unwrap()),
+            host(
+                m.layers[1]
+                    .self_attn
+                    .k_proj
+                    .weight
+                    .val()
+                    .grad(&grads)
+                    .unwrap(),
+            ),
+            host(moe.router.val().grad(&grads).unwrap()),
+        ];
+        (
+            host(s.logp),
+            s.entropy,
+            aux.into_scalar::<f32>(),
+            s.router.expert_counts,
+            grads,
+        )
+    };
+    let (lp_s, ent_s, aux_s, counts_s, grads_s) = run(true);
+    let (lp_w, ent_w, aux_w, counts_w, grads_w) = run(false);
+    let max_diff = |a: &[f32], b: &[f32]| {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max)
+    };
+    assert!(lp_s.iter().any(|&x| x < -0.1), "logprobs are not trivial");
+    assert!(max_diff(&lp_s, &lp_w) < 1e-5, "logprobs differ");
+    assert!(max_diff(&ent_s, &ent_w) < 1e-5, "entropies differ");
+    assert!(
+        (aux_s - aux_w).abs() < 1e-6 * aux_w.abs().max(1.0),
+        "{aux_s} vs {aux_w}"
+    );
+    assert_eq!(
+        counts_s, counts_w,
+        "a shared prefix counts once per row that uses it"
+    );
+    for (i, (a, b)) in grads_s.iter().zip(&grads_w).enumerate() {
+        let scale = b.iter().fold(1e-6f32, |s, x| s.max(x.abs()));
+        assert!(max_diff(a, b) <= 1e-4 * scale, "gradient {i} differs");
+    }
+}
+
+#[test]
 fn shared_prefill_separate_prefill_and_no_cache_agree() {
     let m = test_model(3);
     let prompts = vec![prompt(&[1, 2, 3], 0), prompt(&[9, 8, 7, 6, 5, 4], 1)];

@@ -1,0 +1,676 @@
+//! Fused CPU kernels, each with a hand-written backward, for the layers that burn's eager `flex`
+//! backend would otherwise run as chains of small tensor ops:
+//!
+//! | kernel | replaces (forward) |
+//! |---|---|
+//! | [`rms_norm`] | `square`, `mean_dim`, `add`, `sqrt`, `recip`, `mul`, `mul` |
+//! | [`silu_mul`] | two `slice`s of the fused gate/up product, `sigmoid`, `mul`, `mul` |
+//! | [`rope`] | two `slice`s, `cat`, `mul`, `mul`, `add` |
+//! | [`masked_softmax`] | `mul` (scale), `add` (mask), and the `max_dim`, `sub`, `exp`, `sum_dim`, `div` that burn's autodiff decomposes `softmax` into |
+//!
+//! Under autodiff every one of those ops is a graph node that allocates its output, keeps its
+//! inputs alive and runs its own backward (a slice's backward zero-fills a tensor the size of
+//! its input). Here each layer is one node that keeps what its backward needs and computes
+//! the input gradient in one pass over the rows.
+//!
+//! The kernels are a burn backend extension implemented for `Flex` and `Autodiff<Flex>`: on
+//! other backends (`tch`, `cuda`) [`available`] is false and the model runs its reference
+//! composition of tensor ops (`model.rs`), which is also the slow path the kernels are tested
+//! against, here (forward and gradients of each kernel) and in the model's tests (whole
+//! forward and backward). All tensors are `f32`, as everywhere in sobre.
+//!
+//! The forward passes compute what the reference computes, in the same order where that is
+//! cheap (RoPE and SwiGLU agree to the bit; RMSNorm's sum of squares and the softmax's sum may
+//! add in another order); the backward passes are the analytic gradients, so they agree with
+//! the reference's chain of op backwards to float rounding.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::{FlexTensor, Layout};
+use burn::backend::ops::FloatTensorOps;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Backend, DispatchDevice, Flex, backend_extension};
+use burn::prelude::*;
+use burn::tensor::{Bytes, DType, Shape};
+
+/// Whether the fused kernels run on `device` (the `flex` CPU backend, with or without autodiff).
+pub fn available(device: &Device) -> bool {
+    matches!(
+        device.clone().inner().as_dispatch(),
+        DispatchDevice::Flex(_)
+    )
+}
+
+/// `x * rsqrt(mean(x²) + eps) * weight` over the last dimension.
+///
+/// # Shapes
+/// `x: [..., h]`, `weight: [h]` → `[..., h]`
+pub fn rms_norm<const D: usize>(x: Tensor<D>, weight: Tensor<1>, eps: f64) -> Tensor<D> {
+    Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::rms_norm(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        eps,
+    ))
+}
+
+/// SwiGLU's activation on a fused gate/up product: `silu(gate) * up` with `gate` the first
+/// half of the last dimension and `up` the second.
+///
+/// # Shapes
+/// `h: [rows, 2·inter]` → `[rows, inter]`
+pub fn silu_mul(h: Tensor<2>) -> Tensor<2> {
+    Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::silu_mul(
+        h.into_dispatch(),
+    ))
+}
+
+/// Rotate-half RoPE, `x * cos + swap_halves(x) * sin`, with `sin`'s first half already negated
+/// (the sign of `rotate_half` folded into the table, as in `model.rs`). `cos` and `sin` are
+/// constants: they get no gradient.
+///
+/// # Shapes
+/// `x: [batch, seq, heads, head_dim]`, `cos`, `sin`: `[batch, 1, seq, head_dim]` → like `x`
+pub fn rope(x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4> {
+    Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::rope(
+        x.into_dispatch(),
+        cos.into_dispatch(),
+        sin.into_dispatch(),
+    ))
+}
+
+/// Attention probabilities `softmax(scores · scale + mask)` over the last dimension, the
+/// additive mask (`0` or `-inf`) shared by every head. The mask is a constant: it gets no
+/// gradient.
+///
+/// # Shapes
+/// `scores: [batch, heads, seq, keys]`, `mask: [batch, 1, seq, keys]` → like `scores`
+pub fn masked_softmax(scores: Tensor<4>, mask: Tensor<4>, scale: f64) -> Tensor<4> {
+    Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::masked_softmax(
+        scores.into_dispatch(),
+        mask.into_dispatch(),
+        scale,
+    ))
+}
+
+/// The routed experts of a MoE layer as one op: rows of `xs` come grouped by expert (the first
+/// `group_sizes[0]` rows go to expert 0, and so on) and row `i` of the result is
+/// `swiglu(xs[i])` with its expert's weights. One matmul chain per non-empty group, as the
+/// reference's per-expert `swiglu` calls; but the backward writes each expert's weight gradient
+/// straight into one `[num_experts, …]` tensor, where the reference's per-expert slices of
+/// the stacked weights each zero-fill a stack-sized gradient that autodiff then adds up.
+///
+/// # Shapes
+/// `xs: [Σ group_sizes, hidden]`, `gate_up: [num_experts, hidden, 2·inter]`,
+/// `down: [num_experts, inter, hidden]` → `[Σ group_sizes, hidden]`
+pub fn experts_swiglu(
+    xs: Tensor<2>,
+    gate_up: Tensor<3>,
+    down: Tensor<3>,
+    group_sizes: Vec<usize>,
+) -> Tensor<2> {
+    Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::experts_swiglu(
+        xs.into_dispatch(),
+        gate_up.into_dispatch(),
+        down.into_dispatch(),
+        group_sizes,
+    ))
+}
+
+/// The backend extension behind the functions above.
+#[backend_extension(Flex, Autodiff)]
+pub trait FusedOps: Backend {
+    fn experts_swiglu(
+        xs: FloatTensor<Self>,
+        gate_up: FloatTensor<Self>,
+        down: FloatTensor<Self>,
+        group_sizes: Vec<usize>,
+    ) -> FloatTensor<Self>;
+    fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self>;
+    fn silu_mul(h: FloatTensor<Self>) -> FloatTensor<Self>;
+    fn rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+    fn masked_softmax(
+        scores: FloatTensor<Self>,
+        mask: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self>;
+}
+
+impl FusedOps for Flex {
+    fn experts_swiglu(
+        xs: FlexTensor,
+        gate_up: FlexTensor,
+        down: FlexTensor,
+        group_sizes: Vec<usize>,
+    ) -> FlexTensor {
+        experts_forward(&xs, &gate_up, &down, &group_sizes).0
+    }
+
+    fn rms_norm(x: FlexTensor, weight: FlexTensor, eps: f64) -> FlexTensor {
+        let (x, weight) = (x.to_contiguous(), weight.to_contiguous());
+        let shape = shape_of(&x);
+        tensor(
+            kernels::rms_norm(values(&x), values(&weight), eps as f32),
+            shape,
+        )
+    }
+
+    fn silu_mul(h: FlexTensor) -> FlexTensor {
+        let h = h.to_contiguous();
+        let mut shape = shape_of(&h);
+        let last = shape.num_dims() - 1;
+        shape[last] /= 2;
+        tensor(kernels::silu_mul(values(&h), shape[last]), shape)
+    }
+
+    fn rope(x: FlexTensor, cos: FlexTensor, sin: FlexTensor) -> FlexTensor {
+        let (x, cos, sin) = (x.to_contiguous(), cos.to_contiguous(), sin.to_contiguous());
+        let shape = shape_of(&x);
+        let (heads, d) = (shape[2], shape[3]);
+        tensor(
+            kernels::rope(values(&x), values(&cos), values(&sin), heads, d),
+            shape,
+        )
+    }
+
+    fn masked_softmax(scores: FlexTensor, mask: FlexTensor, scale: f64) -> FlexTensor {
+        let (scores, mask) = (scores.to_contiguous(), mask.to_contiguous());
+        let shape = shape_of(&scores);
+        let (heads, rows_per_head, keys) = (shape[1], shape[2], shape[3]);
+        let y = kernels::masked_softmax(
+            values(&scores),
+            values(&mask),
+            heads,
+            rows_per_head,
+            keys,
+            scale as f32,
+        );
+        tensor(y, shape)
+    }
+}
+
+/// The experts' forward: the output, and each non-empty group's `(h, a)` = (gate/up product,
+/// activation) for the backward.
+fn experts_forward(
+    xs: &FlexTensor,
+    gate_up: &FlexTensor,
+    down: &FlexTensor,
+    group_sizes: &[usize],
+) -> (FlexTensor, Vec<(FlexTensor, FlexTensor)>) {
+    let [_, hidden] = dims2(xs);
+    let inter = down.layout().shape()[1];
+    let mut out = Vec::with_capacity(xs.layout().num_elements());
+    let mut saved = Vec::new();
+    let mut start = 0;
+    for (e, &n) in group_sizes.iter().enumerate() {
+        if n == 0 {
+            continue;
+        }
+        let x = xs.narrow(0, start, n);
+        let h = Flex::float_matmul(x, expert(gate_up, e)).to_contiguous();
+        let a = tensor(kernels::silu_mul(values(&h), inter), [n, inter].into());
+        let y = Flex::float_matmul(a.clone(), expert(down, e)).to_contiguous();
+        out.extend_from_slice(values(&y));
+        saved.push((h, a));
+        start += n;
+    }
+    (tensor(out, [start, hidden].into()), saved)
+}
+
+/// Expert `e`'s matrix of a stacked `[num_experts, rows, cols]` weight, as a view.
+fn expert(w: &FlexTensor, e: usize) -> FlexTensor {
+    let shape = w.layout().shape();
+    let (rows, cols) = (shape[1], shape[2]);
+    w.narrow(0, e, 1).reshape([rows, cols].into())
+}
+
+fn dims2(t: &FlexTensor) -> [usize; 2] {
+    let shape = t.layout().shape();
+    [shape[0], shape[1]]
+}
+
+/// Backward of [`experts_swiglu`]; state: `xs`, the stacked weights, the group sizes and each
+/// non-empty group's `(h, a)`.
+#[derive(Debug)]
+struct ExpertsBackward;
+
+type ExpertsState = (
+    FlexTensor,
+    FlexTensor,
+    FlexTensor,
+    Vec<usize>,
+    Vec<(FlexTensor, FlexTensor)>,
+);
+
+impl Backward<Flex, 3> for ExpertsBackward {
+    type State = ExpertsState;
+
+    /// Per expert, with `g` its rows of the output gradient: `da = g · downᵀ`,
+    /// `d down = aᵀ · g`, `dh = silu_mul_backward(h, da)`, `d gate_up = xᵀ · dh`,
+    /// `dx = dh · gate_upᵀ`. Experts without tokens get zero weight gradients.
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (xs, gate_up, down, group_sizes, saved) = ops.state;
+        let grad = grads.consume::<Flex>(&ops.node);
+        let [_, hidden] = dims2(&xs);
+        let inter = down.layout().shape()[1];
+        let zeros = |len: usize| std::iter::repeat_n(0.0f32, len);
+        let mut dxs = Vec::with_capacity(xs.layout().num_elements());
+        let mut d_gate_up = Vec::with_capacity(gate_up.layout().num_elements());
+        let mut d_down = Vec::with_capacity(down.layout().num_elements());
+        let mut saved = saved.into_iter();
+        let mut start = 0;
+        for (e, &n) in group_sizes.iter().enumerate() {
+            if n == 0 {
+                d_gate_up.extend(zeros(hidden * 2 * inter));
+                d_down.extend(zeros(inter * hidden));
+                continue;
+            }
+            let Some((h, a)) = saved.next() else {
+                unreachable!("the forward saved one (h, a) per non-empty group")
+            };
+            let g = grad.narrow(0, start, n);
+            let (w_gu, w_d) = (expert(&gate_up, e), expert(&down, e));
+            let da = Flex::float_matmul(g.clone(), w_d.transpose(0, 1)).to_contiguous();
+            let dw_d = Flex::float_matmul(a.transpose(0, 1), g).to_contiguous();
+            let dh = tensor(
+                kernels::silu_mul_backward(values(&h), values(&da), inter),
+                [n, 2 * inter].into(),
+            );
+            let dw_gu = Flex::float_matmul(xs.narrow(0, start, n).transpose(0, 1), dh.clone())
+                .to_contiguous();
+            let dx = Flex::float_matmul(dh, w_gu.transpose(0, 1)).to_contiguous();
+            dxs.extend_from_slice(values(&dx));
+            d_gate_up.extend_from_slice(values(&dw_gu));
+            d_down.extend_from_slice(values(&dw_d));
+            start += n;
+        }
+        let [x_node, gu_node, d_node] = ops.parents;
+        if let Some(node) = x_node {
+            grads.register::<Flex>(node.id, tensor(dxs, [start, hidden].into()));
+        }
+        if let Some(node) = gu_node {
+            grads.register::<Flex>(node.id, tensor(d_gate_up, shape_of(&gate_up)));
+        }
+        if let Some(node) = d_node {
+            grads.register::<Flex>(node.id, tensor(d_down, shape_of(&down)));
+        }
+    }
+}
+
+/// Backward of [`rms_norm`]; state: `x`, `weight`, `eps`.
+#[derive(Debug)]
+struct RmsNormBackward;
+
+impl Backward<Flex, 2> for RmsNormBackward {
+    type State = (FlexTensor, FlexTensor, f64);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (x, weight, eps) = ops.state;
+        let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
+        let (x, weight) = (x.to_contiguous(), weight.to_contiguous());
+        let (dx, dw) =
+            kernels::rms_norm_backward(values(&x), values(&weight), values(&grad), eps as f32);
+        let [x_node, w_node] = ops.parents;
+        if let Some(node) = x_node {
+            grads.register::<Flex>(node.id, tensor(dx, shape_of(&x)));
+        }
+        if let Some(node) = w_node {
+            grads.register::<Flex>(node.id, tensor(dw, shape_of(&weight)));
+        }
+    }
+}
+
+/// Backward of [`silu_mul`]; state: the fused product `h`.
+#[derive(Debug)]
+struct SiluMulBackward;
+
+impl Backward<Flex, 1> for SiluMulBackward {
+    type State = FlexTensor;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let h = ops.state.to_contiguous();
+        let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
+        let [h_node] = ops.parents;
+        if let Some(node) = h_node {
+            let inter = grad.layout().shape()[1];
+            let dh = kernels::silu_mul_backward(values(&h), values(&grad), inter);
+            grads.register::<Flex>(node.id, tensor(dh, shape_of(&h)));
+        }
+    }
+}
+
+/// Backward of [`rope`]; state: `cos`, `sin`.
+#[derive(Debug)]
+struct RopeBackward;
+
+impl Backward<Flex, 1> for RopeBackward {
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (cos, sin) = ops.state;
+        let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
+        let [x_node] = ops.parents;
+        if let Some(node) = x_node {
+            let (cos, sin) = (cos.to_contiguous(), sin.to_contiguous());
+            let shape = shape_of(&grad);
+            let (heads, d) = (shape[2], shape[3]);
+            let dx = kernels::rope_backward(values(&grad), values(&cos), values(&sin), heads, d);
+            grads.register::<Flex>(node.id, tensor(dx, shape));
+        }
+    }
+}
+
+/// Backward of [`masked_softmax`]; state: the probabilities and the scale.
+#[derive(Debug)]
+struct MaskedSoftmaxBackward;
+
+impl Backward<Flex, 1> for MaskedSoftmaxBackward {
+    type State = (FlexTensor, f64);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (probs, scale) = ops.state;
+        let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
+        let [scores_node] = ops.parents;
+        if let Some(node) = scores_node {
+            let probs = probs.to_contiguous();
+            let shape = shape_of(&probs);
+            let keys = shape[shape.num_dims() - 1];
+            let d =
+                kernels::masked_softmax_backward(values(&probs), values(&grad), keys, scale as f32);
+            grads.register::<Flex>(node.id, tensor(d, shape));
+        }
+    }
+}
+
+/// Each op is one graph node whose parents are its differentiable inputs only; the constant
+/// inputs (RoPE tables, the mask) are read and never receive a gradient.
+impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
+    fn experts_swiglu(
+        xs: FloatTensor<Self>,
+        gate_up: FloatTensor<Self>,
+        down: FloatTensor<Self>,
+        group_sizes: Vec<usize>,
+    ) -> FloatTensor<Self> {
+        let (xs, xs_node) = xs.into_parts();
+        let (gate_up, gu_node) = gate_up.into_parts();
+        let (down, d_node) = down.into_parts();
+        let (y, saved) = experts_forward(&xs, &gate_up, &down, &group_sizes);
+        match ExpertsBackward
+            .prepare::<C>([xs_node, gu_node, d_node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((xs, gate_up, down, group_sizes, saved), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        let (x, x_node) = x.into_parts();
+        let (weight, w_node) = weight.into_parts();
+        let y = Flex::rms_norm(x.clone(), weight.clone(), eps);
+        match RmsNormBackward
+            .prepare::<C>([x_node, w_node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((x, weight, eps), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn silu_mul(h: FloatTensor<Self>) -> FloatTensor<Self> {
+        let (h, h_node) = h.into_parts();
+        let y = Flex::silu_mul(h.clone());
+        match SiluMulBackward
+            .prepare::<C>([h_node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(h, y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let (x, x_node) = x.into_parts();
+        let (cos, sin) = (cos.into_primitive(), sin.into_primitive());
+        let y = Flex::rope(x, cos.clone(), sin.clone());
+        match RopeBackward
+            .prepare::<C>([x_node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((cos, sin), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn masked_softmax(
+        scores: FloatTensor<Self>,
+        mask: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        let (scores, scores_node) = scores.into_parts();
+        let y = Flex::masked_softmax(scores, mask.into_primitive(), scale);
+        match MaskedSoftmaxBackward
+            .prepare::<C>([scores_node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((y.clone(), scale), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+}
+
+fn shape_of(t: &FlexTensor) -> Shape {
+    t.layout().shape().clone()
+}
+
+/// The elements of a contiguous tensor. Every tensor the model makes is `f32`; another dtype
+/// here is a bug in sobre, not bad input.
+fn values(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>()
+        .expect("fused kernels take contiguous f32 tensors")
+}
+
+fn tensor(values: Vec<f32>, shape: Shape) -> FlexTensor {
+    debug_assert_eq!(values.len(), shape.num_elements());
+    FlexTensor::new(
+        Bytes::from_elems(values),
+        Layout::contiguous(shape),
+        DType::F32,
+    )
+}
+
+/// The kernels on plain slices, row by row. Outputs are built with `extend`, so no buffer is
+/// zero-filled first.
+mod kernels {
+    /// Lanes of the accumulators in [`dot`]: independent partial sums let the compiler keep
+    /// them in vector registers (a single `f32` accumulator is a serial dependency chain).
+    const LANES: usize = 16;
+
+    /// `Σ a·b`.
+    pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let (ca, ta) = a.as_chunks::<LANES>();
+        let (cb, tb) = b.as_chunks::<LANES>();
+        let mut acc = [0.0f32; LANES];
+        for (x, y) in ca.iter().zip(cb) {
+            for l in 0..LANES {
+                acc[l] += x[l] * y[l];
+            }
+        }
+        let tail: f32 = ta.iter().zip(tb).map(|(x, y)| x * y).sum();
+        acc.iter().sum::<f32>() + tail
+    }
+
+    /// `1 / sqrt(mean(row²) + eps)`, as the reference: mean, add, sqrt, reciprocal.
+    fn inv_rms(row: &[f32], eps: f32) -> f32 {
+        let mean = dot(row, row) / row.len() as f32;
+        1.0 / (mean + eps).sqrt()
+    }
+
+    /// `x: [rows·h]`, `w: [h]`.
+    pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+        let mut y = Vec::with_capacity(x.len());
+        for row in x.chunks_exact(w.len()) {
+            let inv = inv_rms(row, eps);
+            y.extend(row.iter().zip(w).map(|(&v, &wi)| v * inv * wi));
+        }
+        y
+    }
+
+    /// With `r = inv_rms(x)`, `x̂ = x·r` and `gw = g·w`:
+    /// `dx = r · (gw − x̂ · mean(gw · x̂))`, `dw = Σ_rows g · x̂`.
+    pub fn rms_norm_backward(x: &[f32], w: &[f32], g: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
+        let h = w.len();
+        let mut dx = Vec::with_capacity(x.len());
+        let mut dw = vec![0.0f32; h];
+        let mut gw = vec![0.0f32; h];
+        for (xr, gr) in x.chunks_exact(h).zip(g.chunks_exact(h)) {
+            let inv = inv_rms(xr, eps);
+            for ((o, &gi), &wi) in gw.iter_mut().zip(gr).zip(w) {
+                *o = gi * wi;
+            }
+            let c = dot(&gw, xr) * inv / h as f32;
+            dx.extend(
+                gw.iter()
+                    .zip(xr)
+                    .map(|(&gwi, &xi)| inv * (gwi - xi * inv * c)),
+            );
+            for ((d, &gi), &xi) in dw.iter_mut().zip(gr).zip(xr) {
+                *d += gi * (xi * inv);
+            }
+        }
+        (dx, dw)
+    }
+
+    /// The same expression as burn-flex's `sigmoid` (no overflow for either sign).
+    #[inline]
+    fn sigmoid(x: f32) -> f32 {
+        if x >= 0.0 {
+            1.0 / (1.0 + (-x).exp())
+        } else {
+            let e = x.exp();
+            e / (1.0 + e)
+        }
+    }
+
+    /// `h: [rows · 2·inter]` → `[rows · inter]`: `gate · sigmoid(gate) · up`.
+    pub fn silu_mul(h: &[f32], inter: usize) -> Vec<f32> {
+        let mut y = Vec::with_capacity(h.len() / 2);
+        for row in h.chunks_exact(2 * inter) {
+            let (gate, up) = row.split_at(inter);
+            y.extend(gate.iter().zip(up).map(|(&g, &u)| g * sigmoid(g) * u));
+        }
+        y
+    }
+
+    /// `d gate = dy · up · s · (1 + gate · (1 − s))`, `d up = dy · gate · s`, `s = sigmoid(gate)`.
+    /// `h: [rows · 2·inter]`, `dy: [rows · inter]` → `[rows · 2·inter]`.
+    pub fn silu_mul_backward(h: &[f32], dy: &[f32], inter: usize) -> Vec<f32> {
+        let mut dh = Vec::with_capacity(h.len());
+        for (row, dyr) in h.chunks_exact(2 * inter).zip(dy.chunks_exact(inter)) {
+            let (gate, up) = row.split_at(inter);
+            dh.extend(gate.iter().zip(up).zip(dyr).map(|((&g, &u), &d)| {
+                let s = sigmoid(g);
+                d * u * s * (1.0 + g * (1.0 - s))
+            }));
+            dh.extend(gate.iter().zip(dyr).map(|(&g, &d)| d * (g * sigmoid(g))));
+        }
+        dh
+    }
+
+    /// `x: [rows · d]` with `heads` consecutive rows per row of the tables `cos`, `sin`:
+    /// `y[k] = x[k]·cos[k] + x[k ± d/2]·sin[k]` (the partner in the other half), the
+    /// reference's `x·cos + swap_halves(x)·sin` term by term.
+    pub fn rope(x: &[f32], cos: &[f32], sin: &[f32], heads: usize, d: usize) -> Vec<f32> {
+        let half = d / 2;
+        let mut y = Vec::with_capacity(x.len());
+        for (r, xr) in x.chunks_exact(d).enumerate() {
+            let t = r / heads * d;
+            let (c, s) = (&cos[t..t + d], &sin[t..t + d]);
+            let (x1, x2) = xr.split_at(half);
+            y.extend((0..half).map(|k| x1[k] * c[k] + x2[k] * s[k]));
+            y.extend((0..half).map(|k| x2[k] * c[half + k] + x1[k] * s[half + k]));
+        }
+        y
+    }
+
+    /// `dx = g·cos + swap_halves(g·sin)`: the swap is its own inverse, so `x[k]`'s partner term
+    /// `x[k]·sin[k ± d/2]` sends back `g[k ± d/2]·sin[k ± d/2]`.
+    pub fn rope_backward(g: &[f32], cos: &[f32], sin: &[f32], heads: usize, d: usize) -> Vec<f32> {
+        let half = d / 2;
+        let mut dx = Vec::with_capacity(g.len());
+        for (r, gr) in g.chunks_exact(d).enumerate() {
+            let t = r / heads * d;
+            let (c, s) = (&cos[t..t + d], &sin[t..t + d]);
+            let (g1, g2) = gr.split_at(half);
+            dx.extend((0..half).map(|k| g1[k] * c[k] + g2[k] * s[half + k]));
+            dx.extend((0..half).map(|k| g2[k] * c[half + k] + g1[k] * s[k]));
+        }
+        dx
+    }
+
+    /// `scores: [batch · heads · rows_per_head · keys]`, `mask: [batch · rows_per_head · keys]`
+    /// (shared by the heads): `softmax(scores · scale + mask)` row by row, as burn-flex's
+    /// softmax (max, `exp(z − max)` summed in order, times the reciprocal of the sum). A
+    /// masked entry (`-inf`) is 0 without calling `exp`.
+    pub fn masked_softmax(
+        scores: &[f32],
+        mask: &[f32],
+        heads: usize,
+        rows_per_head: usize,
+        keys: usize,
+        scale: f32,
+    ) -> Vec<f32> {
+        let mut y = Vec::with_capacity(scores.len());
+        let mut z = vec![0.0f32; keys];
+        for (r, row) in scores.chunks_exact(keys).enumerate() {
+            let b = r / (heads * rows_per_head);
+            let m = (b * rows_per_head + r % rows_per_head) * keys;
+            let m = &mask[m..m + keys];
+            let mut max = f32::NEG_INFINITY;
+            for ((zi, &x), &mi) in z.iter_mut().zip(row).zip(m) {
+                *zi = x * scale + mi;
+                max = max.max(*zi);
+            }
+            let start = y.len();
+            let mut sum = 0.0f32;
+            y.extend(z.iter().map(|&zi| {
+                let e = if zi == f32::NEG_INFINITY {
+                    0.0
+                } else {
+                    (zi - max).exp()
+                };
+                sum += e;
+                e
+            }));
+            let inv = 1.0 / sum;
+            for v in &mut y[start..] {
+                *v *= inv;
+            }
+        }
+        y
+    }
+
+    /// `d scores = scale · y · (g − Σ g·y)` row by row.
+    pub fn masked_softmax_backward(y: &[f32], g: &[f32], keys: usize, scale: f32) -> Vec<f32> {
+        let mut d = Vec::with_capacity(y.len());
+        for (yr, gr) in y.chunks_exact(keys).zip(g.chunks_exact(keys)) {
+            let c = dot(yr, gr);
+            d.extend(yr.iter().zip(gr).map(|(&yi, &gi)| scale * yi * (gi - c)));
+        }
+        d
+    }
+}
