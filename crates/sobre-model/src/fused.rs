@@ -7,6 +7,7 @@
 //! | [`silu_mul`] | two `slice`s of the fused gate/up product, `sigmoid`, `mul`, `mul` |
 //! | [`rope`] | two `slice`s, `cat`, `mul`, `mul`, `add` |
 //! | [`masked_softmax`] | `mul` (scale), `add` (mask), and the `max_dim`, `sub`, `exp`, `sum_dim`, `div` that burn's autodiff decomposes `softmax` into |
+//! | [`experts_swiglu`] | per expert: a slice of the grouped rows, slices of the stacked weights, a SwiGLU; then `cat` |
 //!
 //! Under autodiff every one of those ops is a graph node that allocates its output, keeps its
 //! inputs alive and runs its own backward (a slice's backward zero-fills a tensor the size of
