@@ -25,6 +25,7 @@
 //! add in another order); the backward passes are the analytic gradients, so they agree with
 //! the reference's chain of op backwards to float rounding.
 
+use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -290,15 +291,25 @@ impl Backward<Flex, 3> for ExpertsBackward {
             d_down.extend_from_slice(values(&dw_d));
             start += n;
         }
-        let [x_node, gu_node, d_node] = ops.parents;
-        if let Some(node) = x_node {
-            grads.register::<Flex>(node.id, tensor(dxs, [start, hidden].into()));
-        }
-        if let Some(node) = gu_node {
-            grads.register::<Flex>(node.id, tensor(d_gate_up, shape_of(&gate_up)));
-        }
-        if let Some(node) = d_node {
-            grads.register::<Flex>(node.id, tensor(d_down, shape_of(&down)));
+        let inputs = [
+            tensor(dxs, [start, hidden].into()),
+            tensor(d_gate_up, shape_of(&gate_up)),
+            tensor(d_down, shape_of(&down)),
+        ];
+        register(grads, ops.parents.map(|p| p.map(|n| n.id)), inputs);
+    }
+}
+
+/// Adds each input's gradient to those of the inputs that take part in the graph (`None`:
+/// the input needs no gradient).
+fn register<const N: usize>(
+    grads: &mut Gradients,
+    nodes: [Option<NodeId>; N],
+    inputs: [FlexTensor; N],
+) {
+    for (node, grad) in nodes.into_iter().zip(inputs) {
+        if let Some(id) = node {
+            grads.register::<Flex>(id, grad);
         }
     }
 }
@@ -316,13 +327,8 @@ impl Backward<Flex, 2> for RmsNormBackward {
         let (x, weight) = (x.to_contiguous(), weight.to_contiguous());
         let (dx, dw) =
             kernels::rms_norm_backward(values(&x), values(&weight), values(&grad), eps as f32);
-        let [x_node, w_node] = ops.parents;
-        if let Some(node) = x_node {
-            grads.register::<Flex>(node.id, tensor(dx, shape_of(&x)));
-        }
-        if let Some(node) = w_node {
-            grads.register::<Flex>(node.id, tensor(dw, shape_of(&weight)));
-        }
+        let inputs = [tensor(dx, shape_of(&x)), tensor(dw, shape_of(&weight))];
+        register(grads, ops.parents.map(|p| p.map(|n| n.id)), inputs);
     }
 }
 
