@@ -41,7 +41,8 @@ pub enum MoeImpl {
     DenseReference,
 }
 
-/// Which implementation computes RMSNorm, SwiGLU's activation, RoPE and the attention softmax.
+/// Which implementation computes RMSNorm, SwiGLU's activation, RoPE, the attention softmax and the
+/// routed experts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Kernels {
     /// The fused kernels of [`fused`] (one op and one backward each) where the backend has them
