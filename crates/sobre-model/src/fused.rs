@@ -502,7 +502,7 @@ fn tensor(values: Vec<f32>, shape: Shape) -> FlexTensor {
 
 /// The kernels on plain slices, row by row. Outputs are built with `extend`, so no buffer is
 /// zero-filled first.
-mod kernels {
+pub(crate) mod kernels {
     /// Lanes of the accumulators in [`dot`]: independent partial sums let the compiler keep
     /// them in vector registers (a single `f32` accumulator is a serial dependency chain).
     const LANES: usize = 16;

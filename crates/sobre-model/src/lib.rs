@@ -13,6 +13,7 @@
 pub mod config;
 pub mod fused;
 pub mod generation;
+pub mod infer;
 pub mod io;
 pub mod model;
 
@@ -20,6 +21,7 @@ use std::path::{Path, PathBuf};
 
 pub use config::{Family, ModelConfig, ScoringFunc, TopkMethod};
 pub use generation::GenerationConfig;
+pub use infer::{HostKvCache, InferenceModel};
 pub use io::{init_model, load_model, load_model_with_config, save_model};
 pub use model::{
     AuxParts, Batch, ForwardOptions, GroupLimit, GroupScore, Kernels, KvCache, LogitsMode,

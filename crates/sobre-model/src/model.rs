@@ -642,7 +642,7 @@ fn top_k_of(row: &[f32], k: usize, order: &mut Vec<usize>) {
 /// The experts of each row of `scores` (`[tokens, num_experts]`, the selection scores: scores
 /// plus any correction bias), largest first, ties to the lower index. With a group limit, only
 /// experts of each row's `topk_group` best groups (group ties also to the lower index) compete.
-fn select_experts(
+pub(crate) fn select_experts(
     scores: &[f32],
     num_experts: usize,
     k: usize,
@@ -1235,7 +1235,7 @@ impl MoeModel {
 ///
 /// # Shapes
 /// `positions: [batch, seq]` → two `[batch, 1, seq, head_dim]` tables, flattened.
-fn rope_tables(
+pub(crate) fn rope_tables(
     positions: &[u32],
     b: usize,
     s: usize,

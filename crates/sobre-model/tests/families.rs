@@ -4,12 +4,13 @@
 
 use std::path::{Path, PathBuf};
 
+use burn::module::Param;
 use burn::prelude::*;
 use serde_json::{Value, json};
 use sobre_model::config::TopkMethod;
 use sobre_model::{
-    Batch, Family, ForwardOptions, KvCache, LogitsMode, ModelConfig, MoeImpl, MoeModel,
-    ScoringFunc, default_device, init_model, load_model, save_model,
+    Batch, Family, ForwardOptions, InferenceModel, Kernels, KvCache, LogitsMode, ModelConfig,
+    MoeImpl, MoeModel, ScoringFunc, default_device, init_model, load_model, save_model,
 };
 
 fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
@@ -195,6 +196,104 @@ fn cached_decode_equals_full_forward_for_every_family() {
             worst = worst.max(max_diff(&step, &full[i * v..(i + 1) * v]));
         }
         assert!(worst < 1e-4, "{name}: cached vs full {worst:e}");
+    }
+}
+
+/// Every projection bias of `m` set to small non-zero values (init makes them zero, which would
+/// leave their handling untested).
+fn with_nonzero_biases(mut m: MoeModel) -> MoeModel {
+    for layer in &mut m.layers {
+        let a = &mut layer.self_attn;
+        for proj in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj] {
+            if let Some(b) = &mut proj.bias {
+                let n = b.val().dims()[0];
+                let v: Vec<f32> = (0..n)
+                    .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.05)
+                    .collect();
+                let device = b.val().device();
+                *b = Param::from_tensor(Tensor::from_data(TensorData::new(v, [n]), &device));
+            }
+        }
+    }
+    m
+}
+
+/// The host inference engine (the rollouts' fast path) against the tensor forward with the
+/// reference kernels, for every family's options plus Qwen2-MoE's biases and gated shared
+/// expert and Qwen3-MoE with tied embeddings and a dense layer: prefill of a left-padded batch
+/// (a one-token prompt gives padding queries with no key), rows reordered and duplicated as a
+/// group's samples are, a two-token step, then one-token decode steps.
+#[test]
+fn host_inference_agrees_with_the_model() {
+    let mut configs = family_configs();
+    let mut qwen2 = ModelConfig::preset("tiny").unwrap();
+    qwen2.family = Family::Qwen2Moe;
+    qwen2.initializer_range = 0.3;
+    qwen2.num_hidden_layers = 2;
+    qwen2.qk_norm = false;
+    qwen2.attention_bias = true;
+    qwen2.shared_expert_intermediate_size = 8;
+    qwen2.shared_expert_gate = true;
+    let mut qwen3 = ModelConfig::preset("tiny").unwrap();
+    qwen3.initializer_range = 0.3;
+    qwen3.num_hidden_layers = 3;
+    qwen3.mlp_only_layers = vec![1];
+    qwen3.tie_word_embeddings = true;
+    configs.extend([("qwen2-moe", qwen2), ("qwen3-moe", qwen3)]);
+    for (name, cfg) in configs {
+        let m = with_nonzero_biases(built(&cfg, 21));
+        let host = InferenceModel::new(&m);
+        let v = cfg.vocab_size;
+        let opts = ForwardOptions {
+            logits: LogitsMode::Last,
+            kernels: Kernels::Reference,
+            ..Default::default()
+        };
+        let prompts = [ids(7, 1, v), ids(3, 2, v), ids(1, 3, v)];
+        let lens = prompts.each_ref().map(|p| p.len());
+        let capacity = 7 + 2 + 3;
+        let mut cache = KvCache::new(&cfg, 3, capacity, &default_device());
+        let mut host_cache = host.new_cache(3, capacity);
+        let mut worst = 0.0f32;
+        let mut compare = |want: Vec<f32>, got: Vec<f32>| {
+            assert!(
+                got.iter().all(|x| x.is_finite()),
+                "{name}: non-finite logits"
+            );
+            let scale = want.iter().fold(1.0f32, |s, x| s.max(x.abs()));
+            worst = worst.max(max_diff(&want, &got) / scale);
+        };
+        let prefill = Batch::left_padded(&prompts, 0);
+        compare(
+            values(m.forward(&prefill, Some(&mut cache), opts).logits),
+            host.forward_last(&prefill, &mut host_cache),
+        );
+        let rows = [2, 0, 0, 1];
+        let mut cache = cache.select_rows(&rows);
+        let mut host_cache = host_cache.select_rows(&rows);
+        assert_eq!((host_cache.batch(), host_cache.len()), (4, 7));
+        let mut done = 0;
+        for width in [2, 1, 1, 1] {
+            let b = Batch {
+                batch: 4,
+                seq: width,
+                input_ids: (0..4 * width)
+                    .map(|i| (i * 5 + done + 1) as u32 % v as u32)
+                    .collect(),
+                positions: rows
+                    .iter()
+                    .flat_map(|&r| (0..width).map(move |j| (lens[r] + done + j) as u32))
+                    .collect(),
+                attention_mask: vec![true; 4 * width],
+            };
+            compare(
+                values(m.forward(&b, Some(&mut cache), opts).logits),
+                host.forward_last(&b, &mut host_cache),
+            );
+            done += width;
+        }
+        assert_eq!(host_cache.len(), capacity);
+        assert!(worst < 1e-5, "{name}: host vs tensor forward {worst:e}");
     }
 }
 

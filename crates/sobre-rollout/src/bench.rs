@@ -6,7 +6,7 @@ use serde::Serialize;
 use sobre_model::MoeModel;
 
 use crate::RolloutError;
-use crate::generate::{EngineMode, Prompt, generate_with};
+use crate::generate::{EngineKernels, EngineMode, Prompt, generate_with};
 use crate::sampling::SamplingParams;
 
 /// The workload: `prompts × group_size` completions of exactly `new_tokens` tokens.
@@ -22,7 +22,9 @@ pub struct RolloutWorkload {
 /// One measured engine mode.
 #[derive(Debug, Clone, Serialize)]
 pub struct RolloutFigure {
-    pub mode: &'static str,
+    /// The mode, with `_tensor_ops` when burn tensor ops (fused kernels) ran it instead of the
+    /// host engine.
+    pub mode: String,
     pub seconds: f64,
     pub completion_tokens: usize,
     pub tokens_per_sec: f64,
@@ -41,11 +43,11 @@ pub fn bench_prompts(w: &RolloutWorkload, vocab: usize) -> Vec<Prompt> {
 }
 
 /// Time each mode once on the same workload (temperature 1, `ignore_eos`). Every mode samples
-/// the same tokens (tested), so the figures compare engines, not outputs.
+/// the same tokens up to float rounding (tested), so the figures compare engines, not outputs.
 pub fn bench_rollout(
     model: &MoeModel,
     w: &RolloutWorkload,
-    modes: &[EngineMode],
+    modes: &[(EngineMode, EngineKernels)],
 ) -> Result<Vec<RolloutFigure>, RolloutError> {
     let prompts = bench_prompts(w, model.config.vocab_size);
     let params = SamplingParams {
@@ -56,17 +58,24 @@ pub fn bench_rollout(
         ..Default::default()
     };
     let mut out = Vec::new();
-    for &mode in modes {
+    for &(mode, kernels) in modes {
         let start = Instant::now();
-        let done = generate_with(model, &prompts, w.group_size, &params, None, mode)?;
+        let done = generate_with(model, &prompts, w.group_size, &params, None, mode, kernels)?;
         let seconds = start.elapsed().as_secs_f64();
         let tokens: usize = done.iter().map(|c| c.tokens.len()).sum();
         out.push(RolloutFigure {
-            mode: match mode {
-                EngineMode::SharedPrefill => "shared_prefill",
-                EngineMode::SeparatePrefill => "separate_prefill",
-                EngineMode::NoCache => "no_cache",
-            },
+            mode: format!(
+                "{}{}",
+                match mode {
+                    EngineMode::SharedPrefill => "shared_prefill",
+                    EngineMode::SeparatePrefill => "separate_prefill",
+                    EngineMode::NoCache => "no_cache",
+                },
+                match kernels {
+                    EngineKernels::Host => "",
+                    EngineKernels::Tensor(_) => "_tensor_ops",
+                }
+            ),
             seconds,
             completion_tokens: tokens,
             tokens_per_sec: tokens as f64 / seconds,

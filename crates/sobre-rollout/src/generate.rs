@@ -2,7 +2,9 @@
 
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{Rng, SeedableRng};
-use sobre_model::{Batch, ForwardOptions, KvCache, LogitsMode, MoeModel};
+use sobre_model::{
+    Batch, ForwardOptions, HostKvCache, InferenceModel, Kernels, KvCache, LogitsMode, MoeModel,
+};
 
 use crate::RolloutError;
 use crate::parallel::{par_map, split_range};
@@ -71,6 +73,18 @@ pub enum EngineMode {
     NoCache,
 }
 
+/// What computes the forward passes of a rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EngineKernels {
+    /// [`InferenceModel`] (plain buffers, GEMM calls) where the model lives on the host CPU,
+    /// burn tensor ops with the fused kernels elsewhere. The fast path.
+    #[default]
+    Host,
+    /// burn tensor ops ([`MoeModel::forward`]) with these kernels, on any backend: the
+    /// reference the host engine is tested against.
+    Tensor(Kernels),
+}
+
 /// A sequence being decoded.
 struct Seq {
     prompt_index: usize,
@@ -118,27 +132,23 @@ pub fn generate(
     detok: Option<&dyn Detokenizer>,
 ) -> Result<Vec<Completion>, RolloutError> {
     let shards = params.data_parallel_size.min(prompts.len());
+    // One host copy of the weights, shared by the shards' threads.
+    let host = InferenceModel::for_model(model);
+    let run = |prompts: &[Prompt]| {
+        let mode = EngineMode::SharedPrefill;
+        match &host {
+            Some(h) => run_engine(model, h, prompts, group_size, params, detok, mode),
+            None => {
+                let engine = TensorEngine(model, Kernels::Fused);
+                run_engine(model, engine, prompts, group_size, params, detok, mode)
+            }
+        }
+    };
     if shards <= 1 {
-        return generate_with(
-            model,
-            prompts,
-            group_size,
-            params,
-            detok,
-            EngineMode::SharedPrefill,
-        );
+        return run(prompts);
     }
     let bounds = split_range(0..prompts.len(), shards);
-    let results = par_map(&bounds, |r| {
-        generate_with(
-            model,
-            &prompts[r.clone()],
-            group_size,
-            params,
-            detok,
-            EngineMode::SharedPrefill,
-        )
-    });
+    let results = par_map(&bounds, |r| run(&prompts[r.clone()]));
     let mut out = Vec::with_capacity(prompts.len() * group_size);
     for (offset, shard) in bounds.into_iter().map(|r| r.start).zip(results) {
         for mut c in shard.map_err(|e| e.offset_prompt(offset))? {
@@ -149,9 +159,91 @@ pub fn generate(
     Ok(out)
 }
 
-/// [`generate`] with an explicit engine mode (benchmarks and tests).
+/// [`generate`] on one engine with an explicit mode and kernels (benchmarks and tests); no
+/// data-parallel shards.
 pub fn generate_with(
     model: &MoeModel,
+    prompts: &[Prompt],
+    group_size: usize,
+    params: &SamplingParams,
+    detok: Option<&dyn Detokenizer>,
+    mode: EngineMode,
+    kernels: EngineKernels,
+) -> Result<Vec<Completion>, RolloutError> {
+    let host = match kernels {
+        EngineKernels::Host => InferenceModel::for_model(model),
+        EngineKernels::Tensor(_) => None,
+    };
+    let k = match kernels {
+        EngineKernels::Tensor(k) => k,
+        EngineKernels::Host => Kernels::Fused,
+    };
+    match &host {
+        Some(h) => run_engine(model, h, prompts, group_size, params, detok, mode),
+        None => {
+            let engine = TensorEngine(model, k);
+            run_engine(model, engine, prompts, group_size, params, detok, mode)
+        }
+    }
+}
+
+/// What runs a rollout's forward passes: the host engine or burn tensor ops.
+trait Engine: Copy {
+    type Cache;
+    fn new_cache(self, batch: usize, capacity: usize) -> Self::Cache;
+    /// Logits of each row's last column, `[batch, vocab]` row-major.
+    fn logits_last(self, batch: &Batch, cache: Option<&mut Self::Cache>) -> Vec<f32>;
+    fn select_rows(cache: &Self::Cache, rows: &[usize]) -> Self::Cache;
+}
+
+impl Engine for &InferenceModel {
+    type Cache = HostKvCache;
+
+    fn new_cache(self, batch: usize, capacity: usize) -> HostKvCache {
+        InferenceModel::new_cache(self, batch, capacity)
+    }
+
+    fn logits_last(self, batch: &Batch, cache: Option<&mut HostKvCache>) -> Vec<f32> {
+        match cache {
+            Some(c) => self.forward_last(batch, c),
+            None => self.forward_last(batch, &mut self.new_cache(batch.batch, batch.seq)),
+        }
+    }
+
+    fn select_rows(cache: &HostKvCache, rows: &[usize]) -> HostKvCache {
+        cache.select_rows(rows)
+    }
+}
+
+/// [`MoeModel::forward`] with these kernels.
+#[derive(Clone, Copy)]
+struct TensorEngine<'a>(&'a MoeModel, Kernels);
+
+impl Engine for TensorEngine<'_> {
+    type Cache = KvCache;
+
+    fn new_cache(self, batch: usize, capacity: usize) -> KvCache {
+        KvCache::new(&self.0.config, batch, capacity, &self.0.device())
+    }
+
+    fn logits_last(self, batch: &Batch, cache: Option<&mut KvCache>) -> Vec<f32> {
+        let opts = ForwardOptions {
+            logits: LogitsMode::Last,
+            kernels: self.1,
+            ..Default::default()
+        };
+        let out = self.0.forward(batch, cache, opts);
+        out.logits.try_into_vec_as::<f32>().unwrap_or_default()
+    }
+
+    fn select_rows(cache: &KvCache, rows: &[usize]) -> KvCache {
+        cache.select_rows(rows)
+    }
+}
+
+fn run_engine<E: Engine>(
+    model: &MoeModel,
+    engine: E,
     prompts: &[Prompt],
     group_size: usize,
     params: &SamplingParams,
@@ -229,9 +321,9 @@ pub fn generate_with(
     };
 
     match mode {
-        EngineMode::NoCache => decode_without_cache(model, prompts, &mut seqs, vocab, &step),
+        EngineMode::NoCache => decode_without_cache(engine, prompts, &mut seqs, vocab, &step),
         EngineMode::SharedPrefill | EngineMode::SeparatePrefill => decode_with_cache(
-            model, prompts, &mut seqs, group_size, params, vocab, mode, &step,
+            engine, prompts, &mut seqs, group_size, params, vocab, mode, &step,
         ),
     }
 
@@ -249,13 +341,9 @@ pub fn generate_with(
         .collect())
 }
 
-fn logits_rows(out: sobre_model::ModelOutput) -> Vec<f32> {
-    out.logits.try_into_vec_as::<f32>().unwrap_or_default()
-}
-
 #[allow(clippy::too_many_arguments)]
-fn decode_with_cache(
-    model: &MoeModel,
+fn decode_with_cache<E: Engine>(
+    engine: E,
     prompts: &[Prompt],
     seqs: &mut [Seq],
     group_size: usize,
@@ -264,11 +352,6 @@ fn decode_with_cache(
     mode: EngineMode,
     step: &dyn Fn(&mut Seq, &[f32]),
 ) {
-    let device = model.device();
-    let opts = ForwardOptions {
-        logits: LogitsMode::Last,
-        ..Default::default()
-    };
     let max_prompt = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
     let capacity = max_prompt + params.max_new_tokens;
 
@@ -280,12 +363,8 @@ fn decode_with_cache(
             .map(|s| prompts[s.prompt_index].ids.clone())
             .collect(),
     };
-    let mut cache = KvCache::new(&model.config, prefill_rows.len(), capacity, &device);
-    let logits = logits_rows(model.forward(
-        &Batch::left_padded(&prefill_rows, 0),
-        Some(&mut cache),
-        opts,
-    ));
+    let mut cache = engine.new_cache(prefill_rows.len(), capacity);
+    let logits = engine.logits_last(&Batch::left_padded(&prefill_rows, 0), Some(&mut cache));
     for (i, seq) in seqs.iter_mut().enumerate() {
         let row = if mode == EngineMode::SharedPrefill {
             seq.prompt_index
@@ -308,7 +387,7 @@ fn decode_with_cache(
             }
         })
         .collect();
-    cache = cache.select_rows(&rows);
+    cache = E::select_rows(&cache, &rows);
 
     while !live.is_empty() {
         let batch = Batch {
@@ -326,7 +405,7 @@ fn decode_with_cache(
                 .collect(),
             attention_mask: vec![true; live.len()],
         };
-        let logits = logits_rows(model.forward(&batch, Some(&mut cache), opts));
+        let logits = engine.logits_last(&batch, Some(&mut cache));
         for (r, &i) in live.iter().enumerate() {
             step(&mut seqs[i], &logits[r * vocab..(r + 1) * vocab]);
         }
@@ -336,24 +415,20 @@ fn decode_with_cache(
         if keep.len() < live.len() {
             live = keep.iter().map(|&r| live[r]).collect();
             if !live.is_empty() {
-                cache = cache.select_rows(&keep);
+                cache = E::select_rows(&cache, &keep);
             }
         }
     }
 }
 
 /// The reference: every step runs the full prompt + completion of each live sequence.
-fn decode_without_cache(
-    model: &MoeModel,
+fn decode_without_cache<E: Engine>(
+    engine: E,
     prompts: &[Prompt],
     seqs: &mut [Seq],
     vocab: usize,
     step: &dyn Fn(&mut Seq, &[f32]),
 ) {
-    let opts = ForwardOptions {
-        logits: LogitsMode::Last,
-        ..Default::default()
-    };
     loop {
         let live: Vec<usize> = (0..seqs.len())
             .filter(|&i| seqs[i].finish.is_none())
@@ -369,7 +444,7 @@ fn decode_without_cache(
                 r
             })
             .collect();
-        let logits = logits_rows(model.forward(&Batch::left_padded(&rows, 0), None, opts));
+        let logits = engine.logits_last(&Batch::left_padded(&rows, 0), None);
         for (r, &i) in live.iter().enumerate() {
             step(&mut seqs[i], &logits[r * vocab..(r + 1) * vocab]);
         }

@@ -21,10 +21,12 @@ pub mod parallel;
 pub mod sampling;
 
 pub use generate::{
-    Completion, Detokenizer, EngineMode, FinishReason, Prompt, generate, generate_with,
-    sequence_rng,
+    Completion, Detokenizer, EngineKernels, EngineMode, FinishReason, Prompt, generate,
+    generate_with, sequence_rng,
 };
-pub use logprobs::{Scored, ScoredBatch, completion_logprobs, completion_scores};
+pub use logprobs::{
+    Scored, ScoredBatch, completion_logprobs, completion_logprobs_host, completion_scores,
+};
 pub use sampling::{SamplingParams, sample, token_logprob};
 
 /// Why a generation request was refused.

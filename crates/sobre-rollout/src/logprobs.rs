@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
-use sobre_model::{Batch, ForwardOptions, MoeModel, RouterStats};
+use sobre_model::{Batch, ForwardOptions, InferenceModel, MoeModel, RouterStats};
 
 /// Prompt + completion pairs laid out for one training forward.
 ///
@@ -194,4 +194,45 @@ pub fn completion_logprobs(
 ) -> (Tensor<2>, RouterStats) {
     let s = completion_scores(model, scored, temperature, opts, false);
     (s.logp, s.router)
+}
+
+/// [`completion_logprobs`] on the host inference engine, for a model that is not being trained
+/// (the frozen reference): no autodiff graph, plain buffers.
+///
+/// # Shapes
+/// → `[rows · max_completion]`, row-major, 0 at padding.
+pub fn completion_logprobs_host(
+    model: &InferenceModel,
+    scored: &ScoredBatch,
+    temperature: f32,
+) -> Vec<f32> {
+    let positions = &scored.logit_positions;
+    if positions.is_empty() {
+        return vec![];
+    }
+    let logits = match &scored.shared {
+        Some((prefixes, prefix_of_row)) => {
+            model.forward_positions_shared(prefixes, prefix_of_row, &scored.batch, positions)
+        }
+        None => model.forward_positions(&scored.batch, positions),
+    };
+    let vocab = logits.len() / positions.len();
+    let tempered = temperature > 0.0 && temperature != 1.0;
+    let mut z = vec![0.0f32; vocab];
+    logits
+        .chunks_exact(vocab)
+        .zip(&scored.targets)
+        .zip(&scored.mask)
+        .map(|((row, &target), &mask)| {
+            if mask == 0.0 {
+                return 0.0;
+            }
+            for (zi, &x) in z.iter_mut().zip(row) {
+                *zi = if tempered { x / temperature } else { x };
+            }
+            let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = z.iter().map(|&v| (v - max).exp()).sum();
+            z[target as usize] - max - sum.ln()
+        })
+        .collect()
 }

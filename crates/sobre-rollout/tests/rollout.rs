@@ -2,10 +2,12 @@
 
 use std::path::Path;
 
-use sobre_model::{ForwardOptions, ModelConfig, MoeModel, default_device, init_model, load_model};
+use sobre_model::{
+    ForwardOptions, Kernels, ModelConfig, MoeModel, default_device, init_model, load_model,
+};
 use sobre_rollout::{
-    Completion, Detokenizer, EngineMode, FinishReason, Prompt, SamplingParams, ScoredBatch,
-    completion_logprobs, generate, generate_with,
+    Completion, Detokenizer, EngineKernels, EngineMode, FinishReason, Prompt, SamplingParams,
+    ScoredBatch, completion_logprobs, generate, generate_with,
 };
 
 fn test_model(seed: u64) -> MoeModel {
@@ -133,6 +135,38 @@ fn rollout_logprobs_equal_the_training_forward() {
     }
 }
 
+/// The frozen reference's log-probs on the host engine equal the tensor forward's (reference
+/// kernels), in the shared-prompt layout and the whole-row one, tempered, with padding.
+#[test]
+fn host_logprobs_equal_tensor_logprobs() {
+    use sobre_rollout::{completion_logprobs_host, completion_scores};
+    let m = test_model(5);
+    let host = sobre_model::InferenceModel::new(&m);
+    let (p1, p2): (&[u32], &[u32]) = (&[3, 4, 5, 6, 7], &[9]);
+    let comps: [&[u32]; 5] = [&[1, 2, 3], &[4], &[], &[5, 6, 7, 8], &[10, 11]];
+    let pairs: Vec<(&[u32], &[u32])> = [p1, p1, p1, p2, p2].into_iter().zip(comps).collect();
+    for share in [true, false] {
+        let layout = ScoredBatch::with_prefix_sharing(&pairs, 0, share);
+        let opts = ForwardOptions {
+            kernels: Kernels::Reference,
+            ..Default::default()
+        };
+        let want = completion_scores(&m, &layout, 0.7, opts, false)
+            .logp
+            .try_into_vec_as::<f32>()
+            .unwrap();
+        let got = completion_logprobs_host(&host, &layout, 0.7);
+        assert_eq!(got.len(), 5 * 4);
+        assert!(want.iter().filter(|&&x| x != 0.0).count() == 10);
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-5,
+                "share={share} position {i}: {a} vs {b}"
+            );
+        }
+    }
+}
+
 #[test]
 fn shared_prefixes_score_like_whole_rows() {
     use burn::prelude::*;
@@ -234,14 +268,47 @@ fn shared_prefill_separate_prefill_and_no_cache_agree() {
         top_p: 0.9,
         ..sampled(0.9, 8, 11)
     };
-    let shared = generate_with(&m, &prompts, 4, &params, None, EngineMode::SharedPrefill).unwrap();
-    let separate =
-        generate_with(&m, &prompts, 4, &params, None, EngineMode::SeparatePrefill).unwrap();
-    let slow = generate_with(&m, &prompts, 4, &params, None, EngineMode::NoCache).unwrap();
+    let run = |mode, kernels| generate_with(&m, &prompts, 4, &params, None, mode, kernels).unwrap();
+    let host = EngineKernels::Host;
+    let shared = run(EngineMode::SharedPrefill, host);
+    let separate = run(EngineMode::SeparatePrefill, host);
+    let slow = run(EngineMode::NoCache, host);
     assert_eq!(shared.len(), 8);
     for ((a, b), c) in shared.iter().zip(&separate).zip(&slow) {
         assert_same(a, b, 1e-5);
         assert_same(a, c, 1e-5);
+    }
+}
+
+/// The host inference engine (the default on the CPU) samples what burn tensor ops with the
+/// reference kernels sample: same tokens, log-probs to 1e-5, for prompts of unequal length,
+/// sequences that stop early (eos) and a group's shared prefill.
+#[test]
+fn host_engine_samples_what_tensor_ops_sample() {
+    let m = test_model(8);
+    let prompts = vec![
+        prompt(&[1, 2, 3], 0),
+        prompt(&[9, 8, 7, 6, 5, 4, 3], 1),
+        prompt(&[60], 2),
+    ];
+    let params = SamplingParams {
+        stop_token_ids: vec![5, 17],
+        ..sampled(1.0, 12, 4)
+    };
+    let run = |mode, kernels| generate_with(&m, &prompts, 3, &params, None, mode, kernels).unwrap();
+    let reference = EngineKernels::Tensor(Kernels::Reference);
+    for mode in [EngineMode::SharedPrefill, EngineMode::NoCache] {
+        let host = run(mode, EngineKernels::Host);
+        let tensor = run(mode, reference);
+        assert_eq!(host.len(), 9);
+        assert!(
+            host.iter().any(|c| c.finish_reason == FinishReason::Stop)
+                && host.iter().any(|c| c.finish_reason == FinishReason::Length),
+            "the case covers early stops and full lengths"
+        );
+        for (a, b) in host.iter().zip(&tensor) {
+            assert_same(a, b, 1e-5);
+        }
     }
 }
 

@@ -12,9 +12,11 @@ use std::time::Instant;
 use burn::prelude::*;
 use serde_json::{Map, Value, json};
 use sobre_data::{Sample, Template, Tokenizer};
-use sobre_model::{ForwardOptions, MoeModel, RouteTotals};
+use sobre_model::{ForwardOptions, InferenceModel, MoeModel, RouteTotals};
 use sobre_reward::CombinedReward;
-use sobre_rollout::{Completion, FinishReason, Prompt, SamplingParams, generate};
+use sobre_rollout::{
+    Completion, FinishReason, Prompt, SamplingParams, completion_logprobs_host, generate,
+};
 
 use crate::TrainError;
 use crate::advantages::{ScaleRewards, group_advantages, mean_std, zero_std_groups};
@@ -260,14 +262,19 @@ pub fn grpo_step(
     let t1 = Instant::now();
     let kl_est = KlEstimator::from_name(&g.kl_estimator).unwrap_or(KlEstimator::K3);
     let temperature = cfg.rollout.temperature;
+    // The reference is never trained: on the CPU it runs on the host engine, without autodiff.
+    let reference = ctx.reference.filter(|_| g.beta > 0.0);
+    let ref_host = reference.and_then(InferenceModel::for_model);
     let ref_lp: Vec<Vec<Option<Vec<f32>>>> = layouts
         .iter()
-        .map(|ls| match ctx.reference {
-            Some(r) if g.beta > 0.0 => par_map(ls, |l| {
-                (l.max_completion > 0)
-                    .then(|| host(score(r, l, temperature, ForwardOptions::default(), false).logp))
+        .map(|ls| match reference {
+            Some(r) => par_map(ls, |l| {
+                (l.max_completion > 0).then(|| match &ref_host {
+                    Some(h) => completion_logprobs_host(h, l, temperature),
+                    None => host(score(r, l, temperature, ForwardOptions::default(), false).logp),
+                })
             }),
-            _ => vec![None; ls.len()],
+            None => vec![None; ls.len()],
         })
         .collect();
     let time_reference = t1.elapsed().as_secs_f64();

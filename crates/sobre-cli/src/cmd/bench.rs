@@ -152,8 +152,8 @@ fn rewards(a: RewardsArgs) -> anyhow::Result<()> {
 }
 
 fn rollout(a: RolloutArgs) -> anyhow::Result<()> {
-    use sobre_rollout::EngineMode;
     use sobre_rollout::bench::{RolloutWorkload, bench_rollout};
+    use sobre_rollout::{EngineKernels, EngineMode};
     let cfg = sobre_model::ModelConfig::preset(&a.preset)?;
     let model = sobre_model::init_model(&cfg, a.seed, &sobre_model::default_device());
     let w = RolloutWorkload {
@@ -167,16 +167,24 @@ fn rollout(a: RolloutArgs) -> anyhow::Result<()> {
         w.prompts > 0 && w.group_size > 0 && w.new_tokens > 0 && w.prompt_len > 0,
         "all sizes must be positive"
     );
-    let mut modes = vec![EngineMode::SharedPrefill, EngineMode::SeparatePrefill];
+    let host = EngineKernels::Host;
+    let mut modes = vec![
+        (EngineMode::SharedPrefill, host),
+        (
+            EngineMode::SharedPrefill,
+            EngineKernels::Tensor(sobre_model::Kernels::Fused),
+        ),
+        (EngineMode::SeparatePrefill, host),
+    ];
     if !a.skip_no_cache {
-        modes.push(EngineMode::NoCache);
+        modes.push((EngineMode::NoCache, host));
     }
     // Warm-up: one short run so allocation and thread-pool start-up are not timed.
     let warm = RolloutWorkload {
         new_tokens: 2,
         ..w.clone()
     };
-    bench_rollout(&model, &warm, &[EngineMode::SharedPrefill])?;
+    bench_rollout(&model, &warm, &modes[..2])?;
     let figures = bench_rollout(&model, &w, &modes)?;
     let base = figures[0].tokens_per_sec;
     let report = serde_json::json!({
@@ -185,7 +193,7 @@ fn rollout(a: RolloutArgs) -> anyhow::Result<()> {
         "workload": w,
         "threads_available": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "figures": figures,
-        "speedup_of_shared_prefill": figures.iter().map(|f| (f.mode, (base / f.tokens_per_sec * 100.0).round() / 100.0)).collect::<std::collections::BTreeMap<_, _>>(),
+        "speedup_of_shared_prefill": figures.iter().map(|f| (f.mode.clone(), (base / f.tokens_per_sec * 100.0).round() / 100.0)).collect::<std::collections::BTreeMap<_, _>>(),
         "peak_rss_mib": peak_rss_mib(),
         "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
     });

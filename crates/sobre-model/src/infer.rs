@@ -1,0 +1,775 @@
+//! Host inference: the model's forward pass for sampling, on plain `f32` buffers.
+//!
+//! A rollout decodes one token per sequence per step. Through burn tensors one decode step of a
+//! small model is some forty tensor ops per layer, each allocating a zero-filled output and
+//! dispatching through the backend, and those fixed costs, not arithmetic, were most of the
+//! rollout (docs/PERF.md item 10). Here a layer is a few GEMM calls (the `gemm` crate, which
+//! burn-flex also calls) and loops over slices, with no autodiff bookkeeping: sampling needs no
+//! gradients. The weights are copied out of the model once per rollout.
+//!
+//! [`MoeModel::forward`] with a [`crate::KvCache`] is the reference: the same layers, options
+//! and masking rules, so the same logits up to float rounding (tested in `tests/model.rs`,
+//! `host_inference_agrees_with_the_model`, over every family's options).
+
+use crate::config::ScoringFunc;
+use crate::fused::{self, kernels};
+use crate::model::{
+    Attention, Batch, DecoderLayer, Ffn, GroupLimit, Mlp, MoeBlock, MoeModel, Proj, RmsNorm,
+    rope_tables, select_experts, to_vec_f32,
+};
+use burn::prelude::*;
+
+/// A row-major matrix view for [`gemm`]: `rows × cols` elements of `data`, element `(i, j)` at
+/// `i · row_stride + j · col_stride`.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> View<'a> {
+    /// A contiguous `[rows, cols]` matrix.
+    fn dense(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        View {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// Whether every element lies inside `data`.
+    fn fits(&self, len: usize) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride < len
+    }
+}
+
+/// `c = a · b`, or `c += a · b` with `accumulate`, where `c` is `[a.rows, b.cols]` with rows
+/// `c_row_stride` apart.
+///
+/// # Panics
+/// If the shapes disagree or a view or `c` reaches outside its slice (a bug in this module, not
+/// input).
+fn gemm(c: &mut [f32], c_row_stride: usize, a: View, b: View, accumulate: bool) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(b.rows, k, "inner dimensions differ");
+    let out = View {
+        data: c,
+        rows: m,
+        cols: n,
+        row_stride: c_row_stride,
+        col_stride: 1,
+    };
+    assert!(a.fits(a.data.len()) && b.fits(b.data.len()) && out.fits(c.len()));
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for row in 0..m {
+                c[row * c_row_stride..row * c_row_stride + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    // SAFETY: the asserts above keep every element gemm reads or writes inside the three
+    // slices, and `c` is borrowed mutably, so it aliases neither input.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            c_row_stride as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// `c = a · b`, or `c += a · b` with `accumulate`; contiguous row-major `a: [m, k]`,
+/// `b: [k, n]`, `c: [m, n]`.
+fn matmul(c: &mut [f32], a: &[f32], b: &[f32], [m, k, n]: [usize; 3], accumulate: bool) {
+    gemm(
+        c,
+        n,
+        View::dense(&a[..m * k], m, k),
+        View::dense(&b[..k * n], k, n),
+        accumulate,
+    );
+}
+
+fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    to_vec_f32(t)
+}
+
+/// `x · W + b` with `W: [in, out]`.
+struct HostProj {
+    w: Vec<f32>,
+    b: Option<Vec<f32>>,
+    out: usize,
+}
+
+impl HostProj {
+    fn new(p: &Proj) -> Self {
+        HostProj {
+            out: p.weight.val().dims()[1],
+            w: host(p.weight.val()),
+            b: p.bias.as_ref().map(|b| host(b.val())),
+        }
+    }
+
+    /// `x: [rows, in]` → `y: [rows, out]`, added to `y` with `accumulate`.
+    fn apply(&self, y: &mut [f32], x: &[f32], rows: usize, accumulate: bool) {
+        let inp = self.w.len() / self.out;
+        matmul(y, x, &self.w, [rows, inp, self.out], accumulate);
+        if let Some(b) = &self.b {
+            for row in y.chunks_exact_mut(self.out) {
+                row.iter_mut().zip(b).for_each(|(v, bi)| *v += bi);
+            }
+        }
+    }
+}
+
+struct HostNorm {
+    w: Vec<f32>,
+    eps: f32,
+}
+
+impl HostNorm {
+    fn new(n: &RmsNorm) -> Self {
+        HostNorm {
+            w: host(n.weight.val()),
+            eps: n.eps as f32,
+        }
+    }
+
+    /// Normalizes each `w.len()`-wide row of `x`.
+    fn apply(&self, x: &[f32]) -> Vec<f32> {
+        kernels::rms_norm(x, &self.w, self.eps)
+    }
+}
+
+/// SwiGLU with gate and up side by side: `gate_up: [hidden, 2·inter]`, `down: [inter, hidden]`.
+struct HostMlp {
+    gate_up: Vec<f32>,
+    down: Vec<f32>,
+    hidden: usize,
+    inter: usize,
+}
+
+impl HostMlp {
+    fn from_parts(gate_up: Vec<f32>, down: Vec<f32>, hidden: usize) -> Self {
+        let inter = gate_up.len() / hidden / 2;
+        HostMlp {
+            gate_up,
+            down,
+            hidden,
+            inter,
+        }
+    }
+
+    fn new(m: &Mlp) -> Self {
+        let hidden = m.gate_up.val().dims()[0];
+        Self::from_parts(host(m.gate_up.val()), host(m.down.val()), hidden)
+    }
+
+    /// `x: [rows, hidden]` → `[rows, hidden]`.
+    fn apply(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        let (h, i) = (self.hidden, self.inter);
+        let mut gu = vec![0.0; rows * 2 * i];
+        matmul(&mut gu, x, &self.gate_up, [rows, h, 2 * i], false);
+        let act = kernels::silu_mul(&gu, i);
+        let mut y = vec![0.0; rows * h];
+        matmul(&mut y, &act, &self.down, [rows, i, h], false);
+        y
+    }
+}
+
+struct HostAttention {
+    q: HostProj,
+    k: HostProj,
+    v: HostProj,
+    o: HostProj,
+    q_norm: Option<HostNorm>,
+    k_norm: Option<HostNorm>,
+    over_projection: bool,
+    clip: Option<f32>,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+struct HostMoe {
+    /// `[hidden, experts]`
+    router: Vec<f32>,
+    /// One SwiGLU per expert.
+    experts: Vec<HostMlp>,
+    shared: Option<HostMlp>,
+    /// `[hidden]`
+    shared_gate: Option<Vec<f32>>,
+    bias: Option<Vec<f32>>,
+    top_k: usize,
+    norm_topk_prob: bool,
+    scoring: ScoringFunc,
+    routed_scaling_factor: f32,
+    group_limit: Option<GroupLimit>,
+}
+
+enum HostFfn {
+    Dense(HostMlp),
+    Sparse(HostMoe),
+}
+
+struct HostLayer {
+    input_norm: HostNorm,
+    attn: HostAttention,
+    post_norm: HostNorm,
+    ffn: HostFfn,
+}
+
+/// Keys and values of past tokens on the host, as [`crate::KvCache`] holds them for tensors.
+///
+/// # Shapes
+/// per layer, keys and values `[batch, kv_heads, capacity, head_dim]`; `key_valid:
+/// [batch, capacity]`.
+#[derive(Debug, Clone)]
+pub struct HostKvCache {
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+    key_valid: Vec<bool>,
+    batch: usize,
+    capacity: usize,
+    len: usize,
+    /// `kv_heads · capacity · head_dim`: one row's block in a layer.
+    row_block: usize,
+}
+
+impl HostKvCache {
+    /// Tokens held per row (real or padding).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// A cache whose row i is this cache's row `rows[i]` (see [`crate::KvCache::select_rows`]).
+    pub fn select_rows(&self, rows: &[usize]) -> Self {
+        let pick = |layer: &Vec<f32>| {
+            let mut out = Vec::with_capacity(rows.len() * self.row_block);
+            for &r in rows {
+                out.extend_from_slice(&layer[r * self.row_block..(r + 1) * self.row_block]);
+            }
+            out
+        };
+        let mut key_valid = Vec::with_capacity(rows.len() * self.capacity);
+        for &r in rows {
+            key_valid
+                .extend_from_slice(&self.key_valid[r * self.capacity..(r + 1) * self.capacity]);
+        }
+        HostKvCache {
+            keys: self.keys.iter().map(pick).collect(),
+            values: self.values.iter().map(pick).collect(),
+            key_valid,
+            batch: rows.len(),
+            ..*self
+        }
+    }
+}
+
+/// The model's weights on the host, ready for [`InferenceModel::forward_last`].
+pub struct InferenceModel {
+    /// `[vocab, hidden]`
+    embed: Vec<f32>,
+    layers: Vec<HostLayer>,
+    norm: HostNorm,
+    /// `[hidden, vocab]`
+    lm_head: Vec<f32>,
+    hidden: usize,
+    vocab: usize,
+    rope_theta: f32,
+}
+
+impl InferenceModel {
+    /// A host copy of `model`'s weights, when its device computes on the host CPU (burn-flex),
+    /// where this engine is the fast path; `None` on other backends, whose own kernels are
+    /// faster than copying weights out.
+    pub fn for_model(model: &MoeModel) -> Option<Self> {
+        fused::available(&model.device()).then(|| Self::new(model))
+    }
+
+    /// A host copy of `model`'s weights, whatever its device.
+    pub fn new(model: &MoeModel) -> Self {
+        let cfg = &model.config;
+        let hidden = cfg.hidden_size;
+        let embed = host(model.embed_tokens.val());
+        let lm_head = match &model.lm_head {
+            Some(w) => host(w.val()),
+            None => host(model.embed_tokens.val().transpose()),
+        };
+        InferenceModel {
+            embed,
+            layers: model.layers.iter().map(|l| host_layer(l, hidden)).collect(),
+            norm: HostNorm::new(&model.norm),
+            lm_head,
+            hidden,
+            vocab: cfg.vocab_size,
+            rope_theta: cfg.rope_theta as f32,
+        }
+    }
+
+    /// An empty cache for `batch` rows of up to `capacity` tokens each.
+    pub fn new_cache(&self, batch: usize, capacity: usize) -> HostKvCache {
+        let (kv_heads, d) = self
+            .layers
+            .first()
+            .map_or((0, 0), |l| (l.attn.kv_heads, l.attn.head_dim));
+        let row_block = kv_heads * capacity * d;
+        HostKvCache {
+            keys: vec![vec![0.0; batch * row_block]; self.layers.len()],
+            values: vec![vec![0.0; batch * row_block]; self.layers.len()],
+            key_valid: vec![false; batch * capacity],
+            batch,
+            capacity,
+            len: 0,
+            row_block,
+        }
+    }
+
+    /// Runs `batch` through the model, appending its keys and values to `cache`, and returns
+    /// the logits of each row's last column: [`MoeModel::forward`] with
+    /// `LogitsMode::Last` and a cache.
+    ///
+    /// # Shapes
+    /// → `[batch, vocab]`, row-major.
+    ///
+    /// # Panics
+    /// As [`MoeModel::forward`]: if `batch`'s vectors do not hold `batch · seq` entries or the
+    /// cache has another batch size or too little room (programming errors of the caller).
+    pub fn forward_last(&self, batch: &Batch, cache: &mut HostKvCache) -> Vec<f32> {
+        let h = self.trunk(batch, cache);
+        let (b, s) = (batch.batch, batch.seq);
+        self.head_at(&h, &(0..b).map(|r| r * s + s - 1).collect::<Vec<_>>())
+    }
+
+    /// Logits at flat positions (`row · seq + column`) of `batch`: [`MoeModel::forward_positions`].
+    ///
+    /// # Shapes
+    /// `positions: [n]` → `[n, vocab]`, row-major.
+    ///
+    /// # Panics
+    /// As [`MoeModel::forward_positions`].
+    pub fn forward_positions(&self, batch: &Batch, positions: &[usize]) -> Vec<f32> {
+        let mut cache = self.new_cache(batch.batch, batch.seq);
+        let h = self.trunk(batch, &mut cache);
+        self.head_at(&h, positions)
+    }
+
+    /// Rows that continue shared prefixes, each prefix computed once:
+    /// [`MoeModel::forward_positions_shared`].
+    ///
+    /// # Shapes
+    /// `prefixes: [prompts, p]`, `suffixes: [rows, s]`, `positions: [n]` → `[n, vocab]`.
+    ///
+    /// # Panics
+    /// As [`MoeModel::forward_positions_shared`].
+    pub fn forward_positions_shared(
+        &self,
+        prefixes: &Batch,
+        prefix_of_row: &[usize],
+        suffixes: &Batch,
+        positions: &[usize],
+    ) -> Vec<f32> {
+        assert_eq!(
+            prefix_of_row.len(),
+            suffixes.batch,
+            "one prefix per suffix row"
+        );
+        let mut cache = self.new_cache(prefixes.batch, prefixes.seq + suffixes.seq);
+        self.trunk(prefixes, &mut cache);
+        let mut cache = cache.select_rows(prefix_of_row);
+        let h = self.trunk(suffixes, &mut cache);
+        self.head_at(&h, positions)
+    }
+
+    /// Embeddings and decoder layers over `batch`, appending to `cache`: hidden states
+    /// `[batch · seq, hidden]` before the final norm.
+    fn trunk(&self, batch: &Batch, cache: &mut HostKvCache) -> Vec<f32> {
+        let (b, s, hd) = (batch.batch, batch.seq, self.hidden);
+        assert_eq!(
+            batch.input_ids.len(),
+            b * s,
+            "input_ids must hold batch·seq ids"
+        );
+        assert_eq!(
+            batch.positions.len(),
+            b * s,
+            "positions must hold batch·seq entries"
+        );
+        assert_eq!(
+            batch.attention_mask.len(),
+            b * s,
+            "mask must hold batch·seq entries"
+        );
+        assert_eq!(
+            cache.batch, b,
+            "cache batch size differs from the input batch"
+        );
+        let past = cache.len;
+        assert!(
+            past + s <= cache.capacity,
+            "cache capacity {} exceeded ({} tokens)",
+            cache.capacity,
+            past + s
+        );
+        for row in 0..b {
+            let at = row * cache.capacity + past;
+            cache.key_valid[at..at + s]
+                .copy_from_slice(&batch.attention_mask[row * s..(row + 1) * s]);
+        }
+        let rope = rope_tables(&batch.positions, b, s, self.head_dim(), self.rope_theta);
+        let mut h = Vec::with_capacity(b * s * hd);
+        for &id in &batch.input_ids {
+            let id = id as usize;
+            h.extend_from_slice(&self.embed[id * hd..(id + 1) * hd]);
+        }
+        for (li, layer) in self.layers.iter().enumerate() {
+            let x = layer.input_norm.apply(&h);
+            layer.attn.apply(&mut h, &x, [b, s], &rope, cache, li);
+            let x = layer.post_norm.apply(&h);
+            match &layer.ffn {
+                HostFfn::Dense(mlp) => add(&mut h, &mlp.apply(&x, b * s)),
+                HostFfn::Sparse(moe) => moe.apply(&mut h, &x, hd),
+            }
+        }
+        cache.len = past + s;
+        h
+    }
+
+    /// Final norm and LM head at rows `positions` of hidden states `h: [rows, hidden]`.
+    fn head_at(&self, h: &[f32], positions: &[usize]) -> Vec<f32> {
+        let hd = self.hidden;
+        let mut picked = Vec::with_capacity(positions.len() * hd);
+        for &p in positions {
+            picked.extend_from_slice(&h[p * hd..(p + 1) * hd]);
+        }
+        let x = self.norm.apply(&picked);
+        let mut logits = vec![0.0; positions.len() * self.vocab];
+        matmul(
+            &mut logits,
+            &x,
+            &self.lm_head,
+            [positions.len(), hd, self.vocab],
+            false,
+        );
+        logits
+    }
+
+    fn head_dim(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.attn.head_dim)
+    }
+}
+
+fn host_layer(l: &DecoderLayer, hidden: usize) -> HostLayer {
+    HostLayer {
+        input_norm: HostNorm::new(&l.input_layernorm),
+        attn: host_attention(&l.self_attn),
+        post_norm: HostNorm::new(&l.post_attention_layernorm),
+        ffn: match &l.mlp {
+            Ffn::Dense(m) => HostFfn::Dense(HostMlp::new(m)),
+            Ffn::Sparse(m) => HostFfn::Sparse(host_moe(m, hidden)),
+        },
+    }
+}
+
+fn host_attention(a: &Attention) -> HostAttention {
+    HostAttention {
+        q: HostProj::new(&a.q_proj),
+        k: HostProj::new(&a.k_proj),
+        v: HostProj::new(&a.v_proj),
+        o: HostProj::new(&a.o_proj),
+        q_norm: a.q_norm.as_ref().map(HostNorm::new),
+        k_norm: a.k_norm.as_ref().map(HostNorm::new),
+        over_projection: a.qk_norm_over_projection,
+        clip: a.clip_qkv.map(|c| c as f32),
+        heads: a.num_heads,
+        kv_heads: a.num_kv_heads,
+        head_dim: a.head_dim,
+    }
+}
+
+fn host_moe(m: &MoeBlock, hidden: usize) -> HostMoe {
+    let [e, _, two_i] = m.experts_gate_up.val().dims();
+    let gate_up = host(m.experts_gate_up.val());
+    let down = host(m.experts_down.val());
+    let (gu, dn) = (hidden * two_i, two_i / 2 * hidden);
+    HostMoe {
+        router: host(m.router.val()),
+        experts: (0..e)
+            .map(|ex| {
+                HostMlp::from_parts(
+                    gate_up[ex * gu..(ex + 1) * gu].to_vec(),
+                    down[ex * dn..(ex + 1) * dn].to_vec(),
+                    hidden,
+                )
+            })
+            .collect(),
+        shared: m.shared_expert.as_ref().map(HostMlp::new),
+        shared_gate: m.shared_expert_gate.as_ref().map(|g| host(g.val())),
+        bias: m.expert_bias.clone(),
+        top_k: m.top_k,
+        norm_topk_prob: m.norm_topk_prob,
+        scoring: m.scoring,
+        routed_scaling_factor: m.routed_scaling_factor as f32,
+        group_limit: m.group_limit,
+    }
+}
+
+fn add(h: &mut [f32], y: &[f32]) {
+    h.iter_mut().zip(y).for_each(|(a, b)| *a += b);
+}
+
+fn clamp(x: &mut [f32], c: Option<f32>) {
+    if let Some(c) = c {
+        x.iter_mut().for_each(|v| *v = v.clamp(-c, c));
+    }
+}
+
+impl HostAttention {
+    /// `h += o_proj(attention(x))` for `[b, s]` new tokens `x: [b·s, hidden]`, writing their keys
+    /// and values into layer `li` of `cache` (whose `len` is the past length).
+    fn apply(
+        &self,
+        h: &mut [f32],
+        x: &[f32],
+        [b, s]: [usize; 2],
+        (cos, sin): &(Vec<f32>, Vec<f32>),
+        cache: &mut HostKvCache,
+        li: usize,
+    ) {
+        let (nh, nkv, d) = (self.heads, self.kv_heads, self.head_dim);
+        let t = b * s;
+        // OLMoE's order: project → norm over the whole projection → clamp → heads;
+        // Qwen3's: project → clamp → heads → norm each head → RoPE.
+        let project = |proj: &HostProj, norm: Option<&HostNorm>, heads: usize, rope: bool| {
+            let mut y = vec![0.0; t * proj.out];
+            proj.apply(&mut y, x, t, false);
+            if let Some(n) = norm.filter(|_| self.over_projection) {
+                y = n.apply(&y);
+            }
+            clamp(&mut y, self.clip);
+            if let Some(n) = norm.filter(|_| !self.over_projection) {
+                y = n.apply(&y);
+            }
+            if rope {
+                y = kernels::rope(&y, cos, sin, heads, d);
+            }
+            y // [t, heads, d]
+        };
+        let q = project(&self.q, self.q_norm.as_ref(), nh, true);
+        let k = project(&self.k, self.k_norm.as_ref(), nkv, true);
+        let v = project(&self.v, None, nkv, false);
+
+        let (cap, past) = (cache.capacity, cache.len);
+        let (kc, vc) = (&mut cache.keys[li], &mut cache.values[li]);
+        for row in 0..b {
+            for i in 0..s {
+                let tok = row * s + i;
+                for g in 0..nkv {
+                    let at = ((row * nkv + g) * cap + past + i) * d;
+                    let from = (tok * nkv + g) * d;
+                    kc[at..at + d].copy_from_slice(&k[from..from + d]);
+                    vc[at..at + d].copy_from_slice(&v[from..from + d]);
+                }
+            }
+        }
+
+        // Per row and head: scores = q · kᵀ (one GEMM over the row's new tokens), masked
+        // softmax in place, out = probs · v (a second GEMM, written into the head's columns).
+        let keys = past + s;
+        let scale = 1.0 / (d as f32).sqrt();
+        let group = nh / nkv;
+        let mut out = vec![0.0f32; t * nh * d];
+        let mut p = vec![0.0f32; s * keys];
+        for row in 0..b {
+            let valid = &cache.key_valid[row * cap..row * cap + keys];
+            for head in 0..nh {
+                let block = (row * nkv + head / group) * cap * d;
+                let (kr, vr) = (&kc[block..block + keys * d], &vc[block..block + keys * d]);
+                let q_at = row * s * nh * d + head * d;
+                let q_view = View {
+                    data: &q[q_at..],
+                    rows: s,
+                    cols: d,
+                    row_stride: nh * d,
+                    col_stride: 1,
+                };
+                let k_t = View {
+                    data: kr,
+                    rows: d,
+                    cols: keys,
+                    row_stride: 1,
+                    col_stride: d,
+                };
+                if s == 1 {
+                    // One query: dot products beat a GEMM call's set-up at this size.
+                    for (j, pj) in p.iter_mut().enumerate() {
+                        *pj = kernels::dot(&q[q_at..q_at + d], &kr[j * d..(j + 1) * d]);
+                    }
+                } else {
+                    gemm(&mut p, keys, q_view, k_t, false);
+                }
+                for (i, pr) in p.chunks_exact_mut(keys).enumerate() {
+                    // Causal and padding mask; a query with no key (left padding) gets an
+                    // all-zero row, so outputs 0, as the reference's `empty_rows` makes it.
+                    let open = |j: usize| j <= past + i && valid[j];
+                    let mut max = f32::NEG_INFINITY;
+                    for (j, pj) in pr.iter_mut().enumerate() {
+                        if open(j) {
+                            *pj *= scale;
+                            max = max.max(*pj);
+                        }
+                    }
+                    let mut sum = 0.0f32;
+                    for (j, pj) in pr.iter_mut().enumerate() {
+                        *pj = if open(j) { (*pj - max).exp() } else { 0.0 };
+                        sum += *pj;
+                    }
+                    if sum > 0.0 {
+                        let inv = 1.0 / sum;
+                        pr.iter_mut().for_each(|v| *v *= inv);
+                    }
+                }
+                if s == 1 {
+                    let o = &mut out[q_at..q_at + d];
+                    for (&pj, vj) in p.iter().zip(vr.chunks_exact(d)) {
+                        if pj != 0.0 {
+                            o.iter_mut().zip(vj).for_each(|(a, &v)| *a += pj * v);
+                        }
+                    }
+                } else {
+                    gemm(
+                        &mut out[q_at..],
+                        nh * d,
+                        View::dense(&p, s, keys),
+                        View::dense(vr, keys, d),
+                        false,
+                    );
+                }
+            }
+        }
+        self.o.apply(h, &out, t, true);
+    }
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl HostMoe {
+    /// `h += moe(x)` for `x: [tokens, hidden]`.
+    fn apply(&self, h: &mut [f32], x: &[f32], hidden: usize) {
+        let t = x.len() / hidden;
+        let e = self.experts.len();
+        let k = self.top_k;
+        let mut scores = vec![0.0; t * e];
+        matmul(&mut scores, x, &self.router, [t, hidden, e], false);
+        for row in scores.chunks_exact_mut(e) {
+            match self.scoring {
+                ScoringFunc::Softmax => {
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    row.iter_mut().for_each(|v| *v = (*v - max).exp());
+                    let sum: f32 = row.iter().sum();
+                    row.iter_mut().for_each(|v| *v /= sum);
+                }
+                ScoringFunc::Sigmoid => row.iter_mut().for_each(|v| *v = sigmoid(*v)),
+            }
+        }
+        let chosen = match &self.bias {
+            Some(bias) => {
+                let biased: Vec<f32> = scores
+                    .chunks_exact(e)
+                    .flat_map(|r| r.iter().zip(bias).map(|(s, b)| s + b))
+                    .collect();
+                select_experts(&biased, e, k, self.group_limit)
+            }
+            None => select_experts(&scores, e, k, self.group_limit),
+        };
+        let mut weights: Vec<f32> = chosen
+            .iter()
+            .enumerate()
+            .map(|(slot, &ex)| scores[slot / k * e + ex])
+            .collect();
+        for w in weights.chunks_exact_mut(k) {
+            if self.norm_topk_prob {
+                let sum: f32 = w.iter().sum();
+                let denom = match self.scoring {
+                    ScoringFunc::Softmax => sum,
+                    ScoringFunc::Sigmoid => sum + 1e-20,
+                };
+                w.iter_mut().for_each(|v| *v /= denom);
+            }
+            w.iter_mut().for_each(|v| *v *= self.routed_scaling_factor);
+        }
+
+        let mut by_expert: Vec<Vec<usize>> = vec![Vec::new(); e];
+        for (slot, &ex) in chosen.iter().enumerate() {
+            by_expert[ex].push(slot);
+        }
+        let mut xs = Vec::new();
+        for (expert, slots) in self.experts.iter().zip(&by_expert) {
+            if slots.is_empty() {
+                continue;
+            }
+            xs.clear();
+            for &slot in slots {
+                let tok = slot / k;
+                xs.extend_from_slice(&x[tok * hidden..(tok + 1) * hidden]);
+            }
+            let y = expert.apply(&xs, slots.len());
+            for (&slot, yr) in slots.iter().zip(y.chunks_exact(hidden)) {
+                let (tok, w) = (slot / k, weights[slot]);
+                let hr = &mut h[tok * hidden..(tok + 1) * hidden];
+                hr.iter_mut().zip(yr).for_each(|(a, &v)| *a += w * v);
+            }
+        }
+        if let Some(shared) = &self.shared {
+            let y = shared.apply(x, t);
+            for ((hr, yr), xr) in h
+                .chunks_exact_mut(hidden)
+                .zip(y.chunks_exact(hidden))
+                .zip(x.chunks_exact(hidden))
+            {
+                let gate = self
+                    .shared_gate
+                    .as_ref()
+                    .map_or(1.0, |g| sigmoid(kernels::dot(xr, g)));
+                hr.iter_mut().zip(yr).for_each(|(a, &v)| *a += gate * v);
+            }
+        }
+    }
+}
