@@ -12,12 +12,14 @@
 //! `host_inference_agrees_with_the_model`, over every family's options).
 
 use crate::config::ScoringFunc;
-use crate::fused::{self, kernels};
+use crate::fused;
+use crate::fused::kernels::{self, sigmoid};
 use crate::model::{
     Attention, Batch, DecoderLayer, Ffn, GroupLimit, Mlp, MoeBlock, MoeModel, Proj, RmsNorm,
     rope_tables, select_experts, to_vec_f32,
 };
 use burn::prelude::*;
+use multiversion::multiversion;
 
 /// A row-major matrix view for [`gemm`]: `rows × cols` elements of `data`, element `(i, j)` at
 /// `i · row_stride + j · col_stride`.
@@ -637,57 +639,77 @@ impl HostAttention {
                 };
                 if s == 1 {
                     // One query: dot products beat a GEMM call's set-up at this size.
-                    for (j, pj) in p.iter_mut().enumerate() {
-                        *pj = kernels::dot(&q[q_at..q_at + d], &kr[j * d..(j + 1) * d]);
-                    }
-                } else {
-                    gemm(&mut p, keys, q_view, k_t, false);
-                }
-                for (i, pr) in p.chunks_exact_mut(keys).enumerate() {
-                    // Causal and padding mask; a query with no key (left padding) gets an
-                    // all-zero row, so outputs 0, as the reference's `empty_rows` makes it.
-                    let open = |j: usize| j <= past + i && valid[j];
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, pj) in pr.iter_mut().enumerate() {
-                        if open(j) {
-                            *pj *= scale;
-                            max = max.max(*pj);
-                        }
-                    }
-                    let mut sum = 0.0f32;
-                    for (j, pj) in pr.iter_mut().enumerate() {
-                        *pj = if open(j) { (*pj - max).exp() } else { 0.0 };
-                        sum += *pj;
-                    }
-                    if sum > 0.0 {
-                        let inv = 1.0 / sum;
-                        pr.iter_mut().for_each(|v| *v *= inv);
-                    }
-                }
-                if s == 1 {
                     let o = &mut out[q_at..q_at + d];
-                    for (&pj, vj) in p.iter().zip(vr.chunks_exact(d)) {
-                        if pj != 0.0 {
-                            o.iter_mut().zip(vj).for_each(|(a, &v)| *a += pj * v);
-                        }
-                    }
-                } else {
-                    gemm(
-                        &mut out[q_at..],
-                        nh * d,
-                        View::dense(&p, s, keys),
-                        View::dense(vr, keys, d),
-                        false,
-                    );
+                    attend_one(&q[q_at..q_at + d], kr, vr, valid, scale, &mut p, o);
+                    continue;
                 }
+                gemm(&mut p, keys, q_view, k_t, false);
+                for (i, pr) in p.chunks_exact_mut(keys).enumerate() {
+                    masked_softmax_row(pr, &valid[..=past + i], scale);
+                }
+                gemm(
+                    &mut out[q_at..],
+                    nh * d,
+                    View::dense(&p, s, keys),
+                    View::dense(vr, keys, d),
+                    false,
+                );
             }
         }
         self.o.apply(h, &out, t, true);
     }
 }
 
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+/// Softmax of `scores · scale` over the open keys in place: key `j` is open when `j <
+/// open.len()` (causal) and `open[j]` (not padding); closed keys get 0. A query with no open
+/// key (left padding) gets an all-zero row, so it outputs 0, as the reference's `empty_rows`
+/// makes it.
+#[inline]
+fn masked_softmax_row(scores: &mut [f32], open: &[bool], scale: f32) {
+    let mut max = f32::NEG_INFINITY;
+    for (x, &o) in scores.iter_mut().zip(open) {
+        if o {
+            *x *= scale;
+            max = max.max(*x);
+        }
+    }
+    let mut sum = 0.0f32;
+    for (j, x) in scores.iter_mut().enumerate() {
+        *x = if open.get(j) == Some(&true) {
+            kernels::exp(*x - max)
+        } else {
+            0.0
+        };
+        sum += *x;
+    }
+    if sum > 0.0 {
+        let inv = 1.0 / sum;
+        scores.iter_mut().for_each(|v| *v *= inv);
+    }
+}
+
+/// One query's attention over `keys` cached keys and values (`[keys, d]` each): `out += softmax
+/// (q · kᵀ · scale) · v`, with `open` and `probs` as in [`masked_softmax_row`].
+#[multiversion(targets("x86_64+avx2+fma"))]
+fn attend_one(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    open: &[bool],
+    scale: f32,
+    probs: &mut [f32],
+    out: &mut [f32],
+) {
+    let d = q.len();
+    for (pj, kj) in probs.iter_mut().zip(k.chunks_exact(d)) {
+        *pj = kernels::dot(q, kj);
+    }
+    masked_softmax_row(probs, open, scale);
+    for (&pj, vj) in probs.iter().zip(v.chunks_exact(d)) {
+        if pj != 0.0 {
+            out.iter_mut().zip(vj).for_each(|(a, &x)| *a += pj * x);
+        }
+    }
 }
 
 impl HostMoe {
@@ -702,7 +724,7 @@ impl HostMoe {
             match self.scoring {
                 ScoringFunc::Softmax => {
                     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    row.iter_mut().for_each(|v| *v = (*v - max).exp());
+                    row.iter_mut().for_each(|v| *v = kernels::exp(*v - max));
                     let sum: f32 = row.iter().sum();
                     row.iter_mut().for_each(|v| *v /= sum);
                 }
