@@ -500,8 +500,7 @@ fn tensor(values: Vec<f32>, shape: Shape) -> FlexTensor {
     )
 }
 
-/// The kernels on plain slices, row by row. Outputs are built with `extend`, so no buffer is
-/// zero-filled first.
+/// The kernels on plain slices, row by row.
 ///
 /// The build targets baseline x86-64 (SSE2), so each kernel is also compiled for AVX2 + FMA
 /// and the CPU's best is chosen at run time (`multiversion`). Rust never contracts `a·b + c`
@@ -603,13 +602,16 @@ pub(crate) mod kernels {
         if x >= 0.0 { s } else { e * s }
     }
 
-    /// `h: [rows · 2·inter]` → `[rows · inter]`: `gate · sigmoid(gate) · up`.
+    /// `h: [rows · 2·inter]` → `[rows · inter]`: `gate · sigmoid(gate) · up`. (Loops over
+    /// output slices rather than `extend`: they vectorise.)
     #[multiversion(targets("x86_64+avx2+fma"))]
     pub fn silu_mul(h: &[f32], inter: usize) -> Vec<f32> {
-        let mut y = Vec::with_capacity(h.len() / 2);
-        for row in h.chunks_exact(2 * inter) {
+        let mut y = vec![0.0f32; h.len() / 2];
+        for (row, yr) in h.chunks_exact(2 * inter).zip(y.chunks_exact_mut(inter)) {
             let (gate, up) = row.split_at(inter);
-            y.extend(gate.iter().zip(up).map(|(&g, &u)| g * sigmoid(g) * u));
+            for ((o, &g), &u) in yr.iter_mut().zip(gate).zip(up) {
+                *o = g * sigmoid(g) * u;
+            }
         }
         y
     }
@@ -618,14 +620,17 @@ pub(crate) mod kernels {
     /// `h: [rows · 2·inter]`, `dy: [rows · inter]` → `[rows · 2·inter]`.
     #[multiversion(targets("x86_64+avx2+fma"))]
     pub fn silu_mul_backward(h: &[f32], dy: &[f32], inter: usize) -> Vec<f32> {
-        let mut dh = Vec::with_capacity(h.len());
-        for (row, dyr) in h.chunks_exact(2 * inter).zip(dy.chunks_exact(inter)) {
+        let mut dh = vec![0.0f32; h.len()];
+        let rows = h.chunks_exact(2 * inter).zip(dy.chunks_exact(inter));
+        for ((row, dyr), dr) in rows.zip(dh.chunks_exact_mut(2 * inter)) {
             let (gate, up) = row.split_at(inter);
-            dh.extend(gate.iter().zip(up).zip(dyr).map(|((&g, &u), &d)| {
+            let (dgate, dup) = dr.split_at_mut(inter);
+            let terms = gate.iter().zip(up).zip(dyr);
+            for ((((&g, &u), &d), dg), du) in terms.zip(dgate).zip(dup) {
                 let s = sigmoid(g);
-                d * u * s * (1.0 + g * (1.0 - s))
-            }));
-            dh.extend(gate.iter().zip(dyr).map(|(&g, &d)| d * (g * sigmoid(g))));
+                *dg = d * u * s * (1.0 + g * (1.0 - s));
+                *du = d * (g * s);
+            }
         }
         dh
     }
@@ -676,32 +681,31 @@ pub(crate) mod kernels {
         keys: usize,
         scale: f32,
     ) -> Vec<f32> {
-        let mut y = Vec::with_capacity(scores.len());
-        let mut z = vec![0.0f32; keys];
-        for (r, row) in scores.chunks_exact(keys).enumerate() {
+        let mut y = vec![0.0f32; scores.len()];
+        for (r, (row, yr)) in scores
+            .chunks_exact(keys)
+            .zip(y.chunks_exact_mut(keys))
+            .enumerate()
+        {
             let b = r / (heads * rows_per_head);
             let m = (b * rows_per_head + r % rows_per_head) * keys;
             let m = &mask[m..m + keys];
             let mut max = f32::NEG_INFINITY;
-            for ((zi, &x), &mi) in z.iter_mut().zip(row).zip(m) {
+            for ((zi, &x), &mi) in yr.iter_mut().zip(row).zip(m) {
                 *zi = x * scale + mi;
                 max = max.max(*zi);
             }
-            let start = y.len();
-            let mut sum = 0.0f32;
-            y.extend(z.iter().map(|&zi| {
-                let e = if zi == f32::NEG_INFINITY {
+            for zi in yr.iter_mut() {
+                *zi = if *zi == f32::NEG_INFINITY {
                     0.0
                 } else {
-                    exp(zi - max)
+                    exp(*zi - max)
                 };
-                sum += e;
-                e
-            }));
-            let inv = 1.0 / sum;
-            for v in &mut y[start..] {
-                *v *= inv;
             }
+            // Summed in order, as burn-flex's softmax sums.
+            let sum: f32 = yr.iter().sum();
+            let inv = 1.0 / sum;
+            yr.iter_mut().for_each(|v| *v *= inv);
         }
         y
     }

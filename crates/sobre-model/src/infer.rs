@@ -666,25 +666,22 @@ impl HostAttention {
 /// makes it.
 #[inline]
 fn masked_softmax_row(scores: &mut [f32], open: &[bool], scale: f32) {
+    let (live, closed) = scores.split_at_mut(open.len());
+    closed.fill(0.0);
     let mut max = f32::NEG_INFINITY;
-    for (x, &o) in scores.iter_mut().zip(open) {
+    for (x, &o) in live.iter_mut().zip(open) {
+        *x *= scale;
         if o {
-            *x *= scale;
             max = max.max(*x);
         }
     }
-    let mut sum = 0.0f32;
-    for (j, x) in scores.iter_mut().enumerate() {
-        *x = if open.get(j) == Some(&true) {
-            kernels::exp(*x - max)
-        } else {
-            0.0
-        };
-        sum += *x;
+    for (x, &o) in live.iter_mut().zip(open) {
+        *x = if o { kernels::exp(*x - max) } else { 0.0 };
     }
+    let sum: f32 = live.iter().sum();
     if sum > 0.0 {
         let inv = 1.0 / sum;
-        scores.iter_mut().for_each(|v| *v *= inv);
+        live.iter_mut().for_each(|v| *v *= inv);
     }
 }
 
