@@ -411,6 +411,10 @@ impl InferenceModel {
             suffixes.batch,
             "one prefix per suffix row"
         );
+        assert!(
+            prefix_of_row.iter().all(|&p| p < prefixes.batch),
+            "prefix_of_row must name prefix rows"
+        );
         let mut cache = self.new_cache(prefixes.batch, prefixes.seq + suffixes.seq);
         self.trunk(prefixes, &mut cache);
         let mut cache = cache.select_rows(prefix_of_row);
@@ -421,22 +425,8 @@ impl InferenceModel {
     /// Embeddings and decoder layers over `batch`, appending to `cache`: hidden states
     /// `[batch · seq, hidden]` before the final norm.
     fn trunk(&self, batch: &Batch, cache: &mut HostKvCache) -> Vec<f32> {
+        batch.assert_shapes();
         let (b, s, hd) = (batch.batch, batch.seq, self.hidden);
-        assert_eq!(
-            batch.input_ids.len(),
-            b * s,
-            "input_ids must hold batch·seq ids"
-        );
-        assert_eq!(
-            batch.positions.len(),
-            b * s,
-            "positions must hold batch·seq entries"
-        );
-        assert_eq!(
-            batch.attention_mask.len(),
-            b * s,
-            "mask must hold batch·seq entries"
-        );
         assert_eq!(
             cache.batch, b,
             "cache batch size differs from the input batch"
@@ -475,6 +465,10 @@ impl InferenceModel {
     /// Final norm and LM head at rows `positions` of hidden states `h: [rows, hidden]`.
     fn head_at(&self, h: &[f32], positions: &[usize]) -> Vec<f32> {
         let hd = self.hidden;
+        assert!(
+            positions.iter().all(|&p| (p + 1) * hd <= h.len()),
+            "positions must lie inside batch·seq"
+        );
         let mut picked = Vec::with_capacity(positions.len() * hd);
         for &p in positions {
             picked.extend_from_slice(&h[p * hd..(p + 1) * hd]);

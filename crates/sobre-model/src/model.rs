@@ -101,6 +101,23 @@ impl Batch {
         Self::padded(seqs, pad_id, false)
     }
 
+    /// # Panics
+    /// If a vector does not hold `batch · seq` entries (a bug of the caller, not input).
+    pub(crate) fn assert_shapes(&self) {
+        let n = self.batch * self.seq;
+        assert_eq!(self.input_ids.len(), n, "input_ids must hold batch·seq ids");
+        assert_eq!(
+            self.positions.len(),
+            n,
+            "positions must hold batch·seq entries"
+        );
+        assert_eq!(
+            self.attention_mask.len(),
+            n,
+            "attention_mask must hold batch·seq entries"
+        );
+    }
+
     fn padded(seqs: &[Vec<u32>], pad_id: u32, left: bool) -> Self {
         let seq = seqs.iter().map(Vec::len).max().unwrap_or(0);
         let mut b = Batch {
@@ -1064,22 +1081,8 @@ impl MoeModel {
         opts: ForwardOptions,
         row_uses: Option<&[u32]>,
     ) -> (Tensor<3>, RouterStats) {
+        batch.assert_shapes();
         let (b, s) = (batch.batch, batch.seq);
-        assert_eq!(
-            batch.input_ids.len(),
-            b * s,
-            "input_ids must hold batch·seq ids"
-        );
-        assert_eq!(
-            batch.positions.len(),
-            b * s,
-            "positions must hold batch·seq entries"
-        );
-        assert_eq!(
-            batch.attention_mask.len(),
-            b * s,
-            "attention_mask must hold batch·seq entries"
-        );
         let cfg = &self.config;
         let device = self.device();
         let fused = self.fused(opts);

@@ -22,8 +22,9 @@ pub struct Args {
 enum What {
     /// Evaluations per second of format + accuracy on ~500-character R1 completions, one thread.
     Rewards(RewardsArgs),
-    /// Completion tokens per second of the rollout engine on the `w1` preset: shared prefill
-    /// vs separate prefill vs a no-cache loop, measured in one run.
+    /// Completion tokens per second of the rollout engine on the `w1` preset: shared prefill on
+    /// the host engine (the default) vs on burn tensor ops vs separate prefill vs a no-cache
+    /// loop, measured in one run.
     Rollout(RolloutArgs),
     /// Seconds per GRPO step of a training config (issue 9's W1: `configs/bench-w1.toml`):
     /// median over timed steps after a warm-up, split into rollout, reference forward and
