@@ -124,6 +124,9 @@ fn uniform(rng: &mut ChaCha8Rng) -> f64 {
 /// near-equal size, each decoded by its own engine on its own thread, and the completions are
 /// joined back in prompt order: the same streams, so the same tokens unless a float sum moved
 /// by the different padding crosses a sampling boundary.
+///
+/// On the CPU backend the forward passes run on the host engine ([`EngineKernels::Host`]; the
+/// shards share one host copy of the weights), elsewhere on burn tensor ops.
 pub fn generate(
     model: &MoeModel,
     prompts: &[Prompt],

@@ -9,8 +9,11 @@
 //! `log softmax(logits / temperature)[token_i]`: the policy's distribution *after* temperature
 //! and *before* top-k / top-p / min-p truncation (at temperature 0 it is the untempered
 //! distribution). [`completion_logprobs`] computes the same quantity with a training forward
-//! (no cache, gradients on), and the tests hold the two equal to 1e-4: the train/inference
-//! mismatch that separate inference engines introduce is zero by construction.
+//! (no cache, gradients on), and the tests hold the two equal to 1e-4. On the CPU the sampler
+//! runs on [`sobre_model::InferenceModel`], a second implementation of the same forward without
+//! autodiff; it is held to the tensor forward for every family's options (1e-5 relative), so
+//! the train/inference mismatch that separate inference engines introduce stays at float
+//! rounding.
 //!
 //! Not here: tokenization (`sobre-data`; pass a [`Detokenizer`]), rewards, losses.
 
