@@ -139,13 +139,8 @@ pub fn generate(
     let host = InferenceModel::for_model(model);
     let run = |prompts: &[Prompt]| {
         let mode = EngineMode::SharedPrefill;
-        match &host {
-            Some(h) => run_engine(model, h, prompts, group_size, params, detok, mode),
-            None => {
-                let engine = TensorEngine(model, Kernels::Fused);
-                run_engine(model, engine, prompts, group_size, params, detok, mode)
-            }
-        }
+        let engine = (host.as_ref(), Kernels::Fused);
+        run_on(model, engine, prompts, group_size, params, detok, mode)
     };
     if shards <= 1 {
         return run(prompts);
@@ -173,18 +168,35 @@ pub fn generate_with(
     mode: EngineMode,
     kernels: EngineKernels,
 ) -> Result<Vec<Completion>, RolloutError> {
-    let host = match kernels {
-        EngineKernels::Host => InferenceModel::for_model(model),
-        EngineKernels::Tensor(_) => None,
+    let (host, k) = match kernels {
+        EngineKernels::Host => (InferenceModel::for_model(model), Kernels::Fused),
+        EngineKernels::Tensor(k) => (None, k),
     };
-    let k = match kernels {
-        EngineKernels::Tensor(k) => k,
-        EngineKernels::Host => Kernels::Fused,
-    };
-    match &host {
+    run_on(
+        model,
+        (host.as_ref(), k),
+        prompts,
+        group_size,
+        params,
+        detok,
+        mode,
+    )
+}
+
+/// [`run_engine`] on the host engine when there is one, else on tensor ops with these kernels.
+fn run_on(
+    model: &MoeModel,
+    (host, kernels): (Option<&InferenceModel>, Kernels),
+    prompts: &[Prompt],
+    group_size: usize,
+    params: &SamplingParams,
+    detok: Option<&dyn Detokenizer>,
+    mode: EngineMode,
+) -> Result<Vec<Completion>, RolloutError> {
+    match host {
         Some(h) => run_engine(model, h, prompts, group_size, params, detok, mode),
         None => {
-            let engine = TensorEngine(model, k);
+            let engine = TensorEngine(model, kernels);
             run_engine(model, engine, prompts, group_size, params, detok, mode)
         }
     }

@@ -25,7 +25,7 @@ use sobre_model::{Batch, ForwardOptions, MoeModel, init_model, load_model};
 use crate::data::{
     Order, build_template, build_tokenizer, derive_seed, encode_prompt, load_data, preset_config,
 };
-use crate::grpo::{GrpoContext, default_accuracy_reward, grpo_step};
+use crate::grpo::{GrpoContext, Reference, default_accuracy_reward, grpo_step};
 use crate::metrics::peak_rss_mib;
 use crate::optim::{AdamW, AdamWConfig, Schedule, collect_grads, global_norm};
 use crate::{Config, TrainError};
@@ -211,7 +211,7 @@ pub fn bench_step(cfg: &Config, opts: &BenchOptions) -> Result<Value, TrainError
         )));
     }
     let reference = if cfg.grpo.beta > 0.0 {
-        Some(make(&sobre_model::default_device())?)
+        Some(Reference::new(make(&sobre_model::default_device())?))
     } else {
         None
     };

@@ -32,6 +32,20 @@ use crate::optim::{AdamW, apply_gradients, sharded_gradients};
 use crate::parallel::{par_map, split_range};
 use crate::score::{Layout, host, score};
 
+/// The frozen reference model, with its host copy where the host engine serves it (the CPU
+/// backend): made once per run, since the reference never changes.
+pub struct Reference {
+    pub model: MoeModel,
+    host: Option<InferenceModel>,
+}
+
+impl Reference {
+    pub fn new(model: MoeModel) -> Self {
+        let host = InferenceModel::for_model(&model);
+        Reference { model, host }
+    }
+}
+
 /// What a GRPO step needs besides the model and optimizer.
 pub struct GrpoContext<'a> {
     pub cfg: &'a Config,
@@ -40,7 +54,7 @@ pub struct GrpoContext<'a> {
     pub rewards: &'a CombinedReward,
     pub train: &'a [Sample],
     /// The frozen reference (non-autodiff), when `beta > 0`.
-    pub reference: Option<&'a MoeModel>,
+    pub reference: Option<&'a Reference>,
     /// Reward component that counts as "solved" for `accuracy`.
     pub accuracy_reward: Option<String>,
 }
@@ -264,14 +278,15 @@ pub fn grpo_step(
     let temperature = cfg.rollout.temperature;
     // The reference is never trained: on the CPU it runs on the host engine, without autodiff.
     let reference = ctx.reference.filter(|_| g.beta > 0.0);
-    let ref_host = reference.and_then(InferenceModel::for_model);
     let ref_lp: Vec<Vec<Option<Vec<f32>>>> = layouts
         .iter()
         .map(|ls| match reference {
             Some(r) => par_map(ls, |l| {
-                (l.max_completion > 0).then(|| match &ref_host {
+                (l.max_completion > 0).then(|| match &r.host {
                     Some(h) => completion_logprobs_host(h, l, temperature),
-                    None => host(score(r, l, temperature, ForwardOptions::default(), false).logp),
+                    None => {
+                        host(score(&r.model, l, temperature, ForwardOptions::default(), false).logp)
+                    }
                 })
             }),
             None => vec![None; ls.len()],

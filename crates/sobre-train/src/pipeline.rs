@@ -16,7 +16,7 @@ use crate::config::Source;
 use crate::data::{
     Order, align_token_ids, build_template, build_tokenizer, derive_seed, load_data, preset_config,
 };
-use crate::grpo::{GrpoContext, default_accuracy_reward, evaluate, grpo_step};
+use crate::grpo::{GrpoContext, Reference, default_accuracy_reward, evaluate, grpo_step};
 use crate::metrics::{JsonlWriter, add_shard_counts, expert_load, num, peak_rss_mib, summary_line};
 use crate::optim::{AdamW, AdamWConfig, Schedule, apply_gradients, sharded_gradients};
 use crate::parallel::split_range;
@@ -427,11 +427,13 @@ impl Pipeline {
         let reference = if cfg.grpo.beta > 0.0 {
             let plain = sobre_model::default_device();
             let sft_dir = ckpt_root.join("sft");
-            Some(if checkpoint::read_state(&sft_dir).is_some() {
-                load_model(&sft_dir, &plain)?
-            } else {
-                self.initial_model(tok.vocab_size(), &special, Some(&generation), &plain)?
-            })
+            Some(Reference::new(
+                if checkpoint::read_state(&sft_dir).is_some() {
+                    load_model(&sft_dir, &plain)?
+                } else {
+                    self.initial_model(tok.vocab_size(), &special, Some(&generation), &plain)?
+                },
+            ))
         } else {
             None
         };
