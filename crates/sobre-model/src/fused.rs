@@ -534,8 +534,9 @@ pub(crate) mod kernels {
         (p * r * r + r + 1.0) * scale
     }
 
-    /// `Σ a·b`.
-    #[inline]
+    /// `Σ a·b`. Always inlined, so that it takes the instruction set of the kernel clone that
+    /// calls it (a separate function would be compiled for baseline x86-64 only).
+    #[inline(always)]
     pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         let (ca, ta) = a.as_chunks::<LANES>();
         let (cb, tb) = b.as_chunks::<LANES>();
@@ -550,7 +551,7 @@ pub(crate) mod kernels {
     }
 
     /// `1 / sqrt(mean(row²) + eps)`, as the reference: mean, add, sqrt, reciprocal.
-    #[inline]
+    #[inline(always)]
     fn inv_rms(row: &[f32], eps: f32) -> f32 {
         let mean = dot(row, row) / row.len() as f32;
         1.0 / (mean + eps).sqrt()
