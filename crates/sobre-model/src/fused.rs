@@ -8,6 +8,7 @@
 //! | [`rope`] | two `slice`s, `cat`, `mul`, `mul`, `add` |
 //! | [`masked_softmax`] | `mul` (scale), `add` (mask), and the `max_dim`, `sub`, `exp`, `sum_dim`, `div` that burn's autodiff decomposes `softmax` into |
 //! | [`experts_swiglu`] | per expert: a slice of the grouped rows, slices of the stacked weights, a SwiGLU; then `cat` |
+//! | [`linear`] | `matmul` (burn-flex zero-fills its output, copies it to re-align it, and its backward multiplies transposed copies) |
 //!
 //! Under autodiff every one of those ops is a graph node that allocates its output, keeps its
 //! inputs alive and runs its own backward (a slice's backward zero-fills a tensor the size of
@@ -31,11 +32,12 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::{FlexTensor, Layout};
-use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, DispatchDevice, Flex, backend_extension};
 use burn::prelude::*;
 use burn::tensor::{Bytes, DType, Shape};
+
+use crate::matmul::{View, gemm, product};
 
 /// Whether the fused kernels run on `device` (the `flex` CPU backend, with or without autodiff).
 pub fn available(device: &Device) -> bool {
@@ -120,6 +122,18 @@ pub fn experts_swiglu(
     ))
 }
 
+/// `x · w`, one node whose forward and backward (`dx = dy · wᵀ`, `dw = xᵀ · dy`) call gemm
+/// on the tensors' own buffers, transposes as strides (`matmul.rs`).
+///
+/// # Shapes
+/// `x: [rows, in]`, `w: [in, out]` → `[rows, out]`
+pub fn linear(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
+    Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::linear(
+        x.into_dispatch(),
+        w.into_dispatch(),
+    ))
+}
+
 /// The backend extension behind the functions above.
 #[backend_extension(Flex, Autodiff)]
 pub trait FusedOps: Backend {
@@ -129,6 +143,7 @@ pub trait FusedOps: Backend {
         down: FloatTensor<Self>,
         group_sizes: Vec<usize>,
     ) -> FloatTensor<Self>;
+    fn linear(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self>;
     fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self>;
     fn silu_mul(h: FloatTensor<Self>) -> FloatTensor<Self>;
     fn rope(
@@ -151,6 +166,16 @@ impl FusedOps for Flex {
         group_sizes: Vec<usize>,
     ) -> FlexTensor {
         experts_forward(&xs, &gate_up, &down, &group_sizes).0
+    }
+
+    fn linear(x: FlexTensor, w: FlexTensor) -> FlexTensor {
+        let (x, w) = (x.to_contiguous(), w.to_contiguous());
+        let ([rows, inp], [_, out]) = (dims2(&x), dims2(&w));
+        let y = product(
+            View::dense(values(&x), rows, inp),
+            View::dense(values(&w), inp, out),
+        );
+        tensor(y, [rows, out].into())
     }
 
     fn rms_norm(x: FlexTensor, weight: FlexTensor, eps: f64) -> FlexTensor {
@@ -197,38 +222,44 @@ impl FusedOps for Flex {
 }
 
 /// The experts' forward: the output, and each non-empty group's `(h, a)` = (gate/up product,
-/// activation) for the backward.
+/// activation) for the backward. Each expert's product is written straight into its rows of
+/// the output.
 fn experts_forward(
     xs: &FlexTensor,
     gate_up: &FlexTensor,
     down: &FlexTensor,
     group_sizes: &[usize],
-) -> (FlexTensor, Vec<(FlexTensor, FlexTensor)>) {
-    let [_, hidden] = dims2(xs);
+) -> (FlexTensor, Vec<(Vec<f32>, Vec<f32>)>) {
+    let (xs, gate_up, down) = (
+        xs.to_contiguous(),
+        gate_up.to_contiguous(),
+        down.to_contiguous(),
+    );
+    let [rows, hidden] = dims2(&xs);
     let inter = down.layout().shape()[1];
-    let mut out = Vec::with_capacity(xs.layout().num_elements());
+    let (x, gu, dn) = (values(&xs), values(&gate_up), values(&down));
+    let (gu_len, dn_len) = (hidden * 2 * inter, inter * hidden);
+    let mut out = vec![0.0f32; rows * hidden];
     let mut saved = Vec::new();
     let mut start = 0;
     for (e, &n) in group_sizes.iter().enumerate() {
         if n == 0 {
             continue;
         }
-        let x = xs.narrow(0, start, n);
-        let h = Flex::float_matmul(x, expert(gate_up, e)).to_contiguous();
-        let a = tensor(kernels::silu_mul(values(&h), inter), [n, inter].into());
-        let y = Flex::float_matmul(a.clone(), expert(down, e)).to_contiguous();
-        out.extend_from_slice(values(&y));
+        let xe = View::dense(&x[start * hidden..(start + n) * hidden], n, hidden);
+        let h = product(
+            xe,
+            View::dense(&gu[e * gu_len..(e + 1) * gu_len], hidden, 2 * inter),
+        );
+        let a = kernels::silu_mul(&h, inter);
+        let w_down = View::dense(&dn[e * dn_len..(e + 1) * dn_len], inter, hidden);
+        let y = &mut out[start * hidden..(start + n) * hidden];
+        gemm(y, hidden, View::dense(&a, n, inter), w_down, false);
         saved.push((h, a));
         start += n;
     }
-    (tensor(out, [start, hidden].into()), saved)
-}
-
-/// Expert `e`'s matrix of a stacked `[num_experts, rows, cols]` weight, as a view.
-fn expert(w: &FlexTensor, e: usize) -> FlexTensor {
-    let shape = w.layout().shape();
-    let (rows, cols) = (shape[1], shape[2]);
-    w.narrow(0, e, 1).reshape([rows, cols].into())
+    assert_eq!(start, rows, "group sizes must add up to the rows");
+    (tensor(out, [rows, hidden].into()), saved)
 }
 
 fn dims2(t: &FlexTensor) -> [usize; 2] {
@@ -246,7 +277,7 @@ type ExpertsState = (
     FlexTensor,
     FlexTensor,
     Vec<usize>,
-    Vec<(FlexTensor, FlexTensor)>,
+    Vec<(Vec<f32>, Vec<f32>)>,
 );
 
 impl Backward<Flex, 3> for ExpertsBackward {
@@ -254,49 +285,77 @@ impl Backward<Flex, 3> for ExpertsBackward {
 
     /// Per expert, with `g` its rows of the output gradient: `da = g · downᵀ`,
     /// `d down = aᵀ · g`, `dh = silu_mul_backward(h, da)`, `d gate_up = xᵀ · dh`,
-    /// `dx = dh · gate_upᵀ`. Experts without tokens get zero weight gradients.
+    /// `dx = dh · gate_upᵀ`, each written into its block of the stacked gradient. Experts
+    /// without tokens get zero weight gradients.
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (xs, gate_up, down, group_sizes, saved) = ops.state;
-        let grad = grads.consume::<Flex>(&ops.node);
-        let [_, hidden] = dims2(&xs);
+        let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
+        let (xs, gate_up, down) = (
+            xs.to_contiguous(),
+            gate_up.to_contiguous(),
+            down.to_contiguous(),
+        );
+        let [rows, hidden] = dims2(&xs);
         let inter = down.layout().shape()[1];
-        let zeros = |len: usize| std::iter::repeat_n(0.0f32, len);
-        let mut dxs = Vec::with_capacity(xs.layout().num_elements());
-        let mut d_gate_up = Vec::with_capacity(gate_up.layout().num_elements());
-        let mut d_down = Vec::with_capacity(down.layout().num_elements());
+        let (x, gu, dn, g) = (values(&xs), values(&gate_up), values(&down), values(&grad));
+        let (gu_len, dn_len) = (hidden * 2 * inter, inter * hidden);
+        let mut dxs = vec![0.0f32; rows * hidden];
+        let mut d_gate_up = vec![0.0f32; gu.len()];
+        let mut d_down = vec![0.0f32; dn.len()];
         let mut saved = saved.into_iter();
         let mut start = 0;
         for (e, &n) in group_sizes.iter().enumerate() {
             if n == 0 {
-                d_gate_up.extend(zeros(hidden * 2 * inter));
-                d_down.extend(zeros(inter * hidden));
                 continue;
             }
             let Some((h, a)) = saved.next() else {
                 unreachable!("the forward saved one (h, a) per non-empty group")
             };
-            let g = grad.narrow(0, start, n);
-            let (w_gu, w_d) = (expert(&gate_up, e), expert(&down, e));
-            let da = Flex::float_matmul(g.clone(), w_d.transpose(0, 1)).to_contiguous();
-            let dw_d = Flex::float_matmul(a.transpose(0, 1), g).to_contiguous();
-            let dh = tensor(
-                kernels::silu_mul_backward(values(&h), values(&da), inter),
-                [n, 2 * inter].into(),
-            );
-            let dw_gu = Flex::float_matmul(xs.narrow(0, start, n).transpose(0, 1), dh.clone())
-                .to_contiguous();
-            let dx = Flex::float_matmul(dh, w_gu.transpose(0, 1)).to_contiguous();
-            dxs.extend_from_slice(values(&dx));
-            d_gate_up.extend_from_slice(values(&dw_gu));
-            d_down.extend_from_slice(values(&dw_d));
+            let ge = View::dense(&g[start * hidden..(start + n) * hidden], n, hidden);
+            let w_down = View::dense(&dn[e * dn_len..(e + 1) * dn_len], inter, hidden);
+            let w_gu = View::dense(&gu[e * gu_len..(e + 1) * gu_len], hidden, 2 * inter);
+            let da = product(ge, w_down.t());
+            let dw_down = &mut d_down[e * dn_len..(e + 1) * dn_len];
+            gemm(dw_down, hidden, View::dense(&a, n, inter).t(), ge, false);
+            let dh = kernels::silu_mul_backward(&h, &da, inter);
+            let dh = View::dense(&dh, n, 2 * inter);
+            let xe = View::dense(&x[start * hidden..(start + n) * hidden], n, hidden);
+            let dw_gu = &mut d_gate_up[e * gu_len..(e + 1) * gu_len];
+            gemm(dw_gu, 2 * inter, xe.t(), dh, false);
+            let dx = &mut dxs[start * hidden..(start + n) * hidden];
+            gemm(dx, hidden, dh, w_gu.t(), false);
             start += n;
         }
         let inputs = [
-            tensor(dxs, [start, hidden].into()),
+            tensor(dxs, [rows, hidden].into()),
             tensor(d_gate_up, shape_of(&gate_up)),
             tensor(d_down, shape_of(&down)),
         ];
         register(grads, ops.parents.map(|p| p.map(|n| n.id)), inputs);
+    }
+}
+
+/// Backward of [`linear`]; state: `x` and `w` (contiguous).
+#[derive(Debug)]
+struct LinearBackward;
+
+impl Backward<Flex, 2> for LinearBackward {
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (x, w) = ops.state;
+        let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
+        let ([rows, inp], [_, out]) = (dims2(&x), dims2(&w));
+        let dy = View::dense(values(&grad), rows, out);
+        let [x_node, w_node] = ops.parents;
+        if let Some(node) = x_node {
+            let dx = product(dy, View::dense(values(&w), inp, out).t());
+            grads.register::<Flex>(node.id, tensor(dx, [rows, inp].into()));
+        }
+        if let Some(node) = w_node {
+            let dw = product(View::dense(values(&x), rows, inp).t(), dy);
+            grads.register::<Flex>(node.id, tensor(dw, [inp, out].into()));
+        }
     }
 }
 
@@ -413,6 +472,21 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
             .stateful()
         {
             OpsKind::Tracked(prep) => prep.finish((xs, gate_up, down, group_sizes, saved), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn linear(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        let (x, x_node) = x.into_parts();
+        let (w, w_node) = w.into_parts();
+        let (x, w) = (x.to_contiguous(), w.to_contiguous());
+        let y = Flex::linear(x.clone(), w.clone());
+        match LinearBackward
+            .prepare::<C>([x_node, w_node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((x, w), y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         }
     }

@@ -14,98 +14,13 @@
 use crate::config::ScoringFunc;
 use crate::fused;
 use crate::fused::kernels::{self, sigmoid};
+use crate::matmul::{View, gemm};
 use crate::model::{
     Attention, Batch, DecoderLayer, Ffn, GroupLimit, Mlp, MoeBlock, MoeModel, Proj, RmsNorm,
     rope_tables, select_experts, to_vec_f32,
 };
 use burn::prelude::*;
 use multiversion::multiversion;
-
-/// A row-major matrix view for [`gemm`]: `rows × cols` elements of `data`, element `(i, j)` at
-/// `i · row_stride + j · col_stride`.
-#[derive(Clone, Copy)]
-struct View<'a> {
-    data: &'a [f32],
-    rows: usize,
-    cols: usize,
-    row_stride: usize,
-    col_stride: usize,
-}
-
-impl<'a> View<'a> {
-    /// A contiguous `[rows, cols]` matrix.
-    fn dense(data: &'a [f32], rows: usize, cols: usize) -> Self {
-        View {
-            data,
-            rows,
-            cols,
-            row_stride: cols,
-            col_stride: 1,
-        }
-    }
-
-    /// Whether every element lies inside `data`.
-    fn fits(&self, len: usize) -> bool {
-        self.rows == 0
-            || self.cols == 0
-            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride < len
-    }
-}
-
-/// `c = a · b`, or `c += a · b` with `accumulate`, where `c` is `[a.rows, b.cols]` with rows
-/// `c_row_stride` apart.
-///
-/// # Panics
-/// If the shapes disagree or a view or `c` reaches outside its slice (a bug in this module, not
-/// input).
-fn gemm(c: &mut [f32], c_row_stride: usize, a: View, b: View, accumulate: bool) {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
-    assert_eq!(b.rows, k, "inner dimensions differ");
-    let out = View {
-        data: c,
-        rows: m,
-        cols: n,
-        row_stride: c_row_stride,
-        col_stride: 1,
-    };
-    assert!(a.fits(a.data.len()) && b.fits(b.data.len()) && out.fits(c.len()));
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            for row in 0..m {
-                c[row * c_row_stride..row * c_row_stride + n].fill(0.0);
-            }
-        }
-        return;
-    }
-    // SAFETY: the asserts above keep every element gemm reads or writes inside the three
-    // slices, and `c` is borrowed mutably, so it aliases neither input.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            c_row_stride as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.col_stride as isize,
-            a.row_stride as isize,
-            b.data.as_ptr(),
-            b.col_stride as isize,
-            b.row_stride as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
-}
 
 /// Width of a [`Weight`]'s column panels: the row block of gemm's AVX2 `f32` microkernel (two
 /// 8-lane registers), which becomes the output-feature block once gemm transposes a row-major

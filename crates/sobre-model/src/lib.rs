@@ -15,6 +15,7 @@ pub mod fused;
 pub mod generation;
 pub mod infer;
 pub mod io;
+mod matmul;
 pub mod model;
 
 use std::path::{Path, PathBuf};

@@ -365,8 +365,8 @@ pub struct Proj {
 impl Proj {
     /// # Shapes
     /// `[rows, in]` → `[rows, out]`
-    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        let y = x.matmul(self.weight.val());
+    pub fn forward(&self, x: Tensor<2>, fused: bool) -> Tensor<2> {
+        let y = linear(x, self.weight.val(), fused);
         match &self.bias {
             Some(b) => y + b.val().unsqueeze(),
             None => y,
@@ -374,11 +374,20 @@ impl Proj {
     }
 }
 
+/// `x · w`: the fused [`fused::linear`] or burn's matmul (the reference).
+fn linear(x: Tensor<2>, w: Tensor<2>, fused: bool) -> Tensor<2> {
+    if fused {
+        fused::linear(x, w)
+    } else {
+        x.matmul(w)
+    }
+}
+
 /// `down(silu(gate(x)) * up(x))` with gate and up fused: `gate_up: [hidden, 2·inter]`
 /// (gate first), `down: [inter, hidden]`.
 fn swiglu(x: Tensor<2>, gate_up: Tensor<2>, down: Tensor<2>, fused: bool) -> Tensor<2> {
     if fused {
-        return fused::silu_mul(x.matmul(gate_up)).matmul(down);
+        return fused::linear(fused::silu_mul(fused::linear(x, gate_up)), down);
     }
     let [rows, _] = x.dims();
     let inter = gate_up.dims()[1] / 2;
@@ -488,7 +497,7 @@ impl Attention {
         let x2 = x.reshape([b * s, hidden]);
         // OLMoE's order: project → norm over the whole projection → clamp → split into heads.
         let project = |proj: &Proj, norm: Option<&RmsNorm>| {
-            let mut t = proj.forward(x2.clone());
+            let mut t = proj.forward(x2.clone(), ctx.fused);
             if let Some(norm) = norm.filter(|_| self.qk_norm_over_projection) {
                 t = norm.forward(t, ctx.fused);
             }
@@ -546,7 +555,7 @@ impl Attention {
             .reshape([b, nh, s, d])
             .swap_dims(1, 2)
             .reshape([b * s, nh * d]);
-        self.o_proj.forward(out).reshape([b, s, hidden])
+        self.o_proj.forward(out, ctx.fused).reshape([b, s, hidden])
     }
 }
 
@@ -719,7 +728,7 @@ impl MoeBlock {
         let e = self.num_experts();
         let k = self.top_k;
         let device = x.device();
-        let logits = x.clone().matmul(self.router.val()); // [t, e]
+        let logits = linear(x.clone(), self.router.val(), fused); // [t, e]
         let scores = match self.scoring {
             ScoringFunc::Softmax => softmax(logits, 1),
             ScoringFunc::Sigmoid => sigmoid(logits),
@@ -1064,10 +1073,11 @@ impl MoeModel {
 
     /// Final norm and LM head. `[rows, hidden]` → `[rows, vocab]`
     fn head(&self, h: Tensor<2>, opts: ForwardOptions) -> Tensor<2> {
-        let h = self.norm.forward(h, self.fused(opts));
+        let fused = self.fused(opts);
+        let h = self.norm.forward(h, fused);
         match &self.lm_head {
-            Some(w) => h.matmul(w.val()),
-            None => h.matmul(self.embed_tokens.val().transpose()),
+            Some(w) => linear(h, w.val(), fused),
+            None => linear(h, self.embed_tokens.val().transpose(), fused),
         }
     }
 
@@ -1416,6 +1426,23 @@ mod tests {
             |[x, w], fused| rms_norm(x.clone(), w.clone().reshape([40]), 1e-6, fused),
             1e-6,
             1e-5,
+        );
+    }
+
+    #[test]
+    fn fused_linear_agrees_with_the_reference() {
+        // A plain weight, and a transposed one (a tied LM head: a strided view of the embedding).
+        assert_fused_agrees(
+            [leaf([7, 12], 13, 2.0), leaf([12, 20], 14, 1.0)],
+            |[x, w], fused| linear(x.clone(), w.clone(), fused),
+            1e-6,
+            1e-6,
+        );
+        assert_fused_agrees(
+            [leaf([5, 12], 15, 2.0), leaf([33, 12], 16, 1.0)],
+            |[x, e], fused| linear(x.clone(), e.clone().transpose(), fused),
+            1e-6,
+            1e-6,
         );
     }
 
