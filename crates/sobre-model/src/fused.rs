@@ -621,7 +621,15 @@ pub(crate) mod kernels {
             }
         }
         let tail: f32 = ta.iter().zip(tb).map(|(x, y)| x * y).sum();
-        acc.iter().sum::<f32>() + tail
+        // Pairwise (8 + 8, 4 + 4, …): vector adds, four dependent steps instead of fifteen.
+        let mut width = LANES;
+        while width > 1 {
+            width /= 2;
+            for l in 0..width {
+                acc[l] += acc[l + width];
+            }
+        }
+        acc[0] + tail
     }
 
     /// `1 / sqrt(mean(row²) + eps)`, as the reference: mean, add, sqrt, reciprocal.

@@ -208,7 +208,9 @@ struct HostLayer {
 /// Keys and values of past tokens on the host, as [`crate::KvCache`] holds them for tensors.
 ///
 /// # Shapes
-/// per layer, keys and values `[batch, kv_heads, capacity, head_dim]`; `key_valid:
+/// per layer, keys transposed, `[batch, kv_heads, head_dim, capacity]` (a decode step's scores
+/// are then `Σ_d q_d · keys[d, ..]`, vectorised across keys with no horizontal sums), and
+/// values `[batch, kv_heads, capacity, head_dim]`; `key_valid:
 /// [batch, capacity]`.
 #[derive(Debug, Clone)]
 pub struct HostKvCache {
@@ -547,10 +549,14 @@ impl HostAttention {
             for i in 0..s {
                 let tok = row * s + i;
                 for g in 0..nkv {
-                    let at = ((row * nkv + g) * cap + past + i) * d;
+                    let block = (row * nkv + g) * cap * d;
                     let from = (tok * nkv + g) * d;
-                    kc[at..at + d].copy_from_slice(&k[from..from + d]);
+                    let at = block + (past + i) * d;
                     vc[at..at + d].copy_from_slice(&v[from..from + d]);
+                    let kt = &mut kc[block + past + i..];
+                    for (dd, &x) in k[from..from + d].iter().enumerate() {
+                        kt[dd * cap] = x;
+                    }
                 }
             }
         }
@@ -564,47 +570,45 @@ impl HostAttention {
         let mut p = vec![0.0f32; s.max(group) * keys];
         for row in 0..b {
             let valid = &cache.key_valid[row * cap..row * cap + keys];
-            if s == 1 {
-                // One query per head: dot products beat a GEMM call's set-up at this size, and
-                // the heads that share a key/value head read it once.
-                for g in 0..nkv {
-                    let block = (row * nkv + g) * cap * d;
-                    let (kr, vr) = (&kc[block..block + keys * d], &vc[block..block + keys * d]);
+            for g in 0..nkv {
+                let block = (row * nkv + g) * cap * d;
+                let (kt, vr) = (&kc[block..block + d * cap], &vc[block..block + keys * d]);
+                if s == 1 {
+                    // One query per head: vector loops beat a GEMM call's set-up at this size,
+                    // and the heads that share this key/value head read it once.
                     let heads = (row * nh + g * group) * d..(row * nh + (g + 1) * group) * d;
                     let o = &mut out[heads.clone()];
-                    attend_one(&q[heads], kr, vr, valid, scale, &mut p, o);
+                    attend_one(&q[heads], kt, cap, vr, valid, scale, &mut p, o);
+                    continue;
                 }
-                continue;
-            }
-            for head in 0..nh {
-                let block = (row * nkv + head / group) * cap * d;
-                let (kr, vr) = (&kc[block..block + keys * d], &vc[block..block + keys * d]);
-                let q_at = row * s * nh * d + head * d;
-                let q_view = View {
-                    data: &q[q_at..],
-                    rows: s,
-                    cols: d,
-                    row_stride: nh * d,
-                    col_stride: 1,
-                };
                 let k_t = View {
-                    data: kr,
+                    data: kt,
                     rows: d,
                     cols: keys,
-                    row_stride: 1,
-                    col_stride: d,
+                    row_stride: cap,
+                    col_stride: 1,
                 };
-                gemm(&mut p, keys, q_view, k_t, false);
-                for (i, pr) in p[..s * keys].chunks_exact_mut(keys).enumerate() {
-                    masked_softmax_row(pr, &valid[..=past + i], scale);
+                for head in g * group..(g + 1) * group {
+                    let q_at = row * s * nh * d + head * d;
+                    let q_view = View {
+                        data: &q[q_at..],
+                        rows: s,
+                        cols: d,
+                        row_stride: nh * d,
+                        col_stride: 1,
+                    };
+                    gemm(&mut p, keys, q_view, k_t, false);
+                    for (i, pr) in p[..s * keys].chunks_exact_mut(keys).enumerate() {
+                        masked_softmax_row(pr, &valid[..=past + i], scale);
+                    }
+                    gemm(
+                        &mut out[q_at..],
+                        nh * d,
+                        View::dense(&p[..s * keys], s, keys),
+                        View::dense(vr, keys, d),
+                        false,
+                    );
                 }
-                gemm(
-                    &mut out[q_at..],
-                    nh * d,
-                    View::dense(&p[..s * keys], s, keys),
-                    View::dense(vr, keys, d),
-                    false,
-                );
             }
         }
         self.o.apply(h, &out, t, true);
@@ -636,13 +640,16 @@ fn masked_softmax_row(scores: &mut [f32], open: &[bool], scale: f32) {
     }
 }
 
-/// One query per head of a group that shares keys and values (`[keys, d]` each): for each
-/// head `h`, `out_h += softmax(q_h · kᵀ · scale) · v`, with `open` as in
-/// [`masked_softmax_row`]. `q`, `out`: `[heads, d]`; `probs`: room for `[heads, keys]`.
+/// One query per head of a group that shares keys and values: for each head `h`,
+/// `out_h += softmax(q_h · kᵀ · scale) · v`, with `open` as in [`masked_softmax_row`].
+/// `q`, `out`: `[heads, d]`; `k_t`: `[d, cap]` (transposed, the first `open.len()` columns
+/// used); `v`: `[keys, d]`; `probs`: room for `[heads, keys]`.
 #[multiversion(targets("x86_64+avx2+fma"))]
+#[allow(clippy::too_many_arguments)]
 fn attend_one(
     q: &[f32],
-    k: &[f32],
+    k_t: &[f32],
+    cap: usize,
     v: &[f32],
     open: &[bool],
     scale: f32,
@@ -650,15 +657,13 @@ fn attend_one(
     out: &mut [f32],
 ) {
     let keys = open.len();
-    let d = k.len() / keys.max(1);
-    let probs = &mut probs[..q.len() / d * keys];
-    // Key-major, so each key row is loaded once for all the heads.
-    for (j, kj) in k.chunks_exact(d).enumerate() {
-        for (h, qh) in q.chunks_exact(d).enumerate() {
-            probs[h * keys + j] = kernels::dot(qh, kj);
+    let d = v.len() / keys.max(1);
+    for (qh, ph) in q.chunks_exact(d).zip(probs.chunks_exact_mut(keys)) {
+        ph.fill(0.0);
+        for (dd, &qd) in qh.iter().enumerate() {
+            let kd = &k_t[dd * cap..dd * cap + keys];
+            ph.iter_mut().zip(kd).for_each(|(p, &kv)| *p += qd * kv);
         }
-    }
-    for ph in probs.chunks_exact_mut(keys) {
         masked_softmax_row(ph, open, scale);
     }
     for (j, vj) in v.chunks_exact(d).enumerate() {
