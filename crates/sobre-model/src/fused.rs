@@ -221,6 +221,9 @@ impl FusedOps for Flex {
     }
 }
 
+/// A non-empty group's gate/up product `h: [n, 2·inter]` and activation `a: [n, inter]`.
+type Saved = (Vec<f32>, Vec<f32>);
+
 /// The experts' forward: the output, and each non-empty group's `(h, a)` = (gate/up product,
 /// activation) for the backward. Each expert's product is written straight into its rows of
 /// the output.
@@ -229,7 +232,7 @@ fn experts_forward(
     gate_up: &FlexTensor,
     down: &FlexTensor,
     group_sizes: &[usize],
-) -> (FlexTensor, Vec<(Vec<f32>, Vec<f32>)>) {
+) -> (FlexTensor, Vec<Saved>) {
     let (xs, gate_up, down) = (
         xs.to_contiguous(),
         gate_up.to_contiguous(),
@@ -272,13 +275,7 @@ fn dims2(t: &FlexTensor) -> [usize; 2] {
 #[derive(Debug)]
 struct ExpertsBackward;
 
-type ExpertsState = (
-    FlexTensor,
-    FlexTensor,
-    FlexTensor,
-    Vec<usize>,
-    Vec<(Vec<f32>, Vec<f32>)>,
-);
+type ExpertsState = (FlexTensor, FlexTensor, FlexTensor, Vec<usize>, Vec<Saved>);
 
 impl Backward<Flex, 3> for ExpertsBackward {
     type State = ExpertsState;
