@@ -18,6 +18,9 @@ const PANEL: usize = 16;
 /// 64 weights of 256 KB: more than the L2 of the machines measured.
 const WEIGHTS: usize = 64;
 
+/// One way to compute `y = x · W_j` for weight `j`.
+type Layout<'a> = &'a dyn Fn(&mut [f32], usize);
+
 /// `y[m, OUT] = x[m, IN] · W` with `W` element `(i, o)` at `w[i · w_rs + o · w_cs]`.
 fn product(y: &mut [f32], x: &[f32], m: usize, w: &[f32], w_rs: usize, w_cs: usize, n: usize) {
     assert!(y.len() >= (m - 1) * OUT + n && x.len() >= m * IN);
@@ -55,11 +58,7 @@ fn main() {
         .collect();
     let transposed: Vec<Vec<f32>> = row_major
         .iter()
-        .map(|w| {
-            (0..IN * OUT)
-                .map(|t| w[(t % IN) * OUT + t / IN])
-                .collect()
-        })
+        .map(|w| (0..IN * OUT).map(|t| w[(t % IN) * OUT + t / IN]).collect())
         .collect();
     let panels: Vec<Vec<f32>> = row_major
         .iter()
@@ -78,7 +77,7 @@ fn main() {
         let mut y = vec![0.0f32; m * OUT];
         let flops = 2.0 * (m * IN * OUT) as f64;
         let reps = ((4e9 / flops) as usize / WEIGHTS).max(2);
-        let time = |y: &mut Vec<f32>, f: &dyn Fn(&mut [f32], usize)| {
+        let time = |y: &mut Vec<f32>, f: Layout| {
             f(y, 0);
             let t = Instant::now();
             for _ in 0..reps {
@@ -88,7 +87,7 @@ fn main() {
             }
             flops * (reps * WEIGHTS) as f64 / t.elapsed().as_secs_f64() / 1e9
         };
-        let layouts: [(&str, &dyn Fn(&mut [f32], usize)); 4] = [
+        let layouts: [(&str, Layout); 4] = [
             ("row-major", &|y, j| {
                 product(y, &x, m, &row_major[j], OUT, 1, OUT)
             }),
