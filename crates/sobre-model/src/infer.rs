@@ -35,8 +35,8 @@ const PANEL: usize = 16;
 /// or memory on each use. Row-major `W` makes gemm's microkernel fetch one cache line per input
 /// feature at a stride of `cols` floats; a panel is read front to back, which the prefetcher
 /// follows. Measured on the development machine (2-core Zen 3, 16 MB of `256 × 256` weights
-/// cycled as decoding does): 8 rows 20 → 45 GFLOP/s, 32 rows 43 → 73, and 2,200 rows (prefill)
-/// unchanged within noise (docs/PERF.md item 11).
+/// cycled as decoding does; `examples/gemm_layouts.rs`): 8 rows 20 → 45 GFLOP/s, 32 rows
+/// 43 → 73, 550 rows unchanged, 2,200 rows (prefill) about 10% slower (docs/PERF.md item 11).
 struct Weight {
     panels: Vec<f32>,
     rows: usize,
@@ -84,13 +84,11 @@ fn weight(t: Tensor<2>) -> Weight {
 struct HostProj {
     w: Weight,
     b: Option<Vec<f32>>,
-    out: usize,
 }
 
 impl HostProj {
     fn new(p: &Proj) -> Self {
         HostProj {
-            out: p.weight.val().dims()[1],
             w: weight(p.weight.val()),
             b: p.bias.as_ref().map(|b| host(b.val())),
         }
@@ -100,7 +98,7 @@ impl HostProj {
     fn apply(&self, y: &mut [f32], x: &[f32], rows: usize, accumulate: bool) {
         self.w.matmul(y, x, rows, accumulate);
         if let Some(b) = &self.b {
-            for row in y.chunks_exact_mut(self.out) {
+            for row in y.chunks_exact_mut(self.w.cols) {
                 row.iter_mut().zip(b).for_each(|(v, bi)| *v += bi);
             }
         }
@@ -525,7 +523,7 @@ impl HostAttention {
         // OLMoE's order: project → norm over the whole projection → clamp → heads;
         // Qwen3's: project → clamp → heads → norm each head → RoPE.
         let project = |proj: &HostProj, norm: Option<&HostNorm>, heads: usize, rope: bool| {
-            let mut y = vec![0.0; t * proj.out];
+            let mut y = vec![0.0; t * proj.w.cols];
             proj.apply(&mut y, x, t, false);
             if let Some(n) = norm.filter(|_| self.over_projection) {
                 y = n.apply(&y);
