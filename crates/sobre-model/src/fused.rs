@@ -7,7 +7,7 @@
 //! | [`silu_mul`] | two `slice`s of the fused gate/up product, `sigmoid`, `mul`, `mul` |
 //! | [`rope`] | two `slice`s, `cat`, `mul`, `mul`, `add` |
 //! | [`masked_softmax`] | `mul` (scale), `add` (mask), and the `max_dim`, `sub`, `exp`, `sum_dim`, `div` that burn's autodiff decomposes `softmax` into |
-//! | [`experts_swiglu`] | per expert: a slice of the grouped rows, slices of the stacked weights, a SwiGLU; then `cat` |
+//! | [`moe_experts`] | `select` of the tokens' rows grouped by expert; per expert a slice of those rows, slices of the stacked weights, a SwiGLU; `cat`; `select` of the routing weights, `mul`, `select_assign` (add) into the tokens' rows |
 //! | [`linear`] | `matmul` (burn-flex zero-fills its output, copies it to re-align it, and its backward multiplies transposed copies) |
 //!
 //! Under autodiff every one of those ops is a graph node that allocates its output, keeps its
@@ -98,27 +98,32 @@ pub fn masked_softmax(scores: Tensor<4>, mask: Tensor<4>, scale: f64) -> Tensor<
     ))
 }
 
-/// The routed experts of a MoE layer as one op: rows of `xs` come grouped by expert (the first
-/// `group_sizes[0]` rows go to expert 0, and so on) and row `i` of the result is
-/// `swiglu(xs[i])` with its expert's weights. One matmul chain per non-empty group, as the
-/// reference's per-expert `swiglu` calls; but the backward writes each expert's weight gradient
-/// straight into one `[num_experts, …]` tensor, where the reference's per-expert slices of
-/// the stacked weights each zero-fill a stack-sized gradient that autodiff then adds up.
+/// The routed experts of a MoE layer as one op, dispatch and combine included: row `t` of the
+/// result is `Σ_j weights[t, j] · swiglu_e(x[t])` with `e = chosen[t·k + j]`. The op groups the
+/// (token, j) slots by expert, gathers each expert's rows into a scratch block, runs one matmul
+/// chain per non-empty expert (as the reference's per-expert `swiglu` calls) and adds each
+/// output row, scaled by its weight, into its token's row. The backward writes each expert's
+/// weight gradient straight into one `[num_experts, …]` tensor and adds the input gradient row
+/// by row, where the reference's `select`, `mul` and `select_assign` are graph nodes whose
+/// backwards allocate, zero-fill and scatter (`select`'s was a tenth of the policy update).
 ///
 /// # Shapes
-/// `xs: [Σ group_sizes, hidden]`, `gate_up: [num_experts, hidden, 2·inter]`,
-/// `down: [num_experts, inter, hidden]` → `[Σ group_sizes, hidden]`
-pub fn experts_swiglu(
-    xs: Tensor<2>,
+/// `x: [tokens, hidden]`, `weights: [tokens, k]`, `chosen: [tokens·k]` (expert indices),
+/// `gate_up: [num_experts, hidden, 2·inter]`, `down: [num_experts, inter, hidden]` →
+/// `[tokens, hidden]`
+pub fn moe_experts(
+    x: Tensor<2>,
+    weights: Tensor<2>,
     gate_up: Tensor<3>,
     down: Tensor<3>,
-    group_sizes: Vec<usize>,
+    chosen: Vec<usize>,
 ) -> Tensor<2> {
-    Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::experts_swiglu(
-        xs.into_dispatch(),
+    Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::moe_experts(
+        x.into_dispatch(),
+        weights.into_dispatch(),
         gate_up.into_dispatch(),
         down.into_dispatch(),
-        group_sizes,
+        chosen,
     ))
 }
 
@@ -137,11 +142,12 @@ pub fn linear(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
 /// The backend extension behind the functions above.
 #[backend_extension(Flex, Autodiff)]
 pub trait FusedOps: Backend {
-    fn experts_swiglu(
-        xs: FloatTensor<Self>,
+    fn moe_experts(
+        x: FloatTensor<Self>,
+        weights: FloatTensor<Self>,
         gate_up: FloatTensor<Self>,
         down: FloatTensor<Self>,
-        group_sizes: Vec<usize>,
+        chosen: Vec<usize>,
     ) -> FloatTensor<Self>;
     fn linear(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self>;
     fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self>;
@@ -159,13 +165,15 @@ pub trait FusedOps: Backend {
 }
 
 impl FusedOps for Flex {
-    fn experts_swiglu(
-        xs: FlexTensor,
+    fn moe_experts(
+        x: FlexTensor,
+        weights: FlexTensor,
         gate_up: FlexTensor,
         down: FlexTensor,
-        group_sizes: Vec<usize>,
+        chosen: Vec<usize>,
     ) -> FlexTensor {
-        experts_forward(&xs, &gate_up, &down, &group_sizes).0
+        let moe = MoeInputs::new(x, weights, gate_up, down, &chosen);
+        moe_forward(&moe).0
     }
 
     fn linear(x: FlexTensor, w: FlexTensor) -> FlexTensor {
@@ -224,45 +232,122 @@ impl FusedOps for Flex {
 /// A non-empty group's gate/up product `h: [n, 2·inter]` and activation `a: [n, inter]`.
 type Saved = (Vec<f32>, Vec<f32>);
 
-/// The experts' forward: the output, and each non-empty group's `(h, a)` = (gate/up product,
-/// activation) for the backward. Each expert's product is written straight into its rows of
-/// the output.
-fn experts_forward(
-    xs: &FlexTensor,
-    gate_up: &FlexTensor,
-    down: &FlexTensor,
-    group_sizes: &[usize],
-) -> (FlexTensor, Vec<Saved>) {
-    let (xs, gate_up, down) = (
-        xs.to_contiguous(),
-        gate_up.to_contiguous(),
-        down.to_contiguous(),
-    );
-    let [rows, hidden] = dims2(&xs);
-    let inter = down.layout().shape()[1];
-    let (x, gu, dn) = (values(&xs), values(&gate_up), values(&down));
-    let (gu_len, dn_len) = (hidden * 2 * inter, inter * hidden);
-    let mut out = vec![0.0f32; rows * hidden];
-    let mut saved = Vec::new();
-    let mut start = 0;
-    for (e, &n) in group_sizes.iter().enumerate() {
-        if n == 0 {
-            continue;
+/// The contiguous inputs of [`moe_experts`] and its slots grouped by expert: `slots` lists
+/// every `token·k + j` with expert `chosen[token·k + j]` = 0 first, then 1, …, each expert's
+/// in token order (the order of the reference's stable grouping, so that a token's
+/// contributions are added in the same order); `sizes[e]` is expert `e`'s count.
+#[derive(Clone, Debug)]
+struct MoeInputs {
+    x: FlexTensor,
+    weights: FlexTensor,
+    gate_up: FlexTensor,
+    down: FlexTensor,
+    k: usize,
+    slots: Vec<usize>,
+    sizes: Vec<usize>,
+}
+
+impl MoeInputs {
+    fn new(
+        x: FlexTensor,
+        weights: FlexTensor,
+        gate_up: FlexTensor,
+        down: FlexTensor,
+        chosen: &[usize],
+    ) -> Self {
+        let num_experts = gate_up.layout().shape()[0];
+        let [tokens, k] = dims2(&weights);
+        assert_eq!(chosen.len(), tokens * k, "one expert per (token, j) slot");
+        let mut sizes = vec![0usize; num_experts];
+        for &e in chosen {
+            sizes[e] += 1;
         }
-        let xe = View::dense(&x[start * hidden..(start + n) * hidden], n, hidden);
-        let h = product(
-            xe,
-            View::dense(&gu[e * gu_len..(e + 1) * gu_len], hidden, 2 * inter),
-        );
-        let a = kernels::silu_mul(&h, inter);
-        let w_down = View::dense(&dn[e * dn_len..(e + 1) * dn_len], inter, hidden);
-        let y = &mut out[start * hidden..(start + n) * hidden];
-        gemm(y, hidden, View::dense(&a, n, inter), w_down, false);
-        saved.push((h, a));
-        start += n;
+        let mut next: Vec<usize> = sizes
+            .iter()
+            .scan(0, |start, &n| {
+                let s = *start;
+                *start += n;
+                Some(s)
+            })
+            .collect();
+        let mut slots = vec![0usize; chosen.len()];
+        for (slot, &e) in chosen.iter().enumerate() {
+            slots[next[e]] = slot;
+            next[e] += 1;
+        }
+        Self {
+            x: x.to_contiguous(),
+            weights: weights.to_contiguous(),
+            gate_up: gate_up.to_contiguous(),
+            down: down.to_contiguous(),
+            k,
+            slots,
+            sizes,
+        }
     }
-    assert_eq!(start, rows, "group sizes must add up to the rows");
-    (tensor(out, [rows, hidden].into()), saved)
+
+    /// `(expert, its slots)` for each expert with at least one slot, in expert order.
+    fn groups(&self) -> impl Iterator<Item = (usize, &[usize])> {
+        let mut start = 0;
+        self.sizes.iter().enumerate().filter_map(move |(e, &n)| {
+            let slots = &self.slots[start..start + n];
+            start += n;
+            (n > 0).then_some((e, slots))
+        })
+    }
+
+    /// `[hidden, inter]`.
+    fn dims(&self) -> [usize; 2] {
+        [dims2(&self.x)[1], self.down.layout().shape()[1]]
+    }
+
+    /// Expert `e`'s `gate_up: [hidden, 2·inter]` and `down: [inter, hidden]`.
+    fn expert(&self, e: usize) -> (View<'_>, View<'_>) {
+        let [hidden, inter] = self.dims();
+        let (gu_len, dn_len) = (hidden * 2 * inter, inter * hidden);
+        let (gu, dn) = (values(&self.gate_up), values(&self.down));
+        (
+            View::dense(&gu[e * gu_len..(e + 1) * gu_len], hidden, 2 * inter),
+            View::dense(&dn[e * dn_len..(e + 1) * dn_len], inter, hidden),
+        )
+    }
+}
+
+/// Copies the rows `slot / k` of `src: [·, width]` into `dst` (resized to `[slots, width]`).
+fn gather_rows(dst: &mut Vec<f32>, src: &[f32], width: usize, slots: &[usize], k: usize) {
+    dst.clear();
+    for &s in slots {
+        let t = s / k;
+        dst.extend_from_slice(&src[t * width..(t + 1) * width]);
+    }
+}
+
+/// The forward of [`moe_experts`]: the output and each non-empty group's `(h, a)` for the
+/// backward.
+fn moe_forward(moe: &MoeInputs) -> (FlexTensor, Vec<Saved>) {
+    let [tokens, hidden] = dims2(&moe.x);
+    let inter = moe.dims()[1];
+    let (x, w) = (values(&moe.x), values(&moe.weights));
+    let mut out = vec![0.0f32; tokens * hidden];
+    let (mut xe, mut ye) = (Vec::new(), Vec::new());
+    let mut saved = Vec::new();
+    for (e, slots) in moe.groups() {
+        let n = slots.len();
+        let (w_gu, w_down) = moe.expert(e);
+        gather_rows(&mut xe, x, hidden, slots, moe.k);
+        let h = product(View::dense(&xe, n, hidden), w_gu);
+        let a = kernels::silu_mul(&h, inter);
+        ye.resize(n * hidden, 0.0);
+        gemm(&mut ye, hidden, View::dense(&a, n, inter), w_down, false);
+        for (&s, y) in slots.iter().zip(ye.chunks_exact(hidden)) {
+            let t = s / moe.k;
+            for (o, &v) in out[t * hidden..(t + 1) * hidden].iter_mut().zip(y) {
+                *o += v * w[s];
+            }
+        }
+        saved.push((h, a));
+    }
+    (tensor(out, [tokens, hidden].into()), saved)
 }
 
 fn dims2(t: &FlexTensor) -> [usize; 2] {
@@ -270,63 +355,69 @@ fn dims2(t: &FlexTensor) -> [usize; 2] {
     [shape[0], shape[1]]
 }
 
-/// Backward of [`experts_swiglu`]; state: `xs`, the stacked weights, the group sizes and each
-/// non-empty group's `(h, a)`.
+/// Backward of [`moe_experts`]; state: its inputs and each non-empty group's `(h, a)`.
 #[derive(Debug)]
-struct ExpertsBackward;
+struct MoeBackward;
 
-type ExpertsState = (FlexTensor, FlexTensor, FlexTensor, Vec<usize>, Vec<Saved>);
+impl Backward<Flex, 4> for MoeBackward {
+    type State = (MoeInputs, Vec<Saved>);
 
-impl Backward<Flex, 3> for ExpertsBackward {
-    type State = ExpertsState;
-
-    /// Per expert, with `g` its rows of the output gradient: `da = g · downᵀ`,
-    /// `d down = aᵀ · g`, `dh = silu_mul_backward(h, da)`, `d gate_up = xᵀ · dh`,
-    /// `dx = dh · gate_upᵀ`, each written into its block of the stacked gradient. Experts
-    /// without tokens get zero weight gradients.
-    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (xs, gate_up, down, group_sizes, saved) = ops.state;
+    /// Per expert, with `g` the output gradient's rows of its tokens and `w` their weights:
+    /// `da₀ = g · downᵀ`, `d weights = rowsum(da₀ ∘ a)` (= `g · y`, without keeping `y`),
+    /// `d down = aᵀ · (w ∘ g)`, `dh = silu_mul_backward(h, w ∘ da₀)`, `d gate_up = xᵀ · dh`,
+    /// `dx += dh · gate_upᵀ` into the tokens' rows. Experts without tokens get zero weight
+    /// gradients.
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (moe, saved) = ops.state;
         let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
-        let (xs, gate_up, down) = (
-            xs.to_contiguous(),
-            gate_up.to_contiguous(),
-            down.to_contiguous(),
-        );
-        let [rows, hidden] = dims2(&xs);
-        let inter = down.layout().shape()[1];
-        let (x, gu, dn, g) = (values(&xs), values(&gate_up), values(&down), values(&grad));
+        let [tokens, hidden] = dims2(&moe.x);
+        let inter = moe.dims()[1];
+        let (x, w, g) = (values(&moe.x), values(&moe.weights), values(&grad));
         let (gu_len, dn_len) = (hidden * 2 * inter, inter * hidden);
-        let mut dxs = vec![0.0f32; rows * hidden];
-        let mut d_gate_up = vec![0.0f32; gu.len()];
-        let mut d_down = vec![0.0f32; dn.len()];
-        let mut saved = saved.into_iter();
-        let mut start = 0;
-        for (e, &n) in group_sizes.iter().enumerate() {
-            if n == 0 {
-                continue;
+        let mut dx = vec![0.0f32; tokens * hidden];
+        let mut dw = vec![0.0f32; tokens * moe.k];
+        let mut d_gate_up = vec![0.0f32; values(&moe.gate_up).len()];
+        let mut d_down = vec![0.0f32; values(&moe.down).len()];
+        let (mut xe, mut ge) = (Vec::new(), Vec::new());
+        for ((e, slots), (h, a)) in moe.groups().zip(saved) {
+            let n = slots.len();
+            let (w_gu, w_down) = moe.expert(e);
+            gather_rows(&mut ge, g, hidden, slots, moe.k);
+            let mut da = product(View::dense(&ge, n, hidden), w_down.t());
+            let rows = slots.iter().zip(da.chunks_exact_mut(inter));
+            for ((&s, da_row), (a_row, g_row)) in
+                rows.zip(a.chunks_exact(inter).zip(ge.chunks_exact_mut(hidden)))
+            {
+                dw[s] = kernels::dot(da_row, a_row);
+                da_row.iter_mut().for_each(|v| *v *= w[s]);
+                g_row.iter_mut().for_each(|v| *v *= w[s]);
             }
-            let Some((h, a)) = saved.next() else {
-                unreachable!("the forward saved one (h, a) per non-empty group")
-            };
-            let ge = View::dense(&g[start * hidden..(start + n) * hidden], n, hidden);
-            let w_down = View::dense(&dn[e * dn_len..(e + 1) * dn_len], inter, hidden);
-            let w_gu = View::dense(&gu[e * gu_len..(e + 1) * gu_len], hidden, 2 * inter);
-            let da = product(ge, w_down.t());
             let dw_down = &mut d_down[e * dn_len..(e + 1) * dn_len];
-            gemm(dw_down, hidden, View::dense(&a, n, inter).t(), ge, false);
+            gemm(
+                dw_down,
+                hidden,
+                View::dense(&a, n, inter).t(),
+                View::dense(&ge, n, hidden),
+                false,
+            );
             let dh = kernels::silu_mul_backward(&h, &da, inter);
             let dh = View::dense(&dh, n, 2 * inter);
-            let xe = View::dense(&x[start * hidden..(start + n) * hidden], n, hidden);
+            gather_rows(&mut xe, x, hidden, slots, moe.k);
             let dw_gu = &mut d_gate_up[e * gu_len..(e + 1) * gu_len];
-            gemm(dw_gu, 2 * inter, xe.t(), dh, false);
-            let dx = &mut dxs[start * hidden..(start + n) * hidden];
-            gemm(dx, hidden, dh, w_gu.t(), false);
-            start += n;
+            gemm(dw_gu, 2 * inter, View::dense(&xe, n, hidden).t(), dh, false);
+            let dxe = product(dh, w_gu.t());
+            for (&s, row) in slots.iter().zip(dxe.chunks_exact(hidden)) {
+                let t = s / moe.k;
+                for (o, &v) in dx[t * hidden..(t + 1) * hidden].iter_mut().zip(row) {
+                    *o += v;
+                }
+            }
         }
         let inputs = [
-            tensor(dxs, [rows, hidden].into()),
-            tensor(d_gate_up, shape_of(&gate_up)),
-            tensor(d_down, shape_of(&down)),
+            tensor(dx, [tokens, hidden].into()),
+            tensor(dw, [tokens, moe.k].into()),
+            tensor(d_gate_up, shape_of(&moe.gate_up)),
+            tensor(d_down, shape_of(&moe.down)),
         ];
         register(grads, ops.parents.map(|p| p.map(|n| n.id)), inputs);
     }
@@ -453,22 +544,25 @@ impl Backward<Flex, 1> for MaskedSoftmaxBackward {
 /// Each op is one graph node whose parents are its differentiable inputs only; the constant
 /// inputs (RoPE tables, the mask) are read and never receive a gradient.
 impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
-    fn experts_swiglu(
-        xs: FloatTensor<Self>,
+    fn moe_experts(
+        x: FloatTensor<Self>,
+        weights: FloatTensor<Self>,
         gate_up: FloatTensor<Self>,
         down: FloatTensor<Self>,
-        group_sizes: Vec<usize>,
+        chosen: Vec<usize>,
     ) -> FloatTensor<Self> {
-        let (xs, xs_node) = xs.into_parts();
+        let (x, x_node) = x.into_parts();
+        let (weights, w_node) = weights.into_parts();
         let (gate_up, gu_node) = gate_up.into_parts();
         let (down, d_node) = down.into_parts();
-        let (y, saved) = experts_forward(&xs, &gate_up, &down, &group_sizes);
-        match ExpertsBackward
-            .prepare::<C>([xs_node, gu_node, d_node])
+        let moe = MoeInputs::new(x, weights, gate_up, down, &chosen);
+        let (y, saved) = moe_forward(&moe);
+        match MoeBackward
+            .prepare::<C>([x_node, w_node, gu_node, d_node])
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => prep.finish((xs, gate_up, down, group_sizes, saved), y),
+            OpsKind::Tracked(prep) => prep.finish((moe, saved), y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         }
     }

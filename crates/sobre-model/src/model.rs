@@ -208,17 +208,19 @@ impl KvCache {
             key_valid
                 .extend_from_slice(&self.key_valid[r * self.capacity..(r + 1) * self.capacity]);
         }
+        // Rows selected as a 2-D `[batch, heads·capacity·head_dim]` tensor: burn-flex's select
+        // backward (a scatter-add) has a row-copy loop for 2-D tensors but visits a 4-D one
+        // element by element, dividing to find each index (5% of the policy update).
+        let select = |t: &Tensor<4>| {
+            let [b, h, c, d] = t.dims();
+            t.clone()
+                .reshape([b, h * c * d])
+                .select(0, idx.clone())
+                .reshape([rows.len(), h, c, d])
+        };
         KvCache {
-            keys: self
-                .keys
-                .iter()
-                .map(|k| k.clone().select(0, idx.clone()))
-                .collect(),
-            values: self
-                .values
-                .iter()
-                .map(|v| v.clone().select(0, idx.clone()))
-                .collect(),
+            keys: self.keys.iter().map(select).collect(),
+            values: self.values.iter().map(select).collect(),
             key_valid,
             batch: rows.len(),
             capacity: self.capacity,
@@ -802,7 +804,8 @@ impl MoeBlock {
         (out, counts)
     }
 
-    /// Tokens grouped by expert: one gather, one matmul chain per used expert, one scatter-add.
+    /// Tokens grouped by expert: one gather, one matmul chain per used expert, one scatter-add
+    /// ([`fused::moe_experts`] where the fused kernels run, else [`routed_reference`]).
     fn dispatch(
         &self,
         x: Tensor<2>,
@@ -810,31 +813,12 @@ impl MoeBlock {
         weights: Tensor<2>,
         fused: bool,
     ) -> Tensor<2> {
-        let [t, hidden] = x.dims();
-        let device = &x.device();
-        let e = self.num_experts();
-        let k = self.top_k;
-        // Stable grouping by expert: slot (token, j) goes to expert chosen[token·k + j].
-        let mut by_expert: Vec<Vec<usize>> = vec![Vec::new(); e];
-        for (slot, &ex) in chosen.iter().enumerate() {
-            by_expert[ex].push(slot);
-        }
-        let slots: Vec<usize> = by_expert.iter().flatten().copied().collect();
-        let tokens = int_tensor_1d(slots.iter().map(|&s| (s / k) as i64).collect(), device);
-        let slot_idx = int_tensor_1d(slots.iter().map(|&s| s as i64).collect(), device);
-        let xs = x.select(0, tokens.clone()); // [t·k, hidden]
-        let sizes = by_expert.iter().map(Vec::len).collect();
         let (gate_up, down) = (self.experts_gate_up.val(), self.experts_down.val());
-        let ys = if fused {
-            fused::experts_swiglu(xs, gate_up, down, sizes)
+        if fused {
+            fused::moe_experts(x, weights, gate_up, down, chosen.to_vec())
         } else {
-            experts_reference(xs, gate_up, down, &sizes)
-        }; // [t·k, hidden], grouped by expert
-        let w = weights
-            .reshape([t * k])
-            .select(0, slot_idx)
-            .reshape([t * k, 1]);
-        Tensor::zeros([t, hidden], device).select_assign(0, tokens, ys * w, IndexingUpdateOp::Add)
+            routed_reference(x, weights, gate_up, down, chosen)
+        }
     }
 
     /// Every expert on every token; unchosen experts get weight 0.
@@ -876,8 +860,44 @@ fn expert_matrix(w: Tensor<3>, ex: usize) -> Tensor<2> {
         .reshape([rows, cols])
 }
 
+/// The routed experts as tensor ops, the reference for [`fused::moe_experts`]: the (token, j)
+/// slots grouped by expert (stably), one `select` of their tokens' rows, one `swiglu` per
+/// non-empty group, and the outputs times their weights added into the tokens' rows.
+///
+/// # Shapes
+/// `x: [tokens, hidden]`, `weights: [tokens, k]`, `chosen: [tokens·k]`,
+/// `gate_up: [num_experts, hidden, 2·inter]`, `down: [num_experts, inter, hidden]` →
+/// `[tokens, hidden]`
+fn routed_reference(
+    x: Tensor<2>,
+    weights: Tensor<2>,
+    gate_up: Tensor<3>,
+    down: Tensor<3>,
+    chosen: &[usize],
+) -> Tensor<2> {
+    let [t, hidden] = x.dims();
+    let device = &x.device();
+    let [e, _, _] = gate_up.dims();
+    let k = chosen.len() / t;
+    let mut by_expert: Vec<Vec<usize>> = vec![Vec::new(); e];
+    for (slot, &ex) in chosen.iter().enumerate() {
+        by_expert[ex].push(slot);
+    }
+    let slots: Vec<usize> = by_expert.iter().flatten().copied().collect();
+    let tokens = int_tensor_1d(slots.iter().map(|&s| (s / k) as i64).collect(), device);
+    let slot_idx = int_tensor_1d(slots.iter().map(|&s| s as i64).collect(), device);
+    let xs = x.select(0, tokens.clone()); // [t·k, hidden]
+    let sizes: Vec<usize> = by_expert.iter().map(Vec::len).collect();
+    let ys = experts_reference(xs, gate_up, down, &sizes); // [t·k, hidden], grouped by expert
+    let w = weights
+        .reshape([t * k])
+        .select(0, slot_idx)
+        .reshape([t * k, 1]);
+    Tensor::zeros([t, hidden], device).select_assign(0, tokens, ys * w, IndexingUpdateOp::Add)
+}
+
 /// The routed experts on rows grouped by expert (`group_sizes[e]` rows for expert `e`, in
-/// order), one `swiglu` per non-empty group: the reference for [`fused::experts_swiglu`].
+/// order), one `swiglu` per non-empty group.
 ///
 /// # Shapes
 /// `xs: [Σ group_sizes, hidden]`, `gate_up: [experts, hidden, 2·inter]`,
@@ -1463,37 +1483,82 @@ mod tests {
 
     #[test]
     fn fused_experts_agree_with_the_reference() {
-        // Four experts, one of them without tokens (its weight gradients must be exactly 0).
-        let sizes = vec![3, 0, 5, 2];
-        let ys = assert_fused_agrees(
+        // 5 tokens, top-2 of 4 experts; expert 1 gets no token (its weight gradients must be
+        // exactly 0) and expert 2 is some tokens' first choice and others' second.
+        let chosen = vec![0, 2, 2, 3, 3, 0, 2, 0, 0, 3];
+        let (t, hidden, inter) = (5, 12, 8);
+        let leaves = || {
             [
-                leaf([1, 10, 12], 10, 2.0),
-                leaf([4, 12, 16], 11, 1.0),
-                leaf([4, 8, 12], 12, 1.0),
-            ],
-            |[xs, gu, down], fused| {
-                let xs = xs.clone().reshape([10, 12]);
-                let y = if fused {
-                    fused::experts_swiglu(xs, gu.clone(), down.clone(), sizes.clone())
-                } else {
-                    experts_reference(xs, gu.clone(), down.clone(), &sizes)
-                };
-                y.reshape([1, 10, 12])
-            },
-            1e-6,
-            1e-5,
+                leaf([1, t, hidden], 10, 2.0),
+                leaf([1, t, 2], 13, 1.0),
+                leaf([4, hidden, 2 * inter], 11, 1.0),
+                leaf([4, inter, hidden], 12, 1.0),
+            ]
+        };
+        let routed = |[x, w, gu, down]: &[Tensor<3>; 4], fused: bool| {
+            let (x, w) = (x.clone().reshape([t, hidden]), w.clone().reshape([t, 2]));
+            let y = if fused {
+                fused::moe_experts(x, w, gu.clone(), down.clone(), chosen.clone())
+            } else {
+                routed_reference(x, w, gu.clone(), down.clone(), &chosen)
+            };
+            y.reshape([1, t, hidden])
+        };
+        let ys = assert_fused_agrees(leaves(), routed, 1e-6, 1e-5);
+        assert_eq!(ys.len(), t * hidden);
+        // Token 0's row by hand: weights times each chosen expert's SwiGLU of its row.
+        let [x, w, gu, down] = leaves();
+        let (x, w, gu, down) = (
+            to_vec_f32(x),
+            to_vec_f32(w),
+            to_vec_f32(gu),
+            to_vec_f32(down),
         );
-        assert_eq!(ys.len(), 120);
-        let gu = leaf([4, 12, 16], 11, 1.0);
-        let y = fused::experts_swiglu(
-            leaf([10, 12], 10, 2.0),
+        let expert = |e: usize, row: &[f32]| -> Vec<f64> {
+            let gu = &gu[e * hidden * 2 * inter..];
+            let down = &down[e * inter * hidden..];
+            let a: Vec<f64> = (0..inter)
+                .map(|j| {
+                    let col = |c: usize| {
+                        (0..hidden)
+                            .map(|i| f64::from(row[i]) * f64::from(gu[i * 2 * inter + c]))
+                            .sum::<f64>()
+                    };
+                    let (g, u) = (col(j), col(inter + j));
+                    g / (1.0 + (-g).exp()) * u
+                })
+                .collect();
+            (0..hidden)
+                .map(|o| {
+                    (0..inter)
+                        .map(|j| a[j] * f64::from(down[j * hidden + o]))
+                        .sum()
+                })
+                .collect()
+        };
+        let (y0, y2) = (expert(0, &x[..hidden]), expert(2, &x[..hidden]));
+        for o in 0..hidden {
+            let want = f64::from(w[0]) * y0[o] + f64::from(w[1]) * y2[o];
+            assert!(
+                (f64::from(ys[o]) - want).abs() <= 1e-5 * want.abs().max(1.0),
+                "{o}"
+            );
+        }
+        let [x, w, gu, down] = leaves();
+        let y = fused::moe_experts(
+            x.reshape([t, hidden]),
+            w.reshape([t, 2]),
             gu.clone(),
-            leaf([4, 8, 12], 12, 1.0),
-            sizes,
+            down,
+            chosen.clone(),
         );
         let g = to_vec_f32(gu.grad(&y.sum().backward()).unwrap());
-        assert!(g[12 * 16..2 * 12 * 16].iter().all(|&v| v == 0.0));
-        assert!(g[..12 * 16].iter().any(|&v| v != 0.0));
+        assert!(
+            g[hidden * 2 * inter..2 * hidden * 2 * inter]
+                .iter()
+                .all(|&v| v == 0.0)
+        );
+        assert!(g[..hidden * 2 * inter].iter().any(|&v| v != 0.0));
     }
 
     #[test]
