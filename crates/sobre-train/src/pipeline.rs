@@ -288,10 +288,12 @@ impl Pipeline {
         // ---- SFT ----
         if state.stage == Stage::Sft {
             let mut opt = match &resume_from {
-                Some((dir, st)) if st.stage == Stage::Sft => AdamW::load(
-                    AdamWConfig::from_config(cfg),
-                    &dir.join(checkpoint::OPTIMIZER_FILE),
-                )?,
+                Some((dir, st)) if st.stage == Stage::Sft => {
+                    let file = dir.join(checkpoint::OPTIMIZER_FILE);
+                    let opt = AdamW::load(AdamWConfig::from_config(cfg), &file)?;
+                    opt.check_against(&model, &file)?;
+                    opt
+                }
                 _ => AdamW::new(AdamWConfig::from_config(cfg)),
             };
             let sched = Schedule::sft(cfg);
@@ -438,10 +440,12 @@ impl Pipeline {
             None
         };
         let mut opt = match &resume_from {
-            Some((dir, st)) if st.stage == Stage::Grpo => AdamW::load(
-                AdamWConfig::from_config(cfg),
-                &dir.join(checkpoint::OPTIMIZER_FILE),
-            )?,
+            Some((dir, st)) if st.stage == Stage::Grpo => {
+                let file = dir.join(checkpoint::OPTIMIZER_FILE);
+                let opt = AdamW::load(AdamWConfig::from_config(cfg), &file)?;
+                opt.check_against(&model, &file)?;
+                opt
+            }
             _ => AdamW::new(AdamWConfig::from_config(cfg)),
         };
         if state.stage == Stage::SftDone {
