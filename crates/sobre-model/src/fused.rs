@@ -6,7 +6,7 @@
 //! | [`rms_norm`] | `square`, `mean_dim`, `add`, `sqrt`, `recip`, `mul`, `mul` |
 //! | [`silu_mul`] | two `slice`s of the fused gate/up product, `sigmoid`, `mul`, `mul` |
 //! | [`rope`] | two `slice`s, `cat`, `mul`, `mul`, `add` |
-//! | [`masked_softmax`] | `mul` (scale), `add` (mask), and the `max_dim`, `sub`, `exp`, `sum_dim`, `div` that burn's autodiff decomposes `softmax` into |
+//! | [`attention`] | `swap_dims` and `reshape` copies of the queries and the output, two batched `matmul`s (a `swap_dims` of the keys), `mul` (scale), `add` (mask), the `max_dim`, `sub`, `exp`, `sum_dim`, `div` that burn's autodiff decomposes `softmax` into, and `mul` by the empty-row mask |
 //! | [`moe_experts`] | `select` of the tokens' rows grouped by expert; per expert a slice of those rows, slices of the stacked weights, a SwiGLU; `cat`; `select` of the routing weights, `mul`, `select_assign` (add) into the tokens' rows |
 //! | [`linear`] | `matmul` (burn-flex zero-fills its output, copies it to re-align it, and its backward multiplies transposed copies) |
 //!
@@ -84,16 +84,33 @@ pub fn rope(x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4> {
     ))
 }
 
-/// Attention probabilities `softmax(scores · scale + mask)` over the last dimension, the
-/// additive mask (`0` or `-inf`) shared by every head. The mask is a constant: it gets no
-/// gradient.
+/// Grouped-query attention as one op: query head `h` attends with key/value head
+/// `h / (heads / kv_heads)`, probabilities `softmax(q · kᵀ · scale + mask)` over the keys
+/// (the additive mask, `0` or `-inf`, shared by every head), rows whose query has no key to
+/// attend to (`empty[row·seq + i]`; an empty vector when there are none) all zero. Per batch
+/// row and head: one GEMM for the scores, the softmax in place, one GEMM written straight into
+/// the head's columns of the output, which comes out `[tokens, heads·head_dim]`, the layout
+/// the output projection takes. The reference (`model.rs`) swaps `q` to heads-major, runs
+/// batched matmuls and reshapes back: copies, zero-filled outputs and, under autodiff, a graph
+/// node for each of them. `mask` and `empty` are constants: they get no gradient.
 ///
 /// # Shapes
-/// `scores: [batch, heads, seq, keys]`, `mask: [batch, 1, seq, keys]` → like `scores`
-pub fn masked_softmax(scores: Tensor<4>, mask: Tensor<4>, scale: f64) -> Tensor<4> {
-    Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::masked_softmax(
-        scores.into_dispatch(),
+/// `q: [batch, seq, heads, head_dim]`, `k`, `v`: `[batch, kv_heads, keys, head_dim]`,
+/// `mask: [batch, 1, seq, keys]`, `empty: [batch·seq]` or `[]` → `[batch·seq, heads·head_dim]`
+pub fn attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    mask: Tensor<4>,
+    empty: Vec<bool>,
+    scale: f64,
+) -> Tensor<2> {
+    Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
         mask.into_dispatch(),
+        empty,
         scale,
     ))
 }
@@ -157,9 +174,12 @@ pub trait FusedOps: Backend {
         cos: FloatTensor<Self>,
         sin: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
-    fn masked_softmax(
-        scores: FloatTensor<Self>,
+    fn attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
         mask: FloatTensor<Self>,
+        empty: Vec<bool>,
         scale: f64,
     ) -> FloatTensor<Self>;
 }
@@ -213,20 +233,99 @@ impl FusedOps for Flex {
         )
     }
 
-    fn masked_softmax(scores: FlexTensor, mask: FlexTensor, scale: f64) -> FlexTensor {
-        let (scores, mask) = (scores.to_contiguous(), mask.to_contiguous());
-        let shape = shape_of(&scores);
-        let (heads, rows_per_head, keys) = (shape[1], shape[2], shape[3]);
-        let y = kernels::masked_softmax(
-            values(&scores),
-            values(&mask),
-            heads,
-            rows_per_head,
-            keys,
-            scale as f32,
-        );
-        tensor(y, shape)
+    fn attention(
+        q: FlexTensor,
+        k: FlexTensor,
+        v: FlexTensor,
+        mask: FlexTensor,
+        empty: Vec<bool>,
+        scale: f64,
+    ) -> FlexTensor {
+        let attn = AttnInputs::new(q, k, v, scale);
+        attention_forward(&attn, &mask.to_contiguous(), &empty).0
     }
+}
+
+/// The contiguous inputs of [`attention`] and its sizes.
+#[derive(Clone, Debug)]
+struct AttnInputs {
+    q: FlexTensor,
+    k: FlexTensor,
+    v: FlexTensor,
+    scale: f32,
+    /// `[batch, seq, heads, kv_heads, keys, head_dim]`
+    dims: [usize; 6],
+}
+
+impl AttnInputs {
+    fn new(q: FlexTensor, k: FlexTensor, v: FlexTensor, scale: f64) -> Self {
+        let (q, k, v) = (q.to_contiguous(), k.to_contiguous(), v.to_contiguous());
+        let (qs, ks) = (q.layout().shape(), k.layout().shape());
+        let dims = [qs[0], qs[1], qs[2], ks[1], ks[2], qs[3]];
+        AttnInputs {
+            q,
+            k,
+            v,
+            scale: scale as f32,
+            dims,
+        }
+    }
+
+    /// Head `h` of batch row `b` in a `[batch, seq, heads, head_dim]` buffer: `[seq, head_dim]`
+    /// with rows `heads·head_dim` apart.
+    fn token_major<'a>(&self, data: &'a [f32], b: usize, h: usize) -> View<'a> {
+        let [_, s, nh, _, _, d] = self.dims;
+        View {
+            data: &data[(b * s * nh + h) * d..],
+            rows: s,
+            cols: d,
+            row_stride: nh * d,
+            col_stride: 1,
+        }
+    }
+
+    /// Offset of key/value head `g` of batch row `b` in `k`, `v` or their gradients.
+    fn kv_at(&self, b: usize, g: usize) -> usize {
+        let [_, _, _, nkv, keys, d] = self.dims;
+        (b * nkv + g) * keys * d
+    }
+}
+
+/// The forward of [`attention`]: the output and the probabilities `[batch, heads, seq, keys]`
+/// for the backward.
+fn attention_forward(
+    attn: &AttnInputs,
+    mask: &FlexTensor,
+    empty: &[bool],
+) -> (FlexTensor, Vec<f32>) {
+    let [b, s, nh, nkv, keys, d] = attn.dims;
+    let group = nh / nkv;
+    let (q, k, v, m) = (
+        values(&attn.q),
+        values(&attn.k),
+        values(&attn.v),
+        values(mask),
+    );
+    let mut probs = vec![0.0f32; b * nh * s * keys];
+    let mut out = vec![0.0f32; b * s * nh * d];
+    for bi in 0..b {
+        for h in 0..nh {
+            let kv = attn.kv_at(bi, h / group);
+            let (kg, vg) = (
+                View::dense(&k[kv..kv + keys * d], keys, d),
+                View::dense(&v[kv..kv + keys * d], keys, d),
+            );
+            let p = &mut probs[(bi * nh + h) * s * keys..][..s * keys];
+            gemm(p, keys, attn.token_major(q, bi, h), kg.t(), false);
+            let rows = bi * s..(bi + 1) * s;
+            let empty = empty.get(rows.clone()).unwrap_or(&[]);
+            let mask = &m[rows.start * keys..rows.end * keys];
+            kernels::masked_softmax_rows(p, mask, empty, keys, attn.scale);
+            let o = &mut out[(bi * s * nh + h) * d..];
+            gemm(o, nh * d, View::dense(p, s, keys), vg, false);
+        }
+    }
+    (tensor(out, [b * s, nh * d].into()), probs)
 }
 
 /// A non-empty group's gate/up product `h: [n, 2·inter]` and activation `a: [n, inter]`.
@@ -519,25 +618,57 @@ impl Backward<Flex, 1> for RopeBackward {
     }
 }
 
-/// Backward of [`masked_softmax`]; state: the probabilities and the scale.
+/// Backward of [`attention`]; state: its inputs and the probabilities.
 #[derive(Debug)]
-struct MaskedSoftmaxBackward;
+struct AttentionBackward;
 
-impl Backward<Flex, 1> for MaskedSoftmaxBackward {
-    type State = (FlexTensor, f64);
+impl Backward<Flex, 3> for AttentionBackward {
+    type State = (AttnInputs, Vec<f32>);
 
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (probs, scale) = ops.state;
+    /// Per batch row and head, with `dO` the head's columns of the output gradient:
+    /// `dP = dO · vᵀ`, `dv += Pᵀ · dO`, `dS = scale · P ∘ (dP − rowsum(P ∘ dP))`,
+    /// `dq = dS · k`, `dk += dSᵀ · q` (the heads of a group add into their shared key/value
+    /// head). An empty row's `P` is 0, so it passes no gradient.
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (attn, probs) = ops.state;
         let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
-        let [scores_node] = ops.parents;
-        if let Some(node) = scores_node {
-            let probs = probs.to_contiguous();
-            let shape = shape_of(&probs);
-            let keys = shape[shape.num_dims() - 1];
-            let d =
-                kernels::masked_softmax_backward(values(&probs), values(&grad), keys, scale as f32);
-            grads.register::<Flex>(node.id, tensor(d, shape));
+        let [b, s, nh, nkv, keys, d] = attn.dims;
+        let group = nh / nkv;
+        let (q, k, v, g) = (
+            values(&attn.q),
+            values(&attn.k),
+            values(&attn.v),
+            values(&grad),
+        );
+        let mut dq = vec![0.0f32; q.len()];
+        let (mut dk, mut dv) = (vec![0.0f32; k.len()], vec![0.0f32; v.len()]);
+        let mut ds = vec![0.0f32; s * keys];
+        for bi in 0..b {
+            for h in 0..nh {
+                let kv = attn.kv_at(bi, h / group);
+                let (kg, vg) = (
+                    View::dense(&k[kv..kv + keys * d], keys, d),
+                    View::dense(&v[kv..kv + keys * d], keys, d),
+                );
+                let p = &probs[(bi * nh + h) * s * keys..][..s * keys];
+                let d_out = attn.token_major(g, bi, h);
+                let shared = h % group != 0;
+                gemm(&mut ds, keys, d_out, vg.t(), false);
+                let pv = View::dense(p, s, keys);
+                gemm(&mut dv[kv..kv + keys * d], d, pv.t(), d_out, shared);
+                kernels::softmax_backward_rows(p, &mut ds, keys, attn.scale);
+                let dsv = View::dense(&ds, s, keys);
+                gemm(&mut dq[(bi * s * nh + h) * d..], nh * d, dsv, kg, false);
+                let qh = attn.token_major(q, bi, h);
+                gemm(&mut dk[kv..kv + keys * d], d, dsv.t(), qh, shared);
+            }
         }
+        let inputs = [
+            tensor(dq, shape_of(&attn.q)),
+            tensor(dk, shape_of(&attn.k)),
+            tensor(dv, shape_of(&attn.v)),
+        ];
+        register(grads, ops.parents.map(|p| p.map(|n| n.id)), inputs);
     }
 }
 
@@ -627,19 +758,25 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         }
     }
 
-    fn masked_softmax(
-        scores: FloatTensor<Self>,
+    fn attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
         mask: FloatTensor<Self>,
+        empty: Vec<bool>,
         scale: f64,
     ) -> FloatTensor<Self> {
-        let (scores, scores_node) = scores.into_parts();
-        let y = Flex::masked_softmax(scores, mask.into_primitive(), scale);
-        match MaskedSoftmaxBackward
-            .prepare::<C>([scores_node])
+        let (q, q_node) = q.into_parts();
+        let (k, k_node) = k.into_parts();
+        let (v, v_node) = v.into_parts();
+        let attn = AttnInputs::new(q, k, v, scale);
+        let (y, probs) = attention_forward(&attn, &mask.into_primitive().to_contiguous(), &empty);
+        match AttentionBackward
+            .prepare::<C>([q_node, k_node, v_node])
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => prep.finish((y.clone(), scale), y),
+            OpsKind::Tracked(prep) => prep.finish((attn, probs), y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         }
     }
@@ -842,57 +979,56 @@ pub(crate) mod kernels {
         dx
     }
 
-    /// `scores: [batch · heads · rows_per_head · keys]`, `mask: [batch · rows_per_head · keys]`
-    /// (shared by the heads): `softmax(scores · scale + mask)` row by row, as burn-flex's
-    /// softmax (max, `exp(z − max)` summed in order, times the reciprocal of the sum). A
-    /// masked entry (`-inf`) is 0 without calling `exp`.
+    /// `softmax(row · scale + mask)` in place for each row of `scores: [rows · keys]` with its
+    /// row of `mask`, as burn-flex's softmax computes it (max, `exp(z − max)` summed in order,
+    /// times the reciprocal of the sum); a masked entry (`-inf`) is 0 without calling `exp`.
+    /// Rows flagged in `empty` (`[rows]`, or `[]` for none) become all 0; every other row must
+    /// have an open key.
     #[multiversion(targets("x86_64+avx2+fma"))]
-    pub fn masked_softmax(
-        scores: &[f32],
+    pub fn masked_softmax_rows(
+        scores: &mut [f32],
         mask: &[f32],
-        heads: usize,
-        rows_per_head: usize,
+        empty: &[bool],
         keys: usize,
         scale: f32,
-    ) -> Vec<f32> {
-        let mut y = vec![0.0f32; scores.len()];
-        for (r, (row, yr)) in scores
-            .chunks_exact(keys)
-            .zip(y.chunks_exact_mut(keys))
+    ) {
+        for (i, (row, m)) in scores
+            .chunks_exact_mut(keys)
+            .zip(mask.chunks_exact(keys))
             .enumerate()
         {
-            let b = r / (heads * rows_per_head);
-            let m = (b * rows_per_head + r % rows_per_head) * keys;
-            let m = &mask[m..m + keys];
+            if empty.get(i) == Some(&true) {
+                row.fill(0.0);
+                continue;
+            }
             let mut max = f32::NEG_INFINITY;
-            for ((zi, &x), &mi) in yr.iter_mut().zip(row).zip(m) {
-                *zi = x * scale + mi;
+            for (zi, &mi) in row.iter_mut().zip(m) {
+                *zi = *zi * scale + mi;
                 max = max.max(*zi);
             }
-            for zi in yr.iter_mut() {
+            for zi in row.iter_mut() {
                 *zi = if *zi == f32::NEG_INFINITY {
                     0.0
                 } else {
                     exp(*zi - max)
                 };
             }
-            // Summed in order, as burn-flex's softmax sums.
-            let sum: f32 = yr.iter().sum();
+            let sum: f32 = row.iter().sum();
             let inv = 1.0 / sum;
-            yr.iter_mut().for_each(|v| *v *= inv);
+            row.iter_mut().for_each(|v| *v *= inv);
         }
-        y
     }
 
-    /// `d scores = scale · y · (g − Σ g·y)` row by row.
+    /// The softmax's backward in place, row by row: `g ← scale · y · (g − Σ g·y)`.
+    /// `y`, `g`: `[rows · keys]`.
     #[multiversion(targets("x86_64+avx2+fma"))]
-    pub fn masked_softmax_backward(y: &[f32], g: &[f32], keys: usize, scale: f32) -> Vec<f32> {
-        let mut d = Vec::with_capacity(y.len());
-        for (yr, gr) in y.chunks_exact(keys).zip(g.chunks_exact(keys)) {
+    pub fn softmax_backward_rows(y: &[f32], g: &mut [f32], keys: usize, scale: f32) {
+        for (yr, gr) in y.chunks_exact(keys).zip(g.chunks_exact_mut(keys)) {
             let c = dot(yr, gr);
-            d.extend(yr.iter().zip(gr).map(|(&yi, &gi)| scale * yi * (gi - c)));
+            for (gi, &yi) in gr.iter_mut().zip(yr) {
+                *gi = scale * yi * (*gi - c);
+            }
         }
-        d
     }
 }
 

@@ -448,6 +448,9 @@ struct AttnContext {
     /// open so the softmax is finite); zeroing the row's probabilities makes padding inert: it
     /// contributes no output and receives no gradient.
     empty_rows: Option<Tensor<4>>,
+    /// `[batch·seq]`: the rows of `empty_rows` that are 0, as host flags for
+    /// [`fused::attention`]; empty when there are none.
+    empty: Vec<bool>,
     /// Column where the new tokens go in the cache (= past length).
     past: usize,
     /// Run the [`fused`] kernels (they are available on this device and were asked for).
@@ -464,25 +467,46 @@ fn swap_halves(x: Tensor<4>) -> Tensor<4> {
     Tensor::cat(vec![x2, x1], 3)
 }
 
-/// RoPE on heads `[batch, seq, heads, head_dim]`, returned as `[batch, heads, seq, head_dim]`.
+/// RoPE on heads `[batch, seq, heads, head_dim]`, returned in that layout.
 /// `cos`, `sin`: `[batch, 1, seq, head_dim]`, `sin` sign-folded (see [`swap_halves`]).
 fn apply_rope(t: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>, fused: bool) -> Tensor<4> {
     if fused {
-        return fused::rope(t, cos.clone(), sin.clone()).swap_dims(1, 2);
+        return fused::rope(t, cos.clone(), sin.clone());
     }
     let t = t.swap_dims(1, 2);
-    t.clone() * cos.clone() + swap_halves(t) * sin.clone()
+    (t.clone() * cos.clone() + swap_halves(t) * sin.clone()).swap_dims(1, 2)
 }
 
-/// `softmax(scores · scale + mask)` over the keys.
+/// Grouped-query attention as tensor ops, the reference for [`fused::attention`]: query
+/// heads sharing a KV head are stacked along the row axis (`[b, nkv, group·s, d]`), so one
+/// batched matmul per KV head covers the whole group without copying K/V.
 ///
 /// # Shapes
-/// `scores: [batch, heads, seq, keys]`, `mask: [batch, 1, seq, keys]` → like `scores`
-fn attention_probs(scores: Tensor<4>, mask: &Tensor<4>, scale: f64, fused: bool) -> Tensor<4> {
-    if fused {
-        return fused::masked_softmax(scores, mask.clone(), scale);
+/// `q: [b, s, nh, d]`, `k`, `v`: `[b, nkv, keys, d]`, `mask: [b, 1, s, keys]`,
+/// `empty_rows: [b, 1, s, 1]` → `[b·s, nh·d]`
+fn attention_reference(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    mask: &Tensor<4>,
+    empty_rows: Option<&Tensor<4>>,
+    scale: f64,
+) -> Tensor<2> {
+    let [b, s, nh, d] = q.dims();
+    let [_, nkv, keys, _] = k.dims();
+    let group = nh / nkv;
+    let q = q.swap_dims(1, 2).reshape([b, nkv, group * s, d]);
+    let scores = q.matmul(k.swap_dims(2, 3)).reshape([b, nh, s, keys]);
+    let mut probs = softmax(scores * scale + mask.clone(), 3);
+    if let Some(keep) = empty_rows {
+        probs = probs * keep.clone();
     }
-    softmax(scores * scale + mask.clone(), 3)
+    probs
+        .reshape([b, nkv, group * s, keys])
+        .matmul(v)
+        .reshape([b, nh, s, d])
+        .swap_dims(1, 2)
+        .reshape([b * s, nh * d])
 }
 
 impl Attention {
@@ -515,11 +539,11 @@ impl Attention {
                 Some(norm) => norm.forward(t, ctx.fused),
                 None => t,
             };
-            apply_rope(t, &ctx.cos, &ctx.sin, ctx.fused) // [b, n, s, d]
+            apply_rope(t, &ctx.cos, &ctx.sin, ctx.fused) // [b, s, n, d]
         };
         let (qn, kn) = (self.q_norm.as_ref(), self.k_norm.as_ref());
         let q = heads(project(&self.q_proj, qn), nh, qn);
-        let k = heads(project(&self.k_proj, kn), nkv, kn);
+        let k = heads(project(&self.k_proj, kn), nkv, kn).swap_dims(1, 2);
         let v = project(&self.v_proj, None)
             .reshape([b, s, nkv, d])
             .swap_dims(1, 2);
@@ -540,23 +564,12 @@ impl Attention {
             }
             None => (k, v),
         };
-        let keys = k.dims()[2];
-        // GQA without copying K/V: query heads sharing a KV head are stacked along the row axis
-        // ([b, nkv, group·s, d]), so one batched matmul per KV head covers the whole group.
-        let group = nh / nkv;
-        let q = q.reshape([b, nkv, group * s, d]);
-        let scores = q.matmul(k.swap_dims(2, 3)).reshape([b, nh, s, keys]);
         let scale = 1.0 / (d as f64).sqrt();
-        let mut probs = attention_probs(scores, &ctx.mask, scale, ctx.fused);
-        if let Some(keep) = &ctx.empty_rows {
-            probs = probs * keep.clone();
-        }
-        let probs = probs.reshape([b, nkv, group * s, keys]);
-        let out = probs
-            .matmul(v)
-            .reshape([b, nh, s, d])
-            .swap_dims(1, 2)
-            .reshape([b * s, nh * d]);
+        let out = if ctx.fused {
+            fused::attention(q, k, v, ctx.mask.clone(), ctx.empty.clone(), scale)
+        } else {
+            attention_reference(q, k, v, &ctx.mask, ctx.empty_rows.as_ref(), scale)
+        };
         self.o_proj.forward(out, ctx.fused).reshape([b, s, hidden])
     }
 }
@@ -1157,8 +1170,12 @@ impl MoeModel {
                 }
             }
         }
-        let empty_rows = row_has_key
-            .contains(&0.0)
+        let any_empty = row_has_key.contains(&0.0);
+        let empty = match any_empty {
+            true => row_has_key.iter().map(|&k| k == 0.0).collect(),
+            false => Vec::new(),
+        };
+        let empty_rows = any_empty
             .then(|| Tensor::from_data(TensorData::new(row_has_key, [b, 1, s, 1]), &device));
         let (cos, sin) = rope_tables(&batch.positions, b, s, cfg.head_dim, cfg.rope_theta as f32);
         let ctx = AttnContext {
@@ -1166,6 +1183,7 @@ impl MoeModel {
             sin: Tensor::from_data(TensorData::new(sin, [b, 1, s, cfg.head_dim]), &device),
             mask: Tensor::from_data(TensorData::new(mask, [b, 1, s, keys]), &device),
             empty_rows,
+            empty,
             past,
             fused,
         };
@@ -1577,36 +1595,58 @@ mod tests {
     }
 
     #[test]
-    fn fused_masked_softmax_agrees_with_the_reference() {
-        // Causal mask over 6 keys for 4 queries after 2 cached columns; in row 1 the first three
-        // keys are padding, and its query 0 has only its own column open (a left-padding query).
-        let (b, heads, q, keys) = (2, 3, 4, 6);
-        let mut mask = vec![0.0f32; b * q * keys];
+    fn fused_attention_agrees_with_the_reference() {
+        // 4 new queries after 2 cached columns (6 keys), 4 query heads on 2 KV heads. In row 1
+        // the first three keys are padding and query 0 has no key at all: the mask leaves its
+        // own column open and the row is flagged empty (output and gradient 0).
+        let (b, s, nh, nkv, keys, d) = (2, 4, 4, 2, 6, 8);
+        let mut mask = vec![0.0f32; b * s * keys];
         for row in 0..b {
-            for i in 0..q {
+            for i in 0..s {
                 for j in 0..keys {
                     if j > 2 + i || (row == 1 && j < 3 && !(i == 0 && j == 2)) {
-                        mask[(row * q + i) * keys + j] = MASKED;
+                        mask[(row * s + i) * keys + j] = MASKED;
                     }
                 }
             }
         }
-        let mask = constant(mask, [b, 1, q, keys]);
-        let probs = assert_fused_agrees(
-            [leaf([b, heads, q, keys], 8, 8.0)],
-            |[scores], fused| attention_probs(scores.clone(), &mask, 0.125, fused),
+        let mask = constant(mask, [b, 1, s, keys]);
+        let mut keep = vec![1.0f32; b * s];
+        keep[s] = 0.0;
+        let empty: Vec<bool> = keep.iter().map(|&k| k == 0.0).collect();
+        let keep = constant(keep, [b, 1, s, 1]);
+        let scale = 1.0 / (d as f64).sqrt();
+        let out = assert_fused_agrees(
+            [
+                leaf([b, s, nh, d], 8, 3.0),
+                leaf([b, nkv, keys, d], 9, 3.0),
+                leaf([b, nkv, keys, d], 14, 1.0),
+            ],
+            |[q, k, v], fused| {
+                let (q, k, v) = (q.clone(), k.clone(), v.clone());
+                let y = if fused {
+                    fused::attention(q, k, v, mask.clone(), empty.clone(), scale)
+                } else {
+                    attention_reference(q, k, v, &mask, Some(&keep), scale)
+                };
+                y.reshape([1, 1, b * s, nh * d])
+            },
             1e-6,
             1e-5,
         );
-        // Masked entries are exactly 0 and rows sum to 1.
-        for (r, row) in probs.chunks_exact(keys).enumerate() {
-            let (bi, i) = (r / (heads * q), r % q);
-            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
-            assert!(row[3 + i..].iter().all(|&p| p == 0.0), "row {r}: {row:?}");
-            if bi == 1 && i == 0 {
-                assert_eq!(row[2], 1.0);
-            }
-        }
+        assert!(out[s * nh * d..(s + 1) * nh * d].iter().all(|&x| x == 0.0));
+        assert!(out.iter().filter(|&&x| x != 0.0).count() > out.len() / 2);
+        // Query row (1, 0) gets no gradient; with no empty row it would.
+        let [q, k, v] = [
+            leaf([b, s, nh, d], 8, 3.0),
+            leaf([b, nkv, keys, d], 9, 3.0),
+            leaf([b, nkv, keys, d], 14, 1.0),
+        ];
+        let y = fused::attention(q.clone(), k, v, mask.clone(), empty, scale);
+        let g = to_vec_f32(q.grad(&y.sum().backward()).unwrap());
+        let row = s * nh * d..(s + 1) * nh * d;
+        assert!(g[row.clone()].iter().all(|&x| x == 0.0));
+        assert!(g[..row.start].iter().any(|&x| x != 0.0));
     }
 
     #[test]
