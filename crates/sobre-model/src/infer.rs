@@ -596,9 +596,7 @@ impl HostAttention {
                         col_stride: 1,
                     };
                     gemm(&mut p, keys, q_view, k_t, false);
-                    for (i, pr) in p[..s * keys].chunks_exact_mut(keys).enumerate() {
-                        masked_softmax_row(pr, &valid[..=past + i], scale);
-                    }
+                    causal_softmax_rows(&mut p[..s * keys], valid, past, scale);
                     gemm(
                         &mut out[q_at..],
                         nh * d,
@@ -635,6 +633,17 @@ fn masked_softmax_row(scores: &mut [f32], open: &[bool], scale: f32) {
     if sum > 0.0 {
         let inv = 1.0 / sum;
         live.iter_mut().for_each(|v| *v *= inv);
+    }
+}
+
+/// [`masked_softmax_row`] on each row `i` of `scores: [rows, keys]`, the query at column
+/// `past + i`: keys up to its own column, those open in `valid` (compiled for AVX2 as well:
+/// the caller is not, and the softmax's `exp` vectorises only there).
+#[multiversion(targets("x86_64+avx2+fma"))]
+fn causal_softmax_rows(scores: &mut [f32], valid: &[bool], past: usize, scale: f32) {
+    let keys = valid.len();
+    for (i, row) in scores.chunks_exact_mut(keys).enumerate() {
+        masked_softmax_row(row, &valid[..=past + i], scale);
     }
 }
 

@@ -199,16 +199,36 @@ impl Weights {
     /// [`sample_reference`] for an untruncated row, from the weights already computed: the
     /// same candidates, order, sums and inversion, so the same bits.
     fn invert_sorted(&self, logits: &[f32], u: f64) -> (u32, f32) {
-        let mut cand: Vec<(u32, f64)> = self
-            .e
-            .iter()
-            .enumerate()
-            .map(|(i, &e)| (i as u32, e))
-            .collect();
-        sort_candidates(&mut cand);
+        let cand = sorted_by_key(&self.e);
         let tok = invert_cdf(&cand, u);
         (tok, self.logprob(logits, tok))
     }
+}
+
+/// `(id, e[id])` in [`sort_candidates`]' order, sorted as plain integers: each candidate is one
+/// `u128`, its weight's `total_cmp` key (inverted: most likely first) above its id (lower id
+/// first on ties). Integer compares without a closure sort 512 candidates about twice as fast,
+/// and the order is the same: the key is `total_cmp`'s own, and ids are distinct.
+fn sorted_by_key(e: &[f64]) -> Vec<(u32, f64)> {
+    let mut keys: Vec<u128> = e
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| {
+            // `f64::total_cmp`'s transform: a signed integer that orders as the floats do.
+            let bits = x.to_bits() as i64;
+            let ordered = bits ^ ((((bits >> 63) as u64) >> 1) as i64);
+            // Unsigned, then inverted so that the largest weight comes first.
+            let descending = !((ordered as u64) ^ (1 << 63));
+            (u128::from(descending) << 32) | i as u128
+        })
+        .collect();
+    keys.sort_unstable();
+    keys.iter()
+        .map(|&k| {
+            let id = k as u32;
+            (id, e[id as usize])
+        })
+        .collect()
 }
 
 /// Most likely first, ties by lower id. Token ids are distinct, so the order is total: no two
@@ -401,6 +421,37 @@ mod tests {
             fast_hits > draws / 5 && fast_hits < draws,
             "{fast_hits} of {draws}"
         );
+    }
+
+    /// The keyed sort against the comparator on weights with ties, zeros, infinities and NaNs
+    /// of both signs.
+    #[test]
+    fn keyed_sort_orders_as_the_comparator() {
+        let specials = [
+            0.0,
+            -0.0,
+            1.0,
+            1.0,
+            f64::INFINITY,
+            f64::NAN,
+            -f64::NAN,
+            1e-300,
+            0.5,
+        ];
+        for n in [1, 9, 40, 512] {
+            let e: Vec<f64> = (0..n)
+                .map(|i| match i % 4 {
+                    0 => specials[(i / 4) % specials.len()],
+                    _ => ((i * 7919 % 97) as f64 / 97.0).powi(3),
+                })
+                .collect();
+            let mut want: Vec<(u32, f64)> =
+                e.iter().enumerate().map(|(i, &x)| (i as u32, x)).collect();
+            sort_candidates(&mut want);
+            let got = sorted_by_key(&e);
+            let ids = |v: &[(u32, f64)]| v.iter().map(|c| c.0).collect::<Vec<_>>();
+            assert_eq!(ids(&got), ids(&want), "{n} candidates");
+        }
     }
 
     #[test]
