@@ -246,7 +246,10 @@ impl FusedOps for Flex {
     }
 }
 
-/// The contiguous inputs of [`attention`] and its sizes.
+/// The inputs of [`attention`] and its sizes: `q` contiguous; `k` and `v` as they come when
+/// each (batch row, KV head) block is a contiguous `[keys, head_dim]` matrix (the first
+/// `keys` columns of a KV cache are, at the cache's own strides: no copy of the whole cache
+/// per layer and decode step), else contiguous copies.
 #[derive(Clone, Debug)]
 struct AttnInputs {
     q: FlexTensor,
@@ -257,9 +260,30 @@ struct AttnInputs {
     dims: [usize; 6],
 }
 
+/// `t` itself when its last two dimensions are a contiguous matrix at non-negative strides,
+/// else a contiguous copy.
+fn matrix_blocks(t: FlexTensor) -> FlexTensor {
+    let (shape, strides) = (t.layout().shape(), t.layout().strides());
+    let d = shape[3] as isize;
+    if strides[3] == 1 && strides[2] == d && strides[0] >= 0 && strides[1] >= 0 {
+        t
+    } else {
+        t.to_contiguous()
+    }
+}
+
+/// Block `(b, g)` of a `[batch, kv_heads, keys, head_dim]` tensor made by [`matrix_blocks`],
+/// as its contiguous `keys × head_dim` elements.
+fn kv_block(t: &FlexTensor, b: usize, g: usize) -> &[f32] {
+    let layout = t.layout();
+    let (shape, strides) = (layout.shape(), layout.strides());
+    let at = layout.start_offset() + b * strides[0] as usize + g * strides[1] as usize;
+    &t.storage::<f32>()[at..at + shape[2] * shape[3]]
+}
+
 impl AttnInputs {
     fn new(q: FlexTensor, k: FlexTensor, v: FlexTensor, scale: f64) -> Self {
-        let (q, k, v) = (q.to_contiguous(), k.to_contiguous(), v.to_contiguous());
+        let (q, k, v) = (q.to_contiguous(), matrix_blocks(k), matrix_blocks(v));
         let (qs, ks) = (q.layout().shape(), k.layout().shape());
         let dims = [qs[0], qs[1], qs[2], ks[1], ks[2], qs[3]];
         AttnInputs {
@@ -284,7 +308,16 @@ impl AttnInputs {
         }
     }
 
-    /// Offset of key/value head `g` of batch row `b` in `k`, `v` or their gradients.
+    /// Key/value head `g` of batch row `b`: `k` and `v` as `[keys, head_dim]` matrices.
+    fn kv(&self, b: usize, g: usize) -> (View<'_>, View<'_>) {
+        let [_, _, _, _, keys, d] = self.dims;
+        (
+            View::dense(kv_block(&self.k, b, g), keys, d),
+            View::dense(kv_block(&self.v, b, g), keys, d),
+        )
+    }
+
+    /// Offset of key/value head `g` of batch row `b` in the (contiguous) gradients of `k`, `v`.
     fn kv_at(&self, b: usize, g: usize) -> usize {
         let [_, _, _, nkv, keys, d] = self.dims;
         (b * nkv + g) * keys * d
@@ -300,21 +333,12 @@ fn attention_forward(
 ) -> (FlexTensor, Vec<f32>) {
     let [b, s, nh, nkv, keys, d] = attn.dims;
     let group = nh / nkv;
-    let (q, k, v, m) = (
-        values(&attn.q),
-        values(&attn.k),
-        values(&attn.v),
-        values(mask),
-    );
+    let (q, m) = (values(&attn.q), values(mask));
     let mut probs = vec![0.0f32; b * nh * s * keys];
     let mut out = vec![0.0f32; b * s * nh * d];
     for bi in 0..b {
         for h in 0..nh {
-            let kv = attn.kv_at(bi, h / group);
-            let (kg, vg) = (
-                View::dense(&k[kv..kv + keys * d], keys, d),
-                View::dense(&v[kv..kv + keys * d], keys, d),
-            );
+            let (kg, vg) = attn.kv(bi, h / group);
             let p = &mut probs[(bi * nh + h) * s * keys..][..s * keys];
             gemm(p, keys, attn.token_major(q, bi, h), kg.t(), false);
             let rows = bi * s..(bi + 1) * s;
@@ -634,22 +658,17 @@ impl Backward<Flex, 3> for AttentionBackward {
         let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
         let [b, s, nh, nkv, keys, d] = attn.dims;
         let group = nh / nkv;
-        let (q, k, v, g) = (
-            values(&attn.q),
-            values(&attn.k),
-            values(&attn.v),
-            values(&grad),
-        );
+        let (q, g) = (values(&attn.q), values(&grad));
         let mut dq = vec![0.0f32; q.len()];
-        let (mut dk, mut dv) = (vec![0.0f32; k.len()], vec![0.0f32; v.len()]);
+        let (mut dk, mut dv) = (
+            vec![0.0f32; b * nkv * keys * d],
+            vec![0.0f32; b * nkv * keys * d],
+        );
         let mut ds = vec![0.0f32; s * keys];
         for bi in 0..b {
             for h in 0..nh {
                 let kv = attn.kv_at(bi, h / group);
-                let (kg, vg) = (
-                    View::dense(&k[kv..kv + keys * d], keys, d),
-                    View::dense(&v[kv..kv + keys * d], keys, d),
-                );
+                let (kg, vg) = attn.kv(bi, h / group);
                 let p = &probs[(bi * nh + h) * s * keys..][..s * keys];
                 let d_out = attn.token_major(g, bi, h);
                 let shared = h % group != 0;
