@@ -122,7 +122,7 @@ pub fn attention(
 /// output row, scaled by its weight, into its token's row. The backward writes each expert's
 /// weight gradient straight into one `[num_experts, …]` tensor and adds the input gradient row
 /// by row, where the reference's `select`, `mul` and `select_assign` are graph nodes whose
-/// backwards allocate, zero-fill and scatter (`select`'s was a tenth of the policy update).
+/// backwards allocate, zero-fill and scatter (about 4% of the W1 policy update's samples).
 ///
 /// # Shapes
 /// `x: [tokens, hidden]`, `weights: [tokens, k]`, `chosen: [tokens·k]` (expert indices),

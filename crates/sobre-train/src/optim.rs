@@ -622,6 +622,20 @@ mod tests {
             err.contains("`layers.9.w`, which the model does not have"),
             "{err}"
         );
+        // A file whose `v` is shorter than its `m` is refused at load.
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("optimizer.safetensors");
+        let mut o = AdamW::new(cfg);
+        o.update("norm.weight", &mut [1.0, 2.0], &[0.1, 0.2], 1.0, 0.01, true);
+        if let Some(st) = o.state.get_mut("norm.weight") {
+            st.v.pop();
+        }
+        o.save(&f).unwrap();
+        let err = AdamW::load(cfg, &f).unwrap_err().to_string();
+        assert!(
+            err.contains("`norm.weight.m` and `norm.weight.v` differ in length"),
+            "{err}"
+        );
     }
 }
 
