@@ -326,7 +326,7 @@ impl AdamW {
             decay,
             eps: c.eps as f32,
         };
-        // Sizes were checked when the moments were loaded (`check_against`); a mismatch here is
+        // Sizes were checked when the moments were loaded (`load_for`); a mismatch here is
         // a bug in the caller.
         assert!(
             g.len() == p.len() && st.m.len() == p.len() && st.v.len() == p.len(),
@@ -426,11 +426,23 @@ impl AdamW {
         })
     }
 
+    /// [`AdamW::load`] for resuming the training of `model`: the moments are then checked
+    /// against its parameters ([`AdamW::check_against`]).
+    pub fn load_for(
+        config: AdamWConfig,
+        file: &Path,
+        model: &MoeModel,
+    ) -> Result<Self, TrainError> {
+        let opt = Self::load(config, file)?;
+        opt.check_against(model, file)?;
+        Ok(opt)
+    }
+
     /// Checks loaded moments against the parameters of `model`, the one they will update: each
     /// must belong to a parameter and hold one value per element. A state saved for another
     /// model would otherwise update the wrong number of elements. `file` names the source in
     /// the error.
-    pub fn check_against(&self, model: &MoeModel, file: &Path) -> Result<(), TrainError> {
+    fn check_against(&self, model: &MoeModel, file: &Path) -> Result<(), TrainError> {
         struct Sizes(PathTracker, BTreeMap<String, usize>);
         impl ModuleVisitor for Sizes {
             fn enter_module(&mut self, name: &str, _: &str) {
@@ -636,6 +648,19 @@ mod tests {
             err.contains("`norm.weight.m` and `norm.weight.v` differ in length"),
             "{err}"
         );
+        // Resuming (`load_for`) loads, then checks against the model.
+        let mut o = AdamW::new(cfg);
+        o.update("norm.weight", &mut [1.0; 31], &[0.1; 31], 1.0, 0.01, true);
+        o.save(&f).unwrap();
+        let err = AdamW::load_for(cfg, &f, &model).unwrap_err().to_string();
+        assert!(
+            err.contains("`norm.weight` has 32 elements but its moments 31"),
+            "{err}"
+        );
+        let mut o = AdamW::new(cfg);
+        o.update("norm.weight", &mut [1.0; 32], &[0.1; 32], 1.0, 0.01, true);
+        o.save(&f).unwrap();
+        assert_eq!(AdamW::load_for(cfg, &f, &model).unwrap().state, o.state);
     }
 }
 

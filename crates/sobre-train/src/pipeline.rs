@@ -288,12 +288,11 @@ impl Pipeline {
         // ---- SFT ----
         if state.stage == Stage::Sft {
             let mut opt = match &resume_from {
-                Some((dir, st)) if st.stage == Stage::Sft => {
-                    let file = dir.join(checkpoint::OPTIMIZER_FILE);
-                    let opt = AdamW::load(AdamWConfig::from_config(cfg), &file)?;
-                    opt.check_against(&model, &file)?;
-                    opt
-                }
+                Some((dir, st)) if st.stage == Stage::Sft => AdamW::load_for(
+                    AdamWConfig::from_config(cfg),
+                    &dir.join(checkpoint::OPTIMIZER_FILE),
+                    &model,
+                )?,
                 _ => AdamW::new(AdamWConfig::from_config(cfg)),
             };
             let sched = Schedule::sft(cfg);
@@ -440,12 +439,11 @@ impl Pipeline {
             None
         };
         let mut opt = match &resume_from {
-            Some((dir, st)) if st.stage == Stage::Grpo => {
-                let file = dir.join(checkpoint::OPTIMIZER_FILE);
-                let opt = AdamW::load(AdamWConfig::from_config(cfg), &file)?;
-                opt.check_against(&model, &file)?;
-                opt
-            }
+            Some((dir, st)) if st.stage == Stage::Grpo => AdamW::load_for(
+                AdamWConfig::from_config(cfg),
+                &dir.join(checkpoint::OPTIMIZER_FILE),
+                &model,
+            )?,
             _ => AdamW::new(AdamWConfig::from_config(cfg)),
         };
         if state.stage == Stage::SftDone {
