@@ -14,13 +14,14 @@
 use crate::config::ScoringFunc;
 use crate::fused;
 use crate::fused::kernels::{self, sigmoid};
-use crate::matmul::{View, gemm};
+use crate::matmul::{View, gemm, product};
 use crate::model::{
     Attention, Batch, DecoderLayer, Ffn, GroupLimit, Mlp, MoeBlock, MoeModel, Proj, RmsNorm,
     rope_tables, select_experts, to_vec_f32,
 };
 use burn::prelude::*;
 use multiversion::multiversion;
+use std::sync::Arc;
 
 /// Width of a [`Weight`]'s column panels: the row block of gemm's AVX2 `f32` microkernel (two
 /// 8-lane registers), which becomes the output-feature block once gemm transposes a row-major
@@ -205,6 +206,10 @@ struct HostLayer {
 
 /// Keys and values of past tokens on the host, as [`crate::KvCache`] holds them for tensors.
 ///
+/// A cache made by [`HostKvCache::share_prefix`] holds, besides each row's own tokens, a
+/// shared prefix: the cache of the prompts, each row reading its prompt's keys where a copied
+/// cache would hold one copy per sample of the group (see [`HostKvCache::share_prefix`]).
+///
 /// # Shapes
 /// per layer, keys transposed, `[batch, kv_heads, head_dim, capacity]` (a decode step's scores
 /// are then `Σ_d q_d · keys[d, ..]`, vectorised across keys with no horizontal sums), and
@@ -217,19 +222,58 @@ pub struct HostKvCache {
     key_valid: Vec<bool>,
     batch: usize,
     capacity: usize,
+    /// This cache's own tokens per row (after the shared prefix, if any).
     len: usize,
     /// `kv_heads · capacity · head_dim`: one row's block in a layer.
     row_block: usize,
+    /// The shared prefix and, for each row, which of its rows comes before this row's tokens.
+    prefix: Option<(Arc<HostKvCache>, Vec<usize>)>,
 }
 
 impl HostKvCache {
-    /// Tokens held per row (real or padding).
+    /// Tokens held per row (real or padding), a shared prefix's included.
     pub fn len(&self) -> usize {
-        self.len
+        self.len + self.prefix.as_ref().map_or(0, |(p, _)| p.len)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
+    }
+
+    /// A cache for rows that continue this cache's rows: row `i` comes after this cache's row
+    /// `prefix_of_row[i]` and has room for `new_tokens` tokens of its own. The prefix rows are
+    /// kept once, not copied per row: a group of samples decoding from one prompt reads the
+    /// prompt's keys and values once per step for all of them (attention over the prefix is
+    /// one product per group, merged with each row's own keys by their softmax normalisers,
+    /// as cascade attention does), which cuts the memory a decode step streams
+    /// (docs/PERF.md item 13). The same attention as [`Self::select_rows`]'s copies up to
+    /// float rounding (tested).
+    ///
+    /// # Panics
+    /// If a `prefix_of_row` entry is not a row of this cache, or this cache already continues a
+    /// shared prefix (programming errors of the caller).
+    pub fn share_prefix(self, prefix_of_row: &[usize], new_tokens: usize) -> Self {
+        assert!(
+            prefix_of_row.iter().all(|&r| r < self.batch),
+            "prefix_of_row must name rows of the cache"
+        );
+        assert!(
+            self.prefix.is_none(),
+            "the cache already has a shared prefix"
+        );
+        let layers = self.keys.len();
+        let row_block = self.row_block / self.capacity.max(1) * new_tokens;
+        let rows = prefix_of_row.len();
+        HostKvCache {
+            keys: vec![vec![0.0; rows * row_block]; layers],
+            values: vec![vec![0.0; rows * row_block]; layers],
+            key_valid: vec![false; rows * new_tokens],
+            batch: rows,
+            capacity: new_tokens,
+            len: 0,
+            row_block,
+            prefix: Some((Arc::new(self), prefix_of_row.to_vec())),
+        }
     }
 
     pub fn batch(&self) -> usize {
@@ -255,6 +299,10 @@ impl HostKvCache {
             values: self.values.iter().map(pick).collect(),
             key_valid,
             batch: rows.len(),
+            prefix: self
+                .prefix
+                .as_ref()
+                .map(|(p, of)| (Arc::clone(p), rows.iter().map(|&r| of[r]).collect())),
             ..*self
         }
     }
@@ -316,6 +364,7 @@ impl InferenceModel {
             capacity,
             len: 0,
             row_block,
+            prefix: None,
         }
     }
 
@@ -559,6 +608,13 @@ impl HostAttention {
             }
         }
 
+        if let Some((prefix, of_row)) = &cache.prefix {
+            let own = (kc.as_slice(), vc.as_slice(), cache.key_valid.as_slice());
+            let out = self.attend_after_prefix(&q, [b, s], own, [cap, past], prefix, li, of_row);
+            self.o.apply(h, &out, t, true);
+            return;
+        }
+
         // Per row and head: scores = q · kᵀ (one GEMM over the row's new tokens), masked
         // softmax in place, out = probs · v (a second GEMM, written into the head's columns).
         let keys = past + s;
@@ -608,6 +664,177 @@ impl HostAttention {
             }
         }
         self.o.apply(h, &out, t, true);
+    }
+
+    /// Attention of `[b, s]` new queries `q: [b·s, heads·d]` in a cache with a shared prefix
+    /// ([`HostKvCache::share_prefix`]): over the prefix, one product per run of rows with the
+    /// same prefix row and per key/value head (all their queries against the prefix's keys,
+    /// read once), then each row's own keys (causal, `own = (keys, values, key_valid)` at
+    /// `[cap, past]`) merged in by their running maximum and normaliser. → `[b·s, heads·d]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_after_prefix(
+        &self,
+        q: &[f32],
+        [b, s]: [usize; 2],
+        (kc, vc, own_valid): (&[f32], &[f32], &[bool]),
+        [cap, past]: [usize; 2],
+        prefix: &HostKvCache,
+        li: usize,
+        of_row: &[usize],
+    ) -> Vec<f32> {
+        let (nh, nkv, d) = (self.heads, self.kv_heads, self.head_dim);
+        let group = nh / nkv;
+        let scale = 1.0 / (d as f32).sqrt();
+        let (pcap, plen) = (prefix.capacity, prefix.len);
+        // Per query (token, head): the softmax's running maximum and normaliser; `out` holds
+        // the unnormalised sums Σ exp(score − max) · v until the end.
+        let mut max = vec![f32::NEG_INFINITY; b * s * nh];
+        let mut norm = vec![0.0f32; b * s * nh];
+        let mut out = vec![0.0f32; b * s * nh * d];
+        let mut start = 0;
+        while start < b {
+            let p = of_row[start];
+            let end = start + of_row[start..].iter().take_while(|&&r| r == p).count();
+            let valid = &prefix.key_valid[p * pcap..p * pcap + plen];
+            // The run's queries of one key/value head, token-major: [n, d].
+            let query_slots = |g: usize| {
+                (start * s..end * s)
+                    .flat_map(move |tok| (0..group).map(move |j| tok * nh + g * group + j))
+            };
+            for g in 0..nkv {
+                let slots: Vec<usize> = query_slots(g).collect();
+                let mut qg = Vec::with_capacity(slots.len() * d);
+                for &slot in &slots {
+                    qg.extend_from_slice(&q[slot * d..(slot + 1) * d]);
+                }
+                let block = (p * nkv + g) * pcap * d;
+                let k_t = View {
+                    data: &prefix.keys[li][block..block + d * pcap],
+                    rows: d,
+                    cols: plen,
+                    row_stride: pcap,
+                    col_stride: 1,
+                };
+                let mut probs = product(View::dense(&qg, slots.len(), d), k_t);
+                for (row, &slot) in probs.chunks_exact_mut(plen.max(1)).zip(&slots) {
+                    (max[slot], norm[slot]) = exp_scores(row, valid, scale);
+                }
+                let v = View::dense(&prefix.values[li][block..block + plen * d], plen, d);
+                let o = product(View::dense(&probs, slots.len(), plen), v);
+                for (orow, &slot) in o.chunks_exact(d).zip(&slots) {
+                    out[slot * d..(slot + 1) * d].copy_from_slice(orow);
+                }
+            }
+            start = end;
+        }
+        let mut scratch = vec![0.0f32; group * (past + s)];
+        for row in 0..b {
+            for i in 0..s {
+                let tok = row * s + i;
+                let open = &own_valid[row * cap..row * cap + past + i + 1];
+                for g in 0..nkv {
+                    let block = (row * nkv + g) * cap * d;
+                    let heads = tok * nh + g * group..tok * nh + (g + 1) * group;
+                    attend_more(
+                        &q[heads.start * d..heads.end * d],
+                        (
+                            &kc[block..block + d * cap],
+                            cap,
+                            &vc[block..block + cap * d],
+                        ),
+                        open,
+                        scale,
+                        &mut scratch,
+                        (&mut max[heads.clone()], &mut norm[heads.clone()]),
+                        &mut out[heads.start * d..heads.end * d],
+                    );
+                }
+            }
+        }
+        for (o, &n) in out.chunks_exact_mut(d).zip(&norm) {
+            let inv = if n > 0.0 { 1.0 / n } else { 0.0 };
+            o.iter_mut().for_each(|v| *v *= inv);
+        }
+        out
+    }
+}
+
+/// `scores · scale`, replaced in place by `exp(score − max)` over the open keys (`open[j]`) and
+/// 0 elsewhere; → `(max, Σ exp)` (`(-inf, 0)` when no key is open).
+#[inline(always)]
+fn exp_scores(scores: &mut [f32], open: &[bool], scale: f32) -> (f32, f32) {
+    let mut max = f32::NEG_INFINITY;
+    for (x, &o) in scores.iter_mut().zip(open) {
+        *x *= scale;
+        if o {
+            max = max.max(*x);
+        }
+    }
+    if max == f32::NEG_INFINITY {
+        scores.fill(0.0);
+        return (max, 0.0);
+    }
+    for (x, &o) in scores.iter_mut().zip(open) {
+        *x = if o { kernels::exp(*x - max) } else { 0.0 };
+    }
+    (max, scores.iter().sum())
+}
+
+/// Folds more keys into a running softmax-weighted sum, for the heads of a group that share
+/// them: for each head `h`, with scores `q_h · kᵀ · scale` over the open keys, the running
+/// `(max, norm)` and unnormalised `out_h` become those of all keys so far (online softmax:
+/// the old sums are rescaled by `exp(old max − new max)`). `q`, `out`: `[heads, d]`;
+/// keys transposed `[d, cap]` (the first `open.len()` columns used), values `[cap, d]`;
+/// `scratch`: room for `[heads, keys]`.
+#[multiversion(targets("x86_64+avx2+fma"))]
+fn attend_more(
+    q: &[f32],
+    (k_t, cap, v): (&[f32], usize, &[f32]),
+    open: &[bool],
+    scale: f32,
+    scratch: &mut [f32],
+    (max, norm): (&mut [f32], &mut [f32]),
+    out: &mut [f32],
+) {
+    let keys = open.len();
+    let d = q.len() / max.len().max(1);
+    for (h, (qh, ph)) in q
+        .chunks_exact(d)
+        .zip(scratch.chunks_exact_mut(keys))
+        .enumerate()
+    {
+        ph.fill(0.0);
+        for (dd, &qd) in qh.iter().enumerate() {
+            let kd = &k_t[dd * cap..dd * cap + keys];
+            ph.iter_mut().zip(kd).for_each(|(p, &kv)| *p += qd * kv);
+        }
+        let (m, n) = exp_scores(ph, open, scale);
+        if m == f32::NEG_INFINITY {
+            ph.fill(0.0);
+            continue;
+        }
+        let new_max = max[h].max(m);
+        let (old, this) = (
+            if max[h] == f32::NEG_INFINITY {
+                0.0
+            } else {
+                kernels::exp(max[h] - new_max)
+            },
+            kernels::exp(m - new_max),
+        );
+        norm[h] = norm[h] * old + n * this;
+        max[h] = new_max;
+        let oh = &mut out[h * d..(h + 1) * d];
+        oh.iter_mut().for_each(|o| *o *= old);
+        ph.iter_mut().for_each(|p| *p *= this);
+    }
+    for (j, vj) in v.chunks_exact(d).take(keys).enumerate() {
+        for (h, oh) in out.chunks_exact_mut(d).enumerate() {
+            let pj = scratch[h * keys + j];
+            if pj != 0.0 {
+                oh.iter_mut().zip(vj).for_each(|(a, &x)| *a += pj * x);
+            }
+        }
     }
 }
 

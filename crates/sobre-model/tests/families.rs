@@ -297,6 +297,69 @@ fn host_inference_agrees_with_the_model() {
     }
 }
 
+/// Rows that continue a shared prefix (`HostKvCache::share_prefix`: the prompts' keys kept
+/// once, attention over them merged with each row's own by the softmax normalisers) give the
+/// logits of rows holding copies of the prefix (`select_rows`), for every family: prompts of
+/// different lengths (left padding, a one-token prompt), rows in an order where one prefix's
+/// rows are not all adjacent, a two-token step (the causal path), rows dropped midway as
+/// finished samples are, then one-token steps. Relative 1e-5: only the summation order of
+/// the softmax differs.
+#[test]
+fn shared_prefix_cache_agrees_with_copied_rows() {
+    for (name, cfg) in family_configs() {
+        let m = with_nonzero_biases(built(&cfg, 33));
+        let host = InferenceModel::new(&m);
+        let v = cfg.vocab_size;
+        let prompts = [ids(7, 4, v), ids(3, 5, v), ids(1, 6, v)];
+        let lens = prompts.each_ref().map(|p| p.len());
+        let new_tokens = 5;
+        let mut prefill_cache = host.new_cache(3, 7 + new_tokens);
+        host.forward_last(&Batch::left_padded(&prompts, 0), &mut prefill_cache);
+        let mut rows = vec![1, 1, 0, 2, 2, 0];
+        let mut copied = prefill_cache.select_rows(&rows);
+        let mut shared = prefill_cache.share_prefix(&rows, new_tokens);
+        assert_eq!((shared.batch(), shared.len()), (6, 7), "{name}");
+        let mut done = 0;
+        let mut worst = 0.0f32;
+        for width in [2, 1, 1, 1] {
+            if done == 3 {
+                // Rows 1 and 4 finish.
+                let keep = [0, 2, 3, 5];
+                copied = copied.select_rows(&keep);
+                shared = shared.select_rows(&keep);
+                rows = keep.iter().map(|&k| rows[k]).collect();
+            }
+            let n = rows.len();
+            let b = Batch {
+                batch: n,
+                seq: width,
+                input_ids: (0..n * width)
+                    .map(|i| (i * 7 + done + 2) as u32 % v as u32)
+                    .collect(),
+                positions: rows
+                    .iter()
+                    .flat_map(|&r| (0..width).map(move |j| (lens[r] + done + j) as u32))
+                    .collect(),
+                attention_mask: vec![true; n * width],
+            };
+            let want = host.forward_last(&b, &mut copied);
+            let got = host.forward_last(&b, &mut shared);
+            assert!(
+                got.iter().all(|x| x.is_finite()),
+                "{name}: non-finite logits"
+            );
+            let scale = want.iter().fold(1.0f32, |s, x| s.max(x.abs()));
+            worst = worst.max(max_diff(&want, &got) / scale);
+            done += width;
+        }
+        assert_eq!((shared.batch(), shared.len()), (4, 7 + done), "{name}");
+        assert!(
+            worst < 1e-5,
+            "{name}: shared prefix vs copied rows {worst:e}"
+        );
+    }
+}
+
 #[test]
 fn every_family_saves_and_loads_identically() {
     let dir = tempfile::tempdir().unwrap();

@@ -209,6 +209,10 @@ trait Engine: Copy {
     /// Logits of each row's last column, `[batch, vocab]` row-major.
     fn logits_last(self, batch: &Batch, cache: Option<&mut Self::Cache>) -> Vec<f32>;
     fn select_rows(cache: &Self::Cache, rows: &[usize]) -> Self::Cache;
+    /// A cache whose row `i` continues row `prefix_of_row[i]` of `cache` with room for
+    /// `new_tokens` more: [`HostKvCache::share_prefix`] on the host, copies elsewhere.
+    fn continue_rows(cache: Self::Cache, prefix_of_row: &[usize], new_tokens: usize)
+    -> Self::Cache;
 }
 
 impl Engine for &InferenceModel {
@@ -227,6 +231,14 @@ impl Engine for &InferenceModel {
 
     fn select_rows(cache: &HostKvCache, rows: &[usize]) -> HostKvCache {
         cache.select_rows(rows)
+    }
+
+    fn continue_rows(
+        cache: HostKvCache,
+        prefix_of_row: &[usize],
+        new_tokens: usize,
+    ) -> HostKvCache {
+        cache.share_prefix(prefix_of_row, new_tokens)
     }
 }
 
@@ -253,6 +265,10 @@ impl Engine for TensorEngine<'_> {
 
     fn select_rows(cache: &KvCache, rows: &[usize]) -> KvCache {
         cache.select_rows(rows)
+    }
+
+    fn continue_rows(cache: KvCache, prefix_of_row: &[usize], _new_tokens: usize) -> KvCache {
+        cache.select_rows(prefix_of_row)
     }
 }
 
@@ -402,7 +418,11 @@ fn decode_with_cache<E: Engine>(
             }
         })
         .collect();
-    cache = E::select_rows(&cache, &rows);
+    cache = match mode {
+        // The prompts' rows are kept once and each sample continues its prompt's.
+        EngineMode::SharedPrefill => E::continue_rows(cache, &rows, params.max_new_tokens),
+        _ => E::select_rows(&cache, &rows),
+    };
 
     while !live.is_empty() {
         let batch = Batch {
