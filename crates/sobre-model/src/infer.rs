@@ -14,7 +14,7 @@
 use crate::config::ScoringFunc;
 use crate::fused;
 use crate::fused::kernels::{self, sigmoid};
-use crate::matmul::{View, gemm, product};
+use crate::matmul::{PANEL, View, gemm, panel_product, product};
 use crate::model::{
     Attention, Batch, DecoderLayer, Ffn, GroupLimit, Mlp, MoeBlock, MoeModel, Proj, RmsNorm,
     rope_tables, select_experts, to_vec_f32,
@@ -22,11 +22,6 @@ use crate::model::{
 use burn::prelude::*;
 use multiversion::multiversion;
 use std::sync::Arc;
-
-/// Width of a [`Weight`]'s column panels: the row block of gemm's AVX2 `f32` microkernel (two
-/// 8-lane registers), which becomes the output-feature block once gemm transposes a row-major
-/// product.
-const PANEL: usize = 16;
 
 /// A weight matrix `W: [rows, cols]` (`x · W` maps `rows` input features to `cols` outputs),
 /// stored as column panels: panel `p` holds columns `p·PANEL ..` as its own row-major
@@ -65,8 +60,12 @@ impl Weight {
         for start in (0..self.cols).step_by(PANEL) {
             let width = PANEL.min(self.cols - start);
             let panel = &self.panels[start * self.rows..(start + width) * self.rows];
-            let b = View::dense(panel, self.rows, width);
-            gemm(&mut c[start..], self.cols, x, b, accumulate);
+            if width == PANEL {
+                panel_product(&mut c[start..], self.cols, x, panel, accumulate);
+            } else {
+                let b = View::dense(panel, self.rows, width);
+                gemm(&mut c[start..], self.cols, x, b, accumulate);
+            }
         }
     }
 }
