@@ -218,6 +218,31 @@ fn with_nonzero_biases(mut m: MoeModel) -> MoeModel {
     m
 }
 
+/// `width` more tokens for rows continuing prompts `rows` (of lengths `lens`) after `done`
+/// tokens each: ids `(i · mul + done + add) mod vocab`, positions after each row's prompt.
+fn continuation(
+    rows: &[usize],
+    lens: &[usize],
+    width: usize,
+    done: usize,
+    (mul, add): (usize, usize),
+    vocab: usize,
+) -> Batch {
+    let n = rows.len();
+    Batch {
+        batch: n,
+        seq: width,
+        input_ids: (0..n * width)
+            .map(|i| ((i * mul + done + add) % vocab) as u32)
+            .collect(),
+        positions: rows
+            .iter()
+            .flat_map(|&r| (0..width).map(move |j| (lens[r] + done + j) as u32))
+            .collect(),
+        attention_mask: vec![true; n * width],
+    }
+}
+
 /// The host inference engine (the rollouts' fast path) against the tensor forward with the
 /// reference kernels, for every family's options plus Qwen2-MoE's biases and gated shared
 /// expert and Qwen3-MoE with tied embeddings and a dense layer: prefill of a left-padded batch
@@ -274,18 +299,7 @@ fn host_inference_agrees_with_the_model() {
         assert_eq!((host_cache.batch(), host_cache.len()), (4, 7));
         let mut done = 0;
         for width in [2, 1, 1, 1] {
-            let b = Batch {
-                batch: 4,
-                seq: width,
-                input_ids: (0..4 * width)
-                    .map(|i| (i * 5 + done + 1) as u32 % v as u32)
-                    .collect(),
-                positions: rows
-                    .iter()
-                    .flat_map(|&r| (0..width).map(move |j| (lens[r] + done + j) as u32))
-                    .collect(),
-                attention_mask: vec![true; 4 * width],
-            };
+            let b = continuation(&rows, &lens, width, done, (5, 1), v);
             compare(
                 values(m.forward(&b, Some(&mut cache), opts).logits),
                 host.forward_last(&b, &mut host_cache),
@@ -329,19 +343,7 @@ fn shared_prefix_cache_agrees_with_copied_rows() {
                 shared = shared.select_rows(&keep);
                 rows = keep.iter().map(|&k| rows[k]).collect();
             }
-            let n = rows.len();
-            let b = Batch {
-                batch: n,
-                seq: width,
-                input_ids: (0..n * width)
-                    .map(|i| (i * 7 + done + 2) as u32 % v as u32)
-                    .collect(),
-                positions: rows
-                    .iter()
-                    .flat_map(|&r| (0..width).map(move |j| (lens[r] + done + j) as u32))
-                    .collect(),
-                attention_mask: vec![true; n * width],
-            };
+            let b = continuation(&rows, &lens, width, done, (7, 2), v);
             let want = host.forward_last(&b, &mut copied);
             let got = host.forward_last(&b, &mut shared);
             assert!(
