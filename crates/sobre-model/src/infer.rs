@@ -809,8 +809,7 @@ fn attend_more(
         }
         let (m, n) = exp_scores(ph, open, scale);
         if m == f32::NEG_INFINITY {
-            ph.fill(0.0);
-            continue;
+            continue; // no open key: nothing to fold in, `ph` is all zero
         }
         let new_max = max[h].max(m);
         let (old, this) = (
@@ -845,17 +844,7 @@ fn attend_more(
 fn masked_softmax_row(scores: &mut [f32], open: &[bool], scale: f32) {
     let (live, closed) = scores.split_at_mut(open.len());
     closed.fill(0.0);
-    let mut max = f32::NEG_INFINITY;
-    for (x, &o) in live.iter_mut().zip(open) {
-        *x *= scale;
-        if o {
-            max = max.max(*x);
-        }
-    }
-    for (x, &o) in live.iter_mut().zip(open) {
-        *x = if o { kernels::exp(*x - max) } else { 0.0 };
-    }
-    let sum: f32 = live.iter().sum();
+    let (_, sum) = exp_scores(live, open, scale);
     if sum > 0.0 {
         let inv = 1.0 / sum;
         live.iter_mut().for_each(|v| *v *= inv);
