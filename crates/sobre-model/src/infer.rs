@@ -55,7 +55,21 @@ impl Weight {
 
     /// `c = x · W`, or `c += x · W` with `accumulate`; contiguous row-major `x: [m, rows]`,
     /// `c: [m, cols]`.
+    ///
+    /// Many rows (prefill, the reference model's forward) go a block of [`ROW_BLOCK`] at a
+    /// time through every panel, so that the block of `x` stays in L2 across the panels instead
+    /// of streaming all of `x` from L3 once per panel. Each output element is computed the
+    /// same way either way.
     fn matmul(&self, c: &mut [f32], x: &[f32], m: usize, accumulate: bool) {
+        for first in (0..m).step_by(ROW_BLOCK) {
+            let rows = ROW_BLOCK.min(m - first);
+            let (c, x) = (&mut c[first * self.cols..], &x[first * self.rows..]);
+            self.matmul_rows(c, x, rows, accumulate);
+        }
+    }
+
+    /// [`Weight::matmul`] on one block of rows.
+    fn matmul_rows(&self, c: &mut [f32], x: &[f32], m: usize, accumulate: bool) {
         let x = View::dense(&x[..m * self.rows], m, self.rows);
         for start in (0..self.cols).step_by(PANEL) {
             let width = PANEL.min(self.cols - start);
@@ -69,6 +83,10 @@ impl Weight {
         }
     }
 }
+
+/// Rows of `x` per block in [`Weight::matmul`]: 96 rows of a 256-wide input are 96 KiB, which
+/// stay in a 512 KiB L2 beside a 16 KiB panel; a multiple of the panel kernel's 6-row blocks.
+const ROW_BLOCK: usize = 96;
 
 fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     to_vec_f32(t)
@@ -802,11 +820,7 @@ fn attend_more(
         .zip(scratch.chunks_exact_mut(keys))
         .enumerate()
     {
-        ph.fill(0.0);
-        for (dd, &qd) in qh.iter().enumerate() {
-            let kd = &k_t[dd * cap..dd * cap + keys];
-            ph.iter_mut().zip(kd).for_each(|(p, &kv)| *p += qd * kv);
-        }
+        key_scores(qh, k_t, cap, ph);
         let (m, n) = exp_scores(ph, open, scale);
         if m == f32::NEG_INFINITY {
             continue; // no open key: nothing to fold in, `ph` is all zero
@@ -826,14 +840,7 @@ fn attend_more(
         oh.iter_mut().for_each(|o| *o *= old);
         ph.iter_mut().for_each(|p| *p *= this);
     }
-    for (j, vj) in v.chunks_exact(d).take(keys).enumerate() {
-        for (h, oh) in out.chunks_exact_mut(d).enumerate() {
-            let pj = scratch[h * keys + j];
-            if pj != 0.0 {
-                oh.iter_mut().zip(vj).for_each(|(a, &x)| *a += pj * x);
-            }
-        }
-    }
+    weighted_values(&scratch[..max.len() * keys], v, d, out);
 }
 
 /// Softmax of `scores · scale` over the open keys in place: key `j` is open when `j <
@@ -880,22 +887,101 @@ fn attend_one(
 ) {
     let keys = open.len();
     let d = v.len() / keys.max(1);
+    let heads = q.len() / d.max(1);
     for (qh, ph) in q.chunks_exact(d).zip(probs.chunks_exact_mut(keys)) {
-        ph.fill(0.0);
-        for (dd, &qd) in qh.iter().enumerate() {
-            let kd = &k_t[dd * cap..dd * cap + keys];
-            ph.iter_mut().zip(kd).for_each(|(p, &kv)| *p += qd * kv);
-        }
+        key_scores(qh, k_t, cap, ph);
         masked_softmax_row(ph, open, scale);
     }
-    for (j, vj) in v.chunks_exact(d).enumerate() {
-        for (h, oh) in out.chunks_exact_mut(d).enumerate() {
-            let pj = probs[h * keys + j];
-            if pj != 0.0 {
-                oh.iter_mut().zip(vj).for_each(|(a, &x)| *a += pj * x);
-            }
+    weighted_values(&probs[..heads * keys], v, d, out);
+}
+
+/// `scores[j] = q · k_j` for the keys `j < scores.len()` of `k_t: [d, cap]` (keys
+/// transposed), each a sum over `d` in order.
+///
+/// The sums run in registers, a block of keys at a time, and `scores` is written once: a
+/// loop that added each dimension's products into `scores` in memory loaded and stored it
+/// `d` times, a chain of store-to-load round trips that bounded a decode step's attention.
+/// A block of 8 may read columns past the last key (up to `cap`, never beyond: the same
+/// rows of the same cache) and drops those lanes.
+#[inline(always)]
+fn key_scores(q: &[f32], k_t: &[f32], cap: usize, scores: &mut [f32]) {
+    let keys = scores.len();
+    let mut j = 0;
+    while j + 64 <= keys {
+        key_block::<64>(q, k_t, cap, j, &mut scores[j..j + 64]);
+        j += 64;
+    }
+    while j + 16 <= keys {
+        key_block::<16>(q, k_t, cap, j, &mut scores[j..j + 16]);
+        j += 16;
+    }
+    while j < keys {
+        if j + 8 <= cap {
+            let mut block = [0.0f32; 8];
+            key_block::<8>(q, k_t, cap, j, &mut block);
+            let n = (keys - j).min(8);
+            scores[j..j + n].copy_from_slice(&block[..n]);
+            j += n;
+        } else {
+            key_block::<1>(q, k_t, cap, j, &mut scores[j..j + 1]);
+            j += 1;
         }
     }
+}
+
+/// `out[..W] = q · k_j` for the `W` keys from column `j` of `k_t: [d, cap]`; the
+/// accumulators are a fixed-size array, so that they live in vector registers.
+#[inline(always)]
+fn key_block<const W: usize>(q: &[f32], k_t: &[f32], cap: usize, j: usize, out: &mut [f32]) {
+    let mut acc = [0.0f32; W];
+    for (dd, &qd) in q.iter().enumerate() {
+        let k = &k_t[dd * cap + j..dd * cap + j + W];
+        for (a, &x) in acc.iter_mut().zip(k) {
+            *a += qd * x;
+        }
+    }
+    out[..W].copy_from_slice(&acc);
+}
+
+/// `out_h += Σ_j probs[h, j] · v_j` for each head `h` of `out: [heads, d]`, with `probs:
+/// [heads, keys]` and `v: [≥ keys, d]`: per element a sum over the keys in order, run in
+/// registers for a block of columns at a time (as in [`key_scores`], and for its reason).
+#[inline(always)]
+fn weighted_values(probs: &[f32], v: &[f32], d: usize, out: &mut [f32]) {
+    let heads = out.len() / d.max(1);
+    let keys = probs.len() / heads.max(1);
+    for (ph, oh) in probs
+        .chunks_exact(keys.max(1))
+        .zip(out.chunks_exact_mut(d.max(1)))
+    {
+        let mut c = 0;
+        while c + 64 <= d {
+            value_block::<64>(ph, v, d, c, &mut oh[c..c + 64]);
+            c += 64;
+        }
+        while c + 8 <= d {
+            value_block::<8>(ph, v, d, c, &mut oh[c..c + 8]);
+            c += 8;
+        }
+        while c < d {
+            value_block::<1>(ph, v, d, c, &mut oh[c..c + 1]);
+            c += 1;
+        }
+    }
+}
+
+/// `out[..W] += Σ_j p[j] · v[j, c..c + W]` for `v: [≥ p.len(), d]`.
+#[inline(always)]
+fn value_block<const W: usize>(p: &[f32], v: &[f32], d: usize, c: usize, out: &mut [f32]) {
+    let mut acc = [0.0f32; W];
+    acc.copy_from_slice(&out[..W]);
+    for (j, &pj) in p.iter().enumerate() {
+        let x = &v[j * d + c..j * d + c + W];
+        for (a, &xv) in acc.iter_mut().zip(x) {
+            *a += pj * xv;
+        }
+    }
+    out[..W].copy_from_slice(&acc);
 }
 
 impl HostMoe {
@@ -984,14 +1070,75 @@ impl HostMoe {
 
 #[cfg(test)]
 mod tests {
-    use super::{PANEL, Weight};
+    use super::{PANEL, Weight, key_scores, weighted_values};
+
+    fn values(n: usize, salt: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 7919 + salt * 104_729) % 2001) as f32 * 1e-3 - 1.0)
+            .collect()
+    }
+
+    /// The decode attention's register-blocked loops against the plain ones they replaced
+    /// (each score summed over `d` in order into memory, each output element over the keys in
+    /// order): the same additions in the same order, so equal bit for bit. Key counts cover
+    /// every block size and tail (64, 16, 8 and single keys), capacities that are and are
+    /// not multiples of 8 (a tail block may then read up to, never past, the capacity), head
+    /// sizes that are and are not multiples of the 64- and 8-wide column blocks.
+    #[test]
+    fn attention_blocks_equal_the_plain_loops() {
+        for d in [8, 13, 64, 72] {
+            for cap in [13, 64, 70, 71, 131] {
+                let k_t = values(d * cap, d + cap);
+                let v = values(cap * d, 2 * d + cap);
+                for keys in [1, 7, 8, 9, 16, 23, 64, 65, 70, 71, 99, 131] {
+                    if keys > cap {
+                        continue;
+                    }
+                    let heads = 2;
+                    let q = values(heads * d, keys);
+                    let mut got = vec![0.0f32; heads * keys];
+                    let mut want = vec![0.0f32; heads * keys];
+                    for h in 0..heads {
+                        let qh = &q[h * d..(h + 1) * d];
+                        key_scores(qh, &k_t, cap, &mut got[h * keys..(h + 1) * keys]);
+                        let ph = &mut want[h * keys..(h + 1) * keys];
+                        for (dd, &qd) in qh.iter().enumerate() {
+                            for (j, p) in ph.iter_mut().enumerate() {
+                                *p += qd * k_t[dd * cap + j];
+                            }
+                        }
+                    }
+                    assert_eq!(got, want, "scores, d {d}, cap {cap}, keys {keys}");
+                    let start = values(heads * d, 3);
+                    let (mut got, mut want) = (start.clone(), start);
+                    let probs = values(heads * keys, 5);
+                    weighted_values(&probs, &v, d, &mut got);
+                    for j in 0..keys {
+                        for h in 0..heads {
+                            let pj = probs[h * keys + j];
+                            for x in 0..d {
+                                want[h * d + x] += pj * v[j * d + x];
+                            }
+                        }
+                    }
+                    assert_eq!(got, want, "values, d {d}, cap {cap}, keys {keys}");
+                }
+            }
+        }
+    }
 
     /// The panelled product against the textbook triple loop (in `f64`), on widths that leave
-    /// a partial panel (37 = 2·16 + 5), one narrower than a panel (5) and exact multiples;
-    /// with and without accumulation. Relative 1e-6: only the summation order differs.
+    /// a partial panel (37 = 2·16 + 5), one narrower than a panel (5) and exact multiples,
+    /// and on more rows than one row block (200 = 2·96 + 8); with and without accumulation. Relative 1e-6: only the summation order differs.
     #[test]
     fn panelled_weight_matmul_equals_the_plain_product() {
-        for (m, rows, cols) in [(3, 7, 37), (1, 16, 5), (9, 33, 2 * PANEL), (2, 1, 17)] {
+        for (m, rows, cols) in [
+            (3, 7, 37),
+            (1, 16, 5),
+            (9, 33, 2 * PANEL),
+            (2, 1, 17),
+            (200, 33, 37),
+        ] {
             let w: Vec<f32> = (0..rows * cols)
                 .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
                 .collect();
