@@ -9,6 +9,7 @@
 //! | [`attention`] | `swap_dims` and `reshape` copies of the queries and the output, two batched `matmul`s (a `swap_dims` of the keys), `mul` (scale), `add` (mask), the `max_dim`, `sub`, `exp`, `sum_dim`, `div` that burn's autodiff decomposes `softmax` into, and `mul` by the empty-row mask |
 //! | [`moe_experts`] | `select` of the tokens' rows grouped by expert; per expert a slice of those rows, slices of the stacked weights, a SwiGLU; `cat`; `select` of the routing weights, `mul`, `select_assign` (add) into the tokens' rows |
 //! | [`linear`] | `matmul` (burn-flex zero-fills its output, copies it to re-align it, and its backward multiplies transposed copies) |
+//! | [`token_logprobs`] | `div` (temperature), and `log_softmax`'s `max_dim`, `sub`, `exp`, `sum_dim`, `log`, `sub`, then `gather` of the targets |
 //!
 //! Under autodiff every one of those ops is a graph node that allocates its output, keeps its
 //! inputs alive and runs its own backward (a slice's backward zero-fills a tensor the size of
@@ -156,6 +157,23 @@ pub fn linear(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
     ))
 }
 
+/// `log softmax(logits · inv_temp)` at each row's target: the policy's token log-probabilities.
+/// One pass over each row forward (its maximum, then `Σ exp` and the target's logit), keeping
+/// only the row's log-normaliser; the backward, `d logits = g · inv_temp · (onehot − p)`,
+/// recomputes `p` from the logits in one more pass. The reference's chain of tensor ops keeps
+/// and allocates several `[rows, vocab]` tensors, and its backward as many again. `targets` are
+/// constants.
+///
+/// # Shapes
+/// `logits: [rows, vocab]`, `targets: [rows]` (each `< vocab`) → `[rows]`
+pub fn token_logprobs(logits: Tensor<2>, targets: Vec<usize>, inv_temp: f64) -> Tensor<1> {
+    Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::token_logprobs(
+        logits.into_dispatch(),
+        targets,
+        inv_temp,
+    ))
+}
+
 /// The backend extension behind the functions above.
 #[backend_extension(Flex, Autodiff)]
 pub trait FusedOps: Backend {
@@ -181,6 +199,11 @@ pub trait FusedOps: Backend {
         mask: FloatTensor<Self>,
         empty: Vec<bool>,
         scale: f64,
+    ) -> FloatTensor<Self>;
+    fn token_logprobs(
+        logits: FloatTensor<Self>,
+        targets: Vec<usize>,
+        inv_temp: f64,
     ) -> FloatTensor<Self>;
 }
 
@@ -243,6 +266,13 @@ impl FusedOps for Flex {
     ) -> FlexTensor {
         let attn = AttnInputs::new(q, k, v, scale);
         attention_forward(&attn, &mask.to_contiguous(), &empty).0
+    }
+
+    fn token_logprobs(logits: FlexTensor, targets: Vec<usize>, inv_temp: f64) -> FlexTensor {
+        let logits = logits.to_contiguous();
+        let [rows, vocab] = dims2(&logits);
+        let (logp, _) = kernels::token_logprobs(values(&logits), vocab, &targets, inv_temp as f32);
+        tensor(logp, [rows].into())
     }
 }
 
@@ -691,6 +721,32 @@ impl Backward<Flex, 3> for AttentionBackward {
     }
 }
 
+/// Backward of [`token_logprobs`]; state: the logits (contiguous), the targets, each row's
+/// log-normaliser and `inv_temp`.
+#[derive(Debug)]
+struct TokenLogprobsBackward;
+
+impl Backward<Flex, 1> for TokenLogprobsBackward {
+    type State = (FlexTensor, Vec<usize>, Vec<f32>, f32);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (logits, targets, lse, inv_temp) = ops.state;
+        let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
+        let [logits_node] = ops.parents;
+        if let Some(node) = logits_node {
+            let [_, vocab] = dims2(&logits);
+            let d = kernels::token_logprobs_backward(
+                values(&logits),
+                vocab,
+                (&targets, &lse),
+                values(&grad),
+                inv_temp,
+            );
+            grads.register::<Flex>(node.id, tensor(d, shape_of(&logits)));
+        }
+    }
+}
+
 /// Each op is one graph node whose parents are its differentiable inputs only; the constant
 /// inputs (RoPE tables, the mask) are read and never receive a gradient.
 impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
@@ -796,6 +852,27 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
             .stateful()
         {
             OpsKind::Tracked(prep) => prep.finish((attn, probs), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn token_logprobs(
+        logits: FloatTensor<Self>,
+        targets: Vec<usize>,
+        inv_temp: f64,
+    ) -> FloatTensor<Self> {
+        let (logits, node) = logits.into_parts();
+        let logits = logits.to_contiguous();
+        let [rows, vocab] = dims2(&logits);
+        let inv_temp = inv_temp as f32;
+        let (logp, lse) = kernels::token_logprobs(values(&logits), vocab, &targets, inv_temp);
+        let y = tensor(logp, [rows].into());
+        match TokenLogprobsBackward
+            .prepare::<C>([node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((logits, targets, lse, inv_temp), y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         }
     }
@@ -1036,6 +1113,107 @@ pub(crate) mod kernels {
             let inv = 1.0 / sum;
             row.iter_mut().for_each(|v| *v *= inv);
         }
+    }
+
+    /// `max_j x_j · s`, with [`LANES`] partial maxima (a single running maximum is a serial
+    /// chain the compiler may not reorder).
+    #[inline(always)]
+    fn scaled_max(row: &[f32], s: f32) -> f32 {
+        let (chunks, tail) = row.as_chunks::<LANES>();
+        let mut acc = [f32::NEG_INFINITY; LANES];
+        for c in chunks {
+            for l in 0..LANES {
+                acc[l] = acc[l].max(c[l] * s);
+            }
+        }
+        let tail = tail.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x * s));
+        acc.iter().fold(tail, |m, &a| m.max(a))
+    }
+
+    /// `(Σ_j e_j, Σ_j e_j · z_j)` with `z_j = x_j · s − shift`, `e_j = exp(z_j)`, summed in
+    /// [`LANES`] partial sums, then pairwise as in [`dot`].
+    #[inline(always)]
+    fn exp_sums(row: &[f32], s: f32, shift: f32) -> (f32, f32) {
+        let (chunks, tail) = row.as_chunks::<LANES>();
+        let (mut sum, mut weighted) = ([0.0f32; LANES], [0.0f32; LANES]);
+        for c in chunks {
+            for l in 0..LANES {
+                let z = c[l] * s - shift;
+                let e = exp(z);
+                sum[l] += e;
+                weighted[l] += e * z;
+            }
+        }
+        let mut width = LANES;
+        while width > 1 {
+            width /= 2;
+            for l in 0..width {
+                sum[l] += sum[l + width];
+                weighted[l] += weighted[l + width];
+            }
+        }
+        tail.iter().fold((sum[0], weighted[0]), |(a, b), &x| {
+            let z = x * s - shift;
+            let e = exp(z);
+            (a + e, b + e * z)
+        })
+    }
+
+    /// Per row of `logits: [rows, vocab]`, with `z = x · inv_temp`: `lse = log Σ exp(z)`
+    /// (shifted by the row's maximum) and the target's `z − lse`. → `(log-probabilities, lse)`,
+    /// one of each per row.
+    ///
+    /// # Panics
+    /// If a target is not below `vocab` (a bug in the caller: targets are sampled tokens).
+    #[multiversion(targets("x86_64+avx2+fma"))]
+    pub fn token_logprobs(
+        logits: &[f32],
+        vocab: usize,
+        targets: &[usize],
+        inv_temp: f32,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let mut logp = Vec::with_capacity(targets.len());
+        let mut lses = Vec::with_capacity(targets.len());
+        for (row, &t) in logits.chunks_exact(vocab).zip(targets) {
+            let max = scaled_max(row, inv_temp);
+            let lse = exp_sums(row, inv_temp, max).0.ln() + max;
+            logp.push(row[t] * inv_temp - lse);
+            lses.push(lse);
+        }
+        (logp, lses)
+    }
+
+    /// The gradient of [`token_logprobs`]: `d x_j = g · inv_temp · ([j = target] − p_j)` with
+    /// `p_j = exp(x_j · inv_temp − lse)`. → `[rows · vocab]`.
+    #[multiversion(targets("x86_64+avx2+fma"))]
+    pub fn token_logprobs_backward(
+        logits: &[f32],
+        vocab: usize,
+        (targets, lse): (&[usize], &[f32]),
+        g: &[f32],
+        inv_temp: f32,
+    ) -> Vec<f32> {
+        let mut d = Vec::with_capacity(logits.len());
+        for (((row, &t), &lse), &g) in logits.chunks_exact(vocab).zip(targets).zip(lse).zip(g) {
+            let scale = g * inv_temp;
+            let start = d.len();
+            d.extend(row.iter().map(|&x| -scale * exp(x * inv_temp - lse)));
+            d[start + t] += scale;
+        }
+        d
+    }
+
+    /// Entropy `−Σ p log p` of `softmax(x · inv_temp)` per row of `logits: [rows, vocab]`,
+    /// computed as `log Σ e − Σ e·z / Σ e` with `z` shifted by the row's maximum.
+    #[multiversion(targets("x86_64+avx2+fma"))]
+    pub fn entropies(logits: &[f32], vocab: usize, inv_temp: f32) -> Vec<f32> {
+        logits
+            .chunks_exact(vocab)
+            .map(|row| {
+                let (sum, weighted) = exp_sums(row, inv_temp, scaled_max(row, inv_temp));
+                sum.ln() - weighted / sum
+            })
+            .collect()
     }
 
     /// The softmax's backward in place, row by row: `g ← scale · y · (g − Σ g·y)`.

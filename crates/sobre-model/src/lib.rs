@@ -26,7 +26,7 @@ pub use infer::{HostKvCache, InferenceModel};
 pub use io::{init_model, load_model, load_model_with_config, save_model};
 pub use model::{
     AuxParts, Batch, ForwardOptions, GroupLimit, GroupScore, Kernels, KvCache, LogitsMode,
-    ModelOutput, MoeImpl, MoeModel, RouteTotals, RouterStats,
+    ModelOutput, MoeImpl, MoeModel, RouteTotals, RouterStats, token_logprobs,
 };
 
 /// Everything that can go wrong reading or writing a model.

@@ -18,7 +18,7 @@
 use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::IndexingUpdateOp;
-use burn::tensor::activation::{sigmoid, silu, softmax};
+use burn::tensor::activation::{log_softmax, sigmoid, silu, softmax};
 
 use crate::config::{ModelConfig, ScoringFunc, TopkMethod};
 use crate::fused;
@@ -374,6 +374,63 @@ impl Proj {
             None => y,
         }
     }
+}
+
+/// Log-probabilities of `targets` under `softmax(logits / temperature)` (temperature 0 or 1:
+/// untempered, as in sampling) and, with `entropy`, each row's entropy of that distribution
+/// (detached, on the host; empty without): the training loss's token log-probabilities. The
+/// fused op ([`fused::token_logprobs`], the entropies in one host pass) where `kernels` asks
+/// for it and the backend has it, else burn's `log_softmax` and `gather` (the reference).
+///
+/// # Shapes
+/// `logits: [rows, vocab]`, `targets: [rows]` → `([rows], [rows] or [])`
+///
+/// # Panics
+/// If `targets` does not have one entry per row or one is not below `vocab`: targets are the
+/// sampled tokens, so that is a bug in the caller.
+pub fn token_logprobs(
+    logits: Tensor<2>,
+    targets: &[usize],
+    temperature: f32,
+    entropy: bool,
+    kernels: Kernels,
+) -> (Tensor<1>, Vec<f32>) {
+    let [rows, vocab] = logits.dims();
+    assert_eq!(targets.len(), rows, "one target per row");
+    assert!(
+        targets.iter().all(|&t| t < vocab),
+        "targets must lie below the vocabulary size"
+    );
+    let tempered = temperature > 0.0 && temperature != 1.0;
+    if kernels == Kernels::Fused && fused::available(&logits.device()) {
+        let inv_temp = if tempered { 1.0 / temperature } else { 1.0 };
+        let h = if entropy {
+            let values = to_vec_f32(logits.clone().detach());
+            fused::kernels::entropies(&values, vocab, inv_temp)
+        } else {
+            vec![]
+        };
+        return (
+            fused::token_logprobs(logits, targets.to_vec(), inv_temp as f64),
+            h,
+        );
+    }
+    let logits = if tempered {
+        logits / temperature as f64
+    } else {
+        logits
+    };
+    let device = logits.device();
+    let lp = log_softmax(logits, 1);
+    let h = if entropy {
+        let d = lp.clone().detach();
+        to_vec_f32((d.clone().exp() * d).sum_dim(1).neg().reshape([rows]))
+    } else {
+        vec![]
+    };
+    let targets = targets.iter().map(|&t| t as i64).collect();
+    let index = Tensor::<2, Int>::from_data(TensorData::new(targets, [rows, 1]), &device);
+    (lp.gather(1, index).reshape([rows]), h)
 }
 
 /// `x · w`: the fused [`fused::linear`] or burn's matmul (the reference).
@@ -1482,6 +1539,41 @@ mod tests {
             1e-6,
             1e-6,
         );
+    }
+
+    /// The fused token log-probabilities (and the host entropies) against burn's
+    /// `log_softmax` + `gather` (and its entropy): a vocabulary of two 16-lane chunks and a
+    /// tail and one of W1's size, untempered (1 and 0) and tempered, logits up to ±16 so that
+    /// the shift by the maximum matters, a target at each end of the vocabulary.
+    #[test]
+    fn fused_token_logprobs_agree_with_the_reference() {
+        for (vocab, seed) in [(37, 21), (512, 22)] {
+            let rows = 7;
+            let targets: Vec<usize> = (0..rows).map(|r| (r * 11 + vocab - 1) % vocab).collect();
+            let targets = [vec![0, vocab - 1], targets[2..].to_vec()].concat();
+            for temperature in [1.0, 0.0, 0.7] {
+                let logp = |[x]: &[Tensor<2>; 1], fused: bool| {
+                    let kernels = if fused {
+                        Kernels::Fused
+                    } else {
+                        Kernels::Reference
+                    };
+                    let (lp, _) = token_logprobs(x.clone(), &targets, temperature, false, kernels);
+                    lp.reshape([rows, 1])
+                };
+                assert_fused_agrees([leaf([rows, vocab], seed, 16.0)], logp, 2e-6, 1e-5);
+                let x = leaf([rows, vocab], seed, 16.0);
+                let entropy =
+                    |kernels| token_logprobs(x.clone(), &targets, temperature, true, kernels).1;
+                let (fused, reference) = (entropy(Kernels::Fused), entropy(Kernels::Reference));
+                assert_eq!(fused.len(), rows);
+                let d = rel_diff(&fused, &reference);
+                assert!(
+                    d <= 1e-5,
+                    "entropies differ by {d:e} (vocab {vocab}, T {temperature})"
+                );
+            }
+        }
     }
 
     #[test]

@@ -5,8 +5,7 @@
 use std::collections::HashMap;
 
 use burn::prelude::*;
-use burn::tensor::activation::log_softmax;
-use sobre_model::{Batch, ForwardOptions, InferenceModel, MoeModel, RouterStats};
+use sobre_model::{Batch, ForwardOptions, InferenceModel, MoeModel, RouterStats, token_logprobs};
 
 /// Prompt + completion pairs laid out for one training forward.
 ///
@@ -155,31 +154,23 @@ pub fn completion_scores(
     // Logits only at the m positions per row that predict the completion tokens (the prompt's
     // own positions never reach the LM head).
     let positions = &scored.logit_positions;
-    let (mut picked, router) = match &scored.shared {
+    let (picked, router) = match &scored.shared {
         Some((prefixes, prefix_of_row)) => {
             model.forward_positions_shared(prefixes, prefix_of_row, &scored.batch, positions, opts)
         }
         None => model.forward_positions(&scored.batch, positions, opts),
     };
     let device = picked.device();
-    if temperature > 0.0 && temperature != 1.0 {
-        picked = picked / temperature as f64;
-    }
-    let lp = log_softmax(picked, 1);
+    let targets: Vec<usize> = scored.targets.iter().map(|&t| t as usize).collect();
+    let (logp, entropy) = token_logprobs(picked, &targets, temperature, entropy, opts.kernels);
+    let entropy = entropy
+        .iter()
+        .zip(&scored.mask)
+        .map(|(h, m)| h * m)
+        .collect();
     let mask = scored.tensor(scored.mask.clone(), &device);
-    let entropy = if entropy {
-        let d = lp.clone().detach();
-        let h = (d.clone().exp() * d).sum_dim(1).neg().reshape([rows, m]) * mask.clone();
-        h.try_into_vec_as::<f32>().unwrap_or_default()
-    } else {
-        vec![]
-    };
-    let targets = Tensor::<2, Int>::from_data(
-        TensorData::new(scored.targets.clone(), [rows * m, 1]),
-        &device,
-    );
     Scored {
-        logp: lp.gather(1, targets).reshape([rows, m]) * mask,
+        logp: logp.reshape([rows, m]) * mask,
         entropy,
         router,
     }
