@@ -174,6 +174,26 @@ pub fn token_logprobs(logits: Tensor<2>, targets: Vec<usize>, inv_temp: f64) -> 
     ))
 }
 
+/// [`token_logprobs`] on host buffers, for a model that is not being trained (the frozen
+/// reference on the host engine): the same kernel, no graph. Temperature as in sampling (0 or
+/// 1: untempered).
+///
+/// # Shapes
+/// `logits: [rows · vocab]`, `targets: [rows]` (each `< vocab`) → `[rows]`
+pub fn token_logprobs_host(
+    logits: &[f32],
+    vocab: usize,
+    targets: &[usize],
+    temperature: f32,
+) -> Vec<f32> {
+    let inv_temp = if temperature > 0.0 && temperature != 1.0 {
+        1.0 / temperature
+    } else {
+        1.0
+    };
+    kernels::token_logprobs(logits, vocab, targets, inv_temp).0
+}
+
 /// The backend extension behind the functions above.
 #[backend_extension(Flex, Autodiff)]
 pub trait FusedOps: Backend {

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 
 use burn::prelude::*;
+use sobre_model::fused::token_logprobs_host;
 use sobre_model::{Batch, ForwardOptions, InferenceModel, MoeModel, RouterStats, token_logprobs};
 
 /// Prompt + completion pairs laid out for one training forward.
@@ -208,22 +209,10 @@ pub fn completion_logprobs_host(
         None => model.forward_positions(&scored.batch, positions),
     };
     let vocab = logits.len() / positions.len();
-    let tempered = temperature > 0.0 && temperature != 1.0;
-    let mut z = vec![0.0f32; vocab];
-    logits
-        .chunks_exact(vocab)
-        .zip(&scored.targets)
+    let targets: Vec<usize> = scored.targets.iter().map(|&t| t as usize).collect();
+    let logp = token_logprobs_host(&logits, vocab, &targets, temperature);
+    logp.iter()
         .zip(&scored.mask)
-        .map(|((row, &target), &mask)| {
-            if mask == 0.0 {
-                return 0.0;
-            }
-            for (zi, &x) in z.iter_mut().zip(row) {
-                *zi = if tempered { x / temperature } else { x };
-            }
-            let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f32 = z.iter().map(|&v| (v - max).exp()).sum();
-            z[target as usize] - max - sum.ln()
-        })
+        .map(|(&lp, &m)| if m == 0.0 { 0.0 } else { lp })
         .collect()
 }
