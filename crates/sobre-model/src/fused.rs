@@ -186,12 +186,17 @@ pub fn token_logprobs_host(
     targets: &[usize],
     temperature: f32,
 ) -> Vec<f32> {
-    let inv_temp = if temperature > 0.0 && temperature != 1.0 {
+    kernels::token_logprobs(logits, vocab, targets, inverse_temperature(temperature)).0
+}
+
+/// The factor the logits are scaled by for a sampling temperature: `1 / temperature`, and 1
+/// for 0 (greedy, whose log-probabilities are the untempered ones) and for 1.
+pub(crate) fn inverse_temperature(temperature: f32) -> f32 {
+    if temperature > 0.0 && temperature != 1.0 {
         1.0 / temperature
     } else {
         1.0
-    };
-    kernels::token_logprobs(logits, vocab, targets, inv_temp).0
+    }
 }
 
 /// The backend extension behind the functions above.

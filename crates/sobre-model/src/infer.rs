@@ -1071,12 +1071,7 @@ impl HostMoe {
 #[cfg(test)]
 mod tests {
     use super::{PANEL, Weight, key_scores, weighted_values};
-
-    fn values(n: usize, salt: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| ((i * 7919 + salt * 104_729) % 2001) as f32 * 1e-3 - 1.0)
-            .collect()
-    }
+    use crate::matmul::tests::values;
 
     /// The decode attention's register-blocked loops against the plain ones they replaced
     /// (each score summed over `d` in order into memory, each output element over the keys in

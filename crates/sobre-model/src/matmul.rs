@@ -278,10 +278,11 @@ unsafe fn gemm_raw(c: *mut f32, c_row_stride: usize, a: View, b: View, accumulat
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn values(n: usize, salt: usize) -> Vec<f32> {
+    /// Deterministic test values in `[-1, 1]`, different for each `salt`.
+    pub(crate) fn values(n: usize, salt: usize) -> Vec<f32> {
         (0..n)
             .map(|i| ((i * 7919 + salt * 104_729) % 2001) as f32 * 1e-3 - 1.0)
             .collect()

@@ -401,9 +401,8 @@ pub fn token_logprobs(
         targets.iter().all(|&t| t < vocab),
         "targets must lie below the vocabulary size"
     );
-    let tempered = temperature > 0.0 && temperature != 1.0;
+    let inv_temp = fused::inverse_temperature(temperature);
     if kernels == Kernels::Fused && fused::available(&logits.device()) {
-        let inv_temp = if tempered { 1.0 / temperature } else { 1.0 };
         let h = if entropy {
             let values = to_vec_f32(logits.clone().detach());
             fused::kernels::entropies(&values, vocab, inv_temp)
@@ -415,7 +414,7 @@ pub fn token_logprobs(
             h,
         );
     }
-    let logits = if tempered {
+    let logits = if inv_temp != 1.0 {
         logits / temperature as f64
     } else {
         logits
