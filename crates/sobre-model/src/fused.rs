@@ -294,11 +294,20 @@ impl FusedOps for Flex {
     }
 
     fn token_logprobs(logits: FlexTensor, targets: Vec<usize>, inv_temp: f64) -> FlexTensor {
-        let logits = logits.to_contiguous();
-        let [rows, vocab] = dims2(&logits);
-        let (logp, _) = kernels::token_logprobs(values(&logits), vocab, &targets, inv_temp as f32);
-        tensor(logp, [rows].into())
+        token_logprobs_forward(&logits.to_contiguous(), &targets, inv_temp as f32).0
     }
+}
+
+/// The forward of [`token_logprobs`] on contiguous `logits`: the log-probabilities and each
+/// row's log-normaliser (for the backward).
+fn token_logprobs_forward(
+    logits: &FlexTensor,
+    targets: &[usize],
+    inv_temp: f32,
+) -> (FlexTensor, Vec<f32>) {
+    let [rows, vocab] = dims2(logits);
+    let (logp, lse) = kernels::token_logprobs(values(logits), vocab, targets, inv_temp);
+    (tensor(logp, [rows].into()), lse)
 }
 
 /// The inputs of [`attention`] and its sizes: `q` contiguous; `k` and `v` as they come when
@@ -888,10 +897,8 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
     ) -> FloatTensor<Self> {
         let (logits, node) = logits.into_parts();
         let logits = logits.to_contiguous();
-        let [rows, vocab] = dims2(&logits);
         let inv_temp = inv_temp as f32;
-        let (logp, lse) = kernels::token_logprobs(values(&logits), vocab, &targets, inv_temp);
-        let y = tensor(logp, [rows].into());
+        let (y, lse) = token_logprobs_forward(&logits, &targets, inv_temp);
         match TokenLogprobsBackward
             .prepare::<C>([node])
             .compute_bound()

@@ -1124,7 +1124,8 @@ mod tests {
 
     /// The panelled product against the textbook triple loop (in `f64`), on widths that leave
     /// a partial panel (37 = 2·16 + 5), one narrower than a panel (5) and exact multiples,
-    /// and on more rows than one row block (200 = 2·96 + 8); with and without accumulation. Relative 1e-6: only the summation order differs.
+    /// and on more rows than one row block (200 = 2·96 + 8); with and without accumulation.
+    /// Relative 1e-6: only the summation order differs.
     #[test]
     fn panelled_weight_matmul_equals_the_plain_product() {
         for (m, rows, cols) in [

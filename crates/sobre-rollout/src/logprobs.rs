@@ -30,7 +30,8 @@ pub struct ScoredBatch {
     /// `[rows · max_completion]`: flat position in `batch` of the logits that predict each
     /// completion token (position 0 for padding: any valid index, masked out).
     logit_positions: Vec<usize>,
-    targets: Vec<i64>,
+    /// `[rows · max_completion]`: each completion token (0 at padding).
+    targets: Vec<usize>,
 }
 
 impl ScoredBatch {
@@ -45,11 +46,11 @@ impl ScoredBatch {
     pub fn with_prefix_sharing(pairs: &[(&[u32], &[u32])], pad_id: u32, share: bool) -> Self {
         let m = pairs.iter().map(|(_, c)| c.len()).max().unwrap_or(0);
         let mut mask = vec![0.0; pairs.len() * m];
-        let mut targets = vec![0i64; pairs.len() * m];
+        let mut targets = vec![0usize; pairs.len() * m];
         for (r, (_, c)) in pairs.iter().enumerate() {
             for (i, &t) in c.iter().enumerate() {
                 mask[r * m + i] = 1.0;
-                targets[r * m + i] = t as i64;
+                targets[r * m + i] = t as usize;
             }
         }
         // Distinct prompts in order of first appearance; sharing pays only if one repeats and
@@ -162,8 +163,8 @@ pub fn completion_scores(
         None => model.forward_positions(&scored.batch, positions, opts),
     };
     let device = picked.device();
-    let targets: Vec<usize> = scored.targets.iter().map(|&t| t as usize).collect();
-    let (logp, entropy) = token_logprobs(picked, &targets, temperature, entropy, opts.kernels);
+    let (logp, entropy) =
+        token_logprobs(picked, &scored.targets, temperature, entropy, opts.kernels);
     let entropy = entropy
         .iter()
         .zip(&scored.mask)
@@ -209,8 +210,7 @@ pub fn completion_logprobs_host(
         None => model.forward_positions(&scored.batch, positions),
     };
     let vocab = logits.len() / positions.len();
-    let targets: Vec<usize> = scored.targets.iter().map(|&t| t as usize).collect();
-    let logp = token_logprobs_host(&logits, vocab, &targets, temperature);
+    let logp = token_logprobs_host(&logits, vocab, &scored.targets, temperature);
     logp.iter()
         .zip(&scored.mask)
         .map(|(&lp, &m)| if m == 0.0 { 0.0 } else { lp })
