@@ -448,7 +448,7 @@ pub fn grpo_step(
                 (Some(loss), st)
             };
             let (loss_value, grads, stats) =
-                sharded_gradients(&model, shards[ci].len(), forward, finish);
+                sharded_gradients(&model, shards[ci].len(), aux_coef > 0.0, forward, finish);
             // Mini-batch statistics from the shards' sums.
             let sum = |f: fn(&ShardStats) -> f64| stats.iter().map(f).sum::<f64>();
             let n_tok = sum(|s| s.tokens).max(1.0);

@@ -732,10 +732,15 @@ pub fn apply_gradients(
 /// share a leaf, which would serialise the threads).
 ///
 /// On each replica `forward(model_i, i)` runs shard `i`'s forward and returns what `finish`
-/// needs plus the shard's routing totals (when a balance loss is on); the replicas exchange
-/// totals; then `finish(state, batch_totals)` builds the shard's loss, weighted so that the
-/// shards' losses sum to the batch's (`AuxParts::loss_in` with the batch's totals does that for
-/// the balance loss). A shard may have no loss (nothing to score) and adds nothing.
+/// needs plus the shard's routing totals (when a balance loss is on); with `exchange_totals`
+/// the replicas wait for each other and sum their totals; then `finish(state, batch_totals)`
+/// builds the shard's loss, weighted so that the shards' losses sum to the batch's
+/// (`AuxParts::loss_in` with the batch's totals does that for the balance loss). A shard may
+/// have no loss (nothing to score) and adds nothing. Without `exchange_totals` (no balance
+/// loss) each replica goes on to its backward as soon as its own forward is done, and
+/// `finish` gets `None`: a replica that finished its forward early would otherwise idle at the
+/// exchange while the other catches up (the two cores of a small machine drift apart by tens of
+/// milliseconds per forward).
 ///
 /// Returns the sum of the shard losses; the sum of their gradients, added in shard order (so
 /// the result depends on `shards`, not on the machine), or `None` when a shard's loss is not
@@ -743,6 +748,7 @@ pub fn apply_gradients(
 pub fn sharded_gradients<S, R: Send>(
     model: &MoeModel,
     shards: usize,
+    exchange_totals: bool,
     forward: impl Fn(&MoeModel, usize) -> (S, Option<RouteTotals>) + Sync,
     finish: impl Fn(S, Option<&RouteTotals>) -> (Option<Tensor<1>>, R) + Sync,
 ) -> (f64, Option<Vec<HostGrad>>, Vec<R>) {
@@ -760,20 +766,25 @@ pub fn sharded_gradients<S, R: Send>(
         } else {
             model
         };
-        // Every replica must reach the barrier, or the others wait forever.
-        let ran = std::panic::catch_unwind(AssertUnwindSafe(|| forward(m, i)));
-        let published = ran.as_ref().map(|(_, t)| t.clone()).map_err(|_| ());
-        lock(&slots)[i] = Some(published);
-        barrier.wait();
-        let (state, _) = ran.unwrap_or_else(|e| std::panic::resume_unwind(e));
-        let mut batch: Option<RouteTotals> = None;
-        for slot in lock(&slots).iter() {
-            match slot {
-                Some(Ok(Some(t))) => batch.get_or_insert_with(RouteTotals::default).add(t),
-                Some(Ok(None)) => {}
-                _ => panic!("another data-parallel replica failed in its forward pass"),
+        let (state, batch) = if exchange_totals {
+            // Every replica must reach the barrier, or the others wait forever.
+            let ran = std::panic::catch_unwind(AssertUnwindSafe(|| forward(m, i)));
+            let published = ran.as_ref().map(|(_, t)| t.clone()).map_err(|_| ());
+            lock(&slots)[i] = Some(published);
+            barrier.wait();
+            let (state, _) = ran.unwrap_or_else(|e| std::panic::resume_unwind(e));
+            let mut batch: Option<RouteTotals> = None;
+            for slot in lock(&slots).iter() {
+                match slot {
+                    Some(Ok(Some(t))) => batch.get_or_insert_with(RouteTotals::default).add(t),
+                    Some(Ok(None)) => {}
+                    _ => panic!("another data-parallel replica failed in its forward pass"),
+                }
             }
-        }
+            (state, batch)
+        } else {
+            (forward(m, i).0, None)
+        };
         let (loss, out) = finish(state, batch.as_ref());
         let (value, grads) = match loss {
             Some(loss) => host_gradients(m, loss),

@@ -336,6 +336,7 @@ impl Pipeline {
                 let (_, grads, shards) = sharded_gradients(
                     &model,
                     ranges.len(),
+                    aux_coef > 0.0,
                     |m, si| {
                         let rows = &batch[ranges[si].clone()];
                         let scored = sft_forward(m, rows, special.pad, aux_coef > 0.0);

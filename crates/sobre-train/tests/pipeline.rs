@@ -143,6 +143,7 @@ fn non_finite_loss_skips_the_update() {
     let (loss, grads, _) = sharded_gradients(
         &model,
         2,
+        false,
         |m, i| ((m.embed_tokens.val().sum(), i), None),
         |(sum, i), _| (Some(if i == 1 { sum * f64::NAN } else { sum }), ()),
     );
@@ -155,6 +156,7 @@ fn non_finite_loss_skips_the_update() {
     let (_, grads, _) = sharded_gradients(
         &model,
         2,
+        true,
         |m, _| (m.embed_tokens.val().sum(), None),
         |sum, _| (Some(sum), ()),
     );
