@@ -783,7 +783,12 @@ pub fn sharded_gradients<S, R: Send>(
             }
             (state, batch)
         } else {
-            (forward(m, i).0, None)
+            let (state, totals) = forward(m, i);
+            debug_assert!(
+                totals.is_none(),
+                "routing totals returned without exchange_totals: the balance loss would be lost"
+            );
+            (state, None)
         };
         let (loss, out) = finish(state, batch.as_ref());
         let (value, grads) = match loss {
