@@ -346,6 +346,13 @@ pub struct RunSection {
     pub max_consecutive_nonfinite: usize,
     /// Show a progress bar (on a terminal).
     pub progress: bool,
+    /// Also write every metrics.jsonl scalar as TensorBoard event files under `tensorboard/`
+    /// in the run directory (`tensorboard --logdir runs/`).
+    pub tensorboard: bool,
+    /// Watts drawn per busy core, for the run's energy *estimate* (CPU-seconds × this), as
+    /// CodeCarbon estimates from a TDP when no meter is available. Measured RAPL energy is
+    /// reported beside it where `/sys/class/powercap` exists.
+    pub watts_per_core: f64,
 }
 
 impl Default for RunSection {
@@ -362,6 +369,8 @@ impl Default for RunSection {
             data_parallel_size: 1,
             max_consecutive_nonfinite: 3,
             progress: true,
+            tensorboard: true,
+            watts_per_core: 10.0,
         }
     }
 }
@@ -987,6 +996,12 @@ impl Config {
         }
         if self.run.max_consecutive_nonfinite == 0 {
             return fail("run.max_consecutive_nonfinite", "must be at least 1".into());
+        }
+        if !(self.run.watts_per_core.is_finite() && self.run.watts_per_core >= 0.0) {
+            return fail(
+                "run.watts_per_core",
+                format!("must be a finite number >= 0, got {}", self.run.watts_per_core),
+            );
         }
         // [eval]
         if (self.eval.eval_every > 0 || self.eval.at_end) && self.eval.n == 0 {
