@@ -24,8 +24,8 @@ use crate::config::Config;
 use crate::data::{Detok, Order, derive_seed, encode_prompt, reward_sample};
 use crate::kl::KlEstimator;
 use crate::losses::{
-    LossSettings, PolicyLossInput, clip_fractions, host_log_ratios, is_sequence_level,
-    policy_loss_fn, shard_weight,
+    LossSettings, PolicyLossFn, PolicyLossInput, clip_fractions, host_log_ratios,
+    is_sequence_level, policy_loss_fn, shard_weight,
 };
 use crate::metrics::{add_counts, add_shard_counts, expert_load, num, peak_rss_mib};
 use crate::optim::{AdamW, apply_gradients, sharded_gradients};
@@ -68,6 +68,41 @@ struct Scored {
     components: Vec<Option<f32>>,
 }
 
+/// What sampling and scoring leave: the `P × G` completions kept for the update (whole
+/// groups, in prompt order) and what the rounds of dynamic sampling saw on the way.
+struct Rollout {
+    kept: Vec<Scored>,
+    /// Groups scored over all rounds, and how many of them had zero reward variance.
+    groups_seen: usize,
+    zero_groups: usize,
+    generated_tokens: usize,
+    rounds_used: usize,
+}
+
+/// The update's per-row inputs: `rewards[i]`, `advantages[i]`, `row_mask[i]` (0 for a row the
+/// loss ignores: a truncated completion under `mask_truncated_completions`).
+struct Advantages {
+    rewards: Vec<f32>,
+    advantages: Vec<f32>,
+    row_mask: Vec<f32>,
+}
+
+/// The step's rows cut into mini-batches, and each mini-batch into one contiguous shard per
+/// data-parallel replica; each shard pads to its own width.
+struct Batches {
+    /// `chunks[ci]`: the rows of mini-batch `ci`.
+    chunks: Vec<Range<usize>>,
+    /// `shards[ci][si]`: the rows of shard `si` of mini-batch `ci`.
+    shards: Vec<Vec<Range<usize>>>,
+    layouts: Vec<Vec<Layout>>,
+    /// Tokens in the loss of each shard (its row mask applied).
+    shard_tokens: Vec<Vec<f64>>,
+}
+
+/// The reference's log-probabilities of each shard's completion tokens (`[rows · width]`,
+/// like its layout), `None` without a reference or for a shard with nothing to score.
+type ReferenceLogprobs = Vec<Vec<Option<Vec<f32>>>>;
+
 /// What one data-parallel shard of a mini-batch update reports: sums over its tokens, so the
 /// mini-batch's figures are the same whatever the number of shards.
 #[derive(Default)]
@@ -92,6 +127,31 @@ struct ShardStats {
 /// mask, advantages and rollout log-probabilities.
 type ShardForward = (usize, crate::score::Scored, Vec<f32>, Vec<f32>, Vec<f32>);
 
+/// What the updates of a step report, one entry per mini-batch update (the entropy, the
+/// log-prob mismatch and the expert counts from the first pass only).
+#[derive(Default)]
+struct UpdateStats {
+    losses: Vec<f64>,
+    grad_norms: Vec<f64>,
+    kls: Vec<f64>,
+    entropies: Vec<f64>,
+    mismatches: Vec<f64>,
+    clip_lo: Vec<f64>,
+    clip_hi: Vec<f64>,
+    aux: Vec<f64>,
+    expert_counts: Vec<Vec<u64>>,
+    updates: usize,
+    skipped: usize,
+}
+
+/// Seconds spent in each phase of a step.
+struct Timings {
+    rollout: f64,
+    reference: f64,
+    policy: f64,
+    step: f64,
+}
+
 /// The result of a step.
 pub struct StepOutput {
     pub metrics: Map<String, Value>,
@@ -112,12 +172,126 @@ pub fn default_accuracy_reward(cfg: &Config, rewards: &CombinedReward) -> Option
         .map(|s| s.to_string())
 }
 
+/// Run one GRPO step (`step` is 0-based) and return the updated model: sample and score →
+/// advantages → reference log-probabilities → policy update → metrics.
+pub fn grpo_step(
+    ctx: &GrpoContext<'_>,
+    model: MoeModel,
+    opt: &mut AdamW,
+    order: &mut Order,
+    cursor: &mut u64,
+    step: usize,
+    lr: f64,
+) -> Result<(MoeModel, StepOutput), TrainError> {
+    let t_step = Instant::now();
+    let rollout = sample_and_score(ctx, &model, order, cursor, step)?;
+    let time_rollout = t_step.elapsed().as_secs_f64();
+    let adv = compute_advantages(ctx.cfg, &rollout.kept);
+    let batches = plan_batches(ctx, &rollout.kept, &adv.row_mask);
+    let t_reference = Instant::now();
+    let ref_lp = reference_logprobs(ctx, &batches);
+    let time_reference = t_reference.elapsed().as_secs_f64();
+    let t_policy = Instant::now();
+    let (model, update) =
+        update_policy(ctx, model, opt, lr, &rollout.kept, &adv, &batches, &ref_lp);
+    let timings = Timings {
+        rollout: time_rollout,
+        reference: time_reference,
+        policy: t_policy.elapsed().as_secs_f64(),
+        step: t_step.elapsed().as_secs_f64(),
+    };
+    let skipped = update.updates > 0 && update.skipped == update.updates;
+    let metrics = step_metrics(ctx, step, lr, &rollout, &adv, &update, &timings);
+    let samples = sample_lines(ctx, step, &rollout.kept, &adv.advantages);
+    Ok((
+        model,
+        StepOutput {
+            metrics,
+            samples,
+            skipped,
+        },
+    ))
+}
+
+// ---- sample and score ----
+
+/// Sample `G` completions for each of the next `P` prompts and score them; with DAPO's dynamic
+/// sampling (`filter_zero_std_groups`), drop groups whose rewards all agree and sample again,
+/// up to `max_resample_rounds` more rounds, until `P` groups are kept.
+fn sample_and_score(
+    ctx: &GrpoContext<'_>,
+    model: &MoeModel,
+    order: &mut Order,
+    cursor: &mut u64,
+    step: usize,
+) -> Result<Rollout, TrainError> {
+    let g = &ctx.cfg.grpo;
+    let (p, gs) = (g.num_prompts, g.group_size);
+    let policy = model.valid();
+    let detok = Detok(ctx.tok);
+    let mut out = Rollout {
+        kept: Vec::new(),
+        groups_seen: 0,
+        zero_groups: 0,
+        generated_tokens: 0,
+        rounds_used: 0,
+    };
+    let rounds = if g.filter_zero_std_groups {
+        g.max_resample_rounds + 1
+    } else {
+        1
+    };
+    for round in 0..rounds {
+        if out.kept.len() >= p * gs {
+            break;
+        }
+        out.rounds_used += 1;
+        let mut prompts = Vec::with_capacity(p);
+        let mut requests = Vec::with_capacity(p);
+        for _ in 0..p {
+            let idx = order.index(*cursor);
+            let ids = encode_prompt(ctx.tok, ctx.template, &ctx.train[idx])?;
+            requests.push(Prompt {
+                ids: ids.clone(),
+                key: *cursor,
+            });
+            prompts.push((idx, ids));
+            *cursor += 1;
+        }
+        let params = SamplingParams {
+            seed: derive_seed(
+                ctx.cfg.run.seed ^ ctx.cfg.rollout.seed,
+                &[1, step as u64, round as u64],
+            ),
+            data_parallel_size: ctx.cfg.run.data_parallel_size,
+            ..ctx.cfg.rollout.clone()
+        };
+        let completions = generate(&policy, &requests, gs, &params, Some(&detok))?;
+        out.generated_tokens += completions.iter().map(|c| c.tokens.len()).sum::<usize>();
+        let scored = score_completions(ctx, &prompts, completions);
+        let rewards: Vec<f32> = scored.iter().map(|s| s.reward).collect();
+        let zero = zero_std_groups(&rewards, gs);
+        out.groups_seen += zero.len();
+        out.zero_groups += zero.iter().filter(|&&z| z).count();
+        let mut groups = scored.into_iter();
+        for &z in &zero {
+            let group: Vec<Scored> = groups.by_ref().take(gs).collect();
+            if (g.filter_zero_std_groups && z) || out.kept.len() >= p * gs {
+                continue;
+            }
+            out.kept.extend(group);
+        }
+    }
+    Ok(out)
+}
+
+/// Each completion's total reward and its components, from the verifiers of the run.
 fn score_completions(
     ctx: &GrpoContext<'_>,
     prompts: &[(usize, Vec<u32>)],
     completions: Vec<Completion>,
-    max_tokens: usize,
 ) -> Vec<Scored> {
+    let max_tokens = ctx.cfg.rollout.max_new_tokens;
     completions
         .into_iter()
         .map(|c| {
@@ -141,118 +315,48 @@ fn score_completions(
         .collect()
 }
 
-/// Run one GRPO step (`step` is 0-based) and return the updated model.
-pub fn grpo_step(
-    ctx: &GrpoContext<'_>,
-    mut model: MoeModel,
-    opt: &mut AdamW,
-    order: &mut Order,
-    cursor: &mut u64,
-    step: usize,
-    lr: f64,
-) -> Result<(MoeModel, StepOutput), TrainError> {
-    let cfg = ctx.cfg;
+// ---- advantages, mini-batches, reference ----
+
+/// Group-relative advantages of the kept rows (scaled as `scale_rewards` says) and the row
+/// mask.
+fn compute_advantages(cfg: &Config, kept: &[Scored]) -> Advantages {
     let g = &cfg.grpo;
-    let (p, gs) = (g.num_prompts, g.group_size);
-    let pad = ctx.tok.special().pad;
-    let t_step = Instant::now();
-
-    // ---- rollout (with DAPO dynamic sampling when filtering) ----
-    let t0 = Instant::now();
-    let policy = model.valid();
-    let detok = Detok(ctx.tok);
-    let mut kept: Vec<Scored> = Vec::new();
-    let mut all_rewards: Vec<f32> = Vec::new();
-    let mut groups_seen = 0usize;
-    let mut zero_groups = 0usize;
-    let mut generated_tokens = 0usize;
-    let rounds = if g.filter_zero_std_groups {
-        g.max_resample_rounds + 1
-    } else {
-        1
-    };
-    let mut rounds_used = 0;
-    for round in 0..rounds {
-        if kept.len() >= p * gs {
-            break;
-        }
-        rounds_used += 1;
-        let mut prompts = Vec::with_capacity(p);
-        let mut requests = Vec::with_capacity(p);
-        for _ in 0..p {
-            let idx = order.index(*cursor);
-            let ids = encode_prompt(ctx.tok, ctx.template, &ctx.train[idx])?;
-            requests.push(Prompt {
-                ids: ids.clone(),
-                key: *cursor,
-            });
-            prompts.push((idx, ids));
-            *cursor += 1;
-        }
-        let params = SamplingParams {
-            seed: derive_seed(
-                cfg.run.seed ^ cfg.rollout.seed,
-                &[1, step as u64, round as u64],
-            ),
-            data_parallel_size: cfg.run.data_parallel_size,
-            ..cfg.rollout.clone()
-        };
-        let completions = generate(&policy, &requests, gs, &params, Some(&detok))?;
-        generated_tokens += completions.iter().map(|c| c.tokens.len()).sum::<usize>();
-        let scored = score_completions(ctx, &prompts, completions, cfg.rollout.max_new_tokens);
-        let rewards: Vec<f32> = scored.iter().map(|s| s.reward).collect();
-        let zero = zero_std_groups(&rewards, gs);
-        groups_seen += zero.len();
-        zero_groups += zero.iter().filter(|&&z| z).count();
-        all_rewards.extend(&rewards);
-        for (gi, group) in scored
-            .into_iter()
-            .collect::<Vec<_>>()
-            .chunks(gs)
-            .enumerate()
-        {
-            if (g.filter_zero_std_groups && zero[gi]) || kept.len() >= p * gs {
-                continue;
-            }
-            kept.extend(group.iter().map(|s| Scored {
-                prompt_ids: s.prompt_ids.clone(),
-                sample: s.sample,
-                completion: s.completion.clone(),
-                reward: s.reward,
-                components: s.components.clone(),
-            }));
-        }
-    }
-    drop(policy);
-    let time_rollout = t0.elapsed().as_secs_f64();
-
-    // ---- advantages ----
     let rewards: Vec<f32> = kept.iter().map(|s| s.reward).collect();
     let scale = ScaleRewards::from_name(&g.scale_rewards).unwrap_or(ScaleRewards::Group);
     let advantages = if kept.is_empty() {
         vec![]
     } else {
-        group_advantages(&rewards, gs, scale)
+        group_advantages(&rewards, g.group_size, scale)
     };
-    let rows = kept.len();
-    let row_mask: Vec<f32> = kept
+    let row_mask = kept
         .iter()
         .map(|s| {
-            if g.mask_truncated_completions && s.completion.finish_reason == FinishReason::Length {
+            let truncated = s.completion.finish_reason == FinishReason::Length;
+            if g.mask_truncated_completions && truncated {
                 0.0
             } else {
                 1.0
             }
         })
         .collect();
+    Advantages {
+        rewards,
+        advantages,
+        row_mask,
+    }
+}
 
-    // ---- mini-batches, their data-parallel shards, reference logprobs ----
+/// Cut the rows into mini-batches of `mini_batch_size` and each into `data_parallel_size`
+/// shards, with each shard's padded layout and its count of loss tokens.
+fn plan_batches(ctx: &GrpoContext<'_>, kept: &[Scored], row_mask: &[f32]) -> Batches {
+    let cfg = ctx.cfg;
+    let pad = ctx.tok.special().pad;
+    let rows = kept.len();
     let mb = cfg.mini_batch().min(rows.max(1));
     let chunks: Vec<Range<usize>> = (0..rows)
         .step_by(mb.max(1))
         .map(|s| s..(s + mb).min(rows))
         .collect();
-    // shards[ci]: the row ranges of mini-batch ci, one per replica; each pads to its own width.
     let shards: Vec<Vec<Range<usize>>> = chunks
         .iter()
         .map(|r| split_range(r.clone(), cfg.run.data_parallel_size))
@@ -272,13 +376,32 @@ pub fn grpo_step(
                 .collect()
         })
         .collect();
-    // Rows with an empty completion cannot be scored (no token to predict); they are masked.
-    let t1 = Instant::now();
-    let kl_est = KlEstimator::from_name(&g.kl_estimator).unwrap_or(KlEstimator::K3);
-    let temperature = cfg.rollout.temperature;
-    // The reference is never trained: on the CPU it runs on the host engine, without autodiff.
-    let reference = ctx.reference.filter(|_| g.beta > 0.0);
-    let ref_lp: Vec<Vec<Option<Vec<f32>>>> = layouts
+    let shard_tokens = layouts
+        .iter()
+        .zip(&shards)
+        .map(|(ls, ranges)| {
+            ls.iter()
+                .zip(ranges)
+                .map(|(l, r)| masked_count(l, &row_mask[r.clone()]))
+                .collect()
+        })
+        .collect();
+    Batches {
+        chunks,
+        shards,
+        layouts,
+        shard_tokens,
+    }
+}
+
+/// The frozen reference's log-probabilities of every shard's completions, when `beta > 0`.
+/// The reference is never trained: on the CPU it runs on the host engine, without autodiff.
+/// Rows with an empty completion cannot be scored (no token to predict); they are masked.
+fn reference_logprobs(ctx: &GrpoContext<'_>, batches: &Batches) -> ReferenceLogprobs {
+    let temperature = ctx.cfg.rollout.temperature;
+    let reference = ctx.reference.filter(|_| ctx.cfg.grpo.beta > 0.0);
+    batches
+        .layouts
         .iter()
         .map(|ls| match reference {
             Some(r) => par_map(ls, |l| {
@@ -291,264 +414,416 @@ pub fn grpo_step(
             }),
             None => vec![None; ls.len()],
         })
-        .collect();
-    let time_reference = t1.elapsed().as_secs_f64();
+        .collect()
+}
 
-    // ---- policy updates ----
-    let t2 = Instant::now();
-    let loss_fn = policy_loss_fn(&g.loss).unwrap_or(crate::losses::grpo);
-    let seq_level = is_sequence_level(&g.loss);
-    // Masked tokens of each shard (the row mask applied).
-    let shard_tokens: Vec<Vec<f64>> = layouts
-        .iter()
-        .zip(&shards)
-        .map(|(ls, ranges)| {
-            ls.iter()
-                .zip(ranges)
-                .map(|(l, r)| masked_count(l, &row_mask[r.clone()]))
-                .collect()
-        })
-        .collect();
-    let total_tokens: f64 = shard_tokens.iter().flatten().sum();
+// ---- policy update ----
+
+/// What every shard's loss of one mini-batch, in one pass, reads.
+struct MiniBatch<'a> {
+    /// Index of the mini-batch, and the pass over the step's data (`0..num_iterations`).
+    ci: usize,
+    pass: usize,
+    kept: &'a [Scored],
+    adv: &'a Advantages,
+    batches: &'a Batches,
+    ref_lp: &'a [Option<Vec<f32>>],
+    settings: &'a LossSettings,
+    loss: &'a str,
+    loss_fn: PolicyLossFn,
+    seq_level: bool,
+    /// `num_iterations > 1`: the old log-probabilities are the rollout's, not this forward's.
+    old_from_rollout: bool,
+    aux_coef: f64,
+    temperature: f32,
+    device: Device,
+}
+
+/// μ passes over the mini-batches, one optimizer step each (the shards' gradients summed).
+#[allow(clippy::too_many_arguments)]
+fn update_policy(
+    ctx: &GrpoContext<'_>,
+    mut model: MoeModel,
+    opt: &mut AdamW,
+    lr: f64,
+    kept: &[Scored],
+    adv: &Advantages,
+    batches: &Batches,
+    ref_lp: &ReferenceLogprobs,
+) -> (MoeModel, UpdateStats) {
+    let (cfg, g) = (ctx.cfg, &ctx.cfg.grpo);
+    let total_tokens: f64 = batches.shard_tokens.iter().flatten().sum();
     let settings = LossSettings {
         epsilon: g.epsilon,
         epsilon_high: cfg.epsilon_high(),
         beta: g.beta,
-        kl: kl_est,
+        kl: KlEstimator::from_name(&g.kl_estimator).unwrap_or(KlEstimator::K3),
         max_completion_length: cfg.rollout.max_new_tokens,
-        dapo_normalizer: total_tokens / chunks.len().max(1) as f64,
+        dapo_normalizer: total_tokens / batches.chunks.len().max(1) as f64,
     };
     let aux_coef = g.aux_loss_coef.unwrap_or(model.config.router_aux_loss_coef);
-    let bias_update = model.config.aux_loss_free_bias;
-    let bias_rate = model.config.bias_update_rate as f32;
-    let device = model.device();
-    let (mut losses, mut norms, mut kls, mut ents, mut mism) =
-        (vec![], vec![], vec![], vec![], vec![]);
-    let (mut clip_lo, mut clip_hi, mut aux_vals) = (vec![], vec![], vec![]);
-    let mut counts: Vec<Vec<u64>> = vec![];
-    let (mut updates, mut skipped) = (0usize, 0usize);
-    for it in 0..g.num_iterations {
-        for (ci, chunk) in chunks.iter().enumerate() {
-            if layouts[ci].iter().all(|l| l.max_completion == 0) {
+    let mut stats = UpdateStats::default();
+    for pass in 0..g.num_iterations {
+        for ci in 0..batches.chunks.len() {
+            if batches.layouts[ci].iter().all(|l| l.max_completion == 0) {
                 continue;
             }
-            let mb_tokens: f64 = shard_tokens[ci].iter().sum();
-            // One shard's forward; then, given the mini-batch's routing totals, its loss
-            // (weighted into the mini-batch's) and its host statistics.
-            let forward = |model: &MoeModel, si: usize| {
-                let (layout, range) = (&layouts[ci][si], shards[ci][si].clone());
-                let m = layout.max_completion;
-                if m == 0 {
-                    return (None, None);
-                }
-                let mut mask = layout.mask.clone();
-                let mut adv = vec![0.0f32; layout.rows * m];
-                let mut rollout_lp = vec![0.0f32; layout.rows * m];
-                for (r, gi) in range.enumerate() {
-                    for i in 0..m {
-                        mask[r * m + i] *= row_mask[gi];
-                        adv[r * m + i] = advantages[gi];
-                    }
-                    for (i, &lp) in kept[gi].completion.logprobs.iter().enumerate().take(m) {
-                        rollout_lp[r * m + i] = lp;
-                    }
-                }
-                let opts = ForwardOptions {
-                    aux_loss: aux_coef > 0.0,
-                    ..Default::default()
-                };
-                let scored = score(model, layout, temperature, opts, it == 0);
-                let routes = scored.router.aux_parts.as_ref().map(|p| p.totals.clone());
-                (Some((si, scored, mask, adv, rollout_lp)), routes)
+            let mb = MiniBatch {
+                ci,
+                pass,
+                kept,
+                adv,
+                batches,
+                ref_lp: &ref_lp[ci],
+                settings: &settings,
+                loss: &g.loss,
+                loss_fn: policy_loss_fn(&g.loss).unwrap_or(crate::losses::grpo),
+                seq_level: is_sequence_level(&g.loss),
+                old_from_rollout: g.num_iterations > 1,
+                aux_coef,
+                temperature: cfg.rollout.temperature,
+                device: model.device(),
             };
-            let finish = |state: Option<ShardForward>, routes: Option<&RouteTotals>| {
-                let Some((si, scored, mask, adv, rollout_lp)) = state else {
-                    return (None, ShardStats::default());
-                };
-                let (layout, range) = (&layouts[ci][si], shards[ci][si].clone());
-                let m = layout.max_completion;
-                let logp_host = host(scored.logp.clone());
-                let (old, old_host) = if g.num_iterations > 1 {
-                    (
-                        layout.tensor(rollout_lp.clone(), &device),
-                        rollout_lp.clone(),
-                    )
-                } else {
-                    (scored.logp.clone().detach(), logp_host.clone())
-                };
-                let input = PolicyLossInput {
-                    logp: scored.logp.clone(),
-                    old_logp: old,
-                    ref_logp: ref_lp[ci][si]
-                        .as_ref()
-                        .map(|v| layout.tensor(v.clone(), &device)),
-                    advantages: layout.tensor(adv.clone(), &device),
-                    mask: layout.tensor(mask.clone(), &device),
-                };
-                let weight = shard_weight(
-                    &g.loss,
-                    range.len(),
-                    chunk.len(),
-                    shard_tokens[ci][si],
-                    mb_tokens,
-                );
-                let mut loss = loss_fn(&input, &settings);
-                if weight != 1.0 {
-                    loss = loss * weight;
-                }
-                let mut st = ShardStats::default();
-                if let (Some(parts), Some(batch)) = (&scored.router.aux_parts, routes)
-                    && aux_coef > 0.0
-                {
-                    // This shard's share of the mini-batch's balance loss: the same loss as
-                    // one forward over the whole mini-batch.
-                    let aux = parts.loss_in(batch);
-                    st.aux = Some(host(aux.clone()).first().copied().unwrap_or(f32::NAN) as f64);
-                    loss = loss + aux * aux_coef;
-                }
-                let lr_host = host_log_ratios(&logp_host, &old_host, &mask, m, seq_level);
-                let (lo, hi) = clip_fractions(
-                    &lr_host,
-                    &adv,
-                    &mask,
-                    settings.epsilon,
-                    settings.epsilon_high,
-                );
-                st.tokens = mask.iter().filter(|&&x| x > 0.0).count() as f64;
-                (st.clip_lo, st.clip_hi) = (lo * st.tokens, hi * st.tokens);
-                if let Some(rl) = &ref_lp[ci][si] {
-                    st.kl = Some(
-                        logp_host
-                            .iter()
-                            .zip(rl)
-                            .zip(&mask)
-                            .filter(|(_, m)| **m > 0.0)
-                            .map(|((a, b), _)| kl_est.host(*a, *b) as f64)
-                            .sum(),
-                    );
-                }
-                if it == 0 {
-                    st.scored_tokens = layout.mask.iter().filter(|&&x| x > 0.0).count() as f64;
-                    st.entropy = scored
-                        .entropy
-                        .iter()
-                        .zip(&layout.mask)
-                        .filter(|(_, m)| **m > 0.0)
-                        .map(|(e, _)| *e as f64)
-                        .sum();
-                    st.mismatch = logp_host
-                        .iter()
-                        .zip(&rollout_lp)
-                        .zip(&layout.mask)
-                        .filter(|(_, m)| **m > 0.0)
-                        .map(|((a, b), _)| (a - b).abs() as f64)
-                        .sum();
-                }
-                st.expert_counts = scored.router.expert_counts.clone();
-                (Some(loss), st)
-            };
-            let (loss_value, grads, stats) =
-                sharded_gradients(&model, shards[ci].len(), aux_coef > 0.0, forward, finish);
-            // Mini-batch statistics from the shards' sums.
-            let sum = |f: fn(&ShardStats) -> f64| stats.iter().map(f).sum::<f64>();
-            let n_tok = sum(|s| s.tokens).max(1.0);
-            clip_lo.push(sum(|s| s.clip_lo) / n_tok);
-            clip_hi.push(sum(|s| s.clip_hi) / n_tok);
-            if stats.iter().any(|s| s.kl.is_some()) {
-                kls.push(sum(|s| s.kl.unwrap_or(0.0)) / n_tok);
-            }
-            if stats.iter().any(|s| s.aux.is_some()) {
-                aux_vals.push(sum(|s| s.aux.unwrap_or(0.0)));
-            }
-            let mut batch_counts: Vec<Vec<u32>> = vec![];
-            for s in &stats {
-                add_shard_counts(&mut batch_counts, &s.expert_counts);
-            }
-            if it == 0 {
-                let scored_tokens = sum(|s| s.scored_tokens).max(1.0);
-                ents.push(sum(|s| s.entropy) / scored_tokens);
-                mism.push(sum(|s| s.mismatch) / scored_tokens);
-                add_counts(&mut counts, &batch_counts);
-            }
-            let (next, outcome) = apply_gradients(model, grads, opt, lr, cfg.optim.max_grad_norm);
-            model = next;
-            losses.push(loss_value);
-            norms.push(outcome.grad_norm);
-            updates += 1;
-            if outcome.skipped {
-                skipped += 1;
-            } else if bias_update && it == 0 {
-                // DeepSeek-V3's aux-loss-free balancing: nudge biases by this batch's load.
-                model.update_expert_bias(&batch_counts, bias_rate);
-            }
+            model = minibatch_update(cfg, &mb, model, opt, lr, &mut stats);
         }
     }
-    let time_policy = t2.elapsed().as_secs_f64();
+    (model, stats)
+}
 
-    // ---- metrics ----
-    let mean = |v: &[f64]| {
-        if v.is_empty() {
-            f64::NAN
-        } else {
-            v.iter().sum::<f64>() / v.len() as f64
+/// One optimizer step on one mini-batch: the shards' forwards and losses on their replicas,
+/// the gradients summed, AdamW, and (first pass) DeepSeek-V3's expert-bias nudge.
+fn minibatch_update(
+    cfg: &Config,
+    mb: &MiniBatch<'_>,
+    model: MoeModel,
+    opt: &mut AdamW,
+    lr: f64,
+    acc: &mut UpdateStats,
+) -> MoeModel {
+    let n_shards = mb.batches.shards[mb.ci].len();
+    let (loss_value, grads, stats) = sharded_gradients(
+        &model,
+        n_shards,
+        mb.aux_coef > 0.0,
+        |m, si| mb.forward(m, si),
+        |state, routes| mb.finish(state, routes),
+    );
+    // Mini-batch statistics from the shards' sums.
+    let sum = |f: fn(&ShardStats) -> f64| stats.iter().map(f).sum::<f64>();
+    let n_tok = sum(|s| s.tokens).max(1.0);
+    acc.clip_lo.push(sum(|s| s.clip_lo) / n_tok);
+    acc.clip_hi.push(sum(|s| s.clip_hi) / n_tok);
+    if stats.iter().any(|s| s.kl.is_some()) {
+        acc.kls.push(sum(|s| s.kl.unwrap_or(0.0)) / n_tok);
+    }
+    if stats.iter().any(|s| s.aux.is_some()) {
+        acc.aux.push(sum(|s| s.aux.unwrap_or(0.0)));
+    }
+    let mut batch_counts: Vec<Vec<u32>> = vec![];
+    for s in &stats {
+        add_shard_counts(&mut batch_counts, &s.expert_counts);
+    }
+    if mb.pass == 0 {
+        let scored_tokens = sum(|s| s.scored_tokens).max(1.0);
+        acc.entropies.push(sum(|s| s.entropy) / scored_tokens);
+        acc.mismatches.push(sum(|s| s.mismatch) / scored_tokens);
+        add_counts(&mut acc.expert_counts, &batch_counts);
+    }
+    let (mut model, outcome) = apply_gradients(model, grads, opt, lr, cfg.optim.max_grad_norm);
+    acc.losses.push(loss_value);
+    acc.grad_norms.push(outcome.grad_norm);
+    acc.updates += 1;
+    if outcome.skipped {
+        acc.skipped += 1;
+    } else if model.config.aux_loss_free_bias && mb.pass == 0 {
+        // DeepSeek-V3's aux-loss-free balancing: nudge biases by this batch's load.
+        let rate = model.config.bias_update_rate as f32;
+        model.update_expert_bias(&batch_counts, rate);
+    }
+    model
+}
+
+impl MiniBatch<'_> {
+    /// One shard's forward (its replica `model`), with its routing totals for the balance loss.
+    fn forward(&self, model: &MoeModel, si: usize) -> (Option<ShardForward>, Option<RouteTotals>) {
+        let (layout, range) = (
+            &self.batches.layouts[self.ci][si],
+            self.batches.shards[self.ci][si].clone(),
+        );
+        let m = layout.max_completion;
+        if m == 0 {
+            return (None, None);
         }
-    };
+        let mut mask = layout.mask.clone();
+        let mut adv = vec![0.0f32; layout.rows * m];
+        let mut rollout_lp = vec![0.0f32; layout.rows * m];
+        for (r, gi) in range.enumerate() {
+            for i in 0..m {
+                mask[r * m + i] *= self.adv.row_mask[gi];
+                adv[r * m + i] = self.adv.advantages[gi];
+            }
+            for (i, &lp) in self.kept[gi].completion.logprobs.iter().enumerate().take(m) {
+                rollout_lp[r * m + i] = lp;
+            }
+        }
+        let opts = ForwardOptions {
+            aux_loss: self.aux_coef > 0.0,
+            ..Default::default()
+        };
+        let scored = score(model, layout, self.temperature, opts, self.pass == 0);
+        let routes = scored.router.aux_parts.as_ref().map(|p| p.totals.clone());
+        (Some((si, scored, mask, adv, rollout_lp)), routes)
+    }
+
+    /// Given the mini-batch's routing totals, a shard's loss (weighted into the mini-batch's)
+    /// and its host statistics.
+    fn finish(
+        &self,
+        state: Option<ShardForward>,
+        routes: Option<&RouteTotals>,
+    ) -> (Option<Tensor<1>>, ShardStats) {
+        let Some((si, scored, mask, adv, rollout_lp)) = state else {
+            return (None, ShardStats::default());
+        };
+        let (layout, range) = (
+            &self.batches.layouts[self.ci][si],
+            self.batches.shards[self.ci][si].clone(),
+        );
+        let logp_host = host(scored.logp.clone());
+        let (old, old_host) = if self.old_from_rollout {
+            (
+                layout.tensor(rollout_lp.clone(), &self.device),
+                rollout_lp.clone(),
+            )
+        } else {
+            (scored.logp.clone().detach(), logp_host.clone())
+        };
+        let ref_lp = &self.ref_lp[si];
+        let input = PolicyLossInput {
+            logp: scored.logp.clone(),
+            old_logp: old,
+            ref_logp: ref_lp
+                .as_ref()
+                .map(|v| layout.tensor(v.clone(), &self.device)),
+            advantages: layout.tensor(adv.clone(), &self.device),
+            mask: layout.tensor(mask.clone(), &self.device),
+        };
+        let shard_tokens = &self.batches.shard_tokens[self.ci];
+        let weight = shard_weight(
+            self.loss,
+            range.len(),
+            self.batches.chunks[self.ci].len(),
+            shard_tokens[si],
+            shard_tokens.iter().sum(),
+        );
+        let mut loss = (self.loss_fn)(&input, self.settings);
+        if weight != 1.0 {
+            loss = loss * weight;
+        }
+        let mut st = ShardStats::default();
+        if let (Some(parts), Some(batch)) = (&scored.router.aux_parts, routes)
+            && self.aux_coef > 0.0
+        {
+            // This shard's share of the mini-batch's balance loss: the same loss as one
+            // forward over the whole mini-batch.
+            let aux = parts.loss_in(batch);
+            st.aux = Some(host(aux.clone()).first().copied().unwrap_or(f32::NAN) as f64);
+            loss = loss + aux * self.aux_coef;
+        }
+        self.shard_stats(
+            &mut st,
+            si,
+            &scored,
+            (&logp_host, &old_host),
+            (&mask, &adv, &rollout_lp),
+        );
+        (Some(loss), st)
+    }
+
+    /// A shard's clipped fractions, KL, entropy and log-prob mismatch, summed over its tokens.
+    fn shard_stats(
+        &self,
+        st: &mut ShardStats,
+        si: usize,
+        scored: &crate::score::Scored,
+        (logp_host, old_host): (&[f32], &[f32]),
+        (mask, adv, rollout_lp): (&[f32], &[f32], &[f32]),
+    ) {
+        let layout = &self.batches.layouts[self.ci][si];
+        let (m, s) = (layout.max_completion, self.settings);
+        let lr_host = host_log_ratios(logp_host, old_host, mask, m, self.seq_level);
+        let (lo, hi) = clip_fractions(&lr_host, adv, mask, s.epsilon, s.epsilon_high);
+        st.tokens = mask.iter().filter(|&&x| x > 0.0).count() as f64;
+        (st.clip_lo, st.clip_hi) = (lo * st.tokens, hi * st.tokens);
+        if let Some(rl) = &self.ref_lp[si] {
+            st.kl = Some(
+                logp_host
+                    .iter()
+                    .zip(rl)
+                    .zip(mask)
+                    .filter(|(_, m)| **m > 0.0)
+                    .map(|((a, b), _)| s.kl.host(*a, *b) as f64)
+                    .sum(),
+            );
+        }
+        if self.pass == 0 {
+            st.scored_tokens = layout.mask.iter().filter(|&&x| x > 0.0).count() as f64;
+            st.entropy = scored
+                .entropy
+                .iter()
+                .zip(&layout.mask)
+                .filter(|(_, m)| **m > 0.0)
+                .map(|(e, _)| *e as f64)
+                .sum();
+            st.mismatch = logp_host
+                .iter()
+                .zip(rollout_lp)
+                .zip(&layout.mask)
+                .filter(|(_, m)| **m > 0.0)
+                .map(|((a, b), _)| (a - b).abs() as f64)
+                .sum();
+        }
+        st.expert_counts = scored.router.expert_counts.clone();
+    }
+}
+
+fn masked_count(l: &Layout, row_mask: &[f32]) -> f64 {
+    let m = l.max_completion;
+    (0..l.rows)
+        .map(|r| l.mask[r * m..(r + 1) * m].iter().sum::<f32>() as f64 * row_mask[r] as f64)
+        .sum()
+}
+
+// ---- metrics ----
+
+fn mean(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v.iter().sum::<f64>() / v.len() as f64
+    }
+}
+
+fn num_or_null(x: Option<f64>) -> Value {
+    x.map_or(Value::Null, num)
+}
+
+/// The step's `metrics.jsonl` line (TRL's names where it has them).
+fn step_metrics(
+    ctx: &GrpoContext<'_>,
+    step: usize,
+    lr: f64,
+    rollout: &Rollout,
+    adv: &Advantages,
+    up: &UpdateStats,
+    t: &Timings,
+) -> Map<String, Value> {
     let mut mt = Map::new();
     mt.insert("stage".into(), json!("grpo"));
     mt.insert("step".into(), json!(step + 1));
-    let (rm, rs) = mean_std(&rewards);
+    reward_metrics(&mut mt, ctx, &rollout.kept, adv);
+    loss_metrics(&mut mt, up);
+    rollout_metrics(&mut mt, ctx.cfg.grpo.group_size, rollout);
+    optimizer_metrics(&mut mt, up, lr);
+    mt.insert("updates".into(), json!(up.updates));
+    mt.insert("skipped_updates".into(), json!(up.skipped));
+    let all_skipped = up.updates > 0 && up.skipped == up.updates;
+    mt.insert("skipped".into(), json!(all_skipped));
+    mt.insert("time_rollout".into(), num(t.rollout));
+    mt.insert("time_reference".into(), num(t.reference));
+    mt.insert("time_policy".into(), num(t.policy));
+    mt.insert("time_step".into(), num(t.step));
+    let generated = rollout.generated_tokens as f64;
+    mt.insert(
+        "rollout_tokens_per_second".into(),
+        num(generated / t.rollout.max(1e-9)),
+    );
+    mt.insert(
+        "tokens_per_second".into(),
+        num(generated / t.step.max(1e-9)),
+    );
+    mt.insert("peak_rss_mib".into(), num_or_null(peak_rss_mib()));
+    mt
+}
+
+/// Rewards (total and per component), accuracy and advantages. (The metric functions insert
+/// their keys in the order the line has always had.)
+fn reward_metrics(
+    mt: &mut Map<String, Value>,
+    ctx: &GrpoContext<'_>,
+    kept: &[Scored],
+    adv: &Advantages,
+) {
+    let (rm, rs) = mean_std(&adv.rewards);
     mt.insert("reward_mean".into(), num(rm as f64));
     mt.insert("reward_std".into(), num(rs as f64));
     for (ci, name) in ctx.rewards.names().iter().enumerate() {
         let vals: Vec<f32> = kept.iter().filter_map(|s| s.components[ci]).collect();
         let (m, s) = mean_std(&vals);
+        let some = !vals.is_empty();
         mt.insert(
             format!("rewards/{name}/mean"),
-            if vals.is_empty() {
-                Value::Null
-            } else {
-                num(m as f64)
-            },
+            num_or_null(some.then_some(m as f64)),
         );
         mt.insert(
             format!("rewards/{name}/std"),
-            if vals.is_empty() {
-                Value::Null
-            } else {
-                num(s as f64)
-            },
+            num_or_null(some.then_some(s as f64)),
         );
     }
     let acc = ctx.accuracy_reward.as_ref().and_then(|name| {
         let ci = ctx.rewards.names().iter().position(|n| n == name)?;
-        Some(
-            kept.iter()
-                .filter(|s| s.components[ci].unwrap_or(0.0) >= 1.0)
-                .count() as f64
-                / rows.max(1) as f64,
-        )
+        let solved = kept
+            .iter()
+            .filter(|s| s.components[ci].unwrap_or(0.0) >= 1.0)
+            .count();
+        Some(solved as f64 / kept.len().max(1) as f64)
     });
-    mt.insert("accuracy".into(), acc.map_or(Value::Null, num));
-    let (am, asd) = mean_std(&advantages);
+    mt.insert("accuracy".into(), num_or_null(acc));
+    let (am, asd) = mean_std(&adv.advantages);
     mt.insert("advantage_mean".into(), num(am as f64));
     mt.insert("advantage_std".into(), num(asd as f64));
-    mt.insert(
-        "advantage_abs_max".into(),
-        num(advantages.iter().fold(0.0f32, |a, &b| a.max(b.abs())) as f64),
-    );
-    mt.insert("loss".into(), num(mean(&losses)));
+    let abs_max = adv.advantages.iter().fold(0.0f32, |a, &b| a.max(b.abs()));
+    mt.insert("advantage_abs_max".into(), num(abs_max as f64));
+}
+
+/// The update's loss, KL, clipped fractions and entropy.
+fn loss_metrics(mt: &mut Map<String, Value>, up: &UpdateStats) {
+    mt.insert("loss".into(), num(mean(&up.losses)));
     mt.insert(
         "kl".into(),
-        if kls.is_empty() {
-            Value::Null
-        } else {
-            num(mean(&kls))
-        },
+        num_or_null((!up.kls.is_empty()).then(|| mean(&up.kls))),
     );
-    mt.insert("clip_fraction".into(), num(mean(&clip_lo) + mean(&clip_hi)));
-    mt.insert("clip_fraction_low".into(), num(mean(&clip_lo)));
-    mt.insert("clip_fraction_high".into(), num(mean(&clip_hi)));
-    mt.insert("entropy".into(), num(mean(&ents)));
+    let (lo, hi) = (mean(&up.clip_lo), mean(&up.clip_hi));
+    mt.insert("clip_fraction".into(), num(lo + hi));
+    mt.insert("clip_fraction_low".into(), num(lo));
+    mt.insert("clip_fraction_high".into(), num(hi));
+    mt.insert("entropy".into(), num(mean(&up.entropies)));
+}
+
+/// Gradient norm (of the finite ones), lr, rollout/training log-prob mismatch, expert load
+/// and balance loss.
+fn optimizer_metrics(mt: &mut Map<String, Value>, up: &UpdateStats, lr: f64) {
+    let finite: Vec<f64> = up
+        .grad_norms
+        .iter()
+        .cloned()
+        .filter(|x| x.is_finite())
+        .collect();
+    mt.insert("grad_norm".into(), num(mean(&finite)));
+    mt.insert("lr".into(), num(lr));
+    mt.insert("logprob_mismatch".into(), num(mean(&up.mismatches)));
+    let (loads, imbalance) = expert_load(&up.expert_counts);
+    mt.insert("expert_load".into(), json!(loads));
+    mt.insert("expert_imbalance".into(), num_or_null(imbalance));
+    mt.insert(
+        "aux_loss".into(),
+        num_or_null((!up.aux.is_empty()).then(|| mean(&up.aux))),
+    );
+}
+
+/// Completion lengths, truncation and dynamic sampling's figures.
+fn rollout_metrics(mt: &mut Map<String, Value>, gs: usize, rollout: &Rollout) {
+    let kept = &rollout.kept;
     let lens: Vec<f64> = kept
         .iter()
         .map(|s| s.completion.tokens.len() as f64)
@@ -564,67 +839,26 @@ pub fn grpo_step(
         .count();
     mt.insert(
         "truncated_fraction".into(),
-        num(trunc as f64 / rows.max(1) as f64),
+        num(trunc as f64 / kept.len().max(1) as f64),
     );
     mt.insert(
         "zero_std_fraction".into(),
-        num(zero_groups as f64 / groups_seen.max(1) as f64),
+        num(rollout.zero_groups as f64 / rollout.groups_seen.max(1) as f64),
     );
-    mt.insert("num_groups".into(), json!(rows / gs));
-    mt.insert("resample_rounds".into(), json!(rounds_used));
-    mt.insert(
-        "grad_norm".into(),
-        num(mean(
-            &norms
-                .iter()
-                .cloned()
-                .filter(|x| x.is_finite())
-                .collect::<Vec<_>>(),
-        )),
-    );
-    mt.insert("lr".into(), num(lr));
-    mt.insert("logprob_mismatch".into(), num(mean(&mism)));
-    let (loads, imbalance) = expert_load(&counts);
-    mt.insert("expert_load".into(), json!(loads));
-    mt.insert(
-        "expert_imbalance".into(),
-        imbalance.map_or(Value::Null, num),
-    );
-    mt.insert(
-        "aux_loss".into(),
-        if aux_vals.is_empty() {
-            Value::Null
-        } else {
-            num(mean(&aux_vals))
-        },
-    );
-    mt.insert("updates".into(), json!(updates));
-    mt.insert("skipped_updates".into(), json!(skipped));
-    let all_skipped = updates > 0 && skipped == updates;
-    mt.insert("skipped".into(), json!(all_skipped));
-    mt.insert("time_rollout".into(), num(time_rollout));
-    mt.insert("time_reference".into(), num(time_reference));
-    mt.insert("time_policy".into(), num(time_policy));
-    let time_step = t_step.elapsed().as_secs_f64();
-    mt.insert("time_step".into(), num(time_step));
-    mt.insert(
-        "rollout_tokens_per_second".into(),
-        num(generated_tokens as f64 / time_rollout.max(1e-9)),
-    );
-    mt.insert(
-        "tokens_per_second".into(),
-        num(generated_tokens as f64 / time_step.max(1e-9)),
-    );
-    mt.insert(
-        "peak_rss_mib".into(),
-        peak_rss_mib().map_or(Value::Null, num),
-    );
-    let _ = all_rewards;
+    mt.insert("num_groups".into(), json!(kept.len() / gs));
+    mt.insert("resample_rounds".into(), json!(rollout.rounds_used));
+}
 
-    let samples = kept
-        .iter()
-        .zip(&advantages)
-        .take(cfg.run.samples_per_step)
+/// The first `samples_per_step` completions as `samples.jsonl` lines.
+fn sample_lines(
+    ctx: &GrpoContext<'_>,
+    step: usize,
+    kept: &[Scored],
+    advantages: &[f32],
+) -> Vec<Value> {
+    kept.iter()
+        .zip(advantages)
+        .take(ctx.cfg.run.samples_per_step)
         .map(|(s, a)| {
             // The prompt as the model saw it (rendered by the run's template, as TRL logs it).
             let prompt = &ctx.train[s.sample].prompt;
@@ -651,22 +885,7 @@ pub fn grpo_step(
                 "tokens": s.completion.tokens.len(),
             })
         })
-        .collect();
-    Ok((
-        model,
-        StepOutput {
-            metrics: mt,
-            samples,
-            skipped: all_skipped,
-        },
-    ))
-}
-
-fn masked_count(l: &Layout, row_mask: &[f32]) -> f64 {
-    let m = l.max_completion;
-    (0..l.rows)
-        .map(|r| l.mask[r * m..(r + 1) * m].iter().sum::<f32>() as f64 * row_mask[r] as f64)
-        .sum()
+        .collect()
 }
 
 #[allow(clippy::too_many_arguments)]
