@@ -47,6 +47,10 @@ pub struct TrainerState {
     pub elapsed_seconds: f64,
     /// The metrics line of the last step (for the resume message).
     pub last_metrics: Option<serde_json::Value>,
+    /// What the run cost up to this checkpoint, so a resumed run reports the whole run's cost
+    /// (absent from checkpoints written before sobre recorded it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<crate::cost::RunCost>,
 }
 
 pub const STATE_FILE: &str = "trainer_state.json";

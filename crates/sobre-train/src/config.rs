@@ -1000,7 +1000,10 @@ impl Config {
         if !(self.run.watts_per_core.is_finite() && self.run.watts_per_core >= 0.0) {
             return fail(
                 "run.watts_per_core",
-                format!("must be a finite number >= 0, got {}", self.run.watts_per_core),
+                format!(
+                    "must be a finite number >= 0, got {}",
+                    self.run.watts_per_core
+                ),
             );
         }
         // [eval]

@@ -21,6 +21,7 @@ use sobre_rollout::{
 use crate::TrainError;
 use crate::advantages::{ScaleRewards, group_advantages, mean_std, zero_std_groups};
 use crate::config::Config;
+use crate::cost::{TRAIN_FLOPS_FACTOR, Work, sequence_forward_flops};
 use crate::data::{Detok, Order, derive_seed, encode_prompt, reward_sample};
 use crate::kl::KlEstimator;
 use crate::losses::{
@@ -76,6 +77,8 @@ struct Rollout {
     groups_seen: usize,
     zero_groups: usize,
     generated_tokens: usize,
+    /// Estimated FLOPs of generating every completion sampled (prompt and completion).
+    generation_flops: f64,
     rounds_used: usize,
 }
 
@@ -158,6 +161,8 @@ pub struct StepOutput {
     pub samples: Vec<Value>,
     /// Every update of the step was skipped (non-finite).
     pub skipped: bool,
+    /// Tokens and estimated FLOPs of the step, for the run's cost.
+    pub work: Work,
 }
 
 /// The reward component used for accuracy / pass@1: `countdown` or `accuracy` when present.
@@ -188,6 +193,7 @@ pub fn grpo_step(
     let time_rollout = t_step.elapsed().as_secs_f64();
     let adv = compute_advantages(ctx.cfg, &rollout.kept);
     let batches = plan_batches(ctx, &rollout.kept, &adv.row_mask);
+    let work = step_work(ctx, &model.config, &rollout, &batches);
     let t_reference = Instant::now();
     let ref_lp = reference_logprobs(ctx, &batches);
     let time_reference = t_reference.elapsed().as_secs_f64();
@@ -209,8 +215,42 @@ pub fn grpo_step(
             metrics,
             samples,
             skipped,
+            work,
         },
     ))
+}
+
+/// The step's tokens and estimated FLOPs ([`crate::cost`]): every sampled sequence generated
+/// once; each row of a mini-batch that is updated run forward and backward in each of the
+/// `num_iterations` passes; and the reference's forward over every row when a KL term is on.
+fn step_work(
+    ctx: &GrpoContext<'_>,
+    mc: &sobre_model::ModelConfig,
+    rollout: &Rollout,
+    batches: &Batches,
+) -> Work {
+    let passes = ctx.cfg.grpo.num_iterations as u64;
+    let (mut trained, mut trained_flops, mut all_flops) = (0u64, 0.0, 0.0);
+    for (ci, rows) in batches.chunks.iter().enumerate() {
+        let updated = batches.layouts[ci].iter().any(|l| l.max_completion > 0);
+        for s in &rollout.kept[rows.clone()] {
+            let len = s.prompt_ids.len() + s.completion.tokens.len();
+            let flops = sequence_forward_flops(mc, len);
+            all_flops += flops;
+            if updated {
+                trained += len as u64;
+                trained_flops += flops;
+            }
+        }
+    }
+    let reference = ctx.reference.is_some() && ctx.cfg.grpo.beta > 0.0;
+    Work {
+        tokens_generated: rollout.generated_tokens as u64,
+        tokens_trained: passes * trained,
+        flops: rollout.generation_flops
+            + passes as f64 * TRAIN_FLOPS_FACTOR * trained_flops
+            + if reference { all_flops } else { 0.0 },
+    }
 }
 
 // ---- sample and score ----
@@ -234,6 +274,7 @@ fn sample_and_score(
         groups_seen: 0,
         zero_groups: 0,
         generated_tokens: 0,
+        generation_flops: 0.0,
         rounds_used: 0,
     };
     let rounds = if g.filter_zero_std_groups {
@@ -268,6 +309,13 @@ fn sample_and_score(
         };
         let completions = generate(&policy, &requests, gs, &params, Some(&detok))?;
         out.generated_tokens += completions.iter().map(|c| c.tokens.len()).sum::<usize>();
+        out.generation_flops += completions
+            .iter()
+            .map(|c| {
+                let len = requests[c.prompt_index].ids.len() + c.tokens.len();
+                sequence_forward_flops(&model.config, len)
+            })
+            .sum::<f64>();
         let scored = score_completions(ctx, &prompts, completions);
         let rewards: Vec<f32> = scored.iter().map(|s| s.reward).collect();
         let zero = zero_std_groups(&rewards, gs);

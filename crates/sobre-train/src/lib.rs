@@ -26,6 +26,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod compare;
 pub mod config;
+pub mod cost;
 pub mod data;
 pub mod eval;
 pub mod grpo;
@@ -38,6 +39,7 @@ pub use sobre_rollout::parallel;
 pub mod pipeline;
 pub mod score;
 pub mod sft;
+pub mod tensorboard;
 
 use std::path::{Path, PathBuf};
 

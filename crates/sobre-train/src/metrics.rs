@@ -1,5 +1,7 @@
 //! `metrics.jsonl` and `samples.jsonl`: one JSON object per line, flushed every step, and the
-//! one-line summaries printed every `log_every` steps.
+//! one-line summaries printed every `log_every` steps. With
+//! [`JsonlWriter::with_tensorboard`] the numeric scalars of each line also go to a TensorBoard
+//! event file ([`crate::tensorboard`]).
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -8,11 +10,13 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 
 use crate::TrainError;
+use crate::tensorboard::EventWriter;
 
-/// Appends JSON lines to a file.
+/// Appends JSON lines to a file, and optionally their scalars to TensorBoard.
 pub struct JsonlWriter {
     path: PathBuf,
     file: File,
+    tensorboard: Option<EventWriter>,
 }
 
 impl JsonlWriter {
@@ -47,15 +51,71 @@ impl JsonlWriter {
         Ok(JsonlWriter {
             path: path.to_path_buf(),
             file,
+            tensorboard: None,
         })
+    }
+
+    /// Also write every line's numeric scalars to a new TensorBoard event file in `dir`
+    /// (created), so a run can be watched with `tensorboard --logdir runs/`.
+    ///
+    /// Each [`write`](Self::write) of an object then adds, after the JSON line, one scalar per
+    /// key as tag `<stage>/<key>` (just `<key>` without a `"stage"` string) at step `"step"`
+    /// (0 when absent or not an integer): numbers as f32, bools as 0/1, and a nested object's
+    /// numbers and bools as `<stage>/<key>/<inner>` (one level). Strings, nulls (non-finite
+    /// values), arrays (`expert_load`) and deeper objects are skipped; `stage` and `step`
+    /// themselves are not written.
+    pub fn with_tensorboard(mut self, dir: &Path) -> Result<Self, TrainError> {
+        self.tensorboard = Some(EventWriter::create(dir)?);
+        Ok(self)
     }
 
     pub fn write(&mut self, value: &Value) -> Result<(), TrainError> {
         let line = serde_json::to_string(value).unwrap_or_default();
         writeln!(self.file, "{line}")
             .and_then(|_| self.file.flush())
-            .map_err(|e| TrainError::io(&self.path, e))
+            .map_err(|e| TrainError::io(&self.path, e))?;
+        if let Some(tb) = &mut self.tensorboard {
+            let (step, scalars) = tensorboard_scalars(value);
+            for (tag, v) in scalars {
+                tb.add_scalar(&tag, step, v)?;
+            }
+        }
+        Ok(())
     }
+}
+
+/// The step and `(tag, value)` scalars of one metrics object, as
+/// [`JsonlWriter::with_tensorboard`] describes; nothing for a non-object.
+pub fn tensorboard_scalars(value: &Value) -> (i64, Vec<(String, f32)>) {
+    let Some(m) = value.as_object() else {
+        return (0, Vec::new());
+    };
+    let step = m.get("step").and_then(Value::as_i64).unwrap_or(0);
+    let prefix = match m.get("stage").and_then(Value::as_str) {
+        Some(s) if !s.is_empty() => format!("{s}/"),
+        _ => String::new(),
+    };
+    let scalar = |v: &Value| match v {
+        Value::Number(n) => n.as_f64().map(|x| x as f32),
+        Value::Bool(b) => Some(if *b { 1.0 } else { 0.0 }),
+        _ => None,
+    };
+    let mut out = Vec::new();
+    for (k, v) in m {
+        if k == "stage" || k == "step" {
+            continue;
+        }
+        if let Some(x) = scalar(v) {
+            out.push((format!("{prefix}{k}"), x));
+        } else if let Value::Object(inner) = v {
+            for (k2, v2) in inner {
+                if let Some(x) = scalar(v2) {
+                    out.push((format!("{prefix}{k}/{k2}"), x));
+                }
+            }
+        }
+    }
+    (step, out)
 }
 
 fn stage_rank(s: &str) -> u8 {
@@ -182,5 +242,88 @@ mod tests {
             .unwrap();
         let text = std::fs::read_to_string(&p).unwrap();
         assert_eq!(text.lines().count(), 3);
+    }
+
+    #[test]
+    fn tensorboard_gets_the_scalars_of_each_line() {
+        // SOBRE_TB_TEST_DIR=/some/dir keeps the run directory there (metrics.jsonl +
+        // tensorboard/), for `scripts/check_tensorboard.py DIR/run`.
+        let (_tmp, run) = match std::env::var_os("SOBRE_TB_TEST_DIR") {
+            Some(d) => {
+                let run = PathBuf::from(d).join("run");
+                let _ = std::fs::remove_dir_all(&run);
+                std::fs::create_dir_all(&run).unwrap();
+                (None, run)
+            }
+            None => {
+                let t = tempfile::tempdir().unwrap();
+                let run = t.path().to_path_buf();
+                (Some(t), run)
+            }
+        };
+        let p = run.join("metrics.jsonl");
+        let mut w = JsonlWriter::open(&p, None)
+            .unwrap()
+            .with_tensorboard(&run.join("tensorboard"))
+            .unwrap();
+        let lines = [
+            serde_json::json!({"stage": "sft", "step": 1, "loss": 3.25, "lr": 1e-3,
+                "tokens": 1234, "skipped": false, "expert_load": [[0.5, 0.5]]}),
+            serde_json::json!({"stage": "grpo", "step": 3, "reward_mean": 0.4375,
+                "rewards/format/mean": 0.0, "kl": null, "note": "text", "skipped": true,
+                "timing": {"rollout": 1.5, "label": "x", "deep": {"a": 1}}}),
+            serde_json::json!({"loss": 7}),
+        ];
+        for l in &lines {
+            w.write(l).unwrap();
+        }
+        drop(w);
+        // The JSON lines are unchanged.
+        let text = std::fs::read_to_string(&p).unwrap();
+        let back: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(back, lines);
+
+        let files: Vec<_> = std::fs::read_dir(run.join("tensorboard"))
+            .unwrap()
+            .collect();
+        assert_eq!(files.len(), 1);
+        let events = crate::tensorboard::read_events(&files[0].as_ref().unwrap().path()).unwrap();
+        let got: Vec<(String, i64, f32)> = events[1..]
+            .iter()
+            .map(|e| {
+                let v = &e.summary.as_ref().unwrap().value[0];
+                (v.tag.clone(), e.step, v.simple_value.unwrap())
+            })
+            .collect();
+        let mut got_sorted = got.clone();
+        got_sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        let want = vec![
+            ("grpo/reward_mean".to_string(), 3, 0.4375f32),
+            ("grpo/rewards/format/mean".into(), 3, 0.0),
+            ("grpo/skipped".into(), 3, 1.0),
+            ("grpo/timing/rollout".into(), 3, 1.5),
+            ("loss".into(), 0, 7.0),
+            ("sft/loss".into(), 1, 3.25),
+            ("sft/lr".into(), 1, 1e-3),
+            ("sft/skipped".into(), 1, 0.0),
+            ("sft/tokens".into(), 1, 1234.0),
+        ];
+        assert_eq!(got_sorted, want);
+        // Written in line order: the sft line's scalars first.
+        assert!(
+            got[..4]
+                .iter()
+                .all(|(t, s, _)| t.starts_with("sft/") && *s == 1)
+        );
+        assert!(!got.iter().any(|(t, _, _)| t.contains("note")
+            || t.contains("kl")
+            || t.contains("stage")
+            || t.ends_with("/step")
+            || t.contains("label")
+            || t.contains("deep")
+            || t.contains("expert_load")));
     }
 }

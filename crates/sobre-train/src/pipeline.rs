@@ -11,10 +11,17 @@ use sobre_data::template::Template;
 use sobre_data::tokenizer::SpecialTokens;
 use sobre_model::{GenerationConfig, MoeModel, init_model, load_model};
 
+use sobre_data::Tokenizer;
+use sobre_reward::CombinedReward;
+
 use crate::checkpoint::{self, Stage, TrainerState};
 use crate::config::Source;
+use crate::cost::{
+    CostMeter, RunCost, TRAIN_FLOPS_FACTOR, Work, sequence_forward_flops, summary_lines,
+};
 use crate::data::{
-    Order, align_token_ids, build_template, build_tokenizer, derive_seed, load_data, preset_config,
+    Order, RunData, align_token_ids, build_template, build_tokenizer, derive_seed, load_data,
+    preset_config,
 };
 use crate::grpo::{GrpoContext, Reference, default_accuracy_reward, evaluate, grpo_step};
 use crate::metrics::{JsonlWriter, add_shard_counts, expert_load, num, peak_rss_mib, summary_line};
@@ -49,6 +56,8 @@ pub struct Summary {
     pub last_checkpoint: Option<PathBuf>,
     pub last_metrics: Option<Value>,
     pub seconds: f64,
+    /// What the run cost, every resumed part added up.
+    pub cost: RunCost,
 }
 
 /// A flag set by Ctrl-C (SIGINT/SIGTERM). A second Ctrl-C exits at once.
@@ -141,9 +150,98 @@ impl Pipeline {
         Ok(model)
     }
 
-    /// Run the pipeline to the end (or until the stop flag is set).
+    /// Run the pipeline to the end (or until the stop flag is set): set up → SFT stage → GRPO
+    /// stage → final evaluation.
     pub fn run(self) -> Result<Summary, TrainError> {
+        let (inp, mut pr, model, mut state) = self.set_up()?;
+        let model = if state.stage == Stage::Sft {
+            match self.sft_stage(&inp, &mut pr, model, &mut state)? {
+                StageEnd::Done(m) => m,
+                StageEnd::Interrupted => return Ok(self.summary(&inp, &mut pr, &state, true)),
+            }
+        } else {
+            model
+        };
+        match self.grpo_stage(&inp, &mut pr, model, &mut state)? {
+            StageEnd::Done(m) => drop(m),
+            StageEnd::Interrupted => return Ok(self.summary(&inp, &mut pr, &state, true)),
+        }
+        self.final_evaluation(&inp, &mut pr)?;
+        Ok(self.summary(&inp, &mut pr, &state, false))
+    }
+
+    // ---- set up ----
+
+    /// The run directory, the data, the tokenizer and the rewards; the model and trainer state
+    /// (fresh or resumed); the metrics and samples logs.
+    fn set_up(&self) -> Result<(Inputs, Progress, MoeModel, TrainerState), TrainError> {
         let started = Instant::now();
+        let (run_dir, resume_from) = self.prepare_run_dir()?;
+        let ckpt_root = run_dir.join("checkpoints");
+        let tok_dir = resume_from.as_ref().map(|(p, _)| p.clone());
+        let (data, template, tok) = self.load_text(&run_dir, tok_dir.as_deref())?;
+        let cfg = &self.cfg;
+        let rewards = cfg.build_rewards().map_err(TrainError::Data)?;
+        let accuracy_reward = default_accuracy_reward(cfg, &rewards);
+        let special = tok.special().clone();
+        // generation_config.json of the starting point (the checkpoint resumed from, or
+        // `[model] path`): its eos ids stop generation, and its sampling defaults are carried
+        // into every checkpoint's generation_config.json.
+        let source_dir = tok_dir.as_deref().or(cfg.model.path.as_deref());
+        let generation = match source_dir {
+            Some(d) => GenerationConfig::from_dir(d)?,
+            None => None,
+        };
+        let device = sobre_model::default_device().autodiff();
+        let (model, state) = match &resume_from {
+            Some((dir, st)) => {
+                let mut model = load_model(dir, &device)?;
+                align_token_ids(&mut model.config, &special, generation.as_ref());
+                (model, st.clone())
+            }
+            None => {
+                let model =
+                    self.initial_model(tok.vocab_size(), &special, generation.as_ref(), &device)?;
+                (model, self.fresh_state())
+            }
+        };
+        let pr = self.open_logs(&run_dir, resume_from.is_some(), &state, started)?;
+        if let Some((dir, st)) = &resume_from
+            && !self.opts.quiet
+        {
+            eprintln!(
+                "resuming from {} ({:?} step {})",
+                dir.display(),
+                st.stage,
+                st.step
+            );
+        }
+        let inp = Inputs {
+            aux_coef: cfg
+                .grpo
+                .aux_loss_coef
+                .unwrap_or(model.config.router_aux_loss_coef),
+            style: ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {pos}/{len} {elapsed}<{eta} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            generation: generation.unwrap_or_default(),
+            run_dir,
+            ckpt_root,
+            resume_from,
+            data,
+            template,
+            tok,
+            rewards,
+            accuracy_reward,
+            special,
+        };
+        Ok((inp, pr, model, state))
+    }
+
+    /// Create the run directory, refuse to overwrite another run's checkpoints, pick the
+    /// checkpoint to resume from, and write the resolved `config.toml`.
+    fn prepare_run_dir(&self) -> Result<(PathBuf, Option<(PathBuf, TrainerState)>), TrainError> {
         let cfg = &self.cfg;
         let run_dir = self.run_dir();
         let ckpt_root = run_dir.join("checkpoints");
@@ -183,12 +281,19 @@ impl Pipeline {
             );
         }
         std::fs::write(&cfg_path, resolved).map_err(|e| TrainError::io(&cfg_path, e))?;
+        Ok((run_dir, resume_from))
+    }
 
-        // ---- data, template, tokenizer ----
-        let data = load_data(cfg)?;
-        let tok_dir = resume_from.as_ref().map(|(p, _)| p.clone());
-        let template = build_template(cfg, tok_dir.as_deref())?;
-        let mut tok = build_tokenizer(cfg, &data, &template, tok_dir.as_deref())?;
+    /// The data, the prompt template and the tokenizer (the checkpoint's, on resume), the
+    /// tokenizer saved into the run directory.
+    fn load_text(
+        &self,
+        run_dir: &Path,
+        tok_dir: Option<&Path>,
+    ) -> Result<(RunData, Template, Tokenizer), TrainError> {
+        let data = load_data(&self.cfg)?;
+        let template = build_template(&self.cfg, tok_dir)?;
+        let mut tok = build_tokenizer(&self.cfg, &data, &template, tok_dir)?;
         // A chat template read from chat_template.jinja is not in the tokenizer's config: put it
         // there so every checkpoint's tokenizer_config.json carries the template it was run with.
         if let Template::Chat(chat) = &template
@@ -198,255 +303,252 @@ impl Pipeline {
         }
         tok.save(&run_dir.join("tokenizer"))
             .map_err(|e| TrainError::Checkpoint(format!("tokenizer: {e}")))?;
-        let rewards = cfg.build_rewards().map_err(TrainError::Data)?;
-        let accuracy_reward = default_accuracy_reward(cfg, &rewards);
-        let special = tok.special().clone();
-        // generation_config.json of the starting point (the checkpoint resumed from, or
-        // `[model] path`): its eos ids stop generation, and its sampling defaults are carried
-        // into every checkpoint's generation_config.json.
-        let source_dir = tok_dir.as_deref().or(cfg.model.path.as_deref());
-        let generation = match source_dir {
-            Some(d) => GenerationConfig::from_dir(d)?,
-            None => None,
-        };
+        Ok((data, template, tok))
+    }
 
-        // ---- model and state ----
-        let device = sobre_model::default_device().autodiff();
-        let (mut model, mut state) = match &resume_from {
-            Some((dir, st)) => {
-                let mut model = load_model(dir, &device)?;
-                align_token_ids(&mut model.config, &special, generation.as_ref());
-                (model, st.clone())
-            }
-            None => {
-                let model =
-                    self.initial_model(tok.vocab_size(), &special, generation.as_ref(), &device)?;
-                let st = TrainerState {
-                    format: 1,
-                    stage: if cfg.sft.steps > 0 {
-                        Stage::Sft
-                    } else {
-                        Stage::SftDone
-                    },
-                    step: 0,
-                    sft_steps: 0,
-                    prompt_position: 0,
-                    demo_position: 0,
-                    seed: cfg.run.seed,
-                    consecutive_nonfinite: 0,
-                    elapsed_seconds: 0.0,
-                    last_metrics: None,
-                };
-                (model, st)
-            }
-        };
-        let elapsed_before = state.elapsed_seconds;
-        let mut last_ckpt = resume_from.as_ref().map(|(p, _)| p.clone());
-        let keep = match state.stage {
-            Stage::Grpo => Some(("grpo", state.step)),
-            Stage::SftDone => Some(("sft", state.sft_steps)),
-            Stage::Sft => Some(("sft", state.step)),
-        };
-        let mut metrics = JsonlWriter::open(
-            &run_dir.join("metrics.jsonl"),
-            if resume_from.is_some() {
-                keep
+    /// The trainer state of a run that starts from scratch.
+    fn fresh_state(&self) -> TrainerState {
+        TrainerState {
+            format: 1,
+            stage: if self.cfg.sft.steps > 0 {
+                Stage::Sft
             } else {
-                Some(("sft", 0))
+                Stage::SftDone
             },
-        )?;
-        let mut samples = JsonlWriter::open(
-            &run_dir.join("samples.jsonl"),
-            if resume_from.is_some() {
-                keep
-            } else {
-                Some(("sft", 0))
-            },
-        )?;
-        if let Some((dir, st)) = &resume_from
-            && !self.opts.quiet
-        {
-            eprintln!(
-                "resuming from {} ({:?} step {})",
-                dir.display(),
-                st.stage,
-                st.step
-            );
+            step: 0,
+            sft_steps: 0,
+            prompt_position: 0,
+            demo_position: 0,
+            seed: self.cfg.run.seed,
+            consecutive_nonfinite: 0,
+            elapsed_seconds: 0.0,
+            last_metrics: None,
+            cost: None,
         }
-        let aux_coef = cfg
-            .grpo
-            .aux_loss_coef
-            .unwrap_or(model.config.router_aux_loss_coef);
-        let style =
-            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {elapsed}<{eta} {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar());
-        let generation = generation.unwrap_or_default();
-        let save = |model: &MoeModel, opt: &AdamW, st: &TrainerState| {
-            checkpoint::save(&ckpt_root, model, opt, &tok, &generation, st)
-        };
+    }
 
-        // ---- SFT ----
-        if state.stage == Stage::Sft {
-            let mut opt = match &resume_from {
-                Some((dir, st)) if st.stage == Stage::Sft => AdamW::load_for(
-                    AdamWConfig::from_config(cfg),
-                    &dir.join(checkpoint::OPTIMIZER_FILE),
-                    &model,
-                )?,
-                _ => AdamW::new(AdamWConfig::from_config(cfg)),
-            };
-            let sched = Schedule::sft(cfg);
-            let mut order = Order::new(data.demos.len(), derive_seed(cfg.run.seed, &[0]));
-            let pb = if self.opts.quiet || !cfg.run.progress {
-                ProgressBar::hidden()
-            } else {
-                ProgressBar::new(cfg.sft.steps as u64)
-            };
-            pb.set_style(style.clone());
-            pb.set_prefix("sft");
-            pb.set_position(state.step as u64);
-            while state.step < cfg.sft.steps {
-                if self.stopped() {
-                    pb.abandon();
-                    let dir = save(&model, &opt, &state)?;
-                    return Ok(self.summary(
-                        run_dir,
-                        &state,
-                        true,
-                        Some(dir),
-                        started,
-                        elapsed_before,
-                    ));
-                }
-                let t = Instant::now();
-                let step = state.step;
-                let lr = sched.lr_at(step);
-                let mut pos = state.demo_position;
-                let batch = next_batch(
-                    &tok,
-                    &template,
-                    &data.demos,
-                    &mut order,
-                    &mut pos,
-                    cfg.sft.batch_size,
-                    cfg.sft.max_length,
-                )?;
-                let batch_tokens = completion_tokens(&batch);
-                let ranges = split_range(0..batch.len(), cfg.run.data_parallel_size);
-                let (_, grads, shards) = sharded_gradients(
-                    &model,
-                    ranges.len(),
-                    aux_coef > 0.0,
-                    |m, si| {
-                        let rows = &batch[ranges[si].clone()];
-                        let scored = sft_forward(m, rows, special.pad, aux_coef > 0.0);
-                        let routes = scored.router.aux_parts.as_ref().map(|p| p.totals.clone());
-                        ((scored, completion_tokens(rows)), routes)
-                    },
-                    |(scored, tokens), routes| {
-                        let (loss, nll) = sft_loss(&scored, batch_tokens, aux_coef, routes);
-                        (Some(loss), (nll, tokens, scored.router.expert_counts))
-                    },
-                );
-                let nll: f64 = shards.iter().map(|s| s.0).sum();
-                let tokens: usize = shards.iter().map(|s| s.1).sum();
-                let mut expert_counts: Vec<Vec<u32>> = vec![];
-                for (_, _, c) in &shards {
-                    add_shard_counts(&mut expert_counts, c);
-                }
-                let (next, out) =
-                    apply_gradients(model, grads, &mut opt, lr, cfg.optim.max_grad_norm);
-                model = next;
-                if !out.skipped && model.config.aux_loss_free_bias {
-                    let rate = model.config.bias_update_rate as f32;
-                    model.update_expert_bias(&expert_counts, rate);
-                }
-                state.demo_position = pos;
-                state.step += 1;
-                state.sft_steps = state.step;
-                let counts: Vec<Vec<u64>> = expert_counts
-                    .iter()
-                    .map(|l| l.iter().map(|&c| c as u64).collect())
-                    .collect();
-                let (loads, imb) = expert_load(&counts);
-                let secs = t.elapsed().as_secs_f64();
-                let mut m = Map::new();
-                m.insert("stage".into(), json!("sft"));
-                m.insert("step".into(), json!(state.step));
-                m.insert("loss".into(), num(nll));
-                m.insert("grad_norm".into(), num(out.grad_norm));
-                m.insert("lr".into(), num(lr));
-                m.insert("tokens".into(), json!(tokens));
-                m.insert(
-                    "tokens_per_second".into(),
-                    num(tokens as f64 / secs.max(1e-9)),
-                );
-                m.insert("expert_load".into(), json!(loads));
-                m.insert("expert_imbalance".into(), imb.map_or(Value::Null, num));
-                m.insert("skipped".into(), json!(out.skipped));
-                m.insert("time_step".into(), num(secs));
-                m.insert(
-                    "peak_rss_mib".into(),
-                    peak_rss_mib().map_or(Value::Null, num),
-                );
-                metrics.write(&Value::Object(m.clone()))?;
-                state.consecutive_nonfinite = if out.skipped {
-                    state.consecutive_nonfinite + 1
-                } else {
-                    0
-                };
-                state.last_metrics = Some(Value::Object(m.clone()));
-                pb.set_position(state.step as u64);
-                pb.set_message(format!("loss {nll:.4}"));
-                if cfg.run.log_every > 0 && state.step % cfg.run.log_every == 0 {
-                    self.say(&pb, &summary_line(&m));
-                }
-                self.check_nonfinite(&state, last_ckpt.as_deref())?;
-                if cfg.run.save_every > 0
-                    && state.step % cfg.run.save_every == 0
-                    && state.step < cfg.sft.steps
-                {
-                    last_ckpt = Some(save(&model, &opt, &state)?);
-                    checkpoint::prune(&ckpt_root, Stage::Sft, cfg.run.keep_last)?;
-                }
-            }
-            pb.finish_and_clear();
-            state.stage = Stage::SftDone;
-            state.step = 0;
-            last_ckpt = Some(save(&model, &opt, &state)?);
-            checkpoint::prune(&ckpt_root, Stage::Sft, 0)?;
-            self.say(
-                &pb,
-                &format!(
-                    "sft done: {} steps → {}",
-                    state.sft_steps,
-                    ckpt_root.join("sft").display()
-                ),
-            );
-        }
-
-        // ---- GRPO ----
-        let reference = if cfg.grpo.beta > 0.0 {
-            let plain = sobre_model::default_device();
-            let sft_dir = ckpt_root.join("sft");
-            Some(Reference::new(
-                if checkpoint::read_state(&sft_dir).is_some() {
-                    load_model(&sft_dir, &plain)?
-                } else {
-                    self.initial_model(tok.vocab_size(), &special, Some(&generation), &plain)?
-                },
-            ))
+    /// metrics.jsonl and samples.jsonl (cut back to the checkpoint resumed from, whose later
+    /// lines the resumed run writes again), and the cost meter (carrying the checkpoint's cost).
+    fn open_logs(
+        &self,
+        run_dir: &Path,
+        resumed: bool,
+        state: &TrainerState,
+        started: Instant,
+    ) -> Result<Progress, TrainError> {
+        let keep = if !resumed {
+            ("sft", 0)
         } else {
-            None
+            match state.stage {
+                Stage::Grpo => ("grpo", state.step),
+                Stage::SftDone => ("sft", state.sft_steps),
+                Stage::Sft => ("sft", state.step),
+            }
         };
-        let mut opt = match &resume_from {
-            Some((dir, st)) if st.stage == Stage::Grpo => AdamW::load_for(
-                AdamWConfig::from_config(cfg),
-                &dir.join(checkpoint::OPTIMIZER_FILE),
-                &model,
-            )?,
-            _ => AdamW::new(AdamWConfig::from_config(cfg)),
+        let metrics = JsonlWriter::open(&run_dir.join("metrics.jsonl"), Some(keep))?;
+        let samples = JsonlWriter::open(&run_dir.join("samples.jsonl"), Some(keep))?;
+        let meter = match &state.cost {
+            Some(c) if resumed => CostMeter::resume_from(c.clone()),
+            _ => CostMeter::start(),
         };
+        Ok(Progress {
+            metrics,
+            samples,
+            meter,
+            started,
+            elapsed_before: state.elapsed_seconds,
+            last_ckpt: None,
+        })
+    }
+
+    fn progress_bar(
+        &self,
+        inp: &Inputs,
+        prefix: &'static str,
+        len: usize,
+        pos: usize,
+    ) -> ProgressBar {
+        let pb = if self.opts.quiet || !self.cfg.run.progress {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(len as u64)
+        };
+        pb.set_style(inp.style.clone());
+        pb.set_prefix(prefix);
+        pb.set_position(pos as u64);
+        pb
+    }
+
+    /// Save a checkpoint of `state` (its time and cost so far recorded in it).
+    fn save(
+        &self,
+        inp: &Inputs,
+        pr: &mut Progress,
+        model: &MoeModel,
+        opt: &AdamW,
+        state: &mut TrainerState,
+    ) -> Result<PathBuf, TrainError> {
+        state.elapsed_seconds = pr.elapsed_before + pr.started.elapsed().as_secs_f64();
+        state.cost = Some(pr.meter.snapshot(self.cfg.run.watts_per_core));
+        let dir = checkpoint::save(&inp.ckpt_root, model, opt, &inp.tok, &inp.generation, state)?;
+        pr.last_ckpt = Some(dir.clone());
+        Ok(dir)
+    }
+
+    /// The optimizer of `stage`: its moments from the checkpoint resumed from when that was
+    /// taken in the same stage, else fresh.
+    fn optimizer_for(
+        &self,
+        inp: &Inputs,
+        stage: Stage,
+        model: &MoeModel,
+    ) -> Result<AdamW, TrainError> {
+        let config = AdamWConfig::from_config(&self.cfg);
+        Ok(match &inp.resume_from {
+            Some((dir, st)) if st.stage == stage => {
+                AdamW::load_for(config, &dir.join(checkpoint::OPTIMIZER_FILE), model)?
+            }
+            _ => AdamW::new(config),
+        })
+    }
+
+    // ---- SFT stage ----
+
+    /// SFT steps until `sft.steps`, saving every `run.save_every`; then the `sft` checkpoint.
+    fn sft_stage(
+        &self,
+        inp: &Inputs,
+        pr: &mut Progress,
+        mut model: MoeModel,
+        state: &mut TrainerState,
+    ) -> Result<StageEnd, TrainError> {
+        let cfg = &self.cfg;
+        let mut opt = self.optimizer_for(inp, Stage::Sft, &model)?;
+        let sched = Schedule::sft(cfg);
+        let mut order = Order::new(inp.data.demos.len(), derive_seed(cfg.run.seed, &[0]));
+        let pb = self.progress_bar(inp, "sft", cfg.sft.steps, state.step);
+        while state.step < cfg.sft.steps {
+            if self.stopped() {
+                pb.abandon();
+                self.save(inp, pr, &model, &opt, state)?;
+                return Ok(StageEnd::Interrupted);
+            }
+            let lr = sched.lr_at(state.step);
+            let (next, m, nll) = self.sft_step(inp, pr, model, &mut opt, &mut order, state, lr)?;
+            model = next;
+            pr.metrics.write(&Value::Object(m.clone()))?;
+            state.last_metrics = Some(Value::Object(m.clone()));
+            pb.set_position(state.step as u64);
+            pb.set_message(format!("loss {nll:.4}"));
+            if cfg.run.log_every > 0 && state.step % cfg.run.log_every == 0 {
+                self.say(&pb, &summary_line(&m));
+            }
+            self.check_nonfinite(state, pr.last_ckpt.as_deref())?;
+            if cfg.run.save_every > 0
+                && state.step % cfg.run.save_every == 0
+                && state.step < cfg.sft.steps
+            {
+                self.save(inp, pr, &model, &opt, state)?;
+                checkpoint::prune(&inp.ckpt_root, Stage::Sft, cfg.run.keep_last)?;
+            }
+        }
+        pb.finish_and_clear();
+        state.stage = Stage::SftDone;
+        state.step = 0;
+        self.save(inp, pr, &model, &opt, state)?;
+        checkpoint::prune(&inp.ckpt_root, Stage::Sft, 0)?;
+        self.say(
+            &pb,
+            &format!(
+                "sft done: {} steps → {}",
+                state.sft_steps,
+                inp.ckpt_root.join("sft").display()
+            ),
+        );
+        Ok(StageEnd::Done(model))
+    }
+
+    /// One SFT step: the next batch of demonstrations, the sharded forward and backward of the
+    /// completion NLL (+ balance loss), one optimizer step. Returns the model, the metrics line
+    /// and the loss; advances `state` (data cursor, step, non-finite count).
+    #[allow(clippy::too_many_arguments)]
+    fn sft_step(
+        &self,
+        inp: &Inputs,
+        pr: &mut Progress,
+        model: MoeModel,
+        opt: &mut AdamW,
+        order: &mut Order,
+        state: &mut TrainerState,
+        lr: f64,
+    ) -> Result<(MoeModel, Map<String, Value>, f64), TrainError> {
+        let (cfg, aux_coef, pad) = (&self.cfg, inp.aux_coef, inp.special.pad);
+        let t = Instant::now();
+        let mut pos = state.demo_position;
+        let batch = next_batch(
+            &inp.tok,
+            &inp.template,
+            &inp.data.demos,
+            order,
+            &mut pos,
+            cfg.sft.batch_size,
+            cfg.sft.max_length,
+        )?;
+        pr.meter.add(&sft_work(&model.config, &batch));
+        let batch_tokens = completion_tokens(&batch);
+        let ranges = split_range(0..batch.len(), cfg.run.data_parallel_size);
+        let (_, grads, shards) = sharded_gradients(
+            &model,
+            ranges.len(),
+            aux_coef > 0.0,
+            |m, si| {
+                let rows = &batch[ranges[si].clone()];
+                let scored = sft_forward(m, rows, pad, aux_coef > 0.0);
+                let routes = scored.router.aux_parts.as_ref().map(|p| p.totals.clone());
+                ((scored, completion_tokens(rows)), routes)
+            },
+            |(scored, tokens), routes| {
+                let (loss, nll) = sft_loss(&scored, batch_tokens, aux_coef, routes);
+                (Some(loss), (nll, tokens, scored.router.expert_counts))
+            },
+        );
+        let nll: f64 = shards.iter().map(|s| s.0).sum();
+        let tokens: usize = shards.iter().map(|s| s.1).sum();
+        let mut expert_counts: Vec<Vec<u32>> = vec![];
+        for (_, _, c) in &shards {
+            add_shard_counts(&mut expert_counts, c);
+        }
+        let (mut model, out) = apply_gradients(model, grads, opt, lr, cfg.optim.max_grad_norm);
+        if !out.skipped && model.config.aux_loss_free_bias {
+            let rate = model.config.bias_update_rate as f32;
+            model.update_expert_bias(&expert_counts, rate);
+        }
+        state.demo_position = pos;
+        state.step += 1;
+        state.sft_steps = state.step;
+        state.consecutive_nonfinite = if out.skipped {
+            state.consecutive_nonfinite + 1
+        } else {
+            0
+        };
+        let m = sft_metrics(state.step, nll, tokens, lr, &out, &expert_counts, t);
+        Ok((model, m, nll))
+    }
+
+    // ---- GRPO stage ----
+
+    /// GRPO steps until `run.steps` (held-out evaluation every `eval.eval_every`), saving every
+    /// `run.save_every` and at the end.
+    fn grpo_stage(
+        &self,
+        inp: &Inputs,
+        pr: &mut Progress,
+        mut model: MoeModel,
+        state: &mut TrainerState,
+    ) -> Result<StageEnd, TrainError> {
+        let cfg = &self.cfg;
+        let reference = self.reference(inp)?;
+        let mut opt = self.optimizer_for(inp, Stage::Grpo, &model)?;
         if state.stage == Stage::SftDone {
             state.stage = Stage::Grpo;
             state.step = 0;
@@ -454,36 +556,36 @@ impl Pipeline {
         let sched = Schedule::grpo(cfg, cfg.run.steps);
         let ctx = GrpoContext {
             cfg,
-            tok: &tok,
-            template: &template,
-            rewards: &rewards,
-            train: &data.train,
+            tok: &inp.tok,
+            template: &inp.template,
+            rewards: &inp.rewards,
+            train: &inp.data.train,
             reference: reference.as_ref(),
-            accuracy_reward: accuracy_reward.clone(),
+            accuracy_reward: inp.accuracy_reward.clone(),
         };
-        let mut order = Order::new(data.train.len(), derive_seed(cfg.run.seed, &[1]));
-        let pb = if self.opts.quiet || !cfg.run.progress {
-            ProgressBar::hidden()
-        } else {
-            ProgressBar::new(cfg.run.steps as u64)
-        };
-        pb.set_style(style);
-        pb.set_prefix("grpo");
-        pb.set_position(state.step as u64);
+        let mut order = Order::new(inp.data.train.len(), derive_seed(cfg.run.seed, &[1]));
+        let pb = self.progress_bar(inp, "grpo", cfg.run.steps, state.step);
         let mut saved_at = state.step;
         while state.step < cfg.run.steps {
             if self.stopped() || self.opts.stop_after.is_some_and(|n| state.step >= n) {
                 pb.abandon();
-                if saved_at != state.step || last_ckpt.is_none() {
-                    last_ckpt = Some(save(&model, &opt, &state)?);
+                if saved_at != state.step || pr.last_ckpt.is_none() {
+                    self.save(inp, pr, &model, &opt, state)?;
                 }
-                return Ok(self.summary(run_dir, &state, true, last_ckpt, started, elapsed_before));
+                return Ok(StageEnd::Interrupted);
             }
-            let step = state.step;
             // The optimizer's own step counter drives the schedule, so mini-batch updates decay it.
             let lr = sched.lr_at(opt.step as usize);
             let mut cursor = state.prompt_position;
-            let (next, out) = grpo_step(&ctx, model, &mut opt, &mut order, &mut cursor, step, lr)?;
+            let (next, out) = grpo_step(
+                &ctx,
+                model,
+                &mut opt,
+                &mut order,
+                &mut cursor,
+                state.step,
+                lr,
+            )?;
             model = next;
             state.prompt_position = cursor;
             state.step += 1;
@@ -492,77 +594,120 @@ impl Pipeline {
             } else {
                 0
             };
+            pr.meter.add(&out.work);
             let mut m = out.metrics;
-            if cfg.eval.eval_every > 0
-                && state.step % cfg.eval.eval_every == 0
-                && !data.eval.is_empty()
-            {
-                let (em, es) = evaluate(
-                    cfg,
-                    &model,
-                    &tok,
-                    &template,
-                    &rewards,
-                    &data.eval,
-                    accuracy_reward.as_deref(),
-                    state.step,
-                )?;
-                for (k, v) in em {
-                    if k != "stage" && k != "step" {
-                        m.insert(k, v);
-                    }
-                }
-                for s in es {
-                    samples.write(&s)?;
-                }
-            }
-            metrics.write(&Value::Object(m.clone()))?;
+            self.periodic_eval(inp, pr, &model, state.step, &mut m)?;
+            pr.metrics.write(&Value::Object(m.clone()))?;
             for s in &out.samples {
-                samples.write(s)?;
+                pr.samples.write(s)?;
             }
             state.last_metrics = Some(Value::Object(m.clone()));
             pb.set_position(state.step as u64);
-            pb.set_message(format!(
-                "reward {:.3}",
-                m.get("reward_mean")
-                    .and_then(Value::as_f64)
-                    .unwrap_or(f64::NAN)
-            ));
+            let reward = m.get("reward_mean").and_then(Value::as_f64);
+            pb.set_message(format!("reward {:.3}", reward.unwrap_or(f64::NAN)));
             if cfg.run.log_every > 0 && state.step % cfg.run.log_every == 0 {
                 self.say(&pb, &summary_line(&m));
             }
-            self.check_nonfinite(&state, last_ckpt.as_deref())?;
+            self.check_nonfinite(state, pr.last_ckpt.as_deref())?;
             let last = state.step == cfg.run.steps;
             if (cfg.run.save_every > 0 && state.step % cfg.run.save_every == 0) || last {
-                state.elapsed_seconds = elapsed_before + started.elapsed().as_secs_f64();
-                last_ckpt = Some(save(&model, &opt, &state)?);
+                self.save(inp, pr, &model, &opt, state)?;
                 saved_at = state.step;
-                checkpoint::prune(&ckpt_root, Stage::Grpo, cfg.run.keep_last)?;
+                checkpoint::prune(&inp.ckpt_root, Stage::Grpo, cfg.run.keep_last)?;
             }
         }
         pb.finish_and_clear();
-        if last_ckpt.is_none() || saved_at != state.step {
-            last_ckpt = Some(save(&model, &opt, &state)?);
+        if pr.last_ckpt.is_none() || saved_at != state.step {
+            self.save(inp, pr, &model, &opt, state)?;
         }
-        if cfg.eval.at_end
-            && let Some(last) = &last_ckpt
-        {
-            drop(model);
-            let sft_dir = ckpt_root.join("sft");
-            let mut contenders = Vec::new();
-            if checkpoint::read_state(&sft_dir).is_some() && *last != sft_dir {
-                contenders.push(("sft".to_string(), sft_dir));
-            }
-            contenders.push(("final".to_string(), last.clone()));
-            contenders.extend(cfg.eval.compare.clone());
-            let opts = crate::compare::comparison_options(cfg, accuracy_reward.clone());
-            let comparison = crate::compare::compare(cfg, &contenders, &template, &rewards, &opts)?;
-            let path = comparison.save(&run_dir)?;
-            if !self.opts.quiet {
-                eprintln!("{}(written to {})", comparison.table(), path.display());
+        Ok(StageEnd::Done(model))
+    }
+
+    /// The frozen KL reference when `grpo.beta > 0`: the SFT checkpoint, else the initial model.
+    fn reference(&self, inp: &Inputs) -> Result<Option<Reference>, TrainError> {
+        if self.cfg.grpo.beta <= 0.0 {
+            return Ok(None);
+        }
+        let plain = sobre_model::default_device();
+        let sft_dir = inp.ckpt_root.join("sft");
+        let model = if checkpoint::read_state(&sft_dir).is_some() {
+            load_model(&sft_dir, &plain)?
+        } else {
+            let vocab = inp.tok.vocab_size();
+            self.initial_model(vocab, &inp.special, Some(&inp.generation), &plain)?
+        };
+        Ok(Some(Reference::new(model)))
+    }
+
+    /// Held-out pass@1 after GRPO step `step` when `eval.eval_every` says so: its keys added to
+    /// the step's metrics line `m`, its samples to samples.jsonl.
+    fn periodic_eval(
+        &self,
+        inp: &Inputs,
+        pr: &mut Progress,
+        model: &MoeModel,
+        step: usize,
+        m: &mut Map<String, Value>,
+    ) -> Result<(), TrainError> {
+        let cfg = &self.cfg;
+        if cfg.eval.eval_every == 0 || step % cfg.eval.eval_every != 0 || inp.data.eval.is_empty() {
+            return Ok(());
+        }
+        let (em, es) = evaluate(
+            cfg,
+            model,
+            &inp.tok,
+            &inp.template,
+            &inp.rewards,
+            &inp.data.eval,
+            inp.accuracy_reward.as_deref(),
+            step,
+        )?;
+        for (k, v) in em {
+            if k != "stage" && k != "step" {
+                m.insert(k, v);
             }
         }
-        Ok(self.summary(run_dir, &state, false, last_ckpt, started, elapsed_before))
+        for s in es {
+            pr.samples.write(&s)?;
+        }
+        Ok(())
+    }
+
+    // ---- final evaluation ----
+
+    /// With `eval.at_end`, the held-out comparison of the final checkpoint against the SFT
+    /// checkpoint and `eval.compare`, written to final_eval.json with the run's cost (which
+    /// includes this evaluation); the table and the cost printed.
+    fn final_evaluation(&self, inp: &Inputs, pr: &mut Progress) -> Result<(), TrainError> {
+        let cfg = &self.cfg;
+        let lines = match (&pr.last_ckpt, cfg.eval.at_end) {
+            (Some(last), true) => {
+                let sft_dir = inp.ckpt_root.join("sft");
+                let mut contenders = Vec::new();
+                if checkpoint::read_state(&sft_dir).is_some() && *last != sft_dir {
+                    contenders.push(("sft".to_string(), sft_dir));
+                }
+                contenders.push(("final".to_string(), last.clone()));
+                contenders.extend(cfg.eval.compare.clone());
+                let opts = crate::compare::comparison_options(cfg, inp.accuracy_reward.clone());
+                let mut comparison =
+                    crate::compare::compare(cfg, &contenders, &inp.template, &inp.rewards, &opts)?;
+                comparison.cost = Some(pr.meter.snapshot(cfg.run.watts_per_core));
+                let path = comparison.save(&inp.run_dir)?;
+                let mut text = comparison.table();
+                for line in comparison.cost_lines() {
+                    text.push_str(&line);
+                    text.push('\n');
+                }
+                format!("{text}(written to {})", path.display())
+            }
+            _ => summary_lines(&pr.meter.snapshot(cfg.run.watts_per_core)).join("\n"),
+        };
+        if !self.opts.quiet {
+            eprintln!("{lines}");
+        }
+        Ok(())
     }
 
     fn check_nonfinite(&self, state: &TrainerState, last: Option<&Path>) -> Result<(), TrainError> {
@@ -579,15 +724,13 @@ impl Pipeline {
 
     fn summary(
         &self,
-        run_dir: PathBuf,
+        inp: &Inputs,
+        pr: &mut Progress,
         state: &TrainerState,
         interrupted: bool,
-        last: Option<PathBuf>,
-        started: Instant,
-        before: f64,
     ) -> Summary {
         Summary {
-            run_dir,
+            run_dir: inp.run_dir.clone(),
             sft_steps: state.sft_steps,
             grpo_steps: if state.stage == Stage::Grpo {
                 state.step
@@ -595,9 +738,99 @@ impl Pipeline {
                 0
             },
             interrupted,
-            last_checkpoint: last,
+            last_checkpoint: pr.last_ckpt.clone(),
             last_metrics: state.last_metrics.clone(),
-            seconds: before + started.elapsed().as_secs_f64(),
+            seconds: pr.elapsed_before + pr.started.elapsed().as_secs_f64(),
+            cost: pr.meter.snapshot(self.cfg.run.watts_per_core),
         }
     }
+}
+
+/// What every stage of a run reads, made once by [`Pipeline::set_up`].
+struct Inputs {
+    run_dir: PathBuf,
+    ckpt_root: PathBuf,
+    /// The checkpoint resumed from, and its state.
+    resume_from: Option<(PathBuf, TrainerState)>,
+    data: RunData,
+    template: Template,
+    tok: Tokenizer,
+    rewards: CombinedReward,
+    accuracy_reward: Option<String>,
+    special: SpecialTokens,
+    /// The starting point's generation_config.json (or the default), saved with every
+    /// checkpoint.
+    generation: GenerationConfig,
+    /// The balance loss coefficient: `grpo.aux_loss_coef`, else the model's.
+    aux_coef: f64,
+    style: ProgressStyle,
+}
+
+/// What the stages write to as the run goes: the logs, the cost meter, the clock and the
+/// newest checkpoint.
+struct Progress {
+    metrics: JsonlWriter,
+    samples: JsonlWriter,
+    meter: CostMeter,
+    started: Instant,
+    /// Training seconds of the earlier parts of a resumed run.
+    elapsed_before: f64,
+    last_ckpt: Option<PathBuf>,
+}
+
+/// Where a stage left the run: finished (with the model), or stopped by the stop flag after
+/// saving.
+enum StageEnd {
+    Done(MoeModel),
+    Interrupted,
+}
+
+/// What an SFT step ran: its sequences forward and backward.
+fn sft_work(mc: &sobre_model::ModelConfig, batch: &[(Vec<u32>, Vec<u32>)]) -> Work {
+    let lens = batch.iter().map(|(p, c)| p.len() + c.len());
+    Work {
+        tokens_generated: 0,
+        tokens_trained: lens.clone().map(|l| l as u64).sum(),
+        flops: lens
+            .map(|l| TRAIN_FLOPS_FACTOR * sequence_forward_flops(mc, l))
+            .sum(),
+    }
+}
+
+/// The metrics line of SFT step `step` (1-based), begun at `started`.
+fn sft_metrics(
+    step: usize,
+    nll: f64,
+    tokens: usize,
+    lr: f64,
+    out: &crate::optim::UpdateOutcome,
+    expert_counts: &[Vec<u32>],
+    started: Instant,
+) -> Map<String, Value> {
+    let counts: Vec<Vec<u64>> = expert_counts
+        .iter()
+        .map(|l| l.iter().map(|&c| c as u64).collect())
+        .collect();
+    let (loads, imb) = expert_load(&counts);
+    let secs = started.elapsed().as_secs_f64();
+    let mut m = Map::new();
+    m.insert("stage".into(), json!("sft"));
+    m.insert("step".into(), json!(step));
+    m.insert("loss".into(), num(nll));
+    m.insert("grad_norm".into(), num(out.grad_norm));
+    m.insert("lr".into(), num(lr));
+    m.insert("tokens".into(), json!(tokens));
+    m.insert(
+        "tokens_per_second".into(),
+        num(tokens as f64 / secs.max(1e-9)),
+    );
+    m.insert("expert_load".into(), json!(loads));
+    m.insert("expert_imbalance".into(), imb.map_or(Value::Null, num));
+    m.insert("skipped".into(), json!(out.skipped));
+    m.insert("time_step".into(), num(secs));
+    m.insert(
+        "peak_rss_mib".into(),
+        peak_rss_mib().map_or(Value::Null, num),
+    );
+    m
 }

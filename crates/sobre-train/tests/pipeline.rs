@@ -76,6 +76,31 @@ fn six_straight_steps_equal_three_plus_resume_plus_three() {
         .map(|v| v["step"].as_u64().unwrap())
         .collect();
     assert_eq!(grpo, vec![1, 2, 3, 4, 5, 6]);
+    // The resumed run's cost covers both parts: the same work as the straight run.
+    let (ca, cb) = (&straight.cost, &second.cost);
+    assert_eq!(
+        (ca.tokens_generated, ca.tokens_trained),
+        (cb.tokens_generated, cb.tokens_trained)
+    );
+    assert!((ca.flops_estimate - cb.flops_estimate).abs() <= 1e-9 * ca.flops_estimate);
+    assert!(cb.wall_seconds >= first.cost.wall_seconds && cb.cpu_seconds > first.cost.cpu_seconds);
+    for c in [ca, cb] {
+        assert!(c.tokens_generated > 0 && c.tokens_trained > c.tokens_generated);
+        assert!((c.energy_wh_estimate - c.cpu_seconds * 10.0 / 3600.0).abs() < 1e-9);
+    }
+    // Tokens generated = Σ over GRPO steps of tokens_per_second × time_step (the same count).
+    let from_metrics: f64 = std::fs::read_to_string(a.path().join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["stage"] == "grpo")
+        .map(|v| v["tokens_per_second"].as_f64().unwrap() * v["time_step"].as_f64().unwrap())
+        .sum();
+    assert!(
+        (from_metrics - ca.tokens_generated as f64).abs() < 1e-6 * from_metrics,
+        "{from_metrics} vs {}",
+        ca.tokens_generated
+    );
     // keep_last = 2
     assert!(
         !b.path().join("checkpoints/step-000003").exists()
@@ -313,6 +338,18 @@ fn at_end_compares_sft_final_and_baselines_on_the_same_problems() {
     );
     let table = cmp.table();
     assert!(table.contains("6 held-out countdown problems"), "{table}");
+    // The run's cost is in final_eval.json, and `sobre eval` prints it under the table.
+    let cost = cmp
+        .cost
+        .as_ref()
+        .expect("final_eval.json carries the run's cost");
+    assert!(cost.tokens_generated > 0 && cost.flops_estimate > 0.0 && cost.cpu_seconds > 0.0);
+    let lines = cmp.cost_lines();
+    assert!(lines[0].starts_with("cost: "), "{lines:?}");
+    assert!(
+        lines[2].starts_with("cost per held-out point gained: "),
+        "{lines:?}"
+    );
     assert_eq!(table.lines().count(), 2 + 4, "{table}");
 
     // `--resume` on the finished run trains nothing and writes the same table again.

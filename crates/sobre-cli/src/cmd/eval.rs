@@ -8,6 +8,7 @@ use anyhow::{Context, bail};
 use sobre_data::{DatasetConfig, Sample};
 use sobre_reward::CombinedReward;
 use sobre_train::Config;
+use sobre_train::compare::{Comparison, FINAL_EVAL_FILE};
 use sobre_train::data::build_template;
 use sobre_train::eval::{EvalOptions, evaluate, heldout_problems};
 
@@ -30,7 +31,11 @@ A sample is correct when the correctness reward (countdown or accuracy) scores >
 mean share of correct samples per problem; pass@k the unbiased estimator 1 - C(n-c,k)/C(n,k) with
 k = --samples; maj@k a majority vote over the normalised final answers; format_rate the share of
 samples in the strict R1 <think>/<answer> shape. --out DIR writes eval.json and samples.jsonl
-(one line per sample: prompt, completion, answer, rewards, correct).")]
+(one line per sample: prompt, completion, answer, rewards, correct).
+
+When --model is a run directory with a final_eval.json, its end-of-run comparison table follows
+the report, with what the run cost and its cost per held-out pass@1 point gained over the SFT
+checkpoint (or the first baseline).")]
 pub struct Args {
     /// A model directory (HF layout with tokenizer.json), or a run directory (its newest checkpoint).
     #[arg(long)]
@@ -274,6 +279,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for (name, v) in &r.rewards {
         println!("  {name:<11}{}", v.map_or("n/a (never applies)".into(), f));
     }
+    print_run_comparison(&args.model);
     if let Some(out) = &args.out {
         println!(
             "wrote {} and {}",
@@ -282,4 +288,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The end-of-run comparison of the run directory `run_dir` (its final_eval.json), with the
+/// run's cost and cost per point gained; nothing when there is none.
+fn print_run_comparison(run_dir: &Path) {
+    match Comparison::load(run_dir) {
+        Ok(Some(cmp)) => {
+            println!();
+            println!(
+                "end-of-run comparison of this run ({}):",
+                run_dir.join(FINAL_EVAL_FILE).display()
+            );
+            print!("{}", cmp.table());
+            for line in cmp.cost_lines() {
+                println!("{line}");
+            }
+        }
+        Ok(None) => {}
+        Err(e) => eprintln!("note: the run's comparison is not shown: {e}"),
+    }
 }
