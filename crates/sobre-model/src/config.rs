@@ -303,7 +303,8 @@ impl ModelConfig {
         self.num_attention_heads / self.num_key_value_heads
     }
 
-    /// Check the shape constraints the forward pass relies on.
+    /// Check the shape constraints the forward pass relies on. Long because it is one flat list
+    /// of independent checks, each with its own message.
     pub fn validate(&self, origin: &str) -> Result<(), ModelError> {
         let err = |msg: String| ModelError::Config {
             origin: origin.to_string(),
@@ -479,7 +480,8 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// The `config.json` transformers reads for this model, plus sobre's own keys.
+    /// The `config.json` transformers reads for this model, plus sobre's own keys. Long because
+    /// it is one flat list of keys, the mirror of `read`.
     pub fn to_json(&self) -> Value {
         let mut m = Map::new();
         m.insert("architectures".into(), json!([self.family.architecture()]));
@@ -741,6 +743,8 @@ impl Reader<'_> {
         }
     }
 
+    /// Every `config.json` key sobre reads. Long because it is one flat list, a key per
+    /// statement in the order of transformers' config classes: split, the list would scatter.
     fn read(&self) -> Result<ModelConfig, ModelError> {
         let family = match self.get("model_type").and_then(Value::as_str) {
             Some("qwen3_moe") => Family::Qwen3Moe,

@@ -23,7 +23,8 @@ use sobre_data::{Prompt, Sample, Template, Tokenizer};
 use sobre_model::{Batch, ForwardOptions, MoeModel, init_model, load_model};
 
 use crate::data::{
-    Order, build_template, build_tokenizer, derive_seed, encode_prompt, load_data, preset_config,
+    Order, RunData, build_template, build_tokenizer, derive_seed, encode_prompt, load_data,
+    preset_config,
 };
 use crate::grpo::{GrpoContext, Reference, default_accuracy_reward, grpo_step};
 use crate::metrics::peak_rss_mib;
@@ -161,7 +162,8 @@ fn fixed_length_prompt(
     Ok(text)
 }
 
-/// Run the benchmark; returns the report as JSON.
+/// Run the benchmark; returns the report as JSON: set up, warm-up and timed GRPO steps, the
+/// policy update part by part, the leak check, the report.
 pub fn bench_step(cfg: &Config, opts: &BenchOptions) -> Result<Value, TrainError> {
     if cfg.run.threads > 0 {
         let _ = rayon::ThreadPoolBuilder::new()
@@ -169,52 +171,10 @@ pub fn bench_step(cfg: &Config, opts: &BenchOptions) -> Result<Value, TrainError
             .build_global();
     }
     let t_setup = Instant::now();
-    let mut data = load_data(cfg)?;
-    let mut template = build_template(cfg, None)?;
-    let tok = build_tokenizer(cfg, &data, &template, None)?;
-    if let Some(n) = opts.prompt_tokens {
-        for s in data.train.iter_mut() {
-            let text = fixed_length_prompt(&tok, &template, s, n)?;
-            s.prompt = Prompt::Text(text);
-        }
-        template = Template::Plain;
-    }
-    let prompt_lens: Vec<usize> = data
-        .train
-        .iter()
-        .take(64)
-        .map(|s| encode_prompt(&tok, &template, s).map(|v| v.len()))
-        .collect::<Result<_, _>>()?;
+    let (data, template, tok, prompt_lens) = bench_inputs(cfg, opts)?;
     let rewards = cfg.build_rewards().map_err(TrainError::Data)?;
     let accuracy_reward = default_accuracy_reward(cfg, &rewards);
-    let special = tok.special().clone();
-
-    // ---- models: as the pipeline's `initial_model`, keeping the preset's vocabulary ----
-    let make = |device: &Device| -> Result<MoeModel, TrainError> {
-        let m = &cfg.model;
-        Ok(match &m.path {
-            Some(p) => load_model(p, device)?,
-            None => {
-                let mut mc = preset_config(cfg, &special)?;
-                mc.vocab_size = mc.vocab_size.max(tok.vocab_size());
-                init_model(&mc, m.seed.unwrap_or(cfg.run.seed), device)
-            }
-        })
-    };
-    let device = sobre_model::default_device().autodiff();
-    let mut model = make(&device)?;
-    if model.config.vocab_size < tok.vocab_size() {
-        return Err(TrainError::Data(format!(
-            "the tokenizer has {} tokens but the model only {}",
-            tok.vocab_size(),
-            model.config.vocab_size
-        )));
-    }
-    let reference = if cfg.grpo.beta > 0.0 {
-        Some(Reference::new(make(&sobre_model::default_device())?))
-    } else {
-        None
-    };
+    let (mut model, reference) = bench_models(cfg, &tok)?;
     let mut opt = AdamW::new(AdamWConfig::from_config(cfg));
     let total_steps = (opts.warmup + opts.steps).max(opts.leak_check_steps);
     let sched = Schedule::grpo(cfg, total_steps);
@@ -243,15 +203,136 @@ pub fn bench_step(cfg: &Config, opts: &BenchOptions) -> Result<Value, TrainError
     }
     let timed =
         &per_step[opts.warmup.min(per_step.len())..(opts.warmup + opts.steps).min(per_step.len())];
+
+    // ---- the policy update, part by part, on the step's shape ----
+    let rows = cfg.grpo.num_prompts * cfg.grpo.group_size;
+    let seq = prompt_lens.iter().copied().max().unwrap_or(1) + cfg.rollout.max_new_tokens;
+    let breakdown = (opts.breakdown_reps > 0).then(|| {
+        policy_breakdown(
+            &model,
+            rows,
+            seq,
+            AdamWConfig::from_config(cfg),
+            opts.breakdown_reps,
+        )
+    });
+    let leak = (opts.leak_check_steps > 0).then(|| leak_report(opts, &rss_after));
+    let measured = Measured {
+        timed,
+        prompt_lens: &prompt_lens,
+        breakdown,
+        leak,
+        setup_s,
+    };
+    Ok(step_report(cfg, opts, &model, &tok, &measured))
+}
+
+/// The benchmark's data, template and tokenizer, its prompts made `--prompt-tokens` long when
+/// asked, and the token lengths of the first 64 prompts.
+fn bench_inputs(
+    cfg: &Config,
+    opts: &BenchOptions,
+) -> Result<(RunData, Template, Tokenizer, Vec<usize>), TrainError> {
+    let mut data = load_data(cfg)?;
+    let mut template = build_template(cfg, None)?;
+    let tok = build_tokenizer(cfg, &data, &template, None)?;
+    if let Some(n) = opts.prompt_tokens {
+        for s in data.train.iter_mut() {
+            let text = fixed_length_prompt(&tok, &template, s, n)?;
+            s.prompt = Prompt::Text(text);
+        }
+        template = Template::Plain;
+    }
+    let prompt_lens: Vec<usize> = data
+        .train
+        .iter()
+        .take(64)
+        .map(|s| encode_prompt(&tok, &template, s).map(|v| v.len()))
+        .collect::<Result<_, _>>()?;
+    Ok((data, template, tok, prompt_lens))
+}
+
+/// The policy (autodiff) and, when `beta > 0`, the frozen reference: as the pipeline's
+/// `initial_model`, keeping the preset's vocabulary.
+fn bench_models(
+    cfg: &Config,
+    tok: &Tokenizer,
+) -> Result<(MoeModel, Option<Reference>), TrainError> {
+    let special = tok.special().clone();
+    let make = |device: &Device| -> Result<MoeModel, TrainError> {
+        let m = &cfg.model;
+        Ok(match &m.path {
+            Some(p) => load_model(p, device)?,
+            None => {
+                let mut mc = preset_config(cfg, &special)?;
+                mc.vocab_size = mc.vocab_size.max(tok.vocab_size());
+                init_model(&mc, m.seed.unwrap_or(cfg.run.seed), device)
+            }
+        })
+    };
+    let model = make(&sobre_model::default_device().autodiff())?;
+    if model.config.vocab_size < tok.vocab_size() {
+        return Err(TrainError::Data(format!(
+            "the tokenizer has {} tokens but the model only {}",
+            tok.vocab_size(),
+            model.config.vocab_size
+        )));
+    }
+    let reference = if cfg.grpo.beta > 0.0 {
+        Some(Reference::new(make(&sobre_model::default_device())?))
+    } else {
+        None
+    };
+    Ok((model, reference))
+}
+
+/// RSS after each step, from step `leak_check_from`: its trend against the bound.
+fn leak_report(opts: &BenchOptions, rss_after: &[f64]) -> Value {
+    let from = opts.leak_check_from.clamp(1, rss_after.len());
+    let a = rss_after[from - 1];
+    let b = *rss_after.last().unwrap_or(&f64::NAN);
+    // A leak is a trend: allocator high-water moves RSS up and down by tens of MiB from
+    // one step to the next, so the first-to-last difference alone misreads noise.
+    let trend = rss_trend_mib(&rss_after[from - 1..]);
+    json!({
+        "steps": rss_after.len(),
+        "from_step": from,
+        "rss_mib_at_from": round(a, 1),
+        "rss_mib_at_end": round(b, 1),
+        "endpoint_growth_mib": round(b - a, 1),
+        "growth_mib": round(trend, 1),
+        "bound_mib": opts.leak_bound_mib,
+        "within_bound": trend <= opts.leak_bound_mib,
+        "rss_mib_every_10_steps": rss_after.iter().step_by(10).map(|x| round(*x, 1)).collect::<Vec<_>>(),
+    })
+}
+
+/// What the benchmark measured, for [`step_report`].
+struct Measured<'a> {
+    /// The metrics lines of the timed steps (after the warm-up).
+    timed: &'a [serde_json::Map<String, Value>],
+    prompt_lens: &'a [usize],
+    breakdown: Option<PolicyBreakdown>,
+    leak: Option<Value>,
+    setup_s: f64,
+}
+
+/// The report: the model and workload, medians of the timed steps' phases, the breakdown and
+/// the leak check.
+fn step_report(
+    cfg: &Config,
+    opts: &BenchOptions,
+    model: &MoeModel,
+    tok: &Tokenizer,
+    r: &Measured<'_>,
+) -> Value {
     let get = |m: &serde_json::Map<String, Value>, k: &str| {
         m.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN)
     };
-    let col = |k: &str| timed.iter().map(|m| get(m, k)).collect::<Vec<f64>>();
+    let col = |k: &str| r.timed.iter().map(|m| get(m, k)).collect::<Vec<f64>>();
     let step_s = col("time_step");
-    let rollout_s = col("time_rollout");
-    let reference_s = col("time_reference");
-    let policy_s = col("time_policy");
-    let other_s: Vec<f64> = timed
+    let other_s: Vec<f64> = r
+        .timed
         .iter()
         .map(|m| {
             get(m, "time_step")
@@ -260,54 +341,16 @@ pub fn bench_step(cfg: &Config, opts: &BenchOptions) -> Result<Value, TrainError
                 - get(m, "time_policy")
         })
         .collect();
-    let completion_tokens: Vec<f64> = timed
+    let rows = (cfg.grpo.num_prompts * cfg.grpo.group_size) as f64;
+    let completion_tokens: Vec<f64> = col("completion_length_mean")
         .iter()
-        .map(|m| {
-            get(m, "completion_length_mean") * (cfg.grpo.num_prompts * cfg.grpo.group_size) as f64
-        })
+        .map(|l| l * rows)
         .collect();
-
-    // ---- the policy update, part by part, on the step's shape ----
-    let rows = cfg.grpo.num_prompts * cfg.grpo.group_size;
-    let seq = prompt_lens.iter().copied().max().unwrap_or(1) + cfg.rollout.max_new_tokens;
-    let breakdown = if opts.breakdown_reps > 0 {
-        Some(policy_breakdown(
-            &model,
-            rows,
-            seq,
-            AdamWConfig::from_config(cfg),
-            opts.breakdown_reps,
-        ))
-    } else {
-        None
-    };
-
-    let leak = if opts.leak_check_steps > 0 {
-        let from = opts.leak_check_from.clamp(1, rss_after.len());
-        let a = rss_after[from - 1];
-        let b = *rss_after.last().unwrap_or(&f64::NAN);
-        // A leak is a trend: allocator high-water moves RSS up and down by tens of MiB from
-        // one step to the next, so the first-to-last difference alone misreads noise.
-        let trend = rss_trend_mib(&rss_after[from - 1..]);
-        Some(json!({
-            "steps": rss_after.len(),
-            "from_step": from,
-            "rss_mib_at_from": round(a, 1),
-            "rss_mib_at_end": round(b, 1),
-            "endpoint_growth_mib": round(b - a, 1),
-            "growth_mib": round(trend, 1),
-            "bound_mib": opts.leak_bound_mib,
-            "within_bound": trend <= opts.leak_bound_mib,
-            "rss_mib_every_10_steps": rss_after.iter().step_by(10).map(|x| round(*x, 1)).collect::<Vec<_>>(),
-        }))
-    } else {
-        None
-    };
-
     let mc = &model.config;
     let med_step = median(&step_s);
     let med_tokens = median(&completion_tokens);
-    Ok(json!({
+    let prompt_lens = r.prompt_lens;
+    json!({
         "benchmark": "grpo_step",
         "device": format!("{:?}", sobre_model::default_device()),
         "model": {
@@ -335,23 +378,23 @@ pub fn bench_step(cfg: &Config, opts: &BenchOptions) -> Result<Value, TrainError
             "threads": cfg.run.threads,
         },
         "warmup_steps": opts.warmup,
-        "timed_steps": timed.len(),
+        "timed_steps": r.timed.len(),
         "median_step_s": round(med_step, 4),
-        "median_rollout_s": round(median(&rollout_s), 4),
-        "median_reference_s": round(median(&reference_s), 4),
-        "median_policy_s": round(median(&policy_s), 4),
+        "median_rollout_s": round(median(&col("time_rollout")), 4),
+        "median_reference_s": round(median(&col("time_reference")), 4),
+        "median_policy_s": round(median(&col("time_policy")), 4),
         "median_other_s": round(median(&other_s), 4),
         "phases_note": "rollout includes reward scoring; policy = training forward + loss + backward + gradients to host + clipping + AdamW (the trainer times them together; policy_breakdown splits them, measured separately on the same shape); other = advantages, layouts, metrics",
         "completion_tokens_per_step": med_tokens,
         "completion_tokens_per_second": round(med_tokens / med_step, 1),
-        "policy_breakdown": breakdown,
+        "policy_breakdown": r.breakdown,
         "peak_rss_mib": peak_rss_mib().map(|x| round(x, 1)),
-        "leak_check": leak,
+        "leak_check": r.leak,
         "steps_s": step_s.iter().map(|x| round(*x, 4)).collect::<Vec<_>>(),
-        "setup_s": round(setup_s, 3),
+        "setup_s": round(r.setup_s, 3),
         "threads_available": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
-    }))
+    })
 }
 
 /// Time forward, backward, gradient read-back and AdamW separately on a `[rows, seq]` batch

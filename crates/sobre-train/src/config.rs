@@ -729,7 +729,8 @@ impl Config {
         }
     }
 
-    /// Every value check; the first failure is the error, located in the file.
+    /// Every value check; the first failure is the error, located in the file. Long because it
+    /// is one flat list of independent checks, section by section, each naming its key.
     pub fn validate(&self, source: &Source) -> Result<(), ConfigError> {
         let fail = |key: &str, msg: String| {
             let overridden = source

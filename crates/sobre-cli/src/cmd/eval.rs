@@ -5,12 +5,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use sobre_data::{DatasetConfig, Sample};
+use sobre_data::{DatasetConfig, Sample, Template};
 use sobre_reward::CombinedReward;
 use sobre_train::Config;
 use sobre_train::compare::{Comparison, FINAL_EVAL_FILE};
 use sobre_train::data::build_template;
-use sobre_train::eval::{EvalOptions, evaluate, heldout_problems};
+use sobre_train::eval::{EvalOptions, EvalReport, EvalSample, evaluate, heldout_problems};
 
 /// Evaluate a model on held-out problems: K samples each, every reward, pass@1/pass@k/maj@k.
 #[derive(clap::Args, Debug)]
@@ -125,67 +125,130 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let (model, tok, dir) = sobre_train::compare::load_for_eval(&dir, args.tokenizer.as_deref())
         .with_context(|| format!("loading the model in {}", dir.display()))?;
     let tok_dir = args.tokenizer.clone().unwrap_or_else(|| dir.clone());
-
-    // Problems, template, rewards and options: from the config, or from the file and flags.
-    let (problems, template, rewards, mut opts, source) = match (&args.config, &args.data) {
-        (Some(path), _) => {
-            let (cfg, _) = Config::load(path, &args.set)?;
-            let problems = heldout_problems(&cfg, args.n, args.eval_seed)?;
-            let template = build_template(&cfg, Some(&tok_dir))?;
-            let rewards = cfg
-                .build_rewards()
-                .map_err(|e| anyhow::anyhow!("{}: [[reward]]: {e}", path.display()))?;
-            let mut opts = EvalOptions::from_config(&cfg);
-            if opts.correct_reward.is_none() {
-                opts.correct_reward = sobre_train::grpo::default_accuracy_reward(&cfg, &rewards);
-            }
-            let cfg_temp = cfg.eval.temperature;
-            if args.temperature.is_none() {
-                opts.temperature = match args.samples {
-                    1 => cfg_temp,
-                    _ if cfg_temp > 0.0 => cfg_temp,
-                    _ => 1.0,
-                };
-            }
-            let source = match (cfg.data.task.as_deref(), args.eval_seed) {
-                (Some(task), seed) if cfg.data.eval_dataset.is_none() || seed.is_some() => format!(
-                    "{} held-out {task} problems (seed {}) of {}",
-                    problems.len(),
-                    seed.unwrap_or(cfg.data.seed.unwrap_or(cfg.run.seed)),
-                    path.display()
-                ),
-                _ => format!(
-                    "{} problems of the eval_dataset of {}",
-                    problems.len(),
-                    path.display()
-                ),
-            };
-            (problems, template, rewards, opts, source)
-        }
-        (None, Some(path)) => {
-            let problems = load_rows(path, args.n)?;
-            let mut cfg = Config::default();
-            cfg.template.name = args.template.clone();
-            let template = build_template(&cfg, Some(&tok_dir))?;
-            let rewards = match &args.rewards {
-                Some(names) => CombinedReward::from_names(names).context("--rewards")?,
-                None => {
-                    let f = &problems[0].fields;
-                    if f.contains_key("nums") && f.contains_key("target") {
-                        cfg.data.task = Some("countdown".into());
-                    }
-                    cfg.build_rewards().map_err(anyhow::Error::msg)?
-                }
-            };
-            let mut opts = EvalOptions::default();
-            if args.temperature.is_none() && args.samples > 1 {
-                opts.temperature = 1.0;
-            }
-            let source = format!("{} problems of {}", problems.len(), path.display());
-            (problems, template, rewards, opts, source)
-        }
+    let mut task = match (&args.config, &args.data) {
+        (Some(path), _) => task_from_config(&args, path, &tok_dir)?,
+        (None, Some(path)) => task_from_data(&args, path, &tok_dir)?,
         (None, None) => bail!("give --config FILE or --data FILE"),
     };
+    apply_flags(&args, &mut task.opts)?;
+
+    let output = evaluate(
+        &model,
+        &tok,
+        &task.problems,
+        &task.template,
+        &task.rewards,
+        &task.opts,
+    )?;
+    let mut json = serde_json::to_value(&output.report)?;
+    if let Some(obj) = json.as_object_mut() {
+        obj.insert("model".into(), dir.display().to_string().into());
+        obj.insert("problems_from".into(), task.source.clone().into());
+    }
+    if let Some(out) = &args.out {
+        write_out(out, &json, &output.samples)?;
+    }
+    if args.json {
+        println!("{json}");
+        return Ok(());
+    }
+    print_report(&dir, &task.source, &output.report);
+    print_run_comparison(&args.model);
+    if let Some(out) = &args.out {
+        println!(
+            "wrote {} and {}",
+            out.join("eval.json").display(),
+            out.join("samples.jsonl").display()
+        );
+    }
+    Ok(())
+}
+
+/// What to evaluate on and how: the problems, their template and rewards, the options, and a
+/// line saying where the problems came from.
+struct EvalTask {
+    problems: Vec<Sample>,
+    template: Template,
+    rewards: CombinedReward,
+    opts: EvalOptions,
+    source: String,
+}
+
+/// The held-out problems, template, rewards and eval options of the run config at `path`.
+fn task_from_config(args: &Args, path: &Path, tok_dir: &Path) -> anyhow::Result<EvalTask> {
+    let (cfg, _) = Config::load(path, &args.set)?;
+    let problems = heldout_problems(&cfg, args.n, args.eval_seed)?;
+    let template = build_template(&cfg, Some(tok_dir))?;
+    let rewards = cfg
+        .build_rewards()
+        .map_err(|e| anyhow::anyhow!("{}: [[reward]]: {e}", path.display()))?;
+    let mut opts = EvalOptions::from_config(&cfg);
+    if opts.correct_reward.is_none() {
+        opts.correct_reward = sobre_train::grpo::default_accuracy_reward(&cfg, &rewards);
+    }
+    let cfg_temp = cfg.eval.temperature;
+    if args.temperature.is_none() {
+        opts.temperature = match args.samples {
+            1 => cfg_temp,
+            _ if cfg_temp > 0.0 => cfg_temp,
+            _ => 1.0,
+        };
+    }
+    let source = match (cfg.data.task.as_deref(), args.eval_seed) {
+        (Some(task), seed) if cfg.data.eval_dataset.is_none() || seed.is_some() => format!(
+            "{} held-out {task} problems (seed {}) of {}",
+            problems.len(),
+            seed.unwrap_or(cfg.data.seed.unwrap_or(cfg.run.seed)),
+            path.display()
+        ),
+        _ => format!(
+            "{} problems of the eval_dataset of {}",
+            problems.len(),
+            path.display()
+        ),
+    };
+    Ok(EvalTask {
+        problems,
+        template,
+        rewards,
+        opts,
+        source,
+    })
+}
+
+/// The problems of the data file at `path`, with `--template` and `--rewards` (countdown's
+/// rewards when its rows have `nums` and `target`).
+fn task_from_data(args: &Args, path: &Path, tok_dir: &Path) -> anyhow::Result<EvalTask> {
+    let problems = load_rows(path, args.n)?;
+    let mut cfg = Config::default();
+    cfg.template.name = args.template.clone();
+    let template = build_template(&cfg, Some(tok_dir))?;
+    let rewards = match &args.rewards {
+        Some(names) => CombinedReward::from_names(names).context("--rewards")?,
+        None => {
+            let f = &problems[0].fields;
+            if f.contains_key("nums") && f.contains_key("target") {
+                cfg.data.task = Some("countdown".into());
+            }
+            cfg.build_rewards().map_err(anyhow::Error::msg)?
+        }
+    };
+    let mut opts = EvalOptions::default();
+    if args.temperature.is_none() && args.samples > 1 {
+        opts.temperature = 1.0;
+    }
+    let source = format!("{} problems of {}", problems.len(), path.display());
+    Ok(EvalTask {
+        problems,
+        template,
+        rewards,
+        opts,
+        source,
+    })
+}
+
+/// The sampling flags over the task's options, checked.
+fn apply_flags(args: &Args, opts: &mut EvalOptions) -> anyhow::Result<()> {
     opts.samples = args.samples;
     if let Some(t) = args.temperature {
         opts.temperature = t;
@@ -222,35 +285,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             opts.samples
         );
     }
+    Ok(())
+}
 
-    let output = evaluate(&model, &tok, &problems, &template, &rewards, &opts)?;
-    let r = &output.report;
-
-    let mut json = serde_json::to_value(r)?;
-    if let Some(obj) = json.as_object_mut() {
-        obj.insert("model".into(), dir.display().to_string().into());
-        obj.insert("problems_from".into(), source.clone().into());
-    }
-    if let Some(out) = &args.out {
-        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-        let p = out.join("eval.json");
-        std::fs::write(&p, serde_json::to_string_pretty(&json)? + "\n")
-            .with_context(|| format!("writing {}", p.display()))?;
-        let p = out.join("samples.jsonl");
-        let mut f = std::io::BufWriter::new(
-            std::fs::File::create(&p).with_context(|| format!("creating {}", p.display()))?,
-        );
-        for s in &output.samples {
-            writeln!(f, "{}", serde_json::to_string(s)?)
-                .with_context(|| format!("writing {}", p.display()))?;
-        }
-        f.flush()
+/// `--out DIR`: eval.json and samples.jsonl.
+fn write_out(out: &Path, json: &serde_json::Value, samples: &[EvalSample]) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let p = out.join("eval.json");
+    std::fs::write(&p, serde_json::to_string_pretty(json)? + "\n")
+        .with_context(|| format!("writing {}", p.display()))?;
+    let p = out.join("samples.jsonl");
+    let mut f = std::io::BufWriter::new(
+        std::fs::File::create(&p).with_context(|| format!("creating {}", p.display()))?,
+    );
+    for s in samples {
+        writeln!(f, "{}", serde_json::to_string(s)?)
             .with_context(|| format!("writing {}", p.display()))?;
     }
-    if args.json {
-        println!("{json}");
-        return Ok(());
-    }
+    f.flush()
+        .with_context(|| format!("writing {}", p.display()))?;
+    Ok(())
+}
+
+/// The report as printed.
+fn print_report(dir: &Path, source: &str, r: &EvalReport) {
     let k = r.k;
     let f = |v: f64| {
         if v.is_finite() {
@@ -279,15 +337,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for (name, v) in &r.rewards {
         println!("  {name:<11}{}", v.map_or("n/a (never applies)".into(), f));
     }
-    print_run_comparison(&args.model);
-    if let Some(out) = &args.out {
-        println!(
-            "wrote {} and {}",
-            out.join("eval.json").display(),
-            out.join("samples.jsonl").display()
-        );
-    }
-    Ok(())
 }
 
 /// The end-of-run comparison of the run directory `run_dir` (its final_eval.json), with the

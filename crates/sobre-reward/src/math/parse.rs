@@ -266,6 +266,8 @@ const TEXT_CMDS: &[&str] = &[
     "textrm",
 ];
 
+/// The lexer: one loop over the input, a branch per token kind (numbers, words and LaTeX
+/// commands, operators, brackets); long because the commands it normalises are listed inline.
 fn tokenize(s: &str) -> Option<Vec<Tok>> {
     let b = s.as_bytes();
     if !s.is_ascii() {
