@@ -3,11 +3,10 @@
 Run: /opt/dvenv/bin/python scripts/make_data_fixtures.py
 (needs `pip install transformers jinja2 pyarrow`; no torch)
 
-1. Chat templates: renders each template in crates/sobre-data/tests/fixtures/chat/*.json with
-   transformers' own renderer (`render_jinja_template`, the code behind
-   `apply_chat_template(..., tokenize=False)`) for a few conversations, and writes the exact
-   strings to chat/expected.json. The Rust test renders the same templates with minijinja and
-   asserts byte equality.
+1. Chat templates: runs scripts/make_chat_fixtures.py, which renders each template in
+   crates/sobre-data/tests/fixtures/chat/*.json with transformers' own renderer and writes
+   chat/expected.json. The Rust test renders the same templates with minijinja and asserts
+   byte equality.
 2. Parquet: writes two small files with pyarrow (Snappy, its default):
    verl_countdown.parquet (verl/TinyZero layout: prompt as a message list, nested
    reward_model.ground_truth.{target,numbers}, two row groups) and gsm8k.parquet
@@ -48,31 +47,11 @@ CASES = [
 
 
 def chat_fixtures():
-    out = []
-    for name, conv, gen, extra in CASES:
-        with open(os.path.join(FIX, "chat", f"{name}.json")) as f:
-            cfg = json.load(f)
-        kwargs = dict(extra)
-        kwargs["bos_token"] = cfg["bos_token"] or ""
-        kwargs["eos_token"] = cfg["eos_token"] or ""
-        rendered, _ = render_jinja_template(
-            conversations=[CONVERSATIONS[conv]],
-            chat_template=cfg["chat_template"],
-            add_generation_prompt=gen,
-            **kwargs,
-        )
-        out.append(
-            {
-                "template": name,
-                "messages": CONVERSATIONS[conv],
-                "add_generation_prompt": gen,
-                "vars": extra,
-                "expected": rendered[0],
-            }
-        )
-    with open(os.path.join(FIX, "chat", "expected.json"), "w") as f:
-        json.dump(out, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+    # chat/expected.json is made by make_chat_fixtures.py (its first cases are CASES above,
+    # then the tool, reasoning and DeepSeek ones); one writer, so neither overwrites the other.
+    import runpy
+
+    runpy.run_path(os.path.join(os.path.dirname(__file__), "make_chat_fixtures.py"), run_name="__main__")
 
 
 def parquet_fixtures():

@@ -5,21 +5,31 @@
 //!   `prompt`. The rendered text ends in `Assistant:`; completions start right after it.
 //! - [`Template::Plain`]: the prompt text unchanged.
 //! - [`Template::Chat`]: a Hugging Face chat template (`chat_template` from
-//!   `tokenizer_config.json`) rendered with minijinja the way transformers renders it:
-//!   `trim_blocks` and `lstrip_blocks` on, loop controls (`break`/`continue`), Python string and
-//!   dict methods (`.strip()`, `.startswith()`, `.items()` via minijinja-contrib's pycompat),
+//!   `tokenizer_config.json`) rendered with minijinja the way transformers'
+//!   `apply_chat_template(..., tokenize=False)` renders it: `trim_blocks` and `lstrip_blocks` on,
+//!   loop controls (`break`/`continue`), Python string and dict methods (`.strip()`,
+//!   `.split()`, `.startswith()`, `.items()` via minijinja-contrib's pycompat),
 //!   `raise_exception`, `strftime_now`, and transformers' `tojson` (Python `json.dumps` with
-//!   `ensure_ascii=False`: no HTML escaping, `, ` and `: ` separators, optional `indent`).
-//!   Variables: `messages`, `add_generation_prompt`, `bos_token`, `eos_token`, `tools` (none),
-//!   plus any set with [`ChatTemplate::with_var`] (e.g. `date_string`, `enable_thinking`).
+//!   `ensure_ascii=False`: no HTML escaping, `, ` and `: ` separators, Python's float repr,
+//!   optional `indent`). Variables: `messages`, `add_generation_prompt`, `bos_token`,
+//!   `eos_token`, `tools` (none unless [`ChatTemplate::with_tools`]), `documents` (none), plus
+//!   any set with [`ChatTemplate::with_var`] (e.g. `date_string`, `enable_thinking`).
+//!
+//! Messages are [`Message`]s (role and content) or, for everything else templates read
+//! (`reasoning_content`, `tool_calls`, `tool` turns, content `null`), any JSON objects as
+//! [`ChatValue`]s, given to [`ChatTemplate::apply_chat`]. Like Python dicts, [`ChatValue`]s
+//! parsed from JSON text keep their keys in the order written, so `tojson` prints tools and tool
+//! arguments as transformers does.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use minijinja::syntax::SyntaxConfig;
-use minijinja::value::Kwargs;
+use minijinja::value::{Enumerator, Kwargs, Object, ObjectExt, ObjectRepr, ValueKind};
 use minijinja::{Environment, Error, ErrorKind, Value};
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
 
 use crate::dataset::{Message, Prompt};
 
@@ -132,6 +142,7 @@ impl ChatTemplate {
         vars.insert("bos_token".to_string(), Value::from(""));
         vars.insert("eos_token".to_string(), Value::from(""));
         vars.insert("tools".to_string(), Value::from(()));
+        vars.insert("documents".to_string(), Value::from(()));
         Ok(ChatTemplate { env, source, vars })
     }
 
@@ -142,10 +153,19 @@ impl ChatTemplate {
         self
     }
 
-    /// Sets a template variable, as extra keyword arguments to `apply_chat_template` do.
-    pub fn with_var(mut self, name: &str, value: &serde_json::Value) -> ChatTemplate {
-        self.vars.insert(name.to_string(), json_to_value(value));
+    /// Sets a template variable, as extra keyword arguments to `apply_chat_template` do. Takes a
+    /// `&serde_json::Value` or a [`ChatValue`].
+    pub fn with_var(mut self, name: &str, value: impl Into<ChatValue>) -> ChatTemplate {
+        self.vars.insert(name.to_string(), value.into().0);
         self
+    }
+
+    /// Sets `tools`, as `apply_chat_template(tools=…)` does: a list of JSON-schema function
+    /// descriptions (`{"type": "function", "function": {"name", "description", "parameters"}}`).
+    /// Templates print them with `tojson`, so pass a [`ChatValue`] parsed from JSON text to keep
+    /// their keys in the written order (a `serde_json::Value` has them sorted).
+    pub fn with_tools(self, tools: impl Into<ChatValue>) -> ChatTemplate {
+        self.with_var("tools", tools)
     }
 
     /// The template text.
@@ -202,15 +222,24 @@ impl ChatTemplate {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<String, TemplateError> {
-        let msgs: Vec<Value> = messages
-            .iter()
-            .map(|m| {
-                Value::from_pairs([
-                    ("role", Value::from(m.role.as_str())),
-                    ("content", Value::from(m.content.as_str())),
-                ])
-            })
-            .collect();
+        let msgs: Vec<ChatValue> = messages.iter().map(ChatValue::from).collect();
+        self.apply_chat(&msgs, add_generation_prompt)
+    }
+
+    /// Renders a conversation of arbitrary message objects, like transformers'
+    /// `apply_chat_template(messages, tokenize=False, add_generation_prompt=…)`: messages may
+    /// carry `reasoning_content`, `tool_calls` (`[{"type": "function", "function": {"name",
+    /// "arguments"}}]`, arguments an object or a JSON string), `tool_call_id`, `name`, or
+    /// anything else the template reads. They are normalized as transformers (5.x) normalizes
+    /// them: keys whose value is `null` are dropped, and a message's reasoning (the first
+    /// non-null of `reasoning_content`, `thinking`, `reasoning`) is also set as `thinking` and
+    /// `reasoning_content`.
+    pub fn apply_chat(
+        &self,
+        messages: &[ChatValue],
+        add_generation_prompt: bool,
+    ) -> Result<String, TemplateError> {
+        let msgs: Vec<Value> = messages.iter().map(|m| normalize_message(&m.0)).collect();
         let mut ctx: BTreeMap<String, Value> = self.vars.clone();
         ctx.insert("messages".into(), Value::from(msgs));
         ctx.insert(
@@ -219,6 +248,264 @@ impl ChatTemplate {
         );
         let tmpl = self.env.get_template(NAME)?;
         Ok(tmpl.render(Value::from_pairs(ctx))?)
+    }
+}
+
+/// Names a message's reasoning goes under, as transformers' `_REASONING_FIELDS`.
+const REASONING_FIELDS: [&str; 3] = ["reasoning_content", "thinking", "reasoning"];
+
+/// transformers' `_normalize_chat_messages` then `_alias_reasoning_fields` for one message.
+fn normalize_message(msg: &Value) -> Value {
+    if msg.kind() != ValueKind::Map {
+        return msg.clone();
+    }
+    let entries: Vec<(Value, Value)> = map_entries(msg)
+        .into_iter()
+        .filter(|(_, v)| !v.is_none() && !v.is_undefined())
+        .collect();
+    let reasoning = REASONING_FIELDS.iter().find_map(|field| {
+        entries
+            .iter()
+            .find(|(k, _)| k.as_str() == Some(*field))
+            .map(|(_, v)| v.clone())
+    });
+    let Some(reasoning) = reasoning else {
+        return py_dict(entries);
+    };
+    // {"thinking": reasoning, **message, "reasoning_content": reasoning}
+    let mut aliased = vec![(Value::from("thinking"), reasoning.clone())];
+    for (k, v) in entries {
+        dict_insert(&mut aliased, k, v);
+    }
+    dict_insert(&mut aliased, Value::from("reasoning_content"), reasoning);
+    py_dict(aliased)
+}
+
+/// A map's entries in iteration order.
+fn map_entries(map: &Value) -> Vec<(Value, Value)> {
+    if let Some(dict) = map.downcast_object_ref::<PyDict>() {
+        return dict.0.clone();
+    }
+    match map.try_iter() {
+        Ok(keys) => keys
+            .map(|k| {
+                let v = map.get_item(&k).unwrap_or_default();
+                (k, v)
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// A map that keeps its keys in insertion order, as Python dicts do (minijinja's own maps sort
+/// them unless built with `preserve_order`).
+#[derive(Debug, Clone, Default)]
+struct PyDict(Vec<(Value, Value)>);
+
+impl Object for PyDict {
+    fn repr(self: &Arc<Self>) -> ObjectRepr {
+        ObjectRepr::Map
+    }
+
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        self.mapped_enumerator(|this| Box::new(this.0.iter().map(|(k, _)| k.clone())))
+    }
+
+    fn enumerator_len(self: &Arc<Self>) -> Option<usize> {
+        Some(self.0.len())
+    }
+}
+
+/// `dict[key] = value`: replaces in place, or appends.
+fn dict_insert(entries: &mut Vec<(Value, Value)>, key: Value, value: Value) {
+    match entries.iter_mut().find(|(k, _)| *k == key) {
+        Some(slot) => slot.1 = value,
+        None => entries.push((key, value)),
+    }
+}
+
+fn py_dict(entries: Vec<(Value, Value)>) -> Value {
+    Value::from_object(PyDict(entries))
+}
+
+/// A value for a chat template (a message, the tool list, a variable) that keeps JSON objects'
+/// keys in the order they were written, as the Python dicts transformers renders keep them.
+///
+/// Deserialize it from JSON text (`serde_json::from_str`, or a field of a struct deserialized
+/// from text) to keep that order; from a `serde_json::Value` (whose objects are sorted, this
+/// workspace builds serde_json without `preserve_order`) or a [`Message`] with `From`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ChatValue(Value);
+
+impl ChatValue {
+    /// Parses JSON text, keeping object keys in document order.
+    pub fn from_json_str(text: &str) -> Result<ChatValue, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+
+    /// The minijinja value.
+    pub fn as_value(&self) -> &Value {
+        &self.0
+    }
+}
+
+impl From<Value> for ChatValue {
+    fn from(value: Value) -> ChatValue {
+        ChatValue(value)
+    }
+}
+
+impl From<ChatValue> for Value {
+    fn from(value: ChatValue) -> Value {
+        value.0
+    }
+}
+
+impl From<&serde_json::Value> for ChatValue {
+    fn from(value: &serde_json::Value) -> ChatValue {
+        ChatValue(json_to_value(value))
+    }
+}
+
+impl From<serde_json::Value> for ChatValue {
+    fn from(value: serde_json::Value) -> ChatValue {
+        ChatValue(json_to_value(&value))
+    }
+}
+
+impl From<&Message> for ChatValue {
+    fn from(m: &Message) -> ChatValue {
+        ChatValue(py_dict(vec![
+            (Value::from("role"), Value::from(m.role.as_str())),
+            (Value::from("content"), Value::from(m.content.as_str())),
+        ]))
+    }
+}
+
+/// Serializes as JSON data, maps in their key order.
+impl Serialize for ChatValue {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serialize_value(&self.0, serializer)
+    }
+}
+
+fn serialize_value<S: Serializer>(v: &Value, serializer: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::{Error as _, SerializeMap, SerializeSeq};
+    struct Ref<'a>(&'a Value);
+    impl Serialize for Ref<'_> {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            serialize_value(self.0, serializer)
+        }
+    }
+    match v.kind() {
+        ValueKind::Undefined | ValueKind::None => serializer.serialize_unit(),
+        ValueKind::Bool => serializer.serialize_bool(v.is_true()),
+        ValueKind::Number if v.is_integer() => match v.as_i64() {
+            Some(i) => serializer.serialize_i64(i),
+            None => serializer.serialize_u64(u64::try_from(v.clone()).map_err(S::Error::custom)?),
+        },
+        ValueKind::Number => {
+            serializer.serialize_f64(f64::try_from(v.clone()).map_err(S::Error::custom)?)
+        }
+        ValueKind::String => serializer.serialize_str(v.as_str().unwrap_or("")),
+        ValueKind::Map => {
+            let entries = map_entries(v);
+            let mut map = serializer.serialize_map(Some(entries.len()))?;
+            for (k, item) in &entries {
+                match k.as_str() {
+                    Some(k) => map.serialize_entry(k, &Ref(item))?,
+                    None => map.serialize_entry(&k.to_string(), &Ref(item))?,
+                }
+            }
+            map.end()
+        }
+        ValueKind::Seq | ValueKind::Iterable => {
+            let items: Vec<Value> = v.try_iter().map_err(S::Error::custom)?.collect();
+            let mut seq = serializer.serialize_seq(Some(items.len()))?;
+            for item in &items {
+                seq.serialize_element(&Ref(item))?;
+            }
+            seq.end()
+        }
+        other => Err(S::Error::custom(format!("cannot serialize a {other:?}"))),
+    }
+}
+
+impl<'de> Deserialize<'de> for ChatValue {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<ChatValue, D::Error> {
+        deserializer
+            .deserialize_any(ChatValueVisitor)
+            .map(ChatValue)
+    }
+}
+
+struct ChatValueVisitor;
+
+impl<'de> Visitor<'de> for ChatValueVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
+        Ok(Value::from(()))
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Value, E> {
+        Ok(Value::from(()))
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(ChatValueVisitor)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        while let Some(ChatValue(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Value::from(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0));
+        while let Some((key, ChatValue(value))) = map.next_entry::<String, ChatValue>()? {
+            // json.loads keeps the last value of a repeated key, at the first one's place.
+            dict_insert(&mut entries, Value::from(key), value);
+        }
+        Ok(py_dict(entries))
     }
 }
 
@@ -231,7 +518,8 @@ pub fn special_token_text(value: Option<&serde_json::Value>) -> Option<String> {
     }
 }
 
-/// serde_json → minijinja, keeping object key order as serde_json iterates it.
+/// serde_json → minijinja, keeping object key order as serde_json iterates it (sorted, without
+/// serde_json's `preserve_order`; parse a [`ChatValue`] from text to keep the written order).
 pub fn json_to_value(v: &serde_json::Value) -> Value {
     match v {
         serde_json::Value::Null => Value::from(()),
@@ -247,9 +535,11 @@ pub fn json_to_value(v: &serde_json::Value) -> Value {
         }
         serde_json::Value::String(s) => Value::from(s.as_str()),
         serde_json::Value::Array(items) => items.iter().map(json_to_value).collect(),
-        serde_json::Value::Object(map) => {
-            Value::from_pairs(map.iter().map(|(k, v)| (k.as_str(), json_to_value(v))))
-        }
+        serde_json::Value::Object(map) => py_dict(
+            map.iter()
+                .map(|(k, v)| (Value::from(k.as_str()), json_to_value(v)))
+                .collect(),
+        ),
     }
 }
 
@@ -316,6 +606,30 @@ fn json_string(s: &str, ensure_ascii: bool) -> String {
     out
 }
 
+/// Python's `repr(float)` as `json.dumps` writes it: the shortest round-trip digits, `x.0` for
+/// whole numbers, exponent form (`1e-05`, `1e+16`) below 1e-4 and from 1e16, `NaN`/`Infinity`.
+fn python_float(f: f64) -> String {
+    if f.is_nan() {
+        return "NaN".into();
+    }
+    if f.is_infinite() {
+        return if f > 0.0 { "Infinity" } else { "-Infinity" }.into();
+    }
+    // Rust's `Debug` switches to exponent form at the same thresholds as Python's repr; only the
+    // exponent is written differently (`1e-5` vs `1e-05`, `1e16` vs `1e+16`).
+    let s = format!("{f:?}");
+    match s.split_once('e') {
+        Some((mantissa, exp)) => {
+            let (sign, digits) = match exp.strip_prefix('-') {
+                Some(d) => ('-', d),
+                None => ('+', exp),
+            };
+            format!("{mantissa}e{sign}{digits:0>2}")
+        }
+        None => s,
+    }
+}
+
 fn newline_indent(opts: &JsonOpts, level: usize, out: &mut String) {
     if let Some(n) = opts.indent {
         out.push('\n');
@@ -324,11 +638,11 @@ fn newline_indent(opts: &JsonOpts, level: usize, out: &mut String) {
 }
 
 fn write_json(v: &Value, opts: &JsonOpts, level: usize, out: &mut String) -> Result<(), Error> {
-    use minijinja::value::ValueKind;
     match v.kind() {
         ValueKind::Undefined | ValueKind::None => out.push_str("null"),
         ValueKind::Bool => out.push_str(if v.is_true() { "true" } else { "false" }),
-        ValueKind::Number => out.push_str(&v.to_string()),
+        ValueKind::Number if v.is_integer() => out.push_str(&v.to_string()),
+        ValueKind::Number => out.push_str(&python_float(f64::try_from(v.clone())?)),
         ValueKind::String => {
             out.push_str(&json_string(v.as_str().unwrap_or(""), opts.ensure_ascii))
         }
@@ -472,4 +786,51 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
     (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_tojson_writes_floats_as_python_json_dumps() {
+        // json.dumps([0.0001, 1e15, 1.5e16, -0.0, 1.2345678901234568e17, 1e-7, 123.456, 1e100,
+        //             5e-324, 0.1 + 0.2, nan, -inf])
+        let floats = [
+            0.0001,
+            1e15,
+            1.5e16,
+            -0.0,
+            1.2345678901234568e17,
+            1e-7,
+            123.456,
+            1e100,
+            5e-324,
+            0.1 + 0.2,
+            f64::NAN,
+            f64::NEG_INFINITY,
+        ];
+        let got: Vec<String> = floats.iter().map(|&f| python_float(f)).collect();
+        assert_eq!(
+            got.join(", "),
+            "0.0001, 1000000000000000.0, 1.5e+16, -0.0, 1.2345678901234568e+17, 1e-07, \
+             123.456, 1e+100, 5e-324, 0.30000000000000004, NaN, -Infinity"
+        );
+    }
+
+    #[test]
+    fn template_chat_values_round_trip_through_serde() {
+        let text = r#"{"role":"assistant","content":null,"tool_calls":[{"function":{"name":"f","arguments":{"b":1.5,"a":[true,-3,18446744073709551615]}}}]}"#;
+        let v = ChatValue::from_json_str(text).unwrap();
+        assert_eq!(serde_json::to_string(&v).unwrap(), text);
+        // `Message`s become {role, content} in that order.
+        let m = ChatValue::from(&Message {
+            role: "user".into(),
+            content: "hi".into(),
+        });
+        assert_eq!(
+            serde_json::to_string(&m).unwrap(),
+            r#"{"role":"user","content":"hi"}"#
+        );
+    }
 }

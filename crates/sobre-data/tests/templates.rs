@@ -1,9 +1,10 @@
 //! Prompt templates: R1-Zero, plain, and HF chat templates against transformers' renderings.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
-use serde_json::Value;
-use sobre_data::template::{ChatTemplate, R1_ZERO, Template, TemplateError, strftime};
+use serde::Deserialize;
+use sobre_data::template::{ChatTemplate, ChatValue, R1_ZERO, Template, TemplateError, strftime};
 use sobre_data::{Message, Prompt};
 
 #[test]
@@ -57,26 +58,116 @@ fn r1_zero_template_text() {
     assert!(Template::from_name("chatml").is_err());
 }
 
+/// One case of `tests/fixtures/chat/expected.json` (written by `scripts/make_chat_fixtures.py`).
+/// `ChatValue`s keep the JSON's key order, as the Python dicts transformers rendered did.
+#[derive(Deserialize)]
+struct Case {
+    template: String,
+    messages: Vec<ChatValue>,
+    add_generation_prompt: bool,
+    vars: BTreeMap<String, ChatValue>,
+    #[serde(default)]
+    tools: Option<ChatValue>,
+    expected: String,
+}
+
 #[test]
 fn hf_templates_render_exactly_as_transformers() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat");
-    let cases: Vec<Value> =
+    let cases: Vec<Case> =
         serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
-    assert_eq!(cases.len(), 6);
-    for case in cases {
-        let name = case["template"].as_str().unwrap();
+    assert_eq!(cases.len(), 22);
+    let mut failures = Vec::new();
+    for (i, case) in cases.iter().enumerate() {
+        let name = &case.template;
         let mut tmpl = ChatTemplate::from_tokenizer_config(&dir.join(format!("{name}.json")))
             .unwrap()
             .unwrap();
-        for (k, v) in case["vars"].as_object().unwrap() {
-            tmpl = tmpl.with_var(k, v);
+        for (k, v) in &case.vars {
+            tmpl = tmpl.with_var(k, v.clone());
         }
-        let messages: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
-        let got = tmpl
-            .apply(&messages, case["add_generation_prompt"].as_bool().unwrap())
-            .unwrap();
-        assert_eq!(got, case["expected"].as_str().unwrap(), "template {name}");
+        if let Some(tools) = &case.tools {
+            tmpl = tmpl.with_tools(tools.clone());
+        }
+        match tmpl.apply_chat(&case.messages, case.add_generation_prompt) {
+            Ok(got) if got == case.expected => {}
+            Ok(got) => failures.push(format!(
+                "case {i} ({name}):\n--- expected\n{}\n--- got\n{got}",
+                case.expected
+            )),
+            Err(e) => failures.push(format!("case {i} ({name}): {e}")),
+        }
     }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    // The first six cases only have role/content messages: `apply` renders them the same.
+    for case in &cases[..6] {
+        let messages: Vec<Message> =
+            serde_json::from_value(serde_json::to_value(&case.messages).unwrap()).unwrap();
+        let mut tmpl =
+            ChatTemplate::from_tokenizer_config(&dir.join(format!("{}.json", case.template)))
+                .unwrap()
+                .unwrap();
+        for (k, v) in &case.vars {
+            tmpl = tmpl.with_var(k, v.clone());
+        }
+        assert_eq!(
+            tmpl.apply(&messages, case.add_generation_prompt).unwrap(),
+            case.expected
+        );
+    }
+}
+
+#[test]
+fn chat_values_keep_key_order_and_messages_are_normalized_like_transformers() {
+    // Keys in written order (Python dict order), not sorted; floats as Python's repr.
+    let tools = ChatValue::from_json_str(
+        r#"[{"type": "function", "function": {"name": "f", "parameters": {"z": 1, "a": [0.5, 1e-06, 1e16, 2.0, 100]}}}]"#,
+    )
+    .unwrap();
+    let out = ChatTemplate::new("{% for t in tools %}{{ t | tojson }}{% endfor %}")
+        .unwrap()
+        .with_tools(tools)
+        .apply(&[], false)
+        .unwrap();
+    assert_eq!(
+        out,
+        r#"{"type": "function", "function": {"name": "f", "parameters": {"z": 1, "a": [0.5, 1e-06, 1e+16, 2.0, 100]}}}"#
+    );
+    // A repeated key keeps its first place and its last value, as json.loads does.
+    let v = ChatValue::from_json_str(r#"{"b": 1, "a": 2, "b": 3}"#).unwrap();
+    let out = ChatTemplate::new("{{ v | tojson }} {{ v.items() | list | length }}")
+        .unwrap()
+        .with_var("v", v)
+        .apply(&[], false)
+        .unwrap();
+    assert_eq!(out, r#"{"b": 3, "a": 2} 2"#);
+
+    // null keys are dropped (so `content` is undefined, not none), reasoning is aliased to
+    // `thinking` and `reasoning_content`, other keys keep their order.
+    let msgs: Vec<ChatValue> = serde_json::from_str(
+        r#"[{"role": "assistant", "content": null, "reasoning": "r", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {"y": 1, "x": 2}}}]}]"#,
+    )
+    .unwrap();
+    let src = "{% for m in messages %}{{ m.keys() | list | join(',') }}|{{ 'content' in m }}|\
+               {{ m.content is defined }}|{{ m.thinking }}{{ m.reasoning_content }}|\
+               {{ m.tool_calls[0].function.arguments | tojson }}{% endfor %}";
+    let out = ChatTemplate::new(src)
+        .unwrap()
+        .apply_chat(&msgs, false)
+        .unwrap();
+    assert_eq!(
+        out,
+        r#"thinking,role,reasoning,tool_calls,reasoning_content|False|False|rr|{"y": 1, "x": 2}"#
+    );
+    // A serde_json::Value converts too (its objects have sorted keys).
+    let from_json = ChatValue::from(&serde_json::json!({"role": "user", "content": "hi"}));
+    assert_eq!(
+        ChatTemplate::new("{{ messages[0] | tojson }}")
+            .unwrap()
+            .apply_chat(&[from_json], false)
+            .unwrap(),
+        r#"{"content": "hi", "role": "user"}"#
+    );
 }
 
 #[test]

@@ -12,6 +12,7 @@
 use serde_json::{Map, Value, json};
 
 use crate::ModelError;
+pub use crate::rope::{RopeFrequencies, RopeScaling, Yarn};
 
 /// Which model family a config describes. It decides the defaults of keys that the family's
 /// transformers class hard-codes (Qwen2-MoE: q/k/v bias on; Qwen3-MoE: per-head q/k RMSNorm).
@@ -26,10 +27,33 @@ pub enum Family {
     Mixtral,
     /// `model_type = "olmoe"`: q/k RMSNorm over the whole projection, optional `clip_qkv`.
     Olmoe,
+    /// `model_type = "granitemoe"`: IBM's Granite MoE — every layer sparse, the experts fused
+    /// in `block_sparse_moe.input_linear` / `output_linear`, the router in
+    /// `block_sparse_moe.router.layer`, and the four multipliers (embedding, attention,
+    /// residual, logits).
+    GraniteMoe,
+    /// `model_type = "qwen2"`: dense, q/k/v biases (no key: the class hard-codes them).
+    Qwen2,
+    /// `model_type = "qwen3"`: dense, per-head q/k RMSNorm, `attention_bias` on q/k/v/o.
+    Qwen3,
+    /// `model_type = "llama"`: dense, `attention_bias` on q/k/v/o.
+    Llama,
+    /// `model_type = "mistral"`: dense, no biases, a `sliding_window` that must not bind.
+    Mistral,
 }
 
 /// The `model_type` values sobre reads, for error messages.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
+    "qwen3_moe",
+    "qwen2_moe",
+    "mixtral",
+    "olmoe",
+    "granitemoe",
+    "qwen2",
+    "qwen3",
+    "llama",
+    "mistral",
+];
 
 impl Family {
     /// The `model_type` string transformers uses.
@@ -39,6 +63,11 @@ impl Family {
             Family::Qwen2Moe => "qwen2_moe",
             Family::Mixtral => "mixtral",
             Family::Olmoe => "olmoe",
+            Family::GraniteMoe => "granitemoe",
+            Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
+            Family::Llama => "llama",
+            Family::Mistral => "mistral",
         }
     }
 
@@ -48,13 +77,26 @@ impl Family {
             Family::Qwen2Moe => "Qwen2MoeForCausalLM",
             Family::Mixtral => "MixtralForCausalLM",
             Family::Olmoe => "OlmoeForCausalLM",
+            Family::GraniteMoe => "GraniteMoeForCausalLM",
+            Family::Qwen2 => "Qwen2ForCausalLM",
+            Family::Qwen3 => "Qwen3ForCausalLM",
+            Family::Llama => "LlamaForCausalLM",
+            Family::Mistral => "MistralForCausalLM",
         }
+    }
+
+    /// Dense families: every layer a SwiGLU MLP, no experts.
+    pub fn is_dense(self) -> bool {
+        matches!(
+            self,
+            Family::Qwen2 | Family::Qwen3 | Family::Llama | Family::Mistral
+        )
     }
 
     /// Families whose experts are as wide as `intermediate_size` and whose every layer is sparse
     /// (their transformers classes have no dense FFN and no `moe_intermediate_size`).
     pub fn all_layers_sparse(self) -> bool {
-        matches!(self, Family::Mixtral | Family::Olmoe)
+        matches!(self, Family::Mixtral | Family::Olmoe | Family::GraniteMoe)
     }
 }
 
@@ -104,6 +146,8 @@ pub struct ModelConfig {
     pub head_dim: usize,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
+    /// The RoPE variant (`rope_scaling` / `rope_parameters`): default, linear, llama3, yarn.
+    pub rope_scaling: RopeScaling,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
     /// Bias on q/k/v projections (and on o for Qwen3-MoE's `attention_bias`).
@@ -157,6 +201,13 @@ pub struct ModelConfig {
     /// transformers' training only. Kept so it round-trips; sobre never applies it (it has no
     /// effect at evaluation, and sobre's training does not add it).
     pub router_jitter_noise: f64,
+    /// Granite's multipliers: on the input embeddings, on each attention and FFN output before
+    /// its residual add, and the divisor of the logits. 1 elsewhere.
+    pub embedding_multiplier: f64,
+    pub residual_multiplier: f64,
+    pub logits_scaling: f64,
+    /// Granite's `attention_multiplier`: the softmax scale in place of `1/√head_dim`.
+    pub attention_multiplier: Option<f64>,
     pub initializer_range: f64,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Vec<u32>,
@@ -225,6 +276,7 @@ impl ModelConfig {
                 head_dim,
                 rms_norm_eps: 1e-6,
                 rope_theta: 10000.0,
+                rope_scaling: RopeScaling::None,
                 max_position_embeddings: 2048,
                 tie_word_embeddings: false,
                 attention_bias: false,
@@ -251,6 +303,10 @@ impl ModelConfig {
                 first_k_dense_replace: 0,
                 moe_layer_freq: 1,
                 router_jitter_noise: 0.0,
+                embedding_multiplier: 1.0,
+                residual_multiplier: 1.0,
+                logits_scaling: 1.0,
+                attention_multiplier: None,
                 initializer_range: 0.02,
                 bos_token_id: None,
                 eos_token_id: vec![],
@@ -285,6 +341,18 @@ impl ModelConfig {
             && (i + 1).is_multiple_of(self.decoder_sparse_step)
             && i >= self.first_k_dense_replace
             && i.is_multiple_of(self.moe_layer_freq)
+    }
+
+    /// The softmax scale of attention: Granite's `attention_multiplier`, else `1/√head_dim`.
+    pub fn attention_scale(&self) -> f64 {
+        self.attention_multiplier
+            .unwrap_or(1.0 / (self.head_dim as f64).sqrt())
+    }
+
+    /// The rotary frequencies of every head and the factor on cos and sin ([`RopeScaling`]).
+    pub fn rope_frequencies(&self) -> RopeFrequencies {
+        self.rope_scaling
+            .frequencies(self.head_dim, self.rope_theta, self.max_position_embeddings)
     }
 
     /// OLMoE normalises q and k over the whole projection (`[heads · head_dim]`) before
@@ -436,6 +504,25 @@ impl ModelConfig {
             }
         }
         let family = self.family.model_type();
+        if self.family.is_dense() && self.num_experts > 0 {
+            return Err(err(format!(
+                "\"{family}\" is a dense model: `num_experts` must be 0, found {}",
+                self.num_experts
+            )));
+        }
+        for (key, v) in [
+            ("embedding_multiplier", self.embedding_multiplier),
+            ("residual_multiplier", self.residual_multiplier),
+            ("logits_scaling", self.logits_scaling),
+            (
+                "attention_multiplier",
+                self.attention_multiplier.unwrap_or(1.0),
+            ),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(err(format!("`{key}` must be a positive number, found {v}")));
+            }
+        }
         if self.family.all_layers_sparse() {
             if any_dense {
                 return Err(err(format!(
@@ -475,7 +562,13 @@ impl ModelConfig {
                     )));
                 }
             }
-            Family::Qwen2Moe | Family::Qwen3Moe => {}
+            Family::Qwen2Moe
+            | Family::Qwen3Moe
+            | Family::GraniteMoe
+            | Family::Qwen2
+            | Family::Qwen3
+            | Family::Llama
+            | Family::Mistral => {}
         }
         Ok(())
     }
@@ -502,11 +595,12 @@ impl ModelConfig {
         m.insert("hidden_act".into(), json!("silu"));
         m.insert("rms_norm_eps".into(), json!(self.rms_norm_eps));
         // Both spellings, so transformers 4.x and 5.x read the same value.
+        let (rope_parameters, rope_scaling) = self.rope_scaling.to_json(self.rope_theta);
         m.insert("rope_theta".into(), json!(self.rope_theta));
-        m.insert(
-            "rope_parameters".into(),
-            json!({"rope_type": "default", "rope_theta": self.rope_theta}),
-        );
+        m.insert("rope_parameters".into(), rope_parameters);
+        if !rope_scaling.is_null() {
+            m.insert("rope_scaling".into(), rope_scaling);
+        }
         m.insert(
             "max_position_embeddings".into(),
             json!(self.max_position_embeddings),
@@ -517,8 +611,35 @@ impl ModelConfig {
         );
         let fam = self.family;
         match fam {
-            Family::Qwen3Moe | Family::Olmoe => {
+            Family::Qwen3Moe | Family::Olmoe | Family::Qwen3 => {
                 m.insert("attention_bias".into(), json!(self.attention_bias));
+            }
+            Family::Llama => {
+                m.insert("attention_bias".into(), json!(self.attention_bias));
+                m.insert("mlp_bias".into(), json!(false));
+            }
+            Family::GraniteMoe => {
+                m.insert("attention_bias".into(), json!(self.attention_bias));
+                m.insert(
+                    "embedding_multiplier".into(),
+                    json!(self.embedding_multiplier),
+                );
+                m.insert(
+                    "residual_multiplier".into(),
+                    json!(self.residual_multiplier),
+                );
+                m.insert("logits_scaling".into(), json!(self.logits_scaling));
+                m.insert("attention_multiplier".into(), json!(self.attention_scale()));
+            }
+            Family::Qwen2 => {
+                // Qwen2's class hard-codes the q/k/v biases; `qkv_bias` = false is sobre's.
+                if !self.attention_bias {
+                    m.insert("qkv_bias".into(), json!(false));
+                }
+                m.insert("use_sliding_window".into(), json!(false));
+            }
+            Family::Mistral => {
+                m.insert("sliding_window".into(), Value::Null);
             }
             Family::Qwen2Moe => {
                 m.insert("qkv_bias".into(), json!(self.attention_bias));
@@ -537,9 +658,13 @@ impl ModelConfig {
                 );
             }
         }
-        // Mixtral's class reads `num_local_experts`, OLMoE's `num_experts`; the Qwen classes read
-        // both (5.x writes `num_local_experts`, 4.x `num_experts`).
-        if fam == Family::Mixtral {
+        if fam.is_dense() {
+            self.common_json_tail(&mut m);
+            return Value::Object(m);
+        }
+        // Mixtral's and Granite's classes read `num_local_experts`, OLMoE's `num_experts`; the
+        // Qwen classes read both (5.x writes `num_local_experts`, 4.x `num_experts`).
+        if matches!(fam, Family::Mixtral | Family::GraniteMoe) {
             m.insert("num_local_experts".into(), json!(self.num_experts));
         } else {
             m.insert("num_experts".into(), json!(self.num_experts));
@@ -566,7 +691,7 @@ impl ModelConfig {
             m.insert("mlp_only_layers".into(), json!(self.mlp_only_layers));
             m.insert("use_sliding_window".into(), json!(false));
         }
-        if fam != Family::Mixtral {
+        if !matches!(fam, Family::Mixtral | Family::GraniteMoe) {
             m.insert("norm_topk_prob".into(), json!(self.norm_topk_prob));
         }
         // OLMoE's own key (null = off); on other families a sobre extra, written when set.
@@ -577,18 +702,7 @@ impl ModelConfig {
             "router_aux_loss_coef".into(),
             json!(self.router_aux_loss_coef),
         );
-        m.insert("initializer_range".into(), json!(self.initializer_range));
-        m.insert("bos_token_id".into(), json!(self.bos_token_id));
-        m.insert(
-            "eos_token_id".into(),
-            match self.eos_token_id.as_slice() {
-                [] => Value::Null,
-                [one] => json!(one),
-                many => json!(many),
-            },
-        );
-        m.insert("pad_token_id".into(), json!(self.pad_token_id));
-        m.insert("dtype".into(), json!("float32"));
+        self.common_json_tail(&mut m);
         // sobre's own keys. transformers keeps unknown config keys as attributes and ignores
         // them, so these only change what sobre computes (see the README: a model that uses
         // them computes something transformers' class for this family does not).
@@ -604,7 +718,7 @@ impl ModelConfig {
         if self.shared_expert_gate != shared_gate_default {
             m.insert("shared_expert_gate".into(), json!(self.shared_expert_gate));
         }
-        if self.qk_norm != matches!(fam, Family::Qwen3Moe | Family::Olmoe) {
+        if self.qk_norm != matches!(fam, Family::Qwen3Moe | Family::Olmoe | Family::Qwen3) {
             m.insert("qk_norm".into(), json!(self.qk_norm));
         }
         m.insert(
@@ -635,6 +749,22 @@ impl ModelConfig {
             m.insert("moe_layer_freq".into(), json!(self.moe_layer_freq));
         }
         Value::Object(m)
+    }
+
+    /// The keys every family's `config.json` ends with: initialisation, token ids, dtype.
+    fn common_json_tail(&self, m: &mut Map<String, Value>) {
+        m.insert("initializer_range".into(), json!(self.initializer_range));
+        m.insert("bos_token_id".into(), json!(self.bos_token_id));
+        m.insert(
+            "eos_token_id".into(),
+            match self.eos_token_id.as_slice() {
+                [] => Value::Null,
+                [one] => json!(one),
+                many => json!(many),
+            },
+        );
+        m.insert("pad_token_id".into(), json!(self.pad_token_id));
+        m.insert("dtype".into(), json!("float32"));
     }
 
     /// Total parameter count.
@@ -751,6 +881,11 @@ impl Reader<'_> {
             Some("qwen2_moe") => Family::Qwen2Moe,
             Some("mixtral") => Family::Mixtral,
             Some("olmoe") => Family::Olmoe,
+            Some("granitemoe") => Family::GraniteMoe,
+            Some("qwen2") => Family::Qwen2,
+            Some("qwen3") => Family::Qwen3,
+            Some("llama") => Family::Llama,
+            Some("mistral") => Family::Mistral,
             Some(ds @ ("deepseek_v2" | "deepseek_v3")) => return Err(self.mla_error(ds)),
             Some(other) => {
                 return Err(self.err(format!(
@@ -764,7 +899,8 @@ impl Reader<'_> {
             }
             None => return Err(self.err("missing required key `model_type`".into())),
         };
-        let qwen2 = family == Family::Qwen2Moe;
+        let qwen2 = matches!(family, Family::Qwen2Moe | Family::Qwen2);
+        let dense = family.is_dense();
 
         let act = self
             .get("hidden_act")
@@ -799,33 +935,46 @@ impl Reader<'_> {
             10000.0
         };
         let mut rope_theta = self.f64_or("rope_theta", default_theta)?;
+        let mut rope_scaling = RopeScaling::None;
         for key in ["rope_scaling", "rope_parameters"] {
             let Some(v) = self.get(key) else { continue };
             let obj = v
                 .as_object()
                 .ok_or_else(|| self.err(format!("`{key}` must be an object, found {v}")))?;
-            let kind = obj
-                .get("rope_type")
-                .or_else(|| obj.get("type"))
-                .and_then(Value::as_str)
-                .unwrap_or("default");
-            if kind != "default" {
-                return Err(self.err(format!(
-                    "unsupported `{key}.rope_type` \"{kind}\"; sobre computes \"default\" RoPE only"
-                )));
+            let (scaling, theta) = RopeScaling::from_json(key, obj).map_err(|e| self.err(e))?;
+            if let Some(t) = theta {
+                rope_theta = t;
             }
-            if let Some(t) = obj.get("rope_theta") {
-                rope_theta = t.as_f64().ok_or_else(|| {
-                    self.err(format!("`{key}.rope_theta` must be a number, found {t}"))
-                })?;
-            }
-            for sub in obj.keys() {
-                if !matches!(sub.as_str(), "rope_type" | "type" | "rope_theta") {
-                    return Err(self.err(format!(
-                        "unsupported key `{key}.{sub}`; sobre computes default RoPE only"
-                    )));
+            // 5.x files may carry both spellings; a scaled one wins over a default one, two
+            // different scalings are an error.
+            match (&rope_scaling, &scaling) {
+                (_, RopeScaling::None) => {}
+                (RopeScaling::None, _) => rope_scaling = scaling,
+                (a, b) if a == b => {}
+                _ => {
+                    return Err(self.err(
+                        "`rope_scaling` and `rope_parameters` describe different RoPE scalings"
+                            .into(),
+                    ));
                 }
             }
+        }
+        let partial_rotary = self.f64_or("partial_rotary_factor", 1.0)?;
+        if partial_rotary != 1.0 {
+            return Err(self.err(format!(
+                "unsupported `partial_rotary_factor` = {partial_rotary}; sobre rotates the whole head (1.0)"
+            )));
+        }
+        if self.bool_or("mlp_bias", false)? {
+            return Err(self.err(
+                "unsupported `mlp_bias` = true: sobre's MLPs have no biases (no published \
+                 Llama-family checkpoint uses them)"
+                    .into(),
+            ));
+        }
+        let pretraining_tp = self.usize_or("pretraining_tp", Some(1))?;
+        if pretraining_tp == 0 {
+            return Err(self.err("`pretraining_tp` must be at least 1, found 0".into()));
         }
 
         let hidden_size = self.usize_or("hidden_size", None)?;
@@ -838,6 +987,8 @@ impl Reader<'_> {
         let head_dim = self.usize_or("head_dim", Some(hidden_size / num_attention_heads))?;
         let max_position_embeddings = self.usize_or("max_position_embeddings", Some(32768))?;
         let num_experts = match (self.get("num_experts"), self.get("num_local_experts")) {
+            // Dense families have no expert keys; any found are left as unknown keys.
+            _ if dense => 0,
             (Some(_), Some(_))
                 if self.usize_or("num_experts", None)?
                     != self.usize_or("num_local_experts", None)? =>
@@ -850,20 +1001,24 @@ impl Reader<'_> {
         };
         // Which keys hold the attention biases, per family.
         let attention_bias = match family {
-            Family::Qwen2Moe => self.bool_or("qkv_bias", true)?,
-            Family::Qwen3Moe | Family::Olmoe => self.bool_or("attention_bias", false)?,
-            Family::Mixtral => {
+            Family::Qwen2Moe | Family::Qwen2 => self.bool_or("qkv_bias", true)?,
+            Family::Qwen3Moe
+            | Family::Olmoe
+            | Family::Qwen3
+            | Family::Llama
+            | Family::GraniteMoe => self.bool_or("attention_bias", false)?,
+            Family::Mixtral | Family::Mistral => {
                 if self.bool_or("attention_bias", false)? {
-                    return Err(self.err(
-                        "unsupported `attention_bias` = true for \"mixtral\": transformers' \
-                         Mixtral attention has no biases and would ignore the key"
-                            .into(),
-                    ));
+                    return Err(self.err(format!(
+                        "unsupported `attention_bias` = true for \"{}\": transformers' \
+                         attention of this family has no biases and would ignore the key",
+                        family.model_type()
+                    )));
                 }
                 false
             }
         };
-        if family == Family::Mixtral {
+        if matches!(family, Family::Mixtral | Family::Mistral) {
             // A window at least as long as any sequence the model takes is no window at all.
             if let Some(w) = self.get("sliding_window") {
                 let w = w.as_u64().ok_or_else(|| {
@@ -879,7 +1034,10 @@ impl Reader<'_> {
                     )));
                 }
             }
-            if self.get("norm_topk_prob").is_some() && !self.bool_or("norm_topk_prob", true)? {
+            if family == Family::Mixtral
+                && self.get("norm_topk_prob").is_some()
+                && !self.bool_or("norm_topk_prob", true)?
+            {
                 return Err(self.err(
                     "unsupported `norm_topk_prob` = false for \"mixtral\": transformers' Mixtral \
                      always renormalises the top-k weights"
@@ -913,6 +1071,8 @@ impl Reader<'_> {
         let intermediate_size = self.usize_or("intermediate_size", Some(0))?;
         let moe_intermediate_size = if family.all_layers_sparse() {
             intermediate_size
+        } else if dense {
+            0
         } else {
             self.usize_or("moe_intermediate_size", Some(0))?
         };
@@ -1012,14 +1172,46 @@ impl Reader<'_> {
             "pad_token_id",
             "use_sliding_window",
             "layer_types",
+            "partial_rotary_factor",
         ];
         match family {
-            Family::Qwen2Moe => known.extend(["qkv_bias", "sliding_window"]),
-            Family::Qwen3Moe => known.push("sliding_window"),
+            Family::Qwen2Moe | Family::Qwen2 => known.extend(["qkv_bias", "sliding_window"]),
+            Family::Qwen3Moe | Family::Qwen3 => known.push("sliding_window"),
             Family::Mixtral => known.extend(["sliding_window", "router_jitter_noise"]),
+            Family::Mistral => known.push("sliding_window"),
+            Family::Llama => known.extend(["mlp_bias", "pretraining_tp"]),
+            Family::GraniteMoe => known.extend([
+                "embedding_multiplier",
+                "attention_multiplier",
+                "residual_multiplier",
+                "logits_scaling",
+            ]),
             Family::Olmoe => {}
         }
-        if !family.all_layers_sparse() {
+        if dense {
+            known.retain(|k| {
+                !matches!(
+                    *k,
+                    "num_experts"
+                        | "num_local_experts"
+                        | "num_experts_per_tok"
+                        | "norm_topk_prob"
+                        | "router_aux_loss_coef"
+                        | "shared_expert_intermediate_size"
+                        | "shared_expert_gate"
+                        | "n_shared_experts"
+                        | "scoring_func"
+                        | "routed_scaling_factor"
+                        | "aux_loss_free_bias"
+                        | "bias_update_rate"
+                        | "topk_method"
+                        | "n_group"
+                        | "topk_group"
+                        | "first_k_dense_replace"
+                        | "moe_layer_freq"
+                )
+            });
+        } else if !family.all_layers_sparse() {
             known.extend([
                 "moe_intermediate_size",
                 "decoder_sparse_step",
@@ -1033,6 +1225,13 @@ impl Reader<'_> {
             .cloned()
             .collect();
 
+        // Granite's multipliers are its own keys; on another family they are unknown keys.
+        let granite = |key: &str| -> Result<Option<f64>, ModelError> {
+            match (family, self.get(key)) {
+                (Family::GraniteMoe, Some(_)) => Ok(Some(self.f64_or(key, 1.0)?)),
+                _ => Ok(None),
+            }
+        };
         let cfg = ModelConfig {
             family,
             vocab_size: self.usize_or("vocab_size", None)?,
@@ -1051,6 +1250,7 @@ impl Reader<'_> {
                 },
             )?,
             rope_theta,
+            rope_scaling,
             max_position_embeddings,
             tie_word_embeddings: self.bool_or("tie_word_embeddings", false)?,
             attention_bias,
@@ -1058,11 +1258,15 @@ impl Reader<'_> {
             o_proj_bias: !qwen2 && attention_bias,
             qk_norm: self.bool_or(
                 "qk_norm",
-                matches!(family, Family::Qwen3Moe | Family::Olmoe),
+                matches!(family, Family::Qwen3Moe | Family::Olmoe | Family::Qwen3),
             )?,
             clip_qkv,
             num_experts,
-            num_experts_per_tok: self.usize_or("num_experts_per_tok", None)?,
+            num_experts_per_tok: if dense {
+                0
+            } else {
+                self.usize_or("num_experts_per_tok", None)?
+            },
             moe_intermediate_size,
             decoder_sparse_step: if family.all_layers_sparse() {
                 1
@@ -1074,15 +1278,19 @@ impl Reader<'_> {
             } else {
                 mlp_only_layers
             },
-            norm_topk_prob: self.bool_or("norm_topk_prob", family == Family::Mixtral)?,
+            // Granite's router takes the softmax of the top-k logits: renormalised weights.
+            norm_topk_prob: family == Family::GraniteMoe
+                || self.bool_or("norm_topk_prob", family == Family::Mixtral)?,
             router_aux_loss_coef: self.f64_or(
                 "router_aux_loss_coef",
                 if family == Family::Olmoe { 0.01 } else { 0.001 },
             )?,
             shared_expert_intermediate_size,
             n_shared_experts,
-            shared_expert_gate: self
-                .bool_or("shared_expert_gate", qwen2 && n_shared_experts == 0)?,
+            shared_expert_gate: self.bool_or(
+                "shared_expert_gate",
+                family == Family::Qwen2Moe && n_shared_experts == 0,
+            )?,
             scoring_func,
             routed_scaling_factor: self.f64_or("routed_scaling_factor", 1.0)?,
             // DeepSeek-V3's `noaux_tc` comes with its `e_score_correction_bias`.
@@ -1099,6 +1307,10 @@ impl Reader<'_> {
             } else {
                 0.0
             },
+            embedding_multiplier: granite("embedding_multiplier")?.unwrap_or(1.0),
+            residual_multiplier: granite("residual_multiplier")?.unwrap_or(1.0),
+            logits_scaling: granite("logits_scaling")?.unwrap_or(1.0),
+            attention_multiplier: granite("attention_multiplier")?,
             initializer_range: self.f64_or("initializer_range", 0.02)?,
             bos_token_id: self.token_id("bos_token_id")?,
             eos_token_id,

@@ -19,6 +19,7 @@ use crate::model::{
     Attention, Batch, DecoderLayer, Ffn, GroupLimit, Mlp, MoeBlock, MoeModel, Proj, RmsNorm,
     rope_tables, select_experts, to_vec_f32,
 };
+use crate::rope::RopeFrequencies;
 use burn::prelude::*;
 use multiversion::multiversion;
 use std::sync::Arc;
@@ -40,6 +41,14 @@ struct Weight {
 }
 
 impl Weight {
+    /// The weight times `r`.
+    fn scaled(mut self, r: f32) -> Self {
+        if r != 1.0 {
+            self.panels.iter_mut().for_each(|w| *w *= r);
+        }
+        self
+    }
+
     /// From a row-major `[rows, cols]` matrix.
     fn new(w: &[f32], rows: usize, cols: usize) -> Self {
         assert_eq!(w.len(), rows * cols, "weight is not [rows, cols]");
@@ -112,6 +121,14 @@ impl HostProj {
         }
     }
 
+    /// The projection's output times `r` (`x · rW + rb`).
+    fn scaled(self, r: f32) -> Self {
+        HostProj {
+            w: self.w.scaled(r),
+            b: self.b.map(|b| b.into_iter().map(|v| v * r).collect()),
+        }
+    }
+
     /// `x: [rows, in]` → `y: [rows, out]`, added to `y` with `accumulate`.
     fn apply(&self, y: &mut [f32], x: &[f32], rows: usize, accumulate: bool) {
         self.w.matmul(y, x, rows, accumulate);
@@ -167,6 +184,12 @@ impl HostMlp {
         Self::from_parts(&host(m.gate_up.val()), &host(m.down.val()), hidden)
     }
 
+    /// The MLP's output times `r` (its down projection scaled).
+    fn scaled(mut self, r: f32) -> Self {
+        self.down = self.down.scaled(r);
+        self
+    }
+
     /// `x: [rows, hidden]` → `[rows, hidden]`.
     fn apply(&self, x: &[f32], rows: usize) -> Vec<f32> {
         let (h, i) = (self.hidden, self.inter);
@@ -191,6 +214,8 @@ struct HostAttention {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    /// The softmax scale (`1/√head_dim` or the config's).
+    scale: f32,
 }
 
 struct HostMoe {
@@ -335,7 +360,7 @@ pub struct InferenceModel {
     lm_head: Weight,
     hidden: usize,
     vocab: usize,
-    rope_theta: f32,
+    rope: RopeFrequencies,
 }
 
 impl InferenceModel {
@@ -350,19 +375,31 @@ impl InferenceModel {
     pub fn new(model: &MoeModel) -> Self {
         let cfg = &model.config;
         let hidden = cfg.hidden_size;
-        let embed = host(model.embed_tokens.val());
+        // Granite's multipliers are folded into the weights: the looked-up embeddings, each
+        // residual branch's output projection, and the LM head (one multiply at load time
+        // instead of one per token).
+        let mut embed = host(model.embed_tokens.val());
+        if cfg.embedding_multiplier != 1.0 {
+            let m = cfg.embedding_multiplier as f32;
+            embed.iter_mut().for_each(|w| *w *= m);
+        }
         let lm_head = match &model.lm_head {
             Some(w) => weight(w.val()),
             None => weight(model.embed_tokens.val().transpose()),
         };
+        let residual = cfg.residual_multiplier as f32;
         InferenceModel {
             embed,
-            layers: model.layers.iter().map(|l| host_layer(l, hidden)).collect(),
+            layers: model
+                .layers
+                .iter()
+                .map(|l| host_layer(l, hidden, residual))
+                .collect(),
             norm: HostNorm::new(&model.norm),
-            lm_head,
+            lm_head: lm_head.scaled(1.0 / cfg.logits_scaling as f32),
             hidden,
             vocab: cfg.vocab_size,
-            rope_theta: cfg.rope_theta as f32,
+            rope: cfg.rope_frequencies(),
         }
     }
 
@@ -466,7 +503,7 @@ impl InferenceModel {
             cache.key_valid[at..at + s]
                 .copy_from_slice(&batch.attention_mask[row * s..(row + 1) * s]);
         }
-        let rope = rope_tables(&batch.positions, b, s, self.head_dim(), self.rope_theta);
+        let rope = rope_tables(&batch.positions, b, s, &self.rope);
         let mut h = Vec::with_capacity(b * s * hd);
         for &id in &batch.input_ids {
             let id = id as usize;
@@ -501,30 +538,29 @@ impl InferenceModel {
         self.lm_head.matmul(&mut logits, &x, positions.len(), false);
         logits
     }
-
-    fn head_dim(&self) -> usize {
-        self.layers.first().map_or(0, |l| l.attn.head_dim)
-    }
 }
 
-fn host_layer(l: &DecoderLayer, hidden: usize) -> HostLayer {
+/// A layer's host copy; `residual` (Granite's `residual_multiplier`) scales the output of the
+/// attention's and the FFN's last projection.
+fn host_layer(l: &DecoderLayer, hidden: usize, residual: f32) -> HostLayer {
     HostLayer {
         input_norm: HostNorm::new(&l.input_layernorm),
-        attn: host_attention(&l.self_attn),
+        attn: host_attention(&l.self_attn, residual),
         post_norm: HostNorm::new(&l.post_attention_layernorm),
         ffn: match &l.mlp {
-            Ffn::Dense(m) => HostFfn::Dense(HostMlp::new(m)),
-            Ffn::Sparse(m) => HostFfn::Sparse(host_moe(m, hidden)),
+            Ffn::Dense(m) => HostFfn::Dense(HostMlp::new(m).scaled(residual)),
+            Ffn::Sparse(m) => HostFfn::Sparse(host_moe(m, hidden, residual)),
         },
     }
 }
 
-fn host_attention(a: &Attention) -> HostAttention {
+fn host_attention(a: &Attention, residual: f32) -> HostAttention {
     HostAttention {
         q: HostProj::new(&a.q_proj),
         k: HostProj::new(&a.k_proj),
         v: HostProj::new(&a.v_proj),
-        o: HostProj::new(&a.o_proj),
+        o: HostProj::new(&a.o_proj).scaled(residual),
+        scale: a.softmax_scale as f32,
         q_norm: a.q_norm.as_ref().map(HostNorm::new),
         k_norm: a.k_norm.as_ref().map(HostNorm::new),
         over_projection: a.qk_norm_over_projection,
@@ -535,7 +571,7 @@ fn host_attention(a: &Attention) -> HostAttention {
     }
 }
 
-fn host_moe(m: &MoeBlock, hidden: usize) -> HostMoe {
+fn host_moe(m: &MoeBlock, hidden: usize, residual: f32) -> HostMoe {
     let [e, _, two_i] = m.experts_gate_up.val().dims();
     let gate_up = host(m.experts_gate_up.val());
     let down = host(m.experts_down.val());
@@ -549,9 +585,13 @@ fn host_moe(m: &MoeBlock, hidden: usize) -> HostMoe {
                     &down[ex * dn..(ex + 1) * dn],
                     hidden,
                 )
+                .scaled(residual)
             })
             .collect(),
-        shared: m.shared_expert.as_ref().map(HostMlp::new),
+        shared: m
+            .shared_expert
+            .as_ref()
+            .map(|s| HostMlp::new(s).scaled(residual)),
         shared_gate: m.shared_expert_gate.as_ref().map(|g| host(g.val())),
         bias: m.expert_bias.clone(),
         top_k: m.top_k,
@@ -635,7 +675,7 @@ impl HostAttention {
         // Per row and head: scores = q · kᵀ (one GEMM over the row's new tokens), masked
         // softmax in place, out = probs · v (a second GEMM, written into the head's columns).
         let keys = past + s;
-        let scale = 1.0 / (d as f32).sqrt();
+        let scale = self.scale;
         let group = nh / nkv;
         let mut out = vec![0.0f32; t * nh * d];
         let mut p = vec![0.0f32; s.max(group) * keys];
@@ -701,7 +741,7 @@ impl HostAttention {
     ) -> Vec<f32> {
         let (nh, nkv, d) = (self.heads, self.kv_heads, self.head_dim);
         let group = nh / nkv;
-        let scale = 1.0 / (d as f32).sqrt();
+        let scale = self.scale;
         let (pcap, plen) = (prefix.capacity, prefix.len);
         // Per query (token, head): the softmax's running maximum and normaliser; `out` holds
         // the unnormalised sums Σ exp(score − max) · v until the end.

@@ -41,6 +41,11 @@ struct Names {
     expert: [&'static str; 3],
     /// The shared expert module: Qwen2-MoE's `shared_expert` or DeepSeek's `shared_experts`.
     shared: &'static str,
+    /// The router under `{moe}`: `gate` (most families) or Granite's `router.layer`.
+    router: &'static str,
+    /// Granite keeps all experts in two stacked tensors under `{moe}`: `input_linear`
+    /// `[E, 2I, H]` (gate rows first) and `output_linear` `[E, H, I]`.
+    stacked_experts: Option<[&'static str; 2]>,
 }
 
 const SWIGLU: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
@@ -48,8 +53,15 @@ const SWIGLU: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
 impl Names {
     fn of(cfg: &ModelConfig) -> Self {
         let mixtral = cfg.family == Family::Mixtral;
+        let granite = cfg.family == Family::GraniteMoe;
         Names {
-            moe: if mixtral { "block_sparse_moe" } else { "mlp" },
+            moe: if mixtral || granite {
+                "block_sparse_moe"
+            } else {
+                "mlp"
+            },
+            router: if granite { "router.layer" } else { "gate" },
+            stacked_experts: granite.then_some(["input_linear", "output_linear"]),
             expert: if mixtral { ["w1", "w3", "w2"] } else { SWIGLU },
             shared: if cfg.n_shared_experts > 0 {
                 "shared_experts"
@@ -405,13 +417,23 @@ impl Builder<'_> {
     fn moe(&self, src: &mut dyn WeightSource, prefix: &str) -> MoeBlock {
         let cfg = self.cfg;
         let (h, e, inter) = (cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size);
-        let fused = format!("{prefix}.experts.gate_up_proj");
+        // Stacked experts: Granite's names, or transformers 5's in-memory layout should a
+        // checkpoint carry it; both gate_up [E, 2I, H] (gate rows first), down [E, H, I].
+        let stacked = match self.names.stacked_experts {
+            Some([gu, d]) => Some((
+                format!("{prefix}.{gu}.weight"),
+                format!("{prefix}.{d}.weight"),
+            )),
+            None => {
+                let f = format!("{prefix}.experts.gate_up_proj");
+                src.has(&f)
+                    .then(|| (f, format!("{prefix}.experts.down_proj")))
+            }
+        };
         // Gate/up first, built into a burn tensor, then down: one stacked host copy at a time.
         let experts_gate_up;
         let experts_down;
-        if src.has(&fused) {
-            // transformers 5's in-memory layout, should a checkpoint carry it:
-            // gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I].
+        if let Some((fused, down_name)) = stacked {
             let gu = src.take(&fused, &[e, 2 * inter, h], Init::Normal(self.std));
             let mut gu_all = Vec::with_capacity(e * h * 2 * inter);
             for ex in 0..e {
@@ -423,11 +445,7 @@ impl Builder<'_> {
             }
             drop(gu);
             experts_gate_up = self.param3(gu_all, [e, h, 2 * inter]);
-            let d = src.take(
-                &format!("{prefix}.experts.down_proj"),
-                &[e, h, inter],
-                Init::Normal(self.residual_std),
-            );
+            let d = src.take(&down_name, &[e, h, inter], Init::Normal(self.residual_std));
             let mut d_all = Vec::with_capacity(e * inter * h);
             for ex in 0..e {
                 d_all.extend(transpose(
@@ -459,7 +477,13 @@ impl Builder<'_> {
         let shared = cfg.shared_expert_intermediate_size;
         let shared_name = format!("{prefix}.{}", self.names.shared);
         MoeBlock {
-            router: self.linear_t(src, &format!("{prefix}.gate.weight"), e, h, self.std),
+            router: self.linear_t(
+                src,
+                &format!("{prefix}.{}.weight", self.names.router),
+                e,
+                h,
+                self.std,
+            ),
             experts_gate_up,
             experts_down,
             shared_expert: (shared > 0).then(|| self.mlp(src, &shared_name, shared)),
@@ -533,6 +557,7 @@ impl Builder<'_> {
                 num_heads: nq,
                 num_kv_heads: nkv,
                 head_dim: d,
+                softmax_scale: cfg.attention_scale(),
             };
             let mlp = if cfg.is_sparse_layer(i) {
                 Ffn::Sparse(self.moe(src, &format!("{p}.{}", self.names.moe)))
@@ -775,10 +800,27 @@ pub fn hf_tensors(model: &MoeModel) -> Vec<(String, Vec<usize>, Vec<f32>)> {
                 let (e, inter) = (cfg.num_experts, cfg.moe_intermediate_size);
                 let moe = format!("{pre}.{}", names.moe);
                 let (s, v) = lin(&m.router);
-                out.push((format!("{moe}.gate.weight"), s, v));
+                out.push((format!("{moe}.{}.weight", names.router), s, v));
                 let gu = to_vec_f32(m.experts_gate_up.val());
                 let d = to_vec_f32(m.experts_down.val());
-                for ex in 0..e {
+                if let Some([gu_name, d_name]) = names.stacked_experts {
+                    // `[E, H, 2I]` → `[E, 2I, H]`, `[E, I, H]` → `[E, H, I]`.
+                    let (mut gu_t, mut d_t) =
+                        (Vec::with_capacity(gu.len()), Vec::with_capacity(d.len()));
+                    for ex in 0..e {
+                        let n = h * 2 * inter;
+                        gu_t.extend(transpose(&gu[ex * n..(ex + 1) * n], h, 2 * inter));
+                        let n = inter * h;
+                        d_t.extend(transpose(&d[ex * n..(ex + 1) * n], inter, h));
+                    }
+                    out.push((
+                        format!("{moe}.{gu_name}.weight"),
+                        vec![e, 2 * inter, h],
+                        gu_t,
+                    ));
+                    out.push((format!("{moe}.{d_name}.weight"), vec![e, h, inter], d_t));
+                }
+                for ex in (0..e).filter(|_| names.stacked_experts.is_none()) {
                     let gu_e = &gu[ex * h * 2 * inter..(ex + 1) * h * 2 * inter];
                     let d_e = &d[ex * inter * h..(ex + 1) * inter * h];
                     swiglu(

@@ -17,6 +17,7 @@ pub mod infer;
 pub mod io;
 mod matmul;
 pub mod model;
+pub mod rope;
 
 use std::path::{Path, PathBuf};
 

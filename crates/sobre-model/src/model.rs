@@ -22,6 +22,7 @@ use burn::tensor::activation::{log_softmax, sigmoid, silu, softmax};
 
 use crate::config::{ModelConfig, ScoringFunc, TopkMethod};
 use crate::fused;
+use crate::rope::RopeFrequencies;
 
 /// Masked attention scores. `-inf`, not a large finite negative: `exp` of a huge finite negative
 /// takes libm's underflow path (errno and all), which was 3% of the W1 benchmark's profile, while
@@ -490,6 +491,9 @@ pub struct Attention {
     pub num_kv_heads: usize,
     #[module(skip)]
     pub head_dim: usize,
+    /// The softmax scale: `1/√head_dim`, or the config's (Granite's `attention_multiplier`).
+    #[module(skip)]
+    pub softmax_scale: f64,
 }
 
 /// Per-call tensors shared by all layers: RoPE tables and the additive attention mask.
@@ -620,7 +624,7 @@ impl Attention {
             }
             None => (k, v),
         };
-        let scale = 1.0 / (d as f64).sqrt();
+        let scale = self.softmax_scale;
         let out = if ctx.fused {
             fused::attention(q, k, v, ctx.mask.clone(), ctx.empty.clone(), scale)
         } else {
@@ -1164,9 +1168,13 @@ impl MoeModel {
     fn head(&self, h: Tensor<2>, opts: ForwardOptions) -> Tensor<2> {
         let fused = self.fused(opts);
         let h = self.norm.forward(h, fused);
-        match &self.lm_head {
+        let logits = match &self.lm_head {
             Some(w) => linear(h, w.val(), fused),
             None => linear(h, self.embed_tokens.val().transpose(), fused),
+        };
+        match self.config.logits_scaling {
+            1.0 => logits,
+            l => logits / l,
         }
     }
 
@@ -1233,7 +1241,7 @@ impl MoeModel {
         };
         let empty_rows = any_empty
             .then(|| Tensor::from_data(TensorData::new(row_has_key, [b, 1, s, 1]), &device));
-        let (cos, sin) = rope_tables(&batch.positions, b, s, cfg.head_dim, cfg.rope_theta as f32);
+        let (cos, sin) = rope_tables(&batch.positions, b, s, &cfg.rope_frequencies());
         let ctx = AttnContext {
             cos: Tensor::from_data(TensorData::new(cos, [b, 1, s, cfg.head_dim]), &device),
             sin: Tensor::from_data(TensorData::new(sin, [b, 1, s, cfg.head_dim]), &device),
@@ -1250,6 +1258,13 @@ impl MoeModel {
             .val()
             .select(0, ids)
             .reshape([b, s, cfg.hidden_size]);
+        if cfg.embedding_multiplier != 1.0 {
+            h = h * cfg.embedding_multiplier;
+        }
+        let residual = |y: Tensor<3>| match cfg.residual_multiplier {
+            1.0 => y,
+            r => y * r,
+        };
         let token_weight: Vec<u32> = (0..b * s)
             .map(|i| u32::from(batch.attention_mask[i]) * row_uses.map_or(1, |u| u[i / s]))
             .collect();
@@ -1268,7 +1283,7 @@ impl MoeModel {
                 layer
                     .self_attn
                     .forward(layer.input_layernorm.forward(h.clone(), fused), &ctx, kv);
-            h = h + a;
+            h = h + residual(a);
             let x = layer
                 .post_attention_layernorm
                 .forward(h.clone(), fused)
@@ -1281,7 +1296,7 @@ impl MoeModel {
                     y
                 }
             };
-            h = h + f.reshape([b, s, cfg.hidden_size]);
+            h = h + residual(f.reshape([b, s, cfg.hidden_size]));
         }
         if let Some(c) = cache {
             c.len = keys;
@@ -1346,20 +1361,18 @@ pub(crate) fn rope_tables(
     positions: &[u32],
     b: usize,
     s: usize,
-    head_dim: usize,
-    theta: f32,
+    freqs: &RopeFrequencies,
 ) -> (Vec<f32>, Vec<f32>) {
-    let half = head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
-        .collect();
+    let inv_freq = &freqs.inv_freq;
+    let head_dim = 2 * inv_freq.len();
+    let scale = freqs.attention_factor;
     let mut cos = Vec::with_capacity(b * s * head_dim);
     let mut sin = Vec::with_capacity(b * s * head_dim);
     for &p in &positions[..b * s] {
         let angles: Vec<f32> = inv_freq.iter().map(|f| p as f32 * f).collect();
         for sign in [-1.0f32, 1.0] {
-            cos.extend(angles.iter().map(|a| a.cos()));
-            sin.extend(angles.iter().map(|a| sign * a.sin()));
+            cos.extend(angles.iter().map(|a| a.cos() * scale));
+            sin.extend(angles.iter().map(|a| sign * a.sin() * scale));
         }
     }
     (cos, sin)
@@ -1675,7 +1688,12 @@ mod tests {
         // Two rows with different positions, three heads sharing each table row.
         let (b, s, heads, d) = (2, 5, 3, 8);
         let positions = [0, 1, 2, 3, 4, 7, 8, 9, 10, 11];
-        let (cos, sin) = rope_tables(&positions, b, s, d, 10_000.0);
+        let (cos, sin) = rope_tables(
+            &positions,
+            b,
+            s,
+            &crate::rope::RopeScaling::None.frequencies(d, 10_000.0, 2048),
+        );
         let (cos, sin) = (constant(cos, [b, 1, s, d]), constant(sin, [b, 1, s, d]));
         assert_fused_agrees(
             [leaf([b, s, heads, d], 7, 1.0)],
@@ -1746,7 +1764,12 @@ mod tests {
 
     #[test]
     fn rope_tables_follow_the_rotate_half_layout() {
-        let (cos, sin) = rope_tables(&[0, 3], 1, 2, 4, 100.0);
+        let (cos, sin) = rope_tables(
+            &[0, 3],
+            1,
+            2,
+            &crate::rope::RopeScaling::None.frequencies(4, 100.0, 2048),
+        );
         // inv_freq = [1, 100^(-1/2)] = [1, 0.1]; position 3 → angles [3, 0.3], repeated.
         assert_eq!(&cos[..4], &[1.0; 4]);
         let want = [3.0f32.cos(), 0.3f32.cos(), 3.0f32.cos(), 0.3f32.cos()];

@@ -512,8 +512,8 @@ fn refused_options_name_the_key_and_value() {
     };
     let cases: Vec<(Value, &str)> = vec![
         (
-            with(&mixtral, "model_type", json!("llama")),
-            "unsupported `model_type` \"llama\"; sobre reads \"qwen3_moe\", \"qwen2_moe\", \"mixtral\", \"olmoe\"",
+            with(&mixtral, "model_type", json!("gpt2")),
+            "unsupported `model_type` \"gpt2\"; sobre reads \"qwen3_moe\", \"qwen2_moe\", \"mixtral\", \"olmoe\", \"granitemoe\", \"qwen2\", \"qwen3\", \"llama\", \"mistral\"",
         ),
         (
             with(&mixtral, "sliding_window", json!(128)),

@@ -704,8 +704,8 @@ fn bad_configs_name_the_key_and_value() {
     let cases: Vec<(&str, serde_json::Value, &str)> = vec![
         (
             "rope_scaling",
-            serde_json::json!({"rope_type": "yarn", "factor": 4.0}),
-            "unsupported `rope_scaling.rope_type` \"yarn\"",
+            serde_json::json!({"rope_type": "dynamic", "factor": 4.0}),
+            "unsupported `rope_scaling.rope_type` \"dynamic\"",
         ),
         (
             "use_sliding_window",
@@ -719,8 +719,8 @@ fn bad_configs_name_the_key_and_value() {
         ),
         (
             "model_type",
-            serde_json::json!("llama"),
-            "unsupported `model_type` \"llama\"",
+            serde_json::json!("gpt2"),
+            "unsupported `model_type` \"gpt2\"",
         ),
         (
             "num_key_value_heads",

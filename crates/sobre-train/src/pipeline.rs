@@ -345,7 +345,10 @@ impl Pipeline {
                 Stage::Sft => ("sft", state.step),
             }
         };
-        let metrics = JsonlWriter::open(&run_dir.join("metrics.jsonl"), Some(keep))?;
+        let mut metrics = JsonlWriter::open(&run_dir.join("metrics.jsonl"), Some(keep))?;
+        if self.cfg.run.tensorboard {
+            metrics = metrics.with_tensorboard(&run_dir.join("tensorboard"))?;
+        }
         let samples = JsonlWriter::open(&run_dir.join("samples.jsonl"), Some(keep))?;
         let meter = match &state.cost {
             Some(c) if resumed => CostMeter::resume_from(c.clone()),

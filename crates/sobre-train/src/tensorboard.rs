@@ -76,7 +76,8 @@ pub struct SummaryValue {
 /// The TFRecord checksum: crc32c rotated right by 15 bits plus `0xa282ead8`.
 pub fn masked_crc32c(data: &[u8]) -> u32 {
     let c = crc32c::crc32c(data);
-    ((c >> 15) | (c << 17)).wrapping_add(0xa282_ead8)
+    // `(c >> 15) | (c << 17)` in TensorFlow's crc32c.h.
+    c.rotate_right(15).wrapping_add(0xa282_ead8)
 }
 
 /// One TFRecord frame around `data` (layout in the module docs).
@@ -247,7 +248,7 @@ mod tests {
         // 0xE3069283 rotated right 15 = 0x2507C60D; + 0xA282EAD8 = 0xC78AB0E5.
         assert_eq!(crc32c::crc32c(b"123456789"), 0xE306_9283);
         let c: u32 = 0xE306_9283;
-        assert_eq!((c >> 15) | (c << 17), 0x2507_C60D);
+        assert_eq!(c.rotate_right(15), 0x2507_C60D);
         assert_eq!(masked_crc32c(b"123456789"), 0xC78A_B0E5);
         // crc32c("") = 0, so the mask is the constant alone.
         assert_eq!(masked_crc32c(b""), 0xA282_EAD8);
