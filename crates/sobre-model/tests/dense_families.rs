@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use sobre_model::{
-    Batch, ForwardOptions, InferenceModel, KvCache, LogitsMode, MoeModel, default_device,
-    load_model,
+    Batch, ForwardOptions, InferenceModel, Kernels, KvCache, LogitsMode, MoeImpl, MoeModel,
+    default_device, load_model,
 };
 
 fn fixture(name: &str) -> PathBuf {
@@ -47,26 +47,38 @@ fn want_logits(case: &Value) -> Vec<f32> {
         .collect()
 }
 
-/// Max |sobre − transformers| over every position of every case, by the burn model and by the
-/// host engine; and the longest case's length.
+/// Max |sobre − transformers| over every position of every case, by the burn model (fused
+/// kernels and dispatched experts, and the reference compositions with every expert on every
+/// token: the worse of the two) and by the host engine; and the longest case's length.
 fn logit_diffs(model: &MoeModel, reference: &Value) -> (f32, f32, usize) {
     let host = InferenceModel::new(model);
+    let slow = ForwardOptions {
+        kernels: Kernels::Reference,
+        moe: MoeImpl::DenseReference,
+        ..Default::default()
+    };
     let (mut burn, mut hosted, mut longest) = (0.0f32, 0.0f32, 0);
     for case in reference["cases"].as_array().unwrap() {
         let ids = ids_of(case, "ids");
         longest = longest.max(ids.len());
         let want = want_logits(case);
         let batch = Batch::left_padded(std::slice::from_ref(&ids), 0);
-        let got = model
-            .forward(&batch, None, ForwardOptions::default())
-            .logits
-            .try_into_vec_as::<f32>()
-            .unwrap();
+        let run = |opts| {
+            model
+                .forward(&batch, None, opts)
+                .logits
+                .try_into_vec_as::<f32>()
+                .unwrap()
+        };
+        let (fast, reference) = (run(ForwardOptions::default()), run(slow));
         let positions: Vec<usize> = (0..ids.len()).collect();
         let got_host = host.forward_positions(&batch, &positions);
-        assert_eq!((got.len(), got_host.len()), (want.len(), want.len()));
-        for ((g, h), w) in got.iter().zip(&got_host).zip(&want) {
-            burn = burn.max((g - w).abs());
+        assert_eq!(
+            (fast.len(), reference.len(), got_host.len()),
+            (want.len(), want.len(), want.len())
+        );
+        for (((f, r), h), w) in fast.iter().zip(&reference).zip(&got_host).zip(&want) {
+            burn = burn.max((f - w).abs()).max((r - w).abs());
             hosted = hosted.max((h - w).abs());
         }
     }
@@ -350,5 +362,52 @@ fn save_and_reload_keeps_family_and_logits() {
         );
         let (diff, _, _) = logit_diffs(&again, &reference(name));
         assert!(diff <= 1e-4, "{name}: reloaded model off by {diff:e}");
+    }
+}
+
+/// Elements of every tensor in a fixture's `model.safetensors` (from its JSON header).
+fn tensor_elements(name: &str) -> usize {
+    let bytes = std::fs::read(fixture(name).join("model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(_, t)| {
+            t["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap() as usize)
+                .product::<usize>()
+        })
+        .sum()
+}
+
+/// The parameter count `sobre inspect` prints is the checkpoint's: every tensor of the file,
+/// and, for Granite, the active count leaves out the experts a token skips.
+#[test]
+fn parameter_counts_equal_the_checkpoints() {
+    for name in [
+        "qwen2_tiny",
+        "qwen2_yarn_tiny",
+        "qwen3_tiny",
+        "llama_tiny",
+        "mistral_tiny",
+        "granitemoe_tiny",
+    ] {
+        let cfg = load_model(&fixture(name), &default_device())
+            .unwrap()
+            .config;
+        let (total, active) = cfg.count_parameters();
+        assert_eq!(total, tensor_elements(name), "{name}");
+        if cfg.num_experts == 0 {
+            assert_eq!(active, total, "{name}");
+        } else {
+            // Granite: 2 layers × (4 − 2) skipped experts × 3 × hidden 32 × width 16.
+            assert_eq!(total - active, 2 * 2 * 3 * 32 * 16, "{name}");
+        }
     }
 }
