@@ -252,3 +252,60 @@ fn eval_reports_keys_ranges_and_writes_every_sample() {
     ]));
     assert!(err.contains("countdwn"), "{err}");
 }
+
+/// After a run with its end-of-run evaluation, `sobre eval --model RUN_DIR` prints that table,
+/// what the run cost and the cost per held-out point gained over the SFT checkpoint.
+#[test]
+fn eval_of_a_run_directory_prints_its_cost_per_point_gained() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let train = sobre(&[
+        "train",
+        "--config",
+        &smoke(),
+        "--out",
+        run.to_str().unwrap(),
+        "--quiet",
+        "--set",
+        "run.steps=2",
+        "--set",
+        "eval.at_end=true",
+        "--set",
+        "eval.n=4",
+    ]);
+    ok_stdout(&train);
+    let fe: Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("final_eval.json")).unwrap())
+            .unwrap();
+    let cost = &fe["cost"];
+    for key in [
+        "wall_seconds",
+        "cpu_seconds",
+        "flops_estimate",
+        "energy_wh_estimate",
+    ] {
+        assert!(cost[key].as_f64().unwrap() > 0.0, "{key}: {cost}");
+    }
+    assert!(cost["tokens_generated"].as_u64().unwrap() > 0, "{cost}");
+    let stdout = ok_stdout(&sobre(&[
+        "eval",
+        "--model",
+        run.to_str().unwrap(),
+        "--config",
+        &smoke(),
+        "--n",
+        "4",
+    ]));
+    assert!(
+        stdout.contains("end-of-run comparison of this run"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("cost: ") && stdout.contains("CPU-s"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("cost per held-out point gained: "),
+        "{stdout}"
+    );
+}
