@@ -3,7 +3,9 @@
 //! The keys are those transformers writes for `qwen3_moe`, `qwen2_moe`, `mixtral` and `olmoe`
 //! (4.x and 5.x spellings both read); sobre's own options, DeepSeek's routing options among them,
 //! are extra keys that round-trip through the same file. `deepseek_v2` / `deepseek_v3` configs
-//! are recognised and refused: they need Multi-head Latent Attention. Every key that changes the maths is honoured or refused: a value sobre cannot compute
+//! are read with their Multi-head Latent Attention ([`MlaConfig`]) and their own routing, with
+//! the defaults of transformers' `DeepseekV2Config` / `DeepseekV3Config` where a key is absent.
+//! Every key that changes the maths is honoured or refused: a value sobre cannot compute
 //! exactly (a rope scaling type, sliding-window attention, another activation) is an error that
 //! names the key and the value. Keys that carry no maths for sobre (`architectures`, `use_cache`,
 //! token ids, …) are read and kept; keys sobre has never heard of are kept in `unknown_keys` so
@@ -40,6 +42,14 @@ pub enum Family {
     Llama,
     /// `model_type = "mistral"`: dense, no biases, a `sliding_window` that must not bind.
     Mistral,
+    /// `model_type = "deepseek_v2"`: Multi-head Latent Attention with the RoPE pairs interleaved
+    /// (transformers applies it in complex form), softmax routing (`greedy` or
+    /// `group_limited_greedy`, never renormalised), DeepSeek's shared experts, the first
+    /// `first_k_dense_replace` layers dense.
+    DeepseekV2,
+    /// `model_type = "deepseek_v3"`: MLA (`rope_interleave` chooses the RoPE layout), sigmoid
+    /// routing with `e_score_correction_bias` and `noaux_tc` group selection.
+    DeepseekV3,
 }
 
 /// The `model_type` values sobre reads, for error messages.
@@ -53,6 +63,8 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "qwen3",
     "llama",
     "mistral",
+    "deepseek_v2",
+    "deepseek_v3",
 ];
 
 impl Family {
@@ -68,6 +80,8 @@ impl Family {
             Family::Qwen3 => "qwen3",
             Family::Llama => "llama",
             Family::Mistral => "mistral",
+            Family::DeepseekV2 => "deepseek_v2",
+            Family::DeepseekV3 => "deepseek_v3",
         }
     }
 
@@ -82,6 +96,8 @@ impl Family {
             Family::Qwen3 => "Qwen3ForCausalLM",
             Family::Llama => "LlamaForCausalLM",
             Family::Mistral => "MistralForCausalLM",
+            Family::DeepseekV2 => "DeepseekV2ForCausalLM",
+            Family::DeepseekV3 => "DeepseekV3ForCausalLM",
         }
     }
 
@@ -97,6 +113,57 @@ impl Family {
     /// (their transformers classes have no dense FFN and no `moe_intermediate_size`).
     pub fn all_layers_sparse(self) -> bool {
         matches!(self, Family::Mixtral | Family::Olmoe | Family::GraniteMoe)
+    }
+
+    /// DeepSeek's families: Multi-head Latent Attention in every layer.
+    pub fn is_deepseek(self) -> bool {
+        matches!(self, Family::DeepseekV2 | Family::DeepseekV3)
+    }
+}
+
+/// The epsilon of MLA's two inner RMSNorms (`q_a_layernorm`, `kv_a_layernorm`): transformers'
+/// DeepSeek classes (and DeepSeek's own code) build them with the RMSNorm's default `1e-6`, not
+/// `rms_norm_eps`.
+pub const MLA_NORM_EPS: f64 = 1e-6;
+
+/// DeepSeek's Multi-head Latent Attention (`deepseek_v2`, `deepseek_v3`): the shape of its
+/// projections, as `modeling_deepseek_v2.py` / `modeling_deepseek_v3.py` build them.
+///
+/// Per token: the query is `q_proj(x)` or, with a `q_lora_rank`,
+/// `q_b_proj(q_a_layernorm(q_a_proj(x)))`, `[heads, qk_nope_head_dim + qk_rope_head_dim]`, its
+/// last `qk_rope_head_dim` columns rotated. `kv_a_proj_with_mqa(x)` gives the latent
+/// `[kv_lora_rank]` (then `kv_a_layernorm`) and one rotated key `k_pe` `[qk_rope_head_dim]`
+/// shared by every head; `kv_b_proj` expands the latent into each head's `k_nope` and value
+/// `[qk_nope_head_dim + v_head_dim]`. Keys are `[k_nope, k_pe]`, the softmax scale
+/// `qk_head_dim^-0.5` (times `mscale²` under YaRN, [`ModelConfig::attention_scale`]), and
+/// `o_proj` maps `[heads · v_head_dim]` back. RoPE runs over `qk_rope_head_dim` dimensions
+/// (`ModelConfig::head_dim` is set to it, as transformers' config does).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MlaConfig {
+    /// `None` (`null`): one `q_proj`; `Some(r)`: `q_a_proj` `[r, hidden]`, `q_a_layernorm`,
+    /// `q_b_proj`.
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: usize,
+    pub qk_nope_head_dim: usize,
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
+    /// The rotary dimensions come in interleaved pairs `(x0, x1), (x2, x3), …`, each rotated by
+    /// one frequency: always for DeepSeek-V2 (transformers rotates them as complex numbers),
+    /// `rope_interleave` for DeepSeek-V3 (default true). Otherwise rotate-half pairs `(x_i,
+    /// x_{i+d/2})`.
+    pub rope_interleave: bool,
+}
+
+impl MlaConfig {
+    /// `qk_nope_head_dim + qk_rope_head_dim`: the width of a query and of a key.
+    pub fn qk_head_dim(&self) -> usize {
+        self.qk_nope_head_dim + self.qk_rope_head_dim
+    }
+
+    /// `kv_lora_rank + qk_rope_head_dim`: what the compressed cache holds per token and layer
+    /// (the normalised latent and the rotated `k_pe`).
+    pub fn latent_dim(&self) -> usize {
+        self.kv_lora_rank + self.qk_rope_head_dim
     }
 }
 
@@ -212,6 +279,13 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Vec<u32>,
     pub pad_token_id: Option<u32>,
+    /// DeepSeek's Multi-head Latent Attention; `Some` exactly for `deepseek_v2` / `deepseek_v3`,
+    /// whose every layer uses it.
+    pub mla: Option<MlaConfig>,
+    /// DeepSeek-V3's `num_nextn_predict_layers`: multi-token-prediction layers stored after the
+    /// decoder layers (`model.layers.{num_hidden_layers}.…`). transformers neither builds nor
+    /// loads them and neither does sobre: their tensors are skipped when loading. 0 elsewhere.
+    pub num_nextn_predict_layers: usize,
     /// Keys found in `config.json` that sobre does not know. Kept so a caller can warn.
     pub unknown_keys: Vec<String>,
 }
@@ -311,6 +385,8 @@ impl ModelConfig {
                 bos_token_id: None,
                 eos_token_id: vec![],
                 pad_token_id: None,
+                mla: None,
+                num_nextn_predict_layers: 0,
                 unknown_keys: vec![],
             };
         let cfg = match name {
@@ -343,10 +419,65 @@ impl ModelConfig {
             && i.is_multiple_of(self.moe_layer_freq)
     }
 
-    /// The softmax scale of attention: Granite's `attention_multiplier`, else `1/√head_dim`.
+    /// The softmax scale of attention: Granite's `attention_multiplier`, else `1/√head_dim`;
+    /// for MLA `qk_head_dim^-0.5`, times `mscale²` with `mscale = yarn_get_mscale(factor,
+    /// mscale_all_dim)` under YaRN with a non-zero `mscale_all_dim` (transformers'
+    /// `yarn_apply_mscale`).
     pub fn attention_scale(&self) -> f64 {
+        if let Some(mla) = &self.mla {
+            let mut scale = 1.0 / (mla.qk_head_dim() as f64).sqrt();
+            if let RopeScaling::Yarn(y) = &self.rope_scaling
+                && y.mscale_all_dim != 0.0
+            {
+                let factor = RopeScaling::yarn_factor(y, self.max_position_embeddings);
+                let m = crate::rope::yarn_get_mscale(factor, y.mscale_all_dim);
+                scale *= m * m;
+            }
+            return scale;
+        }
         self.attention_multiplier
             .unwrap_or(1.0 / (self.head_dim as f64).sqrt())
+    }
+
+    /// The width of a query and a key head: `head_dim`, or MLA's `qk_nope + qk_rope`.
+    pub fn qk_head_dim(&self) -> usize {
+        self.mla
+            .as_ref()
+            .map_or(self.head_dim, MlaConfig::qk_head_dim)
+    }
+
+    /// The width of a value head: `head_dim`, or MLA's `v_head_dim`.
+    pub fn v_head_dim(&self) -> usize {
+        self.mla.as_ref().map_or(self.head_dim, |m| m.v_head_dim)
+    }
+
+    /// Bytes per token (f32, all layers) of the KV caches sobre keeps ([`crate::KvCache`],
+    /// [`crate::HostKvCache`]): `layers · 2 · kv_heads · head_dim · 4` for standard attention;
+    /// for MLA the compressed form, `layers · (kv_lora_rank + qk_rope_head_dim) · 4` (the
+    /// normalised latent and the rotated `k_pe` of each token).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        let per_layer = match &self.mla {
+            Some(m) => m.latent_dim(),
+            None => 2 * self.num_key_value_heads * self.head_dim,
+        };
+        self.num_hidden_layers * per_layer * 4
+    }
+
+    /// Bytes per token of the KV cache in the expanded form, every head's key and value:
+    /// for MLA `layers · heads · (qk_head_dim + v_head_dim) · 4` (what a standard-attention
+    /// cache of the same heads would hold; sobre's caches hold the compressed form,
+    /// [`ModelConfig::kv_bytes_per_token`]); for standard attention the same as
+    /// `kv_bytes_per_token`.
+    pub fn expanded_kv_bytes_per_token(&self) -> usize {
+        match &self.mla {
+            Some(m) => {
+                self.num_hidden_layers
+                    * self.num_attention_heads
+                    * (m.qk_head_dim() + m.v_head_dim)
+                    * 4
+            }
+            None => self.kv_bytes_per_token(),
+        }
     }
 
     /// The rotary frequencies of every head and the factor on cos and sin ([`RopeScaling`]).
@@ -384,7 +515,15 @@ impl ModelConfig {
             ("num_hidden_layers", self.num_hidden_layers),
             ("num_attention_heads", self.num_attention_heads),
             ("num_key_value_heads", self.num_key_value_heads),
-            ("head_dim", self.head_dim),
+            // MLA's `head_dim` is its rotary width, which its config names so.
+            (
+                if self.mla.is_some() {
+                    "qk_rope_head_dim"
+                } else {
+                    "head_dim"
+                },
+                self.head_dim,
+            ),
             ("decoder_sparse_step", self.decoder_sparse_step),
             ("moe_layer_freq", self.moe_layer_freq),
         ] {
@@ -401,7 +540,8 @@ impl ModelConfig {
                 self.num_attention_heads, self.num_key_value_heads
             )));
         }
-        if !self.head_dim.is_multiple_of(2) {
+        // (MLA's rotary width is `qk_rope_head_dim`, checked by that name below.)
+        if !self.head_dim.is_multiple_of(2) && self.mla.is_none() {
             return Err(err(format!(
                 "`head_dim` must be even for RoPE, found {}",
                 self.head_dim
@@ -562,6 +702,7 @@ impl ModelConfig {
                     )));
                 }
             }
+            Family::DeepseekV2 | Family::DeepseekV3 => self.validate_deepseek(&err)?,
             Family::Qwen2Moe
             | Family::Qwen3Moe
             | Family::GraniteMoe
@@ -570,12 +711,136 @@ impl ModelConfig {
             | Family::Llama
             | Family::Mistral => {}
         }
+        if self.mla.is_some() && !self.family.is_deepseek() {
+            return Err(err(format!(
+                "Multi-head Latent Attention is DeepSeek's; \"{family}\" uses standard attention"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The checks of a `deepseek_v2` / `deepseek_v3` config: MLA's shapes, and the routing
+    /// transformers' class computes (a setting it would ignore is refused, not computed
+    /// differently). Long because it is one flat list of checks.
+    fn validate_deepseek(&self, err: &dyn Fn(String) -> ModelError) -> Result<(), ModelError> {
+        let family = self.family.model_type();
+        let Some(mla) = &self.mla else {
+            return Err(err(format!(
+                "\"{family}\" uses Multi-head Latent Attention, but the config has no MLA shape"
+            )));
+        };
+        for (key, v) in [
+            ("kv_lora_rank", mla.kv_lora_rank),
+            ("qk_nope_head_dim", mla.qk_nope_head_dim),
+            ("qk_rope_head_dim", mla.qk_rope_head_dim),
+            ("v_head_dim", mla.v_head_dim),
+            ("q_lora_rank", mla.q_lora_rank.unwrap_or(1)),
+            ("n_routed_experts", self.num_experts),
+        ] {
+            if v == 0 {
+                return Err(err(format!(
+                    "`{key}` must be at least 1 for \"{family}\", found 0"
+                )));
+            }
+        }
+        if !mla.qk_rope_head_dim.is_multiple_of(2) {
+            return Err(err(format!(
+                "`qk_rope_head_dim` must be even for RoPE, found {}",
+                mla.qk_rope_head_dim
+            )));
+        }
+        if self.head_dim != mla.qk_rope_head_dim {
+            return Err(err(format!(
+                "MLA rotates `qk_rope_head_dim` ({}) dimensions: `head_dim` must equal it, found {}",
+                mla.qk_rope_head_dim, self.head_dim
+            )));
+        }
+        if self.num_key_value_heads != self.num_attention_heads {
+            return Err(err(format!(
+                "unsupported `num_key_value_heads` = {} for \"{family}\": MLA expands the latent \
+                 into every one of the `num_attention_heads` ({}) heads, and transformers' class \
+                 cannot run with fewer key/value heads",
+                self.num_key_value_heads, self.num_attention_heads
+            )));
+        }
+        if self.qk_norm || self.clip_qkv.is_some() {
+            return Err(err(format!(
+                "`qk_norm` and `clip_qkv` are not part of \"{family}\" attention (MLA normalises \
+                 its latents itself)"
+            )));
+        }
+        if self.shared_expert_gate
+            || (self.n_shared_experts == 0 && self.shared_expert_intermediate_size > 0)
+        {
+            return Err(err(format!(
+                "\"{family}\" shared experts are `n_shared_experts · moe_intermediate_size` wide \
+                 and ungated; `shared_expert_intermediate_size` / `shared_expert_gate` cannot \
+                 describe another one"
+            )));
+        }
+        if self.family == Family::DeepseekV2 {
+            if self.scoring_func != ScoringFunc::Softmax {
+                return Err(err(
+                    "unsupported `scoring_func` \"sigmoid\" for \"deepseek_v2\": transformers' \
+                     DeepseekV2 router always takes the softmax"
+                        .into(),
+                ));
+            }
+            if self.topk_method == TopkMethod::NoauxTc {
+                return Err(err(
+                    "unsupported `topk_method` \"noaux_tc\" for \"deepseek_v2\"; its router \
+                     computes \"greedy\" and \"group_limited_greedy\" (\"noaux_tc\" is \
+                     \"deepseek_v3\")"
+                        .into(),
+                ));
+            }
+            if self.norm_topk_prob {
+                return Err(err(
+                    "unsupported `norm_topk_prob` = true for \"deepseek_v2\": transformers' \
+                     DeepseekV2 router never renormalises the top-k weights (it multiplies them by \
+                     `routed_scaling_factor`) and would ignore the key"
+                        .into(),
+                ));
+            }
+            if self.aux_loss_free_bias {
+                return Err(err(
+                    "`aux_loss_free_bias` (`e_score_correction_bias`) is DeepSeek-V3's; \
+                     \"deepseek_v2\" has no such tensor"
+                        .into(),
+                ));
+            }
+        } else {
+            if self.scoring_func != ScoringFunc::Sigmoid {
+                return Err(err(
+                    "unsupported `scoring_func` \"softmax\" for \"deepseek_v3\": transformers' \
+                     DeepseekV3 router always takes the sigmoid"
+                        .into(),
+                ));
+            }
+            if self.topk_method != TopkMethod::NoauxTc {
+                return Err(err(format!(
+                    "unsupported `topk_method` \"{}\" for \"deepseek_v3\": transformers' \
+                     DeepseekV3 router always selects by \"noaux_tc\"",
+                    self.topk_method.as_str()
+                )));
+            }
+            if !self.aux_loss_free_bias {
+                return Err(err(
+                    "\"deepseek_v3\" always has `e_score_correction_bias`: \
+                     `aux_loss_free_bias` must be true"
+                        .into(),
+                ));
+            }
+        }
         Ok(())
     }
 
     /// The `config.json` transformers reads for this model, plus sobre's own keys. Long because
     /// it is one flat list of keys, the mirror of `read`.
     pub fn to_json(&self) -> Value {
+        if self.family.is_deepseek() {
+            return self.deepseek_json();
+        }
         let mut m = Map::new();
         m.insert("architectures".into(), json!([self.family.architecture()]));
         m.insert("model_type".into(), json!(self.family.model_type()));
@@ -641,6 +906,7 @@ impl ModelConfig {
             Family::Mistral => {
                 m.insert("sliding_window".into(), Value::Null);
             }
+            Family::DeepseekV2 | Family::DeepseekV3 => {} // `deepseek_json`
             Family::Qwen2Moe => {
                 m.insert("qkv_bias".into(), json!(self.attention_bias));
                 m.insert(
@@ -751,6 +1017,105 @@ impl ModelConfig {
         Value::Object(m)
     }
 
+    /// The `config.json` of a `deepseek_v2` / `deepseek_v3` model: the keys of transformers'
+    /// `DeepseekV2Config` / `DeepseekV3Config` (which also carry DeepSeek's own code's
+    /// `scoring_func`, `topk_method`, `moe_layer_freq`), then sobre's training keys. Long
+    /// because it is one flat list of keys, the mirror of `read_deepseek`.
+    fn deepseek_json(&self) -> Value {
+        let mut m = Map::new();
+        let v3 = self.family == Family::DeepseekV3;
+        m.insert("architectures".into(), json!([self.family.architecture()]));
+        m.insert("model_type".into(), json!(self.family.model_type()));
+        m.insert("vocab_size".into(), json!(self.vocab_size));
+        m.insert("hidden_size".into(), json!(self.hidden_size));
+        m.insert("intermediate_size".into(), json!(self.intermediate_size));
+        m.insert("num_hidden_layers".into(), json!(self.num_hidden_layers));
+        m.insert(
+            "num_attention_heads".into(),
+            json!(self.num_attention_heads),
+        );
+        m.insert(
+            "num_key_value_heads".into(),
+            json!(self.num_key_value_heads),
+        );
+        // transformers' config sets `head_dim` to the rotary width and writes `qk_head_dim`.
+        m.insert("head_dim".into(), json!(self.head_dim));
+        m.insert("qk_head_dim".into(), json!(self.qk_head_dim()));
+        m.insert("hidden_act".into(), json!("silu"));
+        m.insert("rms_norm_eps".into(), json!(self.rms_norm_eps));
+        let (rope_parameters, rope_scaling) = self.rope_scaling.to_json(self.rope_theta);
+        m.insert("rope_theta".into(), json!(self.rope_theta));
+        m.insert("rope_parameters".into(), rope_parameters);
+        if !rope_scaling.is_null() {
+            m.insert("rope_scaling".into(), rope_scaling);
+        }
+        m.insert(
+            "max_position_embeddings".into(),
+            json!(self.max_position_embeddings),
+        );
+        m.insert(
+            "tie_word_embeddings".into(),
+            json!(self.tie_word_embeddings),
+        );
+        m.insert("attention_bias".into(), json!(self.attention_bias));
+        if !v3 {
+            m.insert("mlp_bias".into(), json!(false));
+        }
+        if let Some(mla) = &self.mla {
+            m.insert("q_lora_rank".into(), json!(mla.q_lora_rank));
+            m.insert("kv_lora_rank".into(), json!(mla.kv_lora_rank));
+            m.insert("qk_nope_head_dim".into(), json!(mla.qk_nope_head_dim));
+            m.insert("qk_rope_head_dim".into(), json!(mla.qk_rope_head_dim));
+            m.insert("v_head_dim".into(), json!(mla.v_head_dim));
+            if v3 {
+                m.insert("rope_interleave".into(), json!(mla.rope_interleave));
+            }
+        }
+        m.insert("n_routed_experts".into(), json!(self.num_experts));
+        m.insert(
+            "num_experts_per_tok".into(),
+            json!(self.num_experts_per_tok),
+        );
+        m.insert(
+            "moe_intermediate_size".into(),
+            json!(self.moe_intermediate_size),
+        );
+        m.insert("n_shared_experts".into(), json!(self.n_shared_experts));
+        m.insert(
+            "routed_scaling_factor".into(),
+            json!(self.routed_scaling_factor),
+        );
+        m.insert("topk_method".into(), json!(self.topk_method.as_str()));
+        m.insert("n_group".into(), json!(self.n_group));
+        m.insert("topk_group".into(), json!(self.topk_group));
+        m.insert(
+            "first_k_dense_replace".into(),
+            json!(self.first_k_dense_replace),
+        );
+        m.insert("moe_layer_freq".into(), json!(self.moe_layer_freq));
+        m.insert("norm_topk_prob".into(), json!(self.norm_topk_prob));
+        m.insert(
+            "scoring_func".into(),
+            json!(match self.scoring_func {
+                ScoringFunc::Softmax => "softmax",
+                ScoringFunc::Sigmoid => "sigmoid",
+            }),
+        );
+        if v3 {
+            m.insert(
+                "num_nextn_predict_layers".into(),
+                json!(self.num_nextn_predict_layers),
+            );
+            m.insert("bias_update_rate".into(), json!(self.bias_update_rate));
+        }
+        m.insert(
+            "router_aux_loss_coef".into(),
+            json!(self.router_aux_loss_coef),
+        );
+        self.common_json_tail(&mut m);
+        Value::Object(m)
+    }
+
     /// The keys every family's `config.json` ends with: initialisation, token ids, dtype.
     fn common_json_tail(&self, m: &mut Map<String, Value>) {
         m.insert("initializer_range".into(), json!(self.initializer_range));
@@ -781,6 +1146,19 @@ impl ModelConfig {
         let bias = |on: bool, n: usize| if on { n } else { 0 };
         let mut attn = h * nq * d + 2 * h * nkv * d + nq * d * h;
         attn += bias(self.attention_bias, nq * d + 2 * nkv * d) + bias(self.o_proj_bias, h);
+        if let Some(mla) = &self.mla {
+            // q (direct, or down → norm → up), kv_a (latent + k_pe), its norm, kv_b, o; the
+            // biases of `attention_bias` on q_a, kv_a and o only, as transformers builds them.
+            let (qk, latent) = (mla.qk_head_dim(), mla.latent_dim());
+            let ab = self.attention_bias;
+            attn = match mla.q_lora_rank {
+                None => h * nq * qk,
+                Some(r) => h * r + bias(ab, r) + r + r * nq * qk,
+            };
+            attn += h * latent + bias(ab, latent) + mla.kv_lora_rank;
+            attn += mla.kv_lora_rank * nq * (mla.qk_nope_head_dim + mla.v_head_dim);
+            attn += nq * mla.v_head_dim * h + bias(ab, h);
+        }
         if self.qk_norm {
             attn += if self.qk_norm_over_projection() {
                 (nq + nkv) * d
@@ -873,35 +1251,9 @@ impl Reader<'_> {
         }
     }
 
-    /// Every `config.json` key sobre reads. Long because it is one flat list, a key per
-    /// statement in the order of transformers' config classes: split, the list would scatter.
-    fn read(&self) -> Result<ModelConfig, ModelError> {
-        let family = match self.get("model_type").and_then(Value::as_str) {
-            Some("qwen3_moe") => Family::Qwen3Moe,
-            Some("qwen2_moe") => Family::Qwen2Moe,
-            Some("mixtral") => Family::Mixtral,
-            Some("olmoe") => Family::Olmoe,
-            Some("granitemoe") => Family::GraniteMoe,
-            Some("qwen2") => Family::Qwen2,
-            Some("qwen3") => Family::Qwen3,
-            Some("llama") => Family::Llama,
-            Some("mistral") => Family::Mistral,
-            Some(ds @ ("deepseek_v2" | "deepseek_v3")) => return Err(self.mla_error(ds)),
-            Some(other) => {
-                return Err(self.err(format!(
-                    "unsupported `model_type` \"{other}\"; sobre reads {}",
-                    SUPPORTED_MODEL_TYPES
-                        .iter()
-                        .map(|t| format!("\"{t}\""))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )));
-            }
-            None => return Err(self.err("missing required key `model_type`".into())),
-        };
-        let qwen2 = matches!(family, Family::Qwen2Moe | Family::Qwen2);
-        let dense = family.is_dense();
-
+    /// Keys whose non-default values no family computes: another activation, sliding windows,
+    /// partial rotary, MLP biases.
+    fn refuse_unsupported(&self) -> Result<(), ModelError> {
         let act = self
             .get("hidden_act")
             .and_then(Value::as_str)
@@ -928,12 +1280,29 @@ impl Reader<'_> {
             }
         }
 
+        let partial_rotary = self.f64_or("partial_rotary_factor", 1.0)?;
+        if partial_rotary != 1.0 {
+            return Err(self.err(format!(
+                "unsupported `partial_rotary_factor` = {partial_rotary}; sobre rotates the whole head (1.0)"
+            )));
+        }
+        if self.bool_or("mlp_bias", false)? {
+            return Err(self.err(
+                "unsupported `mlp_bias` = true: sobre's MLPs have no biases (no published \
+                 Llama-family checkpoint uses them)"
+                    .into(),
+            ));
+        }
+        let pretraining_tp = self.usize_or("pretraining_tp", Some(1))?;
+        if pretraining_tp == 0 {
+            return Err(self.err("`pretraining_tp` must be at least 1, found 0".into()));
+        }
+        Ok(())
+    }
+
+    /// `rope_theta` and the RoPE scaling from `rope_theta`, `rope_scaling` and `rope_parameters`.
+    fn rope(&self, default_theta: f64) -> Result<(f64, RopeScaling), ModelError> {
         // RoPE: transformers 4.x writes `rope_theta` (+ `rope_scaling`), 5.x `rope_parameters`.
-        let default_theta = if family == Family::Mixtral {
-            1e6
-        } else {
-            10000.0
-        };
         let mut rope_theta = self.f64_or("rope_theta", default_theta)?;
         let mut rope_scaling = RopeScaling::None;
         for key in ["rope_scaling", "rope_parameters"] {
@@ -959,23 +1328,61 @@ impl Reader<'_> {
                 }
             }
         }
-        let partial_rotary = self.f64_or("partial_rotary_factor", 1.0)?;
-        if partial_rotary != 1.0 {
-            return Err(self.err(format!(
-                "unsupported `partial_rotary_factor` = {partial_rotary}; sobre rotates the whole head (1.0)"
-            )));
+        Ok((rope_theta, rope_scaling))
+    }
+
+    /// `eos_token_id`: one id or a list, `default` when absent.
+    fn eos_ids(&self, default: Option<u32>) -> Result<Vec<u32>, ModelError> {
+        match self.get("eos_token_id") {
+            None => Ok(default.into_iter().collect()),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok()))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| {
+                    self.err("`eos_token_id` must be a token id or a list of them".into())
+                }),
+            Some(_) => Ok(self.token_id("eos_token_id")?.into_iter().collect()),
         }
-        if self.bool_or("mlp_bias", false)? {
-            return Err(self.err(
-                "unsupported `mlp_bias` = true: sobre's MLPs have no biases (no published \
-                 Llama-family checkpoint uses them)"
-                    .into(),
-            ));
-        }
-        let pretraining_tp = self.usize_or("pretraining_tp", Some(1))?;
-        if pretraining_tp == 0 {
-            return Err(self.err("`pretraining_tp` must be at least 1, found 0".into()));
-        }
+    }
+
+    /// Every `config.json` key sobre reads. Long because it is one flat list, a key per
+    /// statement in the order of transformers' config classes: split, the list would scatter.
+    fn read(&self) -> Result<ModelConfig, ModelError> {
+        let family = match self.get("model_type").and_then(Value::as_str) {
+            Some("qwen3_moe") => Family::Qwen3Moe,
+            Some("qwen2_moe") => Family::Qwen2Moe,
+            Some("mixtral") => Family::Mixtral,
+            Some("olmoe") => Family::Olmoe,
+            Some("granitemoe") => Family::GraniteMoe,
+            Some("qwen2") => Family::Qwen2,
+            Some("qwen3") => Family::Qwen3,
+            Some("llama") => Family::Llama,
+            Some("mistral") => Family::Mistral,
+            Some("deepseek_v2") => return self.read_deepseek(Family::DeepseekV2),
+            Some("deepseek_v3") => return self.read_deepseek(Family::DeepseekV3),
+            Some(other) => {
+                return Err(self.err(format!(
+                    "unsupported `model_type` \"{other}\"; sobre reads {}",
+                    SUPPORTED_MODEL_TYPES
+                        .iter()
+                        .map(|t| format!("\"{t}\""))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            None => return Err(self.err("missing required key `model_type`".into())),
+        };
+        let qwen2 = matches!(family, Family::Qwen2Moe | Family::Qwen2);
+        let dense = family.is_dense();
+
+        self.refuse_unsupported()?;
+        let default_theta = if family == Family::Mixtral {
+            1e6
+        } else {
+            10000.0
+        };
+        let (rope_theta, rope_scaling) = self.rope(default_theta)?;
 
         let hidden_size = self.usize_or("hidden_size", None)?;
         let num_attention_heads = self.usize_or("num_attention_heads", None)?;
@@ -1006,7 +1413,9 @@ impl Reader<'_> {
             | Family::Olmoe
             | Family::Qwen3
             | Family::Llama
-            | Family::GraniteMoe => self.bool_or("attention_bias", false)?,
+            | Family::GraniteMoe
+            | Family::DeepseekV2
+            | Family::DeepseekV3 => self.bool_or("attention_bias", false)?,
             Family::Mixtral | Family::Mistral => {
                 if self.bool_or("attention_bias", false)? {
                     return Err(self.err(format!(
@@ -1119,17 +1528,7 @@ impl Reader<'_> {
                 "`router_jitter_noise` must be non-negative, found {router_jitter_noise}"
             )));
         }
-        let eos_token_id = match self.get("eos_token_id") {
-            None => vec![],
-            Some(Value::Array(a)) => a
-                .iter()
-                .map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok()))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| {
-                    self.err("`eos_token_id` must be a token id or a list of them".into())
-                })?,
-            Some(_) => self.token_id("eos_token_id")?.into_iter().collect(),
-        };
+        let eos_token_id = self.eos_ids(None)?;
 
         let mut known: Vec<&str> = vec![
             "vocab_size",
@@ -1186,7 +1585,7 @@ impl Reader<'_> {
                 "residual_multiplier",
                 "logits_scaling",
             ]),
-            Family::Olmoe => {}
+            Family::Olmoe | Family::DeepseekV2 | Family::DeepseekV3 => {}
         }
         if dense {
             known.retain(|k| {
@@ -1315,37 +1714,284 @@ impl Reader<'_> {
             bos_token_id: self.token_id("bos_token_id")?,
             eos_token_id,
             pad_token_id: self.token_id("pad_token_id")?,
+            mla: None,
+            num_nextn_predict_layers: 0,
             unknown_keys,
         };
         cfg.validate(self.origin)?;
         Ok(cfg)
     }
 
-    /// The error for a DeepSeek-V2/V3 config: their attention is Multi-head Latent Attention.
-    fn mla_error(&self, model_type: &str) -> ModelError {
-        // transformers' defaults when a key is absent (DeepSeek-V3's; V2's differ only in
-        // q_lora_rank = 1536 vs V2-Lite's null): MLA is on whatever the file says.
-        let keys = [
-            "q_lora_rank",
+    /// A `deepseek_v2` / `deepseek_v3` config, with the defaults of transformers'
+    /// `DeepseekV2Config` / `DeepseekV3Config` (5.x) where a key is absent. Long because it is
+    /// one flat list, a key per statement in the order of those classes.
+    fn read_deepseek(&self, family: Family) -> Result<ModelConfig, ModelError> {
+        let v3 = family == Family::DeepseekV3;
+        // The class defaults: (V2, V3).
+        let pick = |v2: usize, v3_value: usize| if v3 { v3_value } else { v2 };
+        self.refuse_unsupported()?;
+        let (rope_theta, rope_scaling) = self.rope(10000.0)?;
+        let num_attention_heads = self.usize_or("num_attention_heads", Some(pick(32, 128)))?;
+        let hidden_size = self.usize_or("hidden_size", Some(pick(4096, 7168)))?;
+        // MLA. `q_lora_rank` is `null` for a single q_proj (DeepSeek-V2-Lite), absent = 1536.
+        let q_lora_rank = match self.map.get("q_lora_rank") {
+            None => Some(1536),
+            Some(Value::Null) => None,
+            Some(_) => Some(self.usize_or("q_lora_rank", None)?),
+        };
+        let mla = MlaConfig {
+            q_lora_rank,
+            kv_lora_rank: self.usize_or("kv_lora_rank", Some(512))?,
+            qk_nope_head_dim: self.usize_or("qk_nope_head_dim", Some(128))?,
+            qk_rope_head_dim: self.usize_or("qk_rope_head_dim", Some(64))?,
+            v_head_dim: self.usize_or("v_head_dim", Some(128))?,
+            // V2 always rotates interleaved pairs (complex form); V3 reads the key.
+            rope_interleave: !v3 || self.bool_or("rope_interleave", true)?,
+        };
+        // transformers derives these two and overwrites whatever the file says.
+        let head_dim = mla.qk_rope_head_dim;
+        let num_experts = match (
+            self.get("n_routed_experts"),
+            self.get(if v3 {
+                "num_local_experts"
+            } else {
+                "num_experts"
+            }),
+        ) {
+            (Some(_), Some(alias))
+                if self.usize_or("n_routed_experts", None)?
+                    != alias.as_u64().unwrap_or(0) as usize =>
+            {
+                return Err(self.err(format!(
+                    "`n_routed_experts` and its alias `{}` disagree",
+                    if v3 {
+                        "num_local_experts"
+                    } else {
+                        "num_experts"
+                    }
+                )));
+            }
+            (Some(_), _) | (None, None) => {
+                self.usize_or("n_routed_experts", Some(pick(64, 256)))?
+            }
+            (None, Some(_)) => self.usize_or(
+                if v3 {
+                    "num_local_experts"
+                } else {
+                    "num_experts"
+                },
+                None,
+            )?,
+        };
+        // V2's class has no default top-k (None fails in its router): the key is required.
+        let num_experts_per_tok =
+            self.usize_or("num_experts_per_tok", if v3 { Some(8) } else { None })?;
+        let moe_intermediate_size =
+            self.usize_or("moe_intermediate_size", Some(pick(1407, 2048)))?;
+        let n_shared_experts = self.usize_or("n_shared_experts", Some(pick(2, 1)))?;
+        let scoring_func = match self.get("scoring_func").and_then(Value::as_str) {
+            None => {
+                if v3 {
+                    ScoringFunc::Sigmoid
+                } else {
+                    ScoringFunc::Softmax
+                }
+            }
+            Some("softmax") => ScoringFunc::Softmax,
+            Some("sigmoid") => ScoringFunc::Sigmoid,
+            Some(other) => {
+                return Err(self.err(format!(
+                    "unsupported `scoring_func` \"{other}\"; \"{}\" computes \"{}\"",
+                    family.model_type(),
+                    if v3 { "sigmoid" } else { "softmax" }
+                )));
+            }
+        };
+        let topk_method = match self.get("topk_method") {
+            None if v3 => TopkMethod::NoauxTc,
+            None => TopkMethod::Greedy,
+            Some(v) => match v.as_str() {
+                Some("greedy") => TopkMethod::Greedy,
+                Some("group_limited_greedy") => TopkMethod::GroupLimitedGreedy,
+                Some("noaux_tc") => TopkMethod::NoauxTc,
+                _ => {
+                    return Err(self.err(format!(
+                        "unsupported `topk_method` {v}; expected \"greedy\", \
+                         \"group_limited_greedy\" or \"noaux_tc\""
+                    )));
+                }
+            },
+        };
+        // Groups: V3's class defaults to 8 / 4; V2's to None, which only its greedy top-k
+        // survives (transformers' group-limited selection cannot run without them).
+        let groups = |key: &str, v3_default: usize| -> Result<usize, ModelError> {
+            match (v3, topk_method) {
+                (true, _) => self.usize_or(key, Some(v3_default)),
+                (false, TopkMethod::Greedy) => self.usize_or(key, Some(1)),
+                (false, _) if self.get(key).is_none() => Err(self.err(format!(
+                    "`{key}` is required for `topk_method` \"{}\" (transformers' class has no \
+                     default)",
+                    topk_method.as_str()
+                ))),
+                (false, _) => self.usize_or(key, None),
+            }
+        };
+        let n_group = groups("n_group", 8)?;
+        let topk_group = groups("topk_group", 4)?;
+        let known: &[&str] = &[
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "hidden_act",
+            "max_position_embeddings",
+            "initializer_range",
+            "rms_norm_eps",
+            "bos_token_id",
+            "eos_token_id",
+            "pad_token_id",
+            "pretraining_tp",
+            "tie_word_embeddings",
+            "rope_theta",
+            "rope_scaling",
+            "rope_parameters",
+            "attention_bias",
+            "mlp_bias",
+            "head_dim",
+            "qk_head_dim",
+            "first_k_dense_replace",
             "kv_lora_rank",
-            "qk_rope_head_dim",
+            "q_lora_rank",
+            "n_group",
+            "n_routed_experts",
+            "num_experts",
+            "num_local_experts",
+            "n_shared_experts",
             "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "routed_scaling_factor",
+            "topk_group",
+            "topk_method",
+            "norm_topk_prob",
             "v_head_dim",
+            "num_experts_per_tok",
+            "moe_intermediate_size",
+            "rope_interleave",
+            "num_nextn_predict_layers",
+            "num_mtp_layers",
+            "scoring_func",
+            "moe_layer_freq",
+            "router_aux_loss_coef",
+            "aux_loss_free_bias",
+            "bias_update_rate",
+            "use_sliding_window",
+            "layer_types",
+            "partial_rotary_factor",
+            "qk_norm",
+            "clip_qkv",
+            "shared_expert_intermediate_size",
+            "shared_expert_gate",
         ];
-        let found: Vec<String> = keys
-            .iter()
-            .map(|k| match self.map.get(*k) {
-                Some(v) => format!("`{k}` = {v}"),
-                None => format!("`{k}` (absent: transformers' default applies)"),
+        // Keys of one class only (V2 always interleaves, has no MTP layers, reads `num_experts`
+        // and `mlp_bias`): on the other they are unknown.
+        let other_class: &[&str] = if v3 {
+            &["num_experts", "mlp_bias"]
+        } else {
+            &[
+                "rope_interleave",
+                "num_nextn_predict_layers",
+                "num_mtp_layers",
+                "num_local_experts",
+            ]
+        };
+        let unknown_keys = self
+            .map
+            .keys()
+            .filter(|k| {
+                let k = k.as_str();
+                let known_here = known.contains(&k) && !other_class.contains(&k);
+                !known_here && !INERT_KEYS.contains(&k)
             })
+            .cloned()
             .collect();
-        self.err(format!(
-            "`model_type` \"{model_type}\" uses Multi-head Latent Attention ({}); MLA is not \
-             supported: sobre computes standard multi-head attention only. DeepSeek's routing \
-             options (`scoring_func`, `topk_method`, `n_group`, `topk_group`, `n_shared_experts`, \
-             `first_k_dense_replace`, `routed_scaling_factor`, `e_score_correction_bias`) are \
-             supported with standard attention as sobre keys on a \"qwen3_moe\" config",
-            found.join(", ")
-        ))
+        let nextn = match (
+            self.get("num_nextn_predict_layers"),
+            self.get("num_mtp_layers"),
+        ) {
+            _ if !v3 => 0,
+            (Some(_), _) => self.usize_or("num_nextn_predict_layers", None)?,
+            (None, Some(_)) => self.usize_or("num_mtp_layers", None)?,
+            (None, None) => 1,
+        };
+        let shared_width = n_shared_experts * moe_intermediate_size;
+        let cfg = ModelConfig {
+            family,
+            vocab_size: self.usize_or("vocab_size", Some(pick(102400, 129280)))?,
+            hidden_size,
+            intermediate_size: self.usize_or("intermediate_size", Some(pick(11008, 18432)))?,
+            num_hidden_layers: self.usize_or("num_hidden_layers", Some(pick(32, 61)))?,
+            num_attention_heads,
+            num_key_value_heads: self.usize_or("num_key_value_heads", Some(num_attention_heads))?,
+            head_dim,
+            rms_norm_eps: self.f64_or("rms_norm_eps", 1e-6)?,
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: self
+                .usize_or("max_position_embeddings", Some(pick(2048, 4096)))?,
+            tie_word_embeddings: self.bool_or("tie_word_embeddings", false)?,
+            // On q_a_proj, kv_a_proj_with_mqa and o_proj (never q_proj, q_b_proj, kv_b_proj).
+            attention_bias: self.bool_or("attention_bias", false)?,
+            o_proj_bias: self.bool_or("attention_bias", false)?,
+            qk_norm: self.bool_or("qk_norm", false)?,
+            clip_qkv: match self.get("clip_qkv") {
+                None => None,
+                Some(v) => Some(v.as_f64().ok_or_else(|| {
+                    self.err(format!("`clip_qkv` must be null or a number, found {v}"))
+                })?),
+            },
+            num_experts,
+            num_experts_per_tok,
+            moe_intermediate_size,
+            decoder_sparse_step: 1,
+            mlp_only_layers: vec![],
+            norm_topk_prob: self.bool_or("norm_topk_prob", v3)?,
+            router_aux_loss_coef: self.f64_or("router_aux_loss_coef", 0.001)?,
+            shared_expert_intermediate_size: self
+                .usize_or("shared_expert_intermediate_size", Some(shared_width))?,
+            n_shared_experts,
+            shared_expert_gate: self.bool_or("shared_expert_gate", false)?,
+            scoring_func,
+            routed_scaling_factor: self
+                .f64_or("routed_scaling_factor", if v3 { 2.5 } else { 1.0 })?,
+            aux_loss_free_bias: self.bool_or("aux_loss_free_bias", v3)?,
+            bias_update_rate: self.f64_or("bias_update_rate", 0.001)?,
+            topk_method,
+            n_group,
+            topk_group,
+            first_k_dense_replace: self.usize_or("first_k_dense_replace", Some(pick(0, 3)))?,
+            moe_layer_freq: self.usize_or("moe_layer_freq", Some(1))?,
+            router_jitter_noise: 0.0,
+            embedding_multiplier: 1.0,
+            residual_multiplier: 1.0,
+            logits_scaling: 1.0,
+            attention_multiplier: None,
+            initializer_range: self.f64_or("initializer_range", 0.02)?,
+            bos_token_id: match self.map.get("bos_token_id") {
+                None => Some(pick(1, 0) as u32),
+                Some(_) => self.token_id("bos_token_id")?,
+            },
+            eos_token_id: match self.map.get("eos_token_id") {
+                None => vec![pick(2, 1) as u32],
+                Some(_) => self.eos_ids(None)?,
+            },
+            pad_token_id: self.token_id("pad_token_id")?,
+            mla: Some(mla),
+            num_nextn_predict_layers: nextn,
+            unknown_keys,
+        };
+        cfg.validate(self.origin)?;
+        Ok(cfg)
     }
 }

@@ -95,9 +95,12 @@ pub fn rope(x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4> {
 /// batched matmuls and reshapes back: copies, zero-filled outputs and, under autodiff, a graph
 /// node for each of them. `mask` and `empty` are constants: they get no gradient.
 ///
+/// Values may be narrower or wider than queries and keys (MLA's `v_head_dim`).
+///
 /// # Shapes
-/// `q: [batch, seq, heads, head_dim]`, `k`, `v`: `[batch, kv_heads, keys, head_dim]`,
-/// `mask: [batch, 1, seq, keys]`, `empty: [batch·seq]` or `[]` → `[batch·seq, heads·head_dim]`
+/// `q: [batch, seq, heads, head_dim]`, `k: [batch, kv_heads, keys, head_dim]`,
+/// `v: [batch, kv_heads, keys, v_dim]`, `mask: [batch, 1, seq, keys]`, `empty: [batch·seq]` or
+/// `[]` → `[batch·seq, heads·v_dim]`
 pub fn attention(
     q: Tensor<4>,
     k: Tensor<4>,
@@ -320,8 +323,8 @@ struct AttnInputs {
     k: FlexTensor,
     v: FlexTensor,
     scale: f32,
-    /// `[batch, seq, heads, kv_heads, keys, head_dim]`
-    dims: [usize; 6],
+    /// `[batch, seq, heads, kv_heads, keys, head_dim, v_dim]`
+    dims: [usize; 7],
 }
 
 /// `t` itself when its last two dimensions are a contiguous matrix at non-negative strides,
@@ -349,7 +352,15 @@ impl AttnInputs {
     fn new(q: FlexTensor, k: FlexTensor, v: FlexTensor, scale: f64) -> Self {
         let (q, k, v) = (q.to_contiguous(), matrix_blocks(k), matrix_blocks(v));
         let (qs, ks) = (q.layout().shape(), k.layout().shape());
-        let dims = [qs[0], qs[1], qs[2], ks[1], ks[2], qs[3]];
+        let dims = [
+            qs[0],
+            qs[1],
+            qs[2],
+            ks[1],
+            ks[2],
+            qs[3],
+            v.layout().shape()[3],
+        ];
         AttnInputs {
             q,
             k,
@@ -359,10 +370,10 @@ impl AttnInputs {
         }
     }
 
-    /// Head `h` of batch row `b` in a `[batch, seq, heads, head_dim]` buffer: `[seq, head_dim]`
-    /// with rows `heads·head_dim` apart.
-    fn token_major<'a>(&self, data: &'a [f32], b: usize, h: usize) -> View<'a> {
-        let [_, s, nh, _, _, d] = self.dims;
+    /// Head `h` of batch row `b` in a `[batch, seq, heads, d]` buffer: `[seq, d]` with rows
+    /// `heads·d` apart (`d`: the queries' `head_dim` or the outputs' `v_dim`).
+    fn token_major<'a>(&self, data: &'a [f32], b: usize, h: usize, d: usize) -> View<'a> {
+        let [_, s, nh, ..] = self.dims;
         View {
             data: &data[(b * s * nh + h) * d..],
             rows: s,
@@ -372,19 +383,21 @@ impl AttnInputs {
         }
     }
 
-    /// Key/value head `g` of batch row `b`: `k` and `v` as `[keys, head_dim]` matrices.
+    /// Key/value head `g` of batch row `b`: `k` as `[keys, head_dim]` and `v` as
+    /// `[keys, v_dim]` matrices.
     fn kv(&self, b: usize, g: usize) -> (View<'_>, View<'_>) {
-        let [_, _, _, _, keys, d] = self.dims;
+        let [_, _, _, _, keys, d, dv] = self.dims;
         (
             View::dense(kv_block(&self.k, b, g), keys, d),
-            View::dense(kv_block(&self.v, b, g), keys, d),
+            View::dense(kv_block(&self.v, b, g), keys, dv),
         )
     }
 
-    /// Offset of key/value head `g` of batch row `b` in the (contiguous) gradients of `k`, `v`.
-    fn kv_at(&self, b: usize, g: usize) -> usize {
-        let [_, _, _, nkv, keys, d] = self.dims;
-        (b * nkv + g) * keys * d
+    /// Offsets of key/value head `g` of batch row `b` in the (contiguous) gradients of `k` and
+    /// of `v`.
+    fn kv_at(&self, b: usize, g: usize) -> (usize, usize) {
+        let [_, _, _, nkv, keys, d, dv] = self.dims;
+        ((b * nkv + g) * keys * d, (b * nkv + g) * keys * dv)
     }
 }
 
@@ -395,25 +408,25 @@ fn attention_forward(
     mask: &FlexTensor,
     empty: &[bool],
 ) -> (FlexTensor, Vec<f32>) {
-    let [b, s, nh, nkv, keys, d] = attn.dims;
+    let [b, s, nh, nkv, keys, d, dv] = attn.dims;
     let group = nh / nkv;
     let (q, m) = (values(&attn.q), values(mask));
     let mut probs = vec![0.0f32; b * nh * s * keys];
-    let mut out = vec![0.0f32; b * s * nh * d];
+    let mut out = vec![0.0f32; b * s * nh * dv];
     for bi in 0..b {
         for h in 0..nh {
             let (kg, vg) = attn.kv(bi, h / group);
             let p = &mut probs[(bi * nh + h) * s * keys..][..s * keys];
-            gemm(p, keys, attn.token_major(q, bi, h), kg.t(), false);
+            gemm(p, keys, attn.token_major(q, bi, h, d), kg.t(), false);
             let rows = bi * s..(bi + 1) * s;
             let empty = empty.get(rows.clone()).unwrap_or(&[]);
             let mask = &m[rows.start * keys..rows.end * keys];
             kernels::masked_softmax_rows(p, mask, empty, keys, attn.scale);
-            let o = &mut out[(bi * s * nh + h) * d..];
-            gemm(o, nh * d, View::dense(p, s, keys), vg, false);
+            let o = &mut out[(bi * s * nh + h) * dv..];
+            gemm(o, nh * dv, View::dense(p, s, keys), vg, false);
         }
     }
-    (tensor(out, [b * s, nh * d].into()), probs)
+    (tensor(out, [b * s, nh * dv].into()), probs)
 }
 
 /// A non-empty group's gate/up product `h: [n, 2·inter]` and activation `a: [n, inter]`.
@@ -720,30 +733,30 @@ impl Backward<Flex, 3> for AttentionBackward {
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (attn, probs) = ops.state;
         let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
-        let [b, s, nh, nkv, keys, d] = attn.dims;
+        let [b, s, nh, nkv, keys, d, d_v] = attn.dims;
         let group = nh / nkv;
         let (q, g) = (values(&attn.q), values(&grad));
         let mut dq = vec![0.0f32; q.len()];
         let (mut dk, mut dv) = (
             vec![0.0f32; b * nkv * keys * d],
-            vec![0.0f32; b * nkv * keys * d],
+            vec![0.0f32; b * nkv * keys * d_v],
         );
         let mut ds = vec![0.0f32; s * keys];
         for bi in 0..b {
             for h in 0..nh {
-                let kv = attn.kv_at(bi, h / group);
+                let (k_at, v_at) = attn.kv_at(bi, h / group);
                 let (kg, vg) = attn.kv(bi, h / group);
                 let p = &probs[(bi * nh + h) * s * keys..][..s * keys];
-                let d_out = attn.token_major(g, bi, h);
+                let d_out = attn.token_major(g, bi, h, d_v);
                 let shared = h % group != 0;
                 gemm(&mut ds, keys, d_out, vg.t(), false);
                 let pv = View::dense(p, s, keys);
-                gemm(&mut dv[kv..kv + keys * d], d, pv.t(), d_out, shared);
+                gemm(&mut dv[v_at..v_at + keys * d_v], d_v, pv.t(), d_out, shared);
                 kernels::softmax_backward_rows(p, &mut ds, keys, attn.scale);
                 let dsv = View::dense(&ds, s, keys);
                 gemm(&mut dq[(bi * s * nh + h) * d..], nh * d, dsv, kg, false);
-                let qh = attn.token_major(q, bi, h);
-                gemm(&mut dk[kv..kv + keys * d], d, dsv.t(), qh, shared);
+                let qh = attn.token_major(q, bi, h, d);
+                gemm(&mut dk[k_at..k_at + keys * d], d, dsv.t(), qh, shared);
             }
         }
         let inputs = [

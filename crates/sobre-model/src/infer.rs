@@ -10,14 +10,25 @@
 //! [`MoeModel::forward`] with a [`crate::KvCache`] is the reference: the same layers, options
 //! and masking rules, so the same logits up to float rounding (tested in `tests/model.rs`,
 //! `host_inference_agrees_with_the_model`, over every family's options).
+//!
+//! Multi-head Latent Attention (DeepSeek) caches the compressed form: per token and layer the
+//! normalised latent `c` `[kv_lora_rank]` and the rotated shared key `k_pe`
+//! `[qk_rope_head_dim]`, one row of `kv_lora_rank + qk_rope_head_dim` floats. Its fast path,
+//! [`LatentForm::Absorbed`], never expands them: head `h`'s key is `[c · W_UK_h, k_pe]` and its
+//! value `c · W_UV_h` (the columns of `kv_b_proj`), so `q_h · k_h = [q_nope_h · W_UK_hᵀ, q_pe_h]
+//! · [c, k_pe]`: the query absorbs `W_UK_h` and every head attends over the latent rows
+//! themselves (one product for all heads and new tokens of a row), and `W_UV_h` is applied
+//! once to each head's softmax-weighted sum of latents. [`LatentForm::Expanded`] expands
+//! every cached latent into each head's key and value through `kv_b_proj`, as transformers
+//! does, and is the reference the absorbed form is tested against (`tests/mla.rs`).
 
 use crate::config::ScoringFunc;
 use crate::fused;
 use crate::fused::kernels::{self, sigmoid};
 use crate::matmul::{PANEL, View, gemm, panel_product, product};
 use crate::model::{
-    Attention, Batch, DecoderLayer, Ffn, GroupLimit, Mlp, MoeBlock, MoeModel, Proj, RmsNorm,
-    rope_tables, select_experts, to_vec_f32,
+    Attention, Batch, DecoderLayer, Ffn, GroupLimit, LatentAttention, Mlp, MoeBlock, MoeModel,
+    Proj, RmsNorm, rope_tables, select_experts, to_vec_f32,
 };
 use crate::rope::RopeFrequencies;
 use burn::prelude::*;
@@ -118,6 +129,25 @@ impl HostProj {
         HostProj {
             w: weight(p.weight.val()),
             b: p.bias.as_ref().map(|b| host(b.val())),
+        }
+    }
+
+    /// The projection with its output columns reordered: output `j` is `p`'s output
+    /// `order[j]`.
+    fn reordered(p: &Proj, order: &[usize]) -> Self {
+        let [rows, cols] = p.weight.val().dims();
+        assert_eq!(order.len(), cols, "one source column per output column");
+        let w = host(p.weight.val());
+        let mut moved = Vec::with_capacity(w.len());
+        for row in w.chunks_exact(cols) {
+            moved.extend(order.iter().map(|&j| row[j]));
+        }
+        HostProj {
+            w: Weight::new(&moved, rows, cols),
+            b: p.bias
+                .as_ref()
+                .map(|b| host(b.val()))
+                .map(|b| order.iter().map(|&j| b[j]).collect()),
         }
     }
 
@@ -239,9 +269,56 @@ enum HostFfn {
     Sparse(HostMoe),
 }
 
+/// How the host engine computes Multi-head Latent Attention over its compressed cache (see the
+/// module's documentation); both give the same logits up to float rounding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LatentForm {
+    /// `W_UK` absorbed into the queries, attention over the latent rows, `W_UV` after it: the
+    /// fast path.
+    #[default]
+    Absorbed,
+    /// Every cached latent expanded into each head's key and value through `kv_b_proj`, then
+    /// per-head attention (transformers' computation): the reference.
+    Expanded,
+}
+
+/// Multi-head Latent Attention on the host. The RoPE dimensions of the query and of `k_pe`
+/// are stored de-interleaved (their weights' columns reordered once, here) when the model
+/// interleaves them, so rotation is the rotate-half kernel.
+struct HostLatent {
+    /// `q_a_proj` and `q_a_layernorm`, with a `q_lora_rank`.
+    q_a: Option<(HostProj, HostNorm)>,
+    /// `q_proj` or `q_b_proj`: `[·, heads · qk_head_dim]`.
+    q: HostProj,
+    /// `kv_a_proj_with_mqa`: `[hidden, kv_lora_rank + qk_rope_head_dim]`.
+    kv_a: HostProj,
+    kv_norm: HostNorm,
+    /// Per head, `W_UK_hᵀ`: `[qk_nope_head_dim, kv_lora_rank]` row-major (the absorbed query
+    /// is `q_nope_h · W_UK_hᵀ`).
+    uk_t: Vec<Vec<f32>>,
+    /// Per head, `W_UV_h`: `[kv_lora_rank, v_head_dim]` row-major.
+    uv: Vec<Vec<f32>>,
+    /// `kv_b_proj`, `[kv_lora_rank, heads · (qk_nope_head_dim + v_head_dim)]`, for the expanded
+    /// form.
+    kv_b: Weight,
+    o: HostProj,
+    heads: usize,
+    rank: usize,
+    nope: usize,
+    rope: usize,
+    v_dim: usize,
+    scale: f32,
+    form: LatentForm,
+}
+
+enum HostAttn {
+    Standard(HostAttention),
+    Latent(HostLatent),
+}
+
 struct HostLayer {
     input_norm: HostNorm,
-    attn: HostAttention,
+    attn: HostAttn,
     post_norm: HostNorm,
     ffn: HostFfn,
 }
@@ -256,11 +333,15 @@ struct HostLayer {
 /// per layer, keys transposed, `[batch, kv_heads, head_dim, capacity]` (a decode step's scores
 /// are then `Σ_d q_d · keys[d, ..]`, vectorised across keys with no horizontal sums), and
 /// values `[batch, kv_heads, capacity, head_dim]`; `key_valid:
-/// [batch, capacity]`.
+/// [batch, capacity]`. MLA (`latent`): keys `[batch, capacity, kv_lora_rank +
+/// qk_rope_head_dim]`, each token's normalised latent then its rotated `k_pe`, and no values.
 #[derive(Debug, Clone)]
 pub struct HostKvCache {
     keys: Vec<Vec<f32>>,
+    /// Empty per layer for MLA.
     values: Vec<Vec<f32>>,
+    /// The compressed MLA cache (keys hold the latents).
+    latent: bool,
     key_valid: Vec<bool>,
     batch: usize,
     capacity: usize,
@@ -306,9 +387,11 @@ impl HostKvCache {
         let layers = self.keys.len();
         let row_block = self.row_block / self.capacity.max(1) * new_tokens;
         let rows = prefix_of_row.len();
+        let values = if self.latent { 0 } else { rows * row_block };
         HostKvCache {
             keys: vec![vec![0.0; rows * row_block]; layers],
-            values: vec![vec![0.0; rows * row_block]; layers],
+            values: vec![vec![0.0; values]; layers],
+            latent: self.latent,
             key_valid: vec![false; rows * new_tokens],
             batch: rows,
             capacity: new_tokens,
@@ -322,9 +405,23 @@ impl HostKvCache {
         self.batch
     }
 
+    /// Bytes of this cache's own buffers (f32; a shared prefix's not included): `batch ·
+    /// capacity ·` [`InferenceModel::kv_bytes_per_token`].
+    pub fn bytes(&self) -> usize {
+        self.keys
+            .iter()
+            .chain(&self.values)
+            .map(Vec::len)
+            .sum::<usize>()
+            * 4
+    }
+
     /// A cache whose row i is this cache's row `rows[i]` (see [`crate::KvCache::select_rows`]).
     pub fn select_rows(&self, rows: &[usize]) -> Self {
         let pick = |layer: &Vec<f32>| {
+            if layer.is_empty() {
+                return Vec::new(); // an MLA cache's values
+            }
             let mut out = Vec::with_capacity(rows.len() * self.row_block);
             for &r in rows {
                 out.extend_from_slice(&layer[r * self.row_block..(r + 1) * self.row_block]);
@@ -373,6 +470,12 @@ impl InferenceModel {
 
     /// A host copy of `model`'s weights, whatever its device.
     pub fn new(model: &MoeModel) -> Self {
+        Self::with_latent_form(model, LatentForm::Absorbed)
+    }
+
+    /// [`InferenceModel::new`], computing Multi-head Latent Attention (if the model has it) in
+    /// the given form; the cache is the compressed one either way.
+    pub fn with_latent_form(model: &MoeModel, form: LatentForm) -> Self {
         let cfg = &model.config;
         let hidden = cfg.hidden_size;
         // Granite's multipliers are folded into the weights: the looked-up embeddings, each
@@ -393,7 +496,7 @@ impl InferenceModel {
             layers: model
                 .layers
                 .iter()
-                .map(|l| host_layer(l, hidden, residual))
+                .map(|l| host_layer(l, hidden, residual, form))
                 .collect(),
             norm: HostNorm::new(&model.norm),
             lm_head: lm_head.scaled(1.0 / cfg.logits_scaling as f32),
@@ -403,16 +506,30 @@ impl InferenceModel {
         }
     }
 
+    /// Bytes the cache holds per token (f32, all layers): `2 · kv_heads · head_dim · 4` a
+    /// layer, or MLA's compressed `(kv_lora_rank + qk_rope_head_dim) · 4`
+    /// ([`crate::ModelConfig::kv_bytes_per_token`]).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        let floats = |l: &HostLayer| match &l.attn {
+            HostAttn::Standard(a) => 2 * a.kv_heads * a.head_dim,
+            HostAttn::Latent(m) => m.rank + m.rope,
+        };
+        self.layers.iter().map(floats).sum::<usize>() * 4
+    }
+
     /// An empty cache for `batch` rows of up to `capacity` tokens each.
     pub fn new_cache(&self, batch: usize, capacity: usize) -> HostKvCache {
-        let (kv_heads, d) = self
-            .layers
-            .first()
-            .map_or((0, 0), |l| (l.attn.kv_heads, l.attn.head_dim));
-        let row_block = kv_heads * capacity * d;
+        let (latent, per_token) = match self.layers.first().map(|l| &l.attn) {
+            Some(HostAttn::Standard(a)) => (false, a.kv_heads * a.head_dim),
+            Some(HostAttn::Latent(m)) => (true, m.rank + m.rope),
+            None => (false, 0),
+        };
+        let row_block = per_token * capacity;
+        let values = if latent { 0 } else { batch * row_block };
         HostKvCache {
             keys: vec![vec![0.0; batch * row_block]; self.layers.len()],
-            values: vec![vec![0.0; batch * row_block]; self.layers.len()],
+            values: vec![vec![0.0; values]; self.layers.len()],
+            latent,
             key_valid: vec![false; batch * capacity],
             batch,
             capacity,
@@ -511,7 +628,10 @@ impl InferenceModel {
         }
         for (li, layer) in self.layers.iter().enumerate() {
             let x = layer.input_norm.apply(&h);
-            layer.attn.apply(&mut h, &x, [b, s], &rope, cache, li);
+            match &layer.attn {
+                HostAttn::Standard(a) => a.apply(&mut h, &x, [b, s], &rope, cache, li),
+                HostAttn::Latent(a) => a.apply(&mut h, &x, [b, s], &rope, cache, li),
+            }
             let x = layer.post_norm.apply(&h);
             match &layer.ffn {
                 HostFfn::Dense(mlp) => add(&mut h, &mlp.apply(&x, b * s)),
@@ -542,10 +662,13 @@ impl InferenceModel {
 
 /// A layer's host copy; `residual` (Granite's `residual_multiplier`) scales the output of the
 /// attention's and the FFN's last projection.
-fn host_layer(l: &DecoderLayer, hidden: usize, residual: f32) -> HostLayer {
+fn host_layer(l: &DecoderLayer, hidden: usize, residual: f32, form: LatentForm) -> HostLayer {
     HostLayer {
         input_norm: HostNorm::new(&l.input_layernorm),
-        attn: host_attention(&l.self_attn, residual),
+        attn: match &l.self_attn.latent {
+            Some(lat) => HostAttn::Latent(host_latent(&l.self_attn, lat, residual, form)),
+            None => HostAttn::Standard(host_attention(&l.self_attn, residual)),
+        },
         post_norm: HostNorm::new(&l.post_attention_layernorm),
         ffn: match &l.mlp {
             Ffn::Dense(m) => HostFfn::Dense(HostMlp::new(m).scaled(residual)),
@@ -568,6 +691,83 @@ fn host_attention(a: &Attention, residual: f32) -> HostAttention {
         heads: a.num_heads,
         kv_heads: a.num_kv_heads,
         head_dim: a.head_dim,
+    }
+}
+
+/// An MLA layer's host copy: `kv_b_proj` split per head into `W_UK_hᵀ` and `W_UV_h`, the RoPE
+/// columns of the query and `k_pe` de-interleaved when the model interleaves them.
+fn host_latent(
+    a: &Attention,
+    lat: &LatentAttention,
+    residual: f32,
+    form: LatentForm,
+) -> HostLatent {
+    let (nh, r, nope, rope, vd) = (
+        a.num_heads,
+        lat.kv_lora_rank,
+        lat.qk_nope_head_dim,
+        lat.qk_rope_head_dim,
+        lat.v_head_dim,
+    );
+    let qk = nope + rope;
+    // Interleaved pairs (x0, x1), (x2, x3), … → [x0, x2, …, x1, x3, …] (rotate-half layout).
+    let rope_order: Vec<usize> = if lat.rope_interleave {
+        (0..rope / 2)
+            .map(|k| 2 * k)
+            .chain((0..rope / 2).map(|k| 2 * k + 1))
+            .collect()
+    } else {
+        (0..rope).collect()
+    };
+    let q_order: Vec<usize> = (0..nh)
+        .flat_map(|h| {
+            (0..nope)
+                .map(move |c| h * qk + c)
+                .chain(rope_order.iter().map(move |&k| h * qk + nope + k))
+        })
+        .collect();
+    let kv_order: Vec<usize> = (0..r).chain(rope_order.iter().map(|&k| r + k)).collect();
+    let kv_b = host(a.v_proj.weight.val()); // [r, nh · (nope + vd)]
+    let cols = nh * (nope + vd);
+    let uk_t = (0..nh)
+        .map(|h| {
+            let mut m = Vec::with_capacity(nope * r);
+            for c in 0..nope {
+                m.extend((0..r).map(|i| kv_b[i * cols + h * (nope + vd) + c]));
+            }
+            m
+        })
+        .collect();
+    let uv = (0..nh)
+        .map(|h| {
+            let mut m = Vec::with_capacity(r * vd);
+            for i in 0..r {
+                let at = i * cols + h * (nope + vd) + nope;
+                m.extend_from_slice(&kv_b[at..at + vd]);
+            }
+            m
+        })
+        .collect();
+    HostLatent {
+        q_a: lat
+            .q_a_proj
+            .as_ref()
+            .zip(lat.q_a_layernorm.as_ref())
+            .map(|(p, n)| (HostProj::new(p), HostNorm::new(n))),
+        q: HostProj::reordered(&a.q_proj, &q_order),
+        kv_a: HostProj::reordered(&a.k_proj, &kv_order),
+        kv_norm: HostNorm::new(&lat.kv_a_layernorm),
+        uk_t,
+        uv,
+        kv_b: Weight::new(&kv_b, r, cols),
+        o: HostProj::new(&a.o_proj).scaled(residual),
+        heads: nh,
+        rank: r,
+        nope,
+        rope,
+        v_dim: vd,
+        scale: a.softmax_scale as f32,
+        form,
     }
 }
 
@@ -814,6 +1014,271 @@ impl HostAttention {
         }
         out
     }
+}
+
+impl HostLatent {
+    /// `h += o_proj(mla(x))` for `[b, s]` new tokens `x: [b·s, hidden]`, writing their latents
+    /// into layer `li` of `cache` (whose `len` is the past length).
+    fn apply(
+        &self,
+        h: &mut [f32],
+        x: &[f32],
+        [b, s]: [usize; 2],
+        (cos, sin): &(Vec<f32>, Vec<f32>),
+        cache: &mut HostKvCache,
+        li: usize,
+    ) {
+        let (nh, r, nope, rope) = (self.heads, self.rank, self.nope, self.rope);
+        let (qk, w, t) = (nope + rope, r + rope, b * s);
+        let mut q = vec![0.0; t * nh * qk];
+        match &self.q_a {
+            Some((a, norm)) => {
+                let mut y = vec![0.0; t * a.w.cols];
+                a.apply(&mut y, x, t, false);
+                self.q.apply(&mut q, &norm.apply(&y), t, false);
+            }
+            None => self.q.apply(&mut q, x, t, false),
+        }
+        let mut q_pe = Vec::with_capacity(t * nh * rope);
+        for head in q.chunks_exact(qk) {
+            q_pe.extend_from_slice(&head[nope..]);
+        }
+        let q_pe = kernels::rope(&q_pe, cos, sin, nh, rope); // [t, nh, rope]
+
+        // The new tokens' latent rows: [norm(c), rope(k_pe)].
+        let mut ckv = vec![0.0; t * w];
+        self.kv_a.apply(&mut ckv, x, t, false);
+        let (mut c, mut k_pe) = (Vec::with_capacity(t * r), Vec::with_capacity(t * rope));
+        for row in ckv.chunks_exact(w) {
+            c.extend_from_slice(&row[..r]);
+            k_pe.extend_from_slice(&row[r..]);
+        }
+        let c = self.kv_norm.apply(&c);
+        let k_pe = kernels::rope(&k_pe, cos, sin, 1, rope);
+        let (cap, past) = (cache.capacity, cache.len);
+        let lc = &mut cache.keys[li];
+        for tok in 0..t {
+            let at = ((tok / s) * cap + past + tok % s) * w;
+            lc[at..at + r].copy_from_slice(&c[tok * r..(tok + 1) * r]);
+            lc[at + r..at + w].copy_from_slice(&k_pe[tok * rope..(tok + 1) * rope]);
+        }
+        let out = match self.form {
+            LatentForm::Absorbed => self.absorbed(&q, &q_pe, [b, s], cache, li),
+            LatentForm::Expanded => self.expanded(&q, &q_pe, [b, s], cache, li),
+        };
+        self.o.apply(h, &out, t, true);
+    }
+
+    /// The absorbed form: queries `[q_nope_h · W_UK_hᵀ, q_pe_h]` attend over the latent rows
+    /// (a shared prefix's first, one product per run of rows continuing the same prefix row,
+    /// then each row's own, merged by their running softmax maxima and normalisers), then
+    /// `W_UV_h` maps each head's weighted sum of latents to its values. → `[b·s, heads·v_dim]`
+    fn absorbed(
+        &self,
+        q: &[f32],
+        q_pe: &[f32],
+        [b, s]: [usize; 2],
+        cache: &HostKvCache,
+        li: usize,
+    ) -> Vec<f32> {
+        let (nh, r, nope, rope, vd) = (self.heads, self.rank, self.nope, self.rope, self.v_dim);
+        let (qk, w, t) = (nope + rope, r + rope, b * s);
+        // [t, nh, w]: each head's absorbed query.
+        let mut qa = vec![0.0f32; t * nh * w];
+        for head in 0..nh {
+            let q_nope = View {
+                data: &q[head * qk..],
+                rows: t,
+                cols: nope,
+                row_stride: nh * qk,
+                col_stride: 1,
+            };
+            let uk_t = View::dense(&self.uk_t[head], nope, r);
+            gemm(&mut qa[head * w..], nh * w, q_nope, uk_t, false);
+        }
+        for (row, pe) in qa.chunks_exact_mut(w).zip(q_pe.chunks_exact(rope)) {
+            row[r..].copy_from_slice(pe);
+        }
+        let mut max = vec![f32::NEG_INFINITY; t * nh];
+        let mut norm = vec![0.0f32; t * nh];
+        let mut sums = vec![0.0f32; t * nh * r];
+        let state = |lo: usize, hi: usize| lo * s * nh..hi * s * nh;
+        if let Some((prefix, of_row)) = &cache.prefix {
+            let (pcap, plen) = (prefix.capacity, prefix.len);
+            let mut start = 0;
+            while start < b {
+                let p = of_row[start];
+                let end = start + of_row[start..].iter().take_while(|&&x| x == p).count();
+                let valid = &prefix.key_valid[p * pcap..p * pcap + plen];
+                let rows = state(start, end);
+                fold_latents(
+                    &qa[rows.start * w..rows.end * w],
+                    (&prefix.keys[li][p * pcap * w..(p * pcap + plen) * w], r),
+                    |_, j| valid[j],
+                    self.scale,
+                    (&mut max[rows.clone()], &mut norm[rows.clone()]),
+                    &mut sums[rows.start * r..rows.end * r],
+                );
+                start = end;
+            }
+        }
+        let (cap, past) = (cache.capacity, cache.len);
+        for row in 0..b {
+            let valid = &cache.key_valid[row * cap..row * cap + past + s];
+            let rows = state(row, row + 1);
+            fold_latents(
+                &qa[rows.start * w..rows.end * w],
+                (
+                    &cache.keys[li][row * cap * w..(row * cap + past + s) * w],
+                    r,
+                ),
+                |query, j| j <= past + query / nh && valid[j],
+                self.scale,
+                (&mut max[rows.clone()], &mut norm[rows.clone()]),
+                &mut sums[rows.start * r..rows.end * r],
+            );
+        }
+        for (o, &n) in sums.chunks_exact_mut(r).zip(&norm) {
+            let inv = if n > 0.0 { 1.0 / n } else { 0.0 };
+            o.iter_mut().for_each(|v| *v *= inv);
+        }
+        let mut out = vec![0.0f32; t * nh * vd];
+        for head in 0..nh {
+            let o_latent = View {
+                data: &sums[head * r..],
+                rows: t,
+                cols: r,
+                row_stride: nh * r,
+                col_stride: 1,
+            };
+            let uv = View::dense(&self.uv[head], r, vd);
+            gemm(&mut out[head * vd..], nh * vd, o_latent, uv, false);
+        }
+        out
+    }
+
+    /// The expanded form (the reference): each row's latents (a shared prefix's, then its own)
+    /// through `kv_b_proj` into every head's `k_nope` and value, keys `[k_nope, k_pe]`, then a
+    /// masked softmax per query and head. → `[b·s, heads·v_dim]`
+    fn expanded(
+        &self,
+        q: &[f32],
+        q_pe: &[f32],
+        [b, s]: [usize; 2],
+        cache: &HostKvCache,
+        li: usize,
+    ) -> Vec<f32> {
+        let (nh, r, nope, rope, vd) = (self.heads, self.rank, self.nope, self.rope, self.v_dim);
+        let (qk, w, kv_w) = (nope + rope, r + rope, nope + vd);
+        let (cap, past) = (cache.capacity, cache.len);
+        let mut out = vec![0.0f32; b * s * nh * vd];
+        for row in 0..b {
+            let (mut latents, mut valid) = (Vec::new(), Vec::new());
+            if let Some((p, of_row)) = &cache.prefix {
+                let pr = of_row[row];
+                latents.extend_from_slice(&p.keys[li][pr * p.capacity * w..][..p.len * w]);
+                valid.extend_from_slice(&p.key_valid[pr * p.capacity..][..p.len]);
+            }
+            let own_start = valid.len();
+            latents.extend_from_slice(&cache.keys[li][row * cap * w..][..(past + s) * w]);
+            valid.extend_from_slice(&cache.key_valid[row * cap..][..past + s]);
+            let keys = valid.len();
+            let c: Vec<f32> = latents
+                .chunks_exact(w)
+                .flat_map(|l| &l[..r])
+                .copied()
+                .collect();
+            let mut kv = vec![0.0f32; keys * nh * kv_w];
+            self.kv_b.matmul(&mut kv, &c, keys, false);
+            let mut p = vec![0.0f32; keys];
+            for i in 0..s {
+                let tok = row * s + i;
+                let open: Vec<bool> = (0..keys)
+                    .map(|j| valid[j] && j <= own_start + past + i)
+                    .collect();
+                for head in 0..nh {
+                    let qn = &q[(tok * nh + head) * qk..][..nope];
+                    let qp = &q_pe[(tok * nh + head) * rope..][..rope];
+                    for (j, pj) in p.iter_mut().enumerate() {
+                        let kn = &kv[(j * nh + head) * kv_w..][..nope];
+                        let kp = &latents[j * w + r..][..rope];
+                        *pj = kernels::dot(qn, kn) + kernels::dot(qp, kp);
+                    }
+                    masked_softmax_row(&mut p, &open, self.scale);
+                    let o = &mut out[(tok * nh + head) * vd..][..vd];
+                    for (j, &pj) in p.iter().enumerate() {
+                        let v = &kv[(j * nh + head) * kv_w + nope..][..vd];
+                        o.iter_mut().zip(v).for_each(|(a, &x)| *a += pj * x);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Folds latent rows `lat: [keys, w]` (`w` = `rank` + RoPE width; each row's first `rank`
+/// entries are the value) into the running softmax of the absorbed query rows `q: [m, w]`:
+/// scores `q · lᵀ · scale` over the keys `open(query, key)` allows, then, per query, the old
+/// `(max, norm)` and unnormalised `sums: [m, rank]` rescaled to the new maximum and the new
+/// keys' `exp(score − max)`-weighted latents added (online softmax). A query with no open key
+/// keeps its state.
+fn fold_latents(
+    q: &[f32],
+    (lat, rank): (&[f32], usize),
+    open: impl Fn(usize, usize) -> bool,
+    scale: f32,
+    (max, norm): (&mut [f32], &mut [f32]),
+    sums: &mut [f32],
+) {
+    let m = max.len();
+    let w = q.len() / m.max(1);
+    let keys = lat.len() / w.max(1);
+    if keys == 0 || m == 0 {
+        return;
+    }
+    let mut p = product(View::dense(q, m, w), View::dense(lat, keys, w).t()); // [m, keys]
+    for (query, row) in p.chunks_exact_mut(keys).enumerate() {
+        let mut row_max = f32::NEG_INFINITY;
+        for (j, x) in row.iter_mut().enumerate() {
+            *x *= scale;
+            if open(query, j) {
+                row_max = row_max.max(*x);
+            }
+        }
+        if row_max == f32::NEG_INFINITY {
+            row.fill(0.0);
+            continue;
+        }
+        let new_max = max[query].max(row_max);
+        let old = if max[query] == f32::NEG_INFINITY {
+            0.0
+        } else {
+            kernels::exp(max[query] - new_max)
+        };
+        let mut sum = 0.0;
+        for (j, x) in row.iter_mut().enumerate() {
+            *x = if open(query, j) {
+                kernels::exp(*x - new_max)
+            } else {
+                0.0
+            };
+            sum += *x;
+        }
+        norm[query] = norm[query] * old + sum;
+        max[query] = new_max;
+        sums[query * rank..(query + 1) * rank]
+            .iter_mut()
+            .for_each(|v| *v *= old);
+    }
+    let values = View {
+        data: lat,
+        rows: keys,
+        cols: rank,
+        row_stride: w,
+        col_stride: 1,
+    };
+    gemm(sums, rank, View::dense(&p, m, keys), values, true);
 }
 
 /// `scores · scale`, replaced in place by `exp(score − max)` over the open keys (`open[j]`) and

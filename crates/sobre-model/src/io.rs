@@ -22,15 +22,19 @@ use rand_chacha::rand_core::{Rng, SeedableRng};
 use safetensors::{Dtype, SafeTensors};
 
 use crate::ModelError;
-use crate::config::{Family, ModelConfig};
+use crate::config::{Family, MLA_NORM_EPS, MlaConfig, ModelConfig};
 use crate::model::{
-    Attention, DecoderLayer, Ffn, GroupLimit, Mlp, MoeBlock, MoeModel, Proj, RmsNorm, to_vec_f32,
+    Attention, DecoderLayer, Ffn, GroupLimit, LatentAttention, Mlp, MoeBlock, MoeModel, Proj,
+    RmsNorm, to_vec_f32,
 };
 
 /// Where a family keeps its tensors. Everything not named here is common to all families:
 /// `model.embed_tokens`, `model.layers.{i}.{input_layernorm, post_attention_layernorm}`,
 /// `self_attn.{q,k,v,o}_proj`, `self_attn.{q,k}_norm`, dense `mlp.{gate,up,down}_proj`,
-/// `model.norm`, `lm_head`.
+/// `model.norm`, `lm_head`. DeepSeek's MLA layers name their attention tensors
+/// `self_attn.{q_proj | q_a_proj, q_a_layernorm, q_b_proj}`, `self_attn.kv_a_proj_with_mqa`,
+/// `self_attn.kv_a_layernorm`, `self_attn.kv_b_proj`, `self_attn.o_proj`
+/// ([`MLA_TENSORS`]).
 #[derive(Debug, Clone, Copy)]
 struct Names {
     /// The sparse FFN of layer i is `model.layers.{i}.{moe}`: `mlp` (Qwen, OLMoE, DeepSeek) or
@@ -49,6 +53,19 @@ struct Names {
 }
 
 const SWIGLU: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
+
+/// The attention tensors of an MLA layer under `self_attn`: `q_proj` (no `q_lora_rank`) or
+/// `q_a_proj`, `q_a_layernorm` (and `q_b_proj`); `kv_a_proj_with_mqa`, `kv_a_layernorm`,
+/// `kv_b_proj`, `o_proj`.
+const MLA_TENSORS: [&str; 7] = [
+    "q_proj",
+    "q_a_proj",
+    "q_a_layernorm",
+    "kv_a_proj_with_mqa",
+    "kv_a_layernorm",
+    "kv_b_proj",
+    "o_proj",
+];
 
 impl Names {
     fn of(cfg: &ModelConfig) -> Self {
@@ -363,9 +380,94 @@ impl Builder<'_> {
     }
 
     fn norm(&self, src: &mut dyn WeightSource, name: &str, n: usize) -> RmsNorm {
+        self.norm_eps(src, name, n, self.cfg.rms_norm_eps)
+    }
+
+    fn norm_eps(&self, src: &mut dyn WeightSource, name: &str, n: usize, eps: f64) -> RmsNorm {
         RmsNorm {
             weight: self.param1(src, name, n, Init::Ones),
-            eps: self.cfg.rms_norm_eps,
+            eps,
+        }
+    }
+
+    /// DeepSeek's Multi-head Latent Attention under `prefix` (`model.layers.{i}.self_attn`):
+    /// `attention_bias` puts biases on `q_a_proj`, `kv_a_proj_with_mqa` and `o_proj` only, as
+    /// transformers builds them.
+    fn latent_attention(
+        &self,
+        src: &mut dyn WeightSource,
+        prefix: &str,
+        mla: &MlaConfig,
+    ) -> Attention {
+        let cfg = self.cfg;
+        let (h, nh, bias) = (cfg.hidden_size, cfg.num_attention_heads, cfg.attention_bias);
+        let [q, q_a, q_a_norm, kv_a, kv_a_norm, kv_b, o] = MLA_TENSORS;
+        let qk = mla.qk_head_dim();
+        let (q_proj, q_a_proj, q_a_layernorm) = match mla.q_lora_rank {
+            None => {
+                let q = self.proj(src, &format!("{prefix}.{q}"), nh * qk, h, false, self.std);
+                (q, None, None)
+            }
+            Some(r) => {
+                let a = self.proj(src, &format!("{prefix}.{q_a}"), r, h, bias, self.std);
+                let name = format!("{prefix}.{q_a_norm}.weight");
+                let norm = self.norm_eps(src, &name, r, MLA_NORM_EPS);
+                let q_b = format!("{prefix}.q_b_proj");
+                let b = self.proj(src, &q_b, nh * qk, r, false, self.std);
+                (b, Some(a), Some(norm))
+            }
+        };
+        let r = mla.kv_lora_rank;
+        let kv_width = nh * (mla.qk_nope_head_dim + mla.v_head_dim);
+        Attention {
+            q_proj,
+            k_proj: self.proj(
+                src,
+                &format!("{prefix}.{kv_a}"),
+                mla.latent_dim(),
+                h,
+                bias,
+                self.std,
+            ),
+            v_proj: self.proj(
+                src,
+                &format!("{prefix}.{kv_b}"),
+                kv_width,
+                r,
+                false,
+                self.std,
+            ),
+            o_proj: self.proj(
+                src,
+                &format!("{prefix}.{o}"),
+                h,
+                nh * mla.v_head_dim,
+                bias,
+                self.residual_std,
+            ),
+            q_norm: None,
+            k_norm: None,
+            qk_norm_over_projection: false,
+            clip_qkv: None,
+            num_heads: nh,
+            num_kv_heads: nh,
+            head_dim: mla.qk_rope_head_dim,
+            softmax_scale: cfg.attention_scale(),
+            latent: Some(LatentAttention {
+                q_a_proj,
+                q_a_layernorm,
+                kv_a_layernorm: self.norm_eps(
+                    src,
+                    &format!("{prefix}.{kv_a_norm}.weight"),
+                    r,
+                    MLA_NORM_EPS,
+                ),
+                kv_lora_rank: r,
+                qk_nope_head_dim: mla.qk_nope_head_dim,
+                qk_rope_head_dim: mla.qk_rope_head_dim,
+                v_head_dim: mla.v_head_dim,
+                rope_interleave: mla.rope_interleave,
+            }),
         }
     }
 
@@ -534,30 +636,34 @@ impl Builder<'_> {
             let p = format!("model.layers.{i}");
             let a = format!("{p}.self_attn");
             let bias = cfg.attention_bias;
-            let self_attn = Attention {
-                q_proj: self.proj(src, &format!("{a}.q_proj"), nq * d, h, bias, self.std),
-                k_proj: self.proj(src, &format!("{a}.k_proj"), nkv * d, h, bias, self.std),
-                v_proj: self.proj(src, &format!("{a}.v_proj"), nkv * d, h, bias, self.std),
-                o_proj: self.proj(
-                    src,
-                    &format!("{a}.o_proj"),
-                    h,
-                    nq * d,
-                    cfg.o_proj_bias,
-                    self.residual_std,
-                ),
-                q_norm: cfg
-                    .qk_norm
-                    .then(|| self.norm(src, &format!("{a}.q_norm.weight"), qn)),
-                k_norm: cfg
-                    .qk_norm
-                    .then(|| self.norm(src, &format!("{a}.k_norm.weight"), kn)),
-                qk_norm_over_projection: cfg.qk_norm_over_projection(),
-                clip_qkv: cfg.clip_qkv,
-                num_heads: nq,
-                num_kv_heads: nkv,
-                head_dim: d,
-                softmax_scale: cfg.attention_scale(),
+            let self_attn = match &cfg.mla {
+                Some(mla) => self.latent_attention(src, &a, mla),
+                None => Attention {
+                    q_proj: self.proj(src, &format!("{a}.q_proj"), nq * d, h, bias, self.std),
+                    k_proj: self.proj(src, &format!("{a}.k_proj"), nkv * d, h, bias, self.std),
+                    v_proj: self.proj(src, &format!("{a}.v_proj"), nkv * d, h, bias, self.std),
+                    o_proj: self.proj(
+                        src,
+                        &format!("{a}.o_proj"),
+                        h,
+                        nq * d,
+                        cfg.o_proj_bias,
+                        self.residual_std,
+                    ),
+                    q_norm: cfg
+                        .qk_norm
+                        .then(|| self.norm(src, &format!("{a}.q_norm.weight"), qn)),
+                    k_norm: cfg
+                        .qk_norm
+                        .then(|| self.norm(src, &format!("{a}.k_norm.weight"), kn)),
+                    qk_norm_over_projection: cfg.qk_norm_over_projection(),
+                    clip_qkv: cfg.clip_qkv,
+                    num_heads: nq,
+                    num_kv_heads: nkv,
+                    head_dim: d,
+                    softmax_scale: cfg.attention_scale(),
+                    latent: None,
+                },
             };
             let mlp = if cfg.is_sparse_layer(i) {
                 Ffn::Sparse(self.moe(src, &format!("{p}.{}", self.names.moe)))
@@ -689,7 +795,7 @@ pub fn load_model_with_config(
     for (name, entry) in src.index.iter().filter(|(n, _)| !src.taken.contains(*n)) {
         // transformers writes the rotary inverse frequencies in some old checkpoints; they are
         // a function of the config, not weights.
-        if name.ends_with("rotary_emb.inv_freq") {
+        if name.ends_with("rotary_emb.inv_freq") || is_mtp_tensor(&cfg, name) {
             continue;
         }
         problems.push(format!(
@@ -707,6 +813,19 @@ pub fn load_model_with_config(
     }
 }
 
+/// A tensor of DeepSeek-V3's multi-token-prediction layers (`model.layers.{n}.…` for the
+/// `num_nextn_predict_layers` indices `n` past the decoder's), which transformers and sobre
+/// skip.
+fn is_mtp_tensor(cfg: &ModelConfig, name: &str) -> bool {
+    let layers = cfg.num_hidden_layers;
+    name.strip_prefix("model.layers.")
+        .and_then(|rest| rest.split('.').next())
+        .and_then(|i| i.parse::<usize>().ok())
+        .is_some_and(|i| i >= layers && i < layers + cfg.num_nextn_predict_layers)
+}
+
+/// Every tensor of `model` by its HF name and shape, row-major, in the layout transformers
+/// reads (what [`save_model`] writes).
 pub fn hf_tensors(model: &MoeModel) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let cfg = &model.config;
     let names = Names::of(cfg);
@@ -765,12 +884,41 @@ pub fn hf_tensors(model: &MoeModel) -> Vec<(String, Vec<usize>, Vec<f32>)> {
             vec1(&layer.post_attention_layernorm.weight),
         ));
         let a = &layer.self_attn;
-        for (n, proj) in [
+        let mut projections = vec![
             ("q_proj", &a.q_proj),
             ("k_proj", &a.k_proj),
             ("v_proj", &a.v_proj),
             ("o_proj", &a.o_proj),
-        ] {
+        ];
+        if let Some(lat) = &a.latent {
+            let [q, q_a, q_a_norm, kv_a, kv_a_norm, kv_b, o] = MLA_TENSORS;
+            projections = vec![
+                (
+                    if lat.q_a_proj.is_some() {
+                        "q_b_proj"
+                    } else {
+                        q
+                    },
+                    &a.q_proj,
+                ),
+                (kv_a, &a.k_proj),
+                (kv_b, &a.v_proj),
+                (o, &a.o_proj),
+            ];
+            if let Some(p) = &lat.q_a_proj {
+                projections.push((q_a, p));
+            }
+            let norms = [(q_a_norm, lat.q_a_layernorm.as_ref())]
+                .into_iter()
+                .chain([(kv_a_norm, Some(&lat.kv_a_layernorm))]);
+            for (n, norm) in norms {
+                if let Some(norm) = norm {
+                    let v = vec1(&norm.weight);
+                    out.push((format!("{pre}.self_attn.{n}.weight"), vec![v.len()], v));
+                }
+            }
+        }
+        for (n, proj) in projections {
             let (s, v) = lin(&proj.weight);
             out.push((format!("{pre}.self_attn.{n}.weight"), s, v));
             if let Some(b) = &proj.bias {

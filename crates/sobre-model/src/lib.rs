@@ -1,9 +1,11 @@
 //! sobre-model: the Mixture-of-Experts transformer sobre trains.
 //!
 //! This crate is the model and nothing else: its configuration (`config.json` as transformers
-//! writes it for Qwen3-MoE, Qwen2-MoE, Mixtral and OLMoE, plus DeepSeek's routing options as
-//! sobre keys; see README.md for what each family reads and what is refused), its layers and forward pass (prefill, cached decode
-//! and training through one function), its router and balance statistics, its seeded
+//! writes it for Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, Granite-MoE, the dense Qwen/Llama/Mistral
+//! families and DeepSeek-V2/V3 with Multi-head Latent Attention, plus DeepSeek's routing options
+//! as sobre keys; see README.md for what each family reads and what is refused), its layers and
+//! forward pass (prefill, cached decode and training through one function), its host inference
+//! engine, its router and balance statistics, its seeded
 //! initialisation, and reading and writing HF model directories. Sampling lives in
 //! `sobre-rollout`, losses and optimisers in `sobre-train`, tokenizers in `sobre-data`.
 //!
@@ -21,9 +23,9 @@ pub mod rope;
 
 use std::path::{Path, PathBuf};
 
-pub use config::{Family, ModelConfig, ScoringFunc, TopkMethod};
+pub use config::{Family, MlaConfig, ModelConfig, ScoringFunc, TopkMethod};
 pub use generation::GenerationConfig;
-pub use infer::{HostKvCache, InferenceModel};
+pub use infer::{HostKvCache, InferenceModel, LatentForm};
 pub use io::{init_model, load_model, load_model_with_config, save_model};
 pub use model::{
     AuxParts, Batch, ForwardOptions, GroupLimit, GroupScore, Kernels, KvCache, LogitsMode,

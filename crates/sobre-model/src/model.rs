@@ -1,6 +1,6 @@
-//! The decoder of every family sobre reads (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, DeepSeek-style
-//! routing), in one file: the families differ only in options of these layers and in tensor
-//! names (which live in `io.rs`).
+//! The decoder of every family sobre reads (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, DeepSeek-V2/V3
+//! with Multi-head Latent Attention, …), in one file: the families differ only in options of
+//! these layers and in tensor names (which live in `io.rs`).
 //!
 //! Embedding → N × [RMSNorm → attention → residual → RMSNorm → FFN → residual] → RMSNorm → head.
 //! The FFN of a layer is a dense SwiGLU or a sparse MoE block (`ModelConfig::is_sparse_layer`).
@@ -152,11 +152,18 @@ impl Batch {
 /// Per-layer keys and values of past tokens, allocated once at full capacity and written in
 /// place, plus which past columns hold real tokens.
 ///
+/// An MLA model (DeepSeek) caches the compressed form, as transformers does: per token and
+/// layer the normalised latent and the rotated `k_pe` (`kv_lora_rank + qk_rope_head_dim`
+/// floats, [`ModelConfig::kv_bytes_per_token`]), expanded into every head's keys and values
+/// through `kv_b_proj` at each forward.
+///
 /// # Shapes
-/// keys, values: `[batch, num_key_value_heads, capacity, head_dim]`.
+/// keys, values: `[batch, num_key_value_heads, capacity, head_dim]`; MLA: keys
+/// `[batch, 1, capacity, kv_lora_rank + qk_rope_head_dim]` and no values.
 #[derive(Debug, Clone)]
 pub struct KvCache {
     keys: Vec<Tensor<4>>,
+    /// Empty for MLA, whose keys hold the whole latent.
     values: Vec<Tensor<4>>,
     /// `[batch, capacity]`: column j of row b holds a real token.
     key_valid: Vec<bool>,
@@ -168,11 +175,19 @@ pub struct KvCache {
 impl KvCache {
     /// An empty cache for `batch` rows of up to `capacity` tokens each.
     pub fn new(config: &ModelConfig, batch: usize, capacity: usize, device: &Device) -> Self {
-        let shape = [batch, config.num_key_value_heads, capacity, config.head_dim];
         let layers = config.num_hidden_layers;
+        let (shape, value_layers) = match &config.mla {
+            Some(m) => ([batch, 1, capacity, m.latent_dim()], 0),
+            None => (
+                [batch, config.num_key_value_heads, capacity, config.head_dim],
+                layers,
+            ),
+        };
         KvCache {
             keys: (0..layers).map(|_| Tensor::zeros(shape, device)).collect(),
-            values: (0..layers).map(|_| Tensor::zeros(shape, device)).collect(),
+            values: (0..value_layers)
+                .map(|_| Tensor::zeros(shape, device))
+                .collect(),
             key_valid: vec![false; batch * capacity],
             batch,
             capacity,
@@ -195,6 +210,16 @@ impl KvCache {
 
     pub fn batch(&self) -> usize {
         self.batch
+    }
+
+    /// Bytes the cache's tensors hold (f32): `batch · capacity ·`
+    /// [`ModelConfig::kv_bytes_per_token`].
+    pub fn bytes(&self) -> usize {
+        self.keys
+            .iter()
+            .chain(&self.values)
+            .map(|t| t.shape().num_elements() * 4)
+            .sum()
     }
 
     /// A cache whose row i is this cache's row `rows[i]`: duplicates a shared prompt prefill
@@ -470,12 +495,21 @@ impl Mlp {
 }
 
 /// Grouped-query self-attention with optional q/k RMSNorm (per head, or over the whole projection
-/// as OLMoE does), optional clamp of q/k/v (OLMoE's `clip_qkv`) and rotate-half RoPE.
+/// as OLMoE does), optional clamp of q/k/v (OLMoE's `clip_qkv`) and rotate-half RoPE; or, with
+/// `latent`, DeepSeek's Multi-head Latent Attention ([`crate::config::MlaConfig`]), whose four
+/// main projections take these four fields (named in the comments by their HF tensors).
 #[derive(Module, Debug)]
 pub struct Attention {
+    /// `[hidden, heads·head_dim]`. MLA: `q_proj` `[hidden, heads·qk_head_dim]`, or `q_b_proj`
+    /// `[q_lora_rank, heads·qk_head_dim]` after `latent.q_a_proj` and its norm.
     pub q_proj: Proj,
+    /// `[hidden, kv_heads·head_dim]`. MLA: `kv_a_proj_with_mqa`
+    /// `[hidden, kv_lora_rank + qk_rope_head_dim]`, the latent and the shared `k_pe`.
     pub k_proj: Proj,
+    /// `[hidden, kv_heads·head_dim]`. MLA: `kv_b_proj` `[kv_lora_rank, heads·(qk_nope_head_dim +
+    /// v_head_dim)]`, each head's `k_nope` columns then its value columns.
     pub v_proj: Proj,
+    /// `[heads·head_dim, hidden]`. MLA: `[heads·v_head_dim, hidden]`.
     pub o_proj: Proj,
     /// Weight `[head_dim]`, or `[num_heads · head_dim]` when `qk_norm_over_projection`.
     pub q_norm: Option<RmsNorm>,
@@ -491,9 +525,54 @@ pub struct Attention {
     pub num_kv_heads: usize,
     #[module(skip)]
     pub head_dim: usize,
-    /// The softmax scale: `1/√head_dim`, or the config's (Granite's `attention_multiplier`).
+    /// The softmax scale: `1/√head_dim`, or the config's (Granite's `attention_multiplier`,
+    /// MLA's `qk_head_dim^-0.5 · mscale²`).
     #[module(skip)]
     pub softmax_scale: f64,
+    /// Multi-head Latent Attention's own parts; `None` for standard attention.
+    pub latent: Option<LatentAttention>,
+}
+
+/// The parts of Multi-head Latent Attention beyond `Attention`'s four projections.
+#[derive(Module, Debug)]
+pub struct LatentAttention {
+    /// `q_a_proj` `[hidden, q_lora_rank]`, with a `q_lora_rank`.
+    pub q_a_proj: Option<Proj>,
+    /// `q_a_layernorm` `[q_lora_rank]` (eps [`crate::config::MLA_NORM_EPS`]).
+    pub q_a_layernorm: Option<RmsNorm>,
+    /// `kv_a_layernorm` `[kv_lora_rank]` (eps [`crate::config::MLA_NORM_EPS`]).
+    pub kv_a_layernorm: RmsNorm,
+    #[module(skip)]
+    pub kv_lora_rank: usize,
+    #[module(skip)]
+    pub qk_nope_head_dim: usize,
+    #[module(skip)]
+    pub qk_rope_head_dim: usize,
+    #[module(skip)]
+    pub v_head_dim: usize,
+    /// The rotary dimensions are interleaved pairs ([`crate::config::MlaConfig`]).
+    #[module(skip)]
+    pub rope_interleave: bool,
+}
+
+impl LatentAttention {
+    /// RoPE on the rotary part of queries or keys `[batch, seq, heads, qk_rope_head_dim]`.
+    /// Interleaved pairs `(x0, x1), (x2, x3), …` are first laid out as `[x0, x2, …, x1, x3,
+    /// …]`, after which the rotation is the rotate-half one: DeepSeek-V3's
+    /// `apply_rotary_pos_emb_interleave` exactly, and DeepSeek-V2's complex rotation up to the
+    /// order of the output dimensions, the same in queries and keys, which their dot products
+    /// do not see.
+    fn rotate(&self, t: Tensor<4>, ctx: &AttnContext) -> Tensor<4> {
+        let t = if self.rope_interleave {
+            let [b, s, h, d] = t.dims();
+            t.reshape([b, s, h, d / 2, 2])
+                .swap_dims(3, 4)
+                .reshape([b, s, h, d])
+        } else {
+            t
+        };
+        apply_rope(t, &ctx.cos, &ctx.sin, ctx.fused)
+    }
 }
 
 /// Per-call tensors shared by all layers: RoPE tables and the additive attention mask.
@@ -554,6 +633,7 @@ fn attention_reference(
 ) -> Tensor<2> {
     let [b, s, nh, d] = q.dims();
     let [_, nkv, keys, _] = k.dims();
+    let dv = v.dims()[3];
     let group = nh / nkv;
     let q = q.swap_dims(1, 2).reshape([b, nkv, group * s, d]);
     let scores = q.matmul(k.swap_dims(2, 3)).reshape([b, nh, s, keys]);
@@ -564,9 +644,32 @@ fn attention_reference(
     probs
         .reshape([b, nkv, group * s, keys])
         .matmul(v)
-        .reshape([b, nh, s, d])
+        .reshape([b, nh, s, dv])
         .swap_dims(1, 2)
-        .reshape([b * s, nh * d])
+        .reshape([b * s, nh * dv])
+}
+
+/// Writes `new: [batch, heads, s, d]` into columns `past..past + s` of a cache tensor in place
+/// and returns the cache's first `past + s` columns.
+fn append_to_cache(cache: &mut Tensor<4>, new: Tensor<4>, past: usize) -> Tensor<4> {
+    let [b, h, s, d] = new.dims();
+    let end = past + s;
+    // Take the cache out so it is uniquely owned and the write happens in place.
+    let full = std::mem::replace(cache, Tensor::empty([0, 0, 0, 0], &new.device()));
+    *cache = full.slice_assign([0..b, 0..h, past..end, 0..d], new);
+    cache.clone().slice([0..b, 0..h, 0..end, 0..d])
+}
+
+/// The attention of `q` over `k`, `v` under the context's mask: the fused op or the reference.
+///
+/// # Shapes
+/// `q: [b, s, nh, d]`, `k: [b, nkv, keys, d]`, `v: [b, nkv, keys, dv]` → `[b·s, nh·dv]`
+fn attend(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, ctx: &AttnContext, scale: f64) -> Tensor<2> {
+    if ctx.fused {
+        fused::attention(q, k, v, ctx.mask.clone(), ctx.empty.clone(), scale)
+    } else {
+        attention_reference(q, k, v, &ctx.mask, ctx.empty_rows.as_ref(), scale)
+    }
 }
 
 impl Attention {
@@ -576,8 +679,11 @@ impl Attention {
         &self,
         x: Tensor<3>,
         ctx: &AttnContext,
-        cache: Option<(&mut Tensor<4>, &mut Tensor<4>)>,
+        cache: Option<(&mut Tensor<4>, Option<&mut Tensor<4>>)>,
     ) -> Tensor<3> {
+        if let Some(latent) = &self.latent {
+            return self.forward_latent(latent, x, ctx, cache.map(|(k, _)| k));
+        }
         let [b, s, hidden] = x.dims();
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let x2 = x.reshape([b * s, hidden]);
@@ -609,28 +715,80 @@ impl Attention {
             .swap_dims(1, 2);
 
         let (k, v) = match cache {
-            Some((kc, vc)) => {
-                let end = ctx.past + s;
-                let range = [0..b, 0..nkv, ctx.past..end, 0..d];
-                // Take the cache out so it is uniquely owned and the write happens in place.
-                let kc_full = std::mem::replace(kc, Tensor::empty([0, 0, 0, 0], &k.device()));
-                *kc = kc_full.slice_assign(range.clone(), k);
-                let vc_full = std::mem::replace(vc, Tensor::empty([0, 0, 0, 0], &v.device()));
-                *vc = vc_full.slice_assign(range, v);
-                (
-                    kc.clone().slice([0..b, 0..nkv, 0..end, 0..d]),
-                    vc.clone().slice([0..b, 0..nkv, 0..end, 0..d]),
-                )
-            }
-            None => (k, v),
+            Some((kc, Some(vc))) => (
+                append_to_cache(kc, k, ctx.past),
+                append_to_cache(vc, v, ctx.past),
+            ),
+            _ => (k, v),
         };
-        let scale = self.softmax_scale;
-        let out = if ctx.fused {
-            fused::attention(q, k, v, ctx.mask.clone(), ctx.empty.clone(), scale)
-        } else {
-            attention_reference(q, k, v, &ctx.mask, ctx.empty_rows.as_ref(), scale)
-        };
+        let out = attend(q, k, v, ctx, self.softmax_scale);
         self.o_proj.forward(out, ctx.fused).reshape([b, s, hidden])
+    }
+
+    /// Multi-head Latent Attention in the expanded form (transformers' `DeepseekV2Attention` /
+    /// `DeepseekV3Attention`): the latents of all keys (the cache's and the new tokens') go
+    /// through `kv_b_proj` into every head's `k_nope` and value, `k_pe` is appended to each
+    /// head's keys, then standard attention. The cache holds the latents, `[batch, 1,
+    /// capacity, kv_lora_rank + qk_rope_head_dim]`.
+    ///
+    /// # Shapes
+    /// `x: [batch, seq, hidden]` → `[batch, seq, hidden]`
+    fn forward_latent(
+        &self,
+        lat: &LatentAttention,
+        x: Tensor<3>,
+        ctx: &AttnContext,
+        cache: Option<&mut Tensor<4>>,
+    ) -> Tensor<3> {
+        let [b, s, hidden] = x.dims();
+        let nh = self.num_heads;
+        let (r, nope, rope, vd) = (
+            lat.kv_lora_rank,
+            lat.qk_nope_head_dim,
+            lat.qk_rope_head_dim,
+            lat.v_head_dim,
+        );
+        let (qk, fused) = (nope + rope, ctx.fused);
+        let x2 = x.reshape([b * s, hidden]);
+        let q_in = match (&lat.q_a_proj, &lat.q_a_layernorm) {
+            (Some(a), Some(n)) => n.forward(a.forward(x2.clone(), fused), fused),
+            _ => x2.clone(),
+        };
+        let q = self.q_proj.forward(q_in, fused).reshape([b, s, nh, qk]);
+        let q_nope = q.clone().slice([0..b, 0..s, 0..nh, 0..nope]);
+        let q_pe = lat.rotate(q.slice([0..b, 0..s, 0..nh, nope..qk]), ctx);
+        let q = Tensor::cat(vec![q_nope, q_pe], 3);
+
+        let ckv = self.k_proj.forward(x2, fused); // [b·s, r + rope]
+        let c = lat
+            .kv_a_layernorm
+            .forward(ckv.clone().slice([0..b * s, 0..r]), fused)
+            .reshape([b, s, 1, r]);
+        let k_pe = ckv.slice([0..b * s, r..r + rope]).reshape([b, s, 1, rope]);
+        let k_pe = lat.rotate(k_pe, ctx);
+        let latent = Tensor::cat(vec![c, k_pe], 3).swap_dims(1, 2); // [b, 1, s, r + rope]
+        let latent = match cache {
+            Some(lc) => append_to_cache(lc, latent, ctx.past),
+            None => latent,
+        };
+        let keys = latent.dims()[2];
+        let c_all = latent
+            .clone()
+            .slice([0..b, 0..1, 0..keys, 0..r])
+            .reshape([b * keys, r]);
+        let k_pe = latent
+            .slice([0..b, 0..1, 0..keys, r..r + rope])
+            .expand([b, nh, keys, rope]);
+        let kv = self
+            .v_proj
+            .forward(c_all, fused)
+            .reshape([b, keys, nh, nope + vd])
+            .swap_dims(1, 2); // [b, nh, keys, nope + vd]
+        let k_nope = kv.clone().slice([0..b, 0..nh, 0..keys, 0..nope]);
+        let v = kv.slice([0..b, 0..nh, 0..keys, nope..nope + vd]);
+        let k = Tensor::cat(vec![k_nope, k_pe], 3);
+        let out = attend(q, k, v, ctx, self.softmax_scale);
+        self.o_proj.forward(out, fused).reshape([b, s, hidden])
     }
 }
 
@@ -1275,10 +1433,9 @@ impl MoeModel {
             rows: 0.0,
         });
         for (li, layer) in self.layers.iter().enumerate() {
-            let kv = cache.as_deref_mut().map(|c| {
-                let (k, v) = (&mut c.keys[li], &mut c.values[li]);
-                (k, v)
-            });
+            let kv = cache
+                .as_deref_mut()
+                .map(|c| (&mut c.keys[li], c.values.get_mut(li)));
             let a =
                 layer
                     .self_attn
@@ -1760,6 +1917,47 @@ mod tests {
         let row = s * nh * d..(s + 1) * nh * d;
         assert!(g[row.clone()].iter().all(|&x| x == 0.0));
         assert!(g[..row.start].iter().any(|&x| x != 0.0));
+    }
+
+    /// MLA's values are not as wide as its queries and keys (`v_head_dim` vs `qk_head_dim`):
+    /// the fused op against the reference with values narrower (5) and wider (12) than the
+    /// keys (8), with a padded row, MLA's one-to-one heads and GQA's groups.
+    #[test]
+    fn fused_attention_with_other_value_widths_agrees_with_the_reference() {
+        let (b, s, keys, d) = (2, 3, 5, 8);
+        let mut mask = vec![0.0f32; b * s * keys];
+        for row in 0..b {
+            for i in 0..s {
+                for j in 0..keys {
+                    if j > 2 + i || (row == 1 && j == 0) {
+                        mask[(row * s + i) * keys + j] = MASKED;
+                    }
+                }
+            }
+        }
+        let mask = constant(mask, [b, 1, s, keys]);
+        let scale = 0.3;
+        for (nh, nkv, dv) in [(4, 4, 5), (4, 2, 12), (2, 1, 5)] {
+            let out = assert_fused_agrees(
+                [
+                    leaf([b, s, nh, d], 31, 3.0),
+                    leaf([b, nkv, keys, d], 32, 3.0),
+                    leaf([b, nkv, keys, dv], 33, 1.0),
+                ],
+                |[q, k, v], fused| {
+                    let (q, k, v) = (q.clone(), k.clone(), v.clone());
+                    let y = if fused {
+                        fused::attention(q, k, v, mask.clone(), vec![], scale)
+                    } else {
+                        attention_reference(q, k, v, &mask, None, scale)
+                    };
+                    y.reshape([1, 1, b * s, nh * dv])
+                },
+                1e-6,
+                1e-5,
+            );
+            assert_eq!(out.len(), b * s * nh * dv);
+        }
     }
 
     #[test]

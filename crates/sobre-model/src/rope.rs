@@ -81,7 +81,7 @@ impl RopeScaling {
 
     /// The YaRN factor: `factor`, else `max_position_embeddings / original` (transformers 5's
     /// `_compute_yarn_parameters`).
-    fn yarn_factor(y: &Yarn, max_position_embeddings: usize) -> f64 {
+    pub(crate) fn yarn_factor(y: &Yarn, max_position_embeddings: usize) -> f64 {
         let original = y
             .original_max_position_embeddings
             .unwrap_or(max_position_embeddings);

@@ -580,10 +580,11 @@ fn refused_options_name_the_key_and_value() {
     assert!(err.contains("\"mixtral\" has no dense layers"), "{err}");
 }
 
-/// A real DeepSeek-V3 config (transformers' defaults written out, as on the hub) is refused
-/// because of its attention, with the MLA keys and their values named.
+/// DeepSeek configs (here a Qwen3-MoE config relabelled, with DeepSeek-V3's published MLA and
+/// routing values) read with Multi-head Latent Attention (`tests/mla.rs` has the rest). A
+/// grouped-query `num_key_value_heads`, which MLA has no place for, is refused by name.
 #[test]
-fn deepseek_configs_are_refused_for_mla() {
+fn deepseek_configs_read_their_mla_keys() {
     for (model_type, extra) in [
         (
             "deepseek_v3",
@@ -593,7 +594,7 @@ fn deepseek_configs_are_refused_for_mla() {
         ),
         (
             "deepseek_v2",
-            json!({"q_lora_rank": null, "kv_lora_rank": 512}),
+            json!({"q_lora_rank": null, "kv_lora_rank": 512, "norm_topk_prob": false}),
         ),
     ] {
         let mut cfg = fixture_config("qwen3_moe_tiny");
@@ -601,18 +602,31 @@ fn deepseek_configs_are_refused_for_mla() {
         for (k, v) in extra.as_object().unwrap() {
             cfg[k] = v.clone();
         }
+        // `num_local_experts` is V3's alias of `n_routed_experts`: two values are ambiguous.
         let err = config_err(&cfg);
-        for needle in [
-            format!("`model_type` \"{model_type}\" uses Multi-head Latent Attention"),
-            "`kv_lora_rank` = 512".to_string(),
-            "MLA is not supported".to_string(),
-            "`qk_rope_head_dim`".to_string(),
-            "`v_head_dim`".to_string(),
-            "`q_lora_rank`".to_string(),
-            "`qk_nope_head_dim`".to_string(),
-        ] {
-            assert!(err.contains(&needle), "want `{needle}` in: {err}");
+        if model_type == "deepseek_v3" {
+            assert!(
+                err.contains("`n_routed_experts` and its alias `num_local_experts` disagree"),
+                "{err}"
+            );
         }
+        cfg.as_object_mut().unwrap().remove("num_local_experts");
+        let err = config_err(&cfg);
+        assert!(
+            err.contains(&format!(
+                "unsupported `num_key_value_heads` = 2 for \"{model_type}\""
+            )),
+            "{err}"
+        );
+        cfg["num_key_value_heads"] = json!(4);
+        let c = ModelConfig::from_json_str(&cfg.to_string(), "m").unwrap();
+        let mla = c.mla.clone().expect("MLA");
+        assert_eq!(mla.kv_lora_rank, 512);
+        let v3 = model_type == "deepseek_v3";
+        assert_eq!(mla.q_lora_rank, v3.then_some(1536));
+        assert_eq!(c.head_dim, mla.qk_rope_head_dim);
+        // Qwen's layer keys mean nothing to DeepSeek's classes.
+        assert!(c.unknown_keys.contains(&"mlp_only_layers".to_string()));
     }
 }
 
