@@ -33,7 +33,7 @@ PY
 # The smoke config without its preset (the model comes from `[model] path`).
 grep -v '^preset = ' configs/smoke.toml > "$work/base.toml"
 status=0
-for name in ${FAMILIES:-qwen2_tiny qwen2_yarn_tiny qwen3_tiny llama_tiny mistral_tiny granitemoe_tiny}; do
+for name in ${FAMILIES:-qwen2_tiny qwen2_yarn_tiny qwen3_tiny llama_tiny mistral_tiny granitemoe_tiny deepseek_v2_lite_tiny deepseek_v3_tiny}; do
   out="$work/$name"
   "$sobre" train --config "$work/base.toml" --out "$out" --quiet \
     --set model.path="\"crates/sobre-model/tests/fixtures/$name\"" \

@@ -21,6 +21,45 @@ fn inspect_w1_preset_reports_its_size() {
     );
 }
 
+/// Every family is reported as what it is: a dense model has no experts, an MLA model's cache
+/// holds the compressed latent (kv_lora_rank 16 + qk_rope 8 floats × 2 layers × 4 bytes = 192)
+/// against the expanded keys and values (2 layers × 4 heads × (16 + 12) × 4 = 896).
+#[test]
+fn inspect_reports_dense_and_mla_families() {
+    let json = |dir: &str| -> serde_json::Value {
+        let out = ok_stdout(&sobre(&["inspect", "--model", dir, "--json"]));
+        serde_json::from_str(out.trim()).unwrap()
+    };
+    let v = json("crates/sobre-model/tests/fixtures/deepseek_v2_lite_tiny");
+    assert_eq!(v["model_type"], "deepseek_v2");
+    assert_eq!(
+        (
+            v["kv_cache_bytes_per_token"].as_u64(),
+            v["expanded_kv_cache_bytes_per_token"].as_u64()
+        ),
+        (Some(192), Some(896))
+    );
+    assert_eq!(
+        (v["qk_head_dim"].as_u64(), v["v_head_dim"].as_u64()),
+        (Some(16), Some(12))
+    );
+    let v = json("crates/sobre-model/tests/fixtures/llama_tiny");
+    assert_eq!(v["model_type"], "llama");
+    assert_eq!(v["num_experts"], 0);
+    assert_eq!(v["total_parameters"], v["active_parameters_per_token"]);
+    // 2 layers × 2 (k and v) × 2 kv heads × head_dim 16 × 4 bytes.
+    assert_eq!(v["kv_cache_bytes_per_token"], 512);
+    let text = ok_stdout(&sobre(&[
+        "inspect",
+        "--model",
+        "crates/sobre-model/tests/fixtures/deepseek_v2_lite_tiny",
+    ]));
+    assert!(
+        text.contains("MLA, 4 heads") && text.contains("896 expanded (4.7×)"),
+        "{text}"
+    );
+}
+
 #[test]
 fn logits_match_the_transformers_reference() {
     let dir = "crates/sobre-model/tests/fixtures/qwen3_moe_tiny";

@@ -359,6 +359,10 @@ pub fn matmul_params_per_token(cfg: &ModelConfig) -> u64 {
     if cfg.o_proj_bias {
         per_layer += h;
     }
+    if let Some(m) = &cfg.mla {
+        // MLA's latent RMSNorms (kv_a_layernorm, and q_a_layernorm with a q_lora_rank).
+        per_layer += m.kv_lora_rank + m.q_lora_rank.unwrap_or(0);
+    }
     let mut not_matmul = cfg.num_hidden_layers * per_layer + h; // + the final norm
     if !cfg.tie_word_embeddings {
         not_matmul += cfg.vocab_size * h;
@@ -392,10 +396,12 @@ pub fn sequence_forward_flops(cfg: &ModelConfig, len: usize) -> f64 {
     2.0 * matmul_params_per_token(cfg) as f64 * n + attention_flops(cfg, n * (n + 1.0) / 2.0)
 }
 
-/// `2 × 2 × n_heads × head_dim × context` per layer: q·k for every score, then the
-/// score-weighted sum of the values.
+/// `2 × n_heads × (qk_head_dim + v_head_dim) × context` per layer: q·k for every score, then
+/// the score-weighted sum of the values (`2 × 2 × n_heads × head_dim` when the widths agree;
+/// MLA's keys and values have their own).
 fn attention_flops(cfg: &ModelConfig, context: f64) -> f64 {
-    4.0 * (cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers) as f64 * context
+    let widths = cfg.qk_head_dim() + cfg.v_head_dim();
+    2.0 * (cfg.num_attention_heads * widths * cfg.num_hidden_layers) as f64 * context
 }
 
 /// The run's cost as lines for the end-of-run table, e.g.
@@ -563,6 +569,23 @@ mod tests {
             matmul_params_per_token(&cfg),
             (2 * attn + 2 * dense + 2048) as u64
         );
+    }
+
+    /// MLA: queries and keys 16 wide (8 nope + 8 rope), values 12, so a score and a weighted
+    /// value cost 2 × 4 heads × (16 + 12) × 2 layers = 448 FLOPs per position attended to; the
+    /// latent norm (kv_lora_rank 16) is no matmul.
+    #[test]
+    fn mla_attention_uses_its_own_key_and_value_widths() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../sobre-model/tests/fixtures/deepseek_v2_lite_tiny/config.json");
+        let cfg = ModelConfig::from_file(&path).unwrap();
+        let (_, active) = cfg.count_parameters();
+        // Norms: 2 layers × (2 × hidden 32 + kv_a_layernorm 16) + the final 32; the untied
+        // input embedding 128 × 32 is a lookup.
+        let matmul = active as u64 - (2 * (64 + 16) + 32) - 128 * 32;
+        assert_eq!(matmul_params_per_token(&cfg), matmul);
+        let f = forward_flops_per_token(&cfg, 10);
+        assert_eq!(f, 2.0 * matmul as f64 + 448.0 * 10.0);
     }
 
     #[test]

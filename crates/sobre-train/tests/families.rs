@@ -1,5 +1,6 @@
 //! SFT then GRPO from a Hugging Face checkpoint of every family sobre reads beyond the MoE
-//! presets (`qwen2`, `qwen3`, `llama`, `mistral`, `granitemoe`, and YaRN RoPE), on the tiny
+//! presets (`qwen2`, `qwen3`, `llama`, `mistral`, `granitemoe`, `deepseek_v2` / `deepseek_v3`
+//! with MLA, and YaRN RoPE), on the tiny
 //! transformers fixtures of sobre-model: the run trains (finite losses, weights move), and its
 //! checkpoint is the same family again, loading back with the config it started from.
 //!
@@ -127,6 +128,8 @@ fn every_family_trains_sft_then_grpo_and_stays_itself() {
         "llama_tiny",
         "mistral_tiny",
         "granitemoe_tiny",
+        "deepseek_v2_lite_tiny",
+        "deepseek_v3_tiny",
     ] {
         let text = config(&fixture(name), &tok);
         let (cfg, src) = Config::parse(&text, "families.toml", &[]).unwrap();

@@ -68,6 +68,9 @@ struct StepArgs {
 struct RolloutArgs {
     #[arg(long, default_value = "w1")]
     preset: String,
+    /// A model directory (HF layout) instead of the preset, e.g. a DeepSeek (MLA) checkpoint.
+    #[arg(long)]
+    model: Option<std::path::PathBuf>,
     #[arg(long, default_value_t = 8)]
     prompts: usize,
     #[arg(long, default_value_t = 8)]
@@ -153,10 +156,26 @@ fn rewards(a: RewardsArgs) -> anyhow::Result<()> {
 }
 
 fn rollout(a: RolloutArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
     use sobre_rollout::bench::{RolloutWorkload, bench_rollout};
     use sobre_rollout::{EngineKernels, EngineMode};
-    let cfg = sobre_model::ModelConfig::preset(&a.preset)?;
-    let model = sobre_model::init_model(&cfg, a.seed, &sobre_model::default_device());
+    let device = sobre_model::default_device();
+    let model = match &a.model {
+        Some(dir) => sobre_model::load_model(dir, &device)
+            .with_context(|| format!("loading the model in {}", dir.display()))?,
+        None => {
+            let cfg = sobre_model::ModelConfig::preset(&a.preset)?;
+            sobre_model::init_model(&cfg, a.seed, &device)
+        }
+    };
+    let mc = &model.config;
+    // What the KV cache holds per token (all layers, f32) against every head's key and value:
+    // the same for standard attention, MLA's compressed latent otherwise.
+    let kv_cache = serde_json::json!({
+        "bytes_per_token": mc.kv_bytes_per_token(),
+        "expanded_bytes_per_token": mc.expanded_kv_bytes_per_token(),
+        "expanded_over_held": (mc.expanded_kv_bytes_per_token() as f64 / mc.kv_bytes_per_token() as f64 * 100.0).round() / 100.0,
+    });
     let w = RolloutWorkload {
         prompts: a.prompts,
         group_size: a.group_size,
@@ -190,7 +209,10 @@ fn rollout(a: RolloutArgs) -> anyhow::Result<()> {
     let base = figures[0].tokens_per_sec;
     let report = serde_json::json!({
         "benchmark": "rollout",
-        "preset": a.preset,
+        "preset": if a.model.is_some() { serde_json::Value::Null } else { a.preset.clone().into() },
+        "model": a.model.as_ref().map(|d| d.display().to_string()),
+        "model_type": mc.family.model_type(),
+        "kv_cache": kv_cache,
         "workload": w,
         "threads_available": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "figures": figures,

@@ -53,6 +53,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "num_experts_per_tok": cfg.num_experts_per_tok,
             "hidden_size": cfg.hidden_size,
             "vocab_size": cfg.vocab_size,
+            "num_attention_heads": cfg.num_attention_heads,
+            "num_key_value_heads": cfg.num_key_value_heads,
+            "qk_head_dim": cfg.qk_head_dim(),
+            "v_head_dim": cfg.v_head_dim(),
+            "kv_cache_bytes_per_token": cfg.kv_bytes_per_token(),
+            "expanded_kv_cache_bytes_per_token": cfg.expanded_kv_bytes_per_token(),
             "weight_bytes_f32": weight_bytes,
         });
         println!("{v}");
@@ -69,20 +75,45 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             sparse.len(),
             sparse
         );
-        println!(
-            "experts             {} routed, top-{}{}",
-            cfg.num_experts,
-            cfg.num_experts_per_tok,
-            if cfg.shared_expert_intermediate_size > 0 {
-                " + shared expert"
-            } else {
-                ""
-            }
-        );
-        println!(
-            "attention           {} heads / {} kv heads, head_dim {}",
-            cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        );
+        if cfg.num_experts == 0 {
+            println!("experts             none (dense)");
+        } else {
+            println!(
+                "experts             {} routed, top-{}{}",
+                cfg.num_experts,
+                cfg.num_experts_per_tok,
+                if cfg.shared_expert_intermediate_size > 0 {
+                    " + shared expert"
+                } else {
+                    ""
+                }
+            );
+        }
+        match &cfg.mla {
+            Some(m) => println!(
+                "attention           MLA, {} heads: q/k {} ({} nope + {} rope), v {}, kv_lora_rank {}, q_lora_rank {}",
+                cfg.num_attention_heads,
+                m.qk_head_dim(),
+                m.qk_nope_head_dim,
+                m.qk_rope_head_dim,
+                m.v_head_dim,
+                m.kv_lora_rank,
+                m.q_lora_rank.map_or("none".to_string(), |r| r.to_string())
+            ),
+            None => println!(
+                "attention           {} heads / {} kv heads, head_dim {}",
+                cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+            ),
+        }
+        let (held, expanded) = (cfg.kv_bytes_per_token(), cfg.expanded_kv_bytes_per_token());
+        if held == expanded {
+            println!("kv cache            {held} bytes per token (f32, all layers)");
+        } else {
+            println!(
+                "kv cache            {held} bytes per token (f32, all layers; compressed latent), {expanded} expanded ({:.1}×)",
+                expanded as f64 / held as f64
+            );
+        }
         println!(
             "hidden / vocab      {} / {}",
             cfg.hidden_size, cfg.vocab_size
