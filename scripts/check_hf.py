@@ -35,6 +35,9 @@ SOBRE_ONLY = {
 
 
 def sobre_only_options(cfg):
+    # DeepSeek's own classes read these keys: on deepseek_v2 / deepseek_v3 they are not sobre's.
+    if cfg.get("model_type") in ("deepseek_v2", "deepseek_v3"):
+        return []
     found = []
     for key, neutral in SOBRE_ONLY.items():
         if key in cfg and (neutral is None or cfg[key] != neutral):
