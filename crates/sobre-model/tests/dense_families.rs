@@ -362,7 +362,48 @@ fn save_and_reload_keeps_family_and_logits() {
         );
         let (diff, _, _) = logit_diffs(&again, &reference(name));
         assert!(diff <= 1e-4, "{name}: reloaded model off by {diff:e}");
+        // The tensors sobre writes are the ones transformers wrote for this family, name for
+        // name and shape for shape, so `from_pretrained` finds nothing missing or unexpected
+        // (checked against transformers itself by scripts/check_hf_families.sh).
+        assert_eq!(
+            tensor_shapes(&out.join("model.safetensors")),
+            tensor_shapes(&fixture(name).join("model.safetensors")),
+            "{name}: tensor names and shapes"
+        );
+        let written: Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
+                .unwrap();
+        let original: Value = serde_json::from_str(
+            &std::fs::read_to_string(fixture(name).join("config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(written["model_type"], original["model_type"], "{name}");
+        assert_eq!(
+            written["architectures"], original["architectures"],
+            "{name}"
+        );
     }
+}
+
+/// Every tensor's name and shape in a safetensors file (from its JSON header).
+fn tensor_shapes(path: &Path) -> std::collections::BTreeMap<String, Vec<u64>> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(k, t)| {
+            let shape = t["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap());
+            (k.clone(), shape.collect())
+        })
+        .collect()
 }
 
 /// Elements of every tensor in a fixture's `model.safetensors` (from its JSON header).
