@@ -4,34 +4,15 @@
 //! scaled fixtures' original context, greedy continuations with the KV cache, the host engine
 //! (the rollouts' fast path) against the same logits, and each option shown to matter.
 
-use std::path::{Path, PathBuf};
+mod common;
 
+use std::path::Path;
+
+use common::{edited_fixture, fixture, greedy, ids_of, reference};
 use serde_json::Value;
 use sobre_model::{
-    Batch, ForwardOptions, InferenceModel, Kernels, KvCache, LogitsMode, MoeImpl, MoeModel,
-    default_device, load_model,
+    Batch, ForwardOptions, InferenceModel, Kernels, MoeImpl, MoeModel, default_device, load_model,
 };
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn reference(name: &str) -> Value {
-    let text = std::fs::read_to_string(fixture(name).join("reference.json"))
-        .expect("fixture reference.json");
-    serde_json::from_str(&text).expect("reference.json is JSON")
-}
-
-fn ids_of(case: &Value, key: &str) -> Vec<u32> {
-    case[key]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect()
-}
 
 fn want_logits(case: &Value) -> Vec<f32> {
     case["logits"]
@@ -83,40 +64,6 @@ fn logit_diffs(model: &MoeModel, reference: &Value) -> (f32, f32, usize) {
         }
     }
     (burn, hosted, longest)
-}
-
-/// Greedy decoding with the KV cache, one token at a time.
-fn greedy(model: &MoeModel, prompt: &[u32], n: usize) -> Vec<u32> {
-    let device = model.device();
-    let mut cache = KvCache::new(&model.config, 1, prompt.len() + n, &device);
-    let opts = ForwardOptions {
-        logits: LogitsMode::Last,
-        ..Default::default()
-    };
-    let mut out = model.forward(
-        &Batch::left_padded(&[prompt.to_vec()], 0),
-        Some(&mut cache),
-        opts,
-    );
-    let mut tokens = Vec::new();
-    for step in 0..n {
-        let next = out
-            .logits
-            .clone()
-            .argmax(2)
-            .try_into_vec_as::<i64>()
-            .unwrap()[0] as u32;
-        tokens.push(next);
-        let b = Batch {
-            batch: 1,
-            seq: 1,
-            input_ids: vec![next],
-            positions: vec![(prompt.len() + step) as u32],
-            attention_mask: vec![true],
-        };
-        out = model.forward(&b, Some(&mut cache), opts);
-    }
-    tokens
 }
 
 fn check(name: &str, min_len: usize) -> MoeModel {
@@ -189,24 +136,6 @@ fn granitemoe_matches_transformers() {
         ),
         (12.0, 0.3, 4.0, 0.1)
     );
-}
-
-/// A fixture's files with its `config.json` edited by `edit`, in a temporary directory.
-fn edited_fixture(
-    name: &str,
-    edit: impl FnOnce(&mut serde_json::Map<String, Value>),
-) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(fixture(name)).unwrap() {
-        let p = entry.unwrap().path();
-        std::fs::copy(&p, dir.path().join(p.file_name().unwrap())).unwrap();
-    }
-    let mut cfg: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
-            .unwrap();
-    edit(cfg.as_object_mut().unwrap());
-    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
-    dir
 }
 
 /// Each option changes its fixture's logits by far more than the tolerance, so the tests above

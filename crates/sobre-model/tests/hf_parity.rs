@@ -1,24 +1,11 @@
 //! Logits and greedy continuations against transformers, on the committed tiny checkpoints made
 //! by `scripts/make_hf_fixtures.py` (one per family; see that script for what each exercises).
 
-use std::path::{Path, PathBuf};
+mod common;
 
+use common::{edited_fixture, fixture, greedy, reference};
 use serde_json::Value;
-use sobre_model::{
-    Batch, ForwardOptions, KvCache, LogitsMode, MoeModel, default_device, load_model,
-};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn reference(name: &str) -> Value {
-    let text = std::fs::read_to_string(fixture(name).join("reference.json"))
-        .expect("fixture reference.json");
-    serde_json::from_str(&text).expect("reference.json is JSON")
-}
+use sobre_model::{Batch, ForwardOptions, MoeModel, default_device, load_model};
 
 fn logits_of(model: &MoeModel, ids: &[u32]) -> Vec<f32> {
     let out = model.forward(
@@ -73,41 +60,6 @@ fn max_logit_diff(model: &MoeModel, reference: &Value) -> f32 {
         );
     }
     worst
-}
-
-/// Greedy decoding with the KV cache, one token at a time.
-fn greedy(model: &MoeModel, prompt: &[u32], n: usize) -> Vec<u32> {
-    let device = model.device();
-    let mut cache = KvCache::new(&model.config, 1, prompt.len() + n, &device);
-    let opts = ForwardOptions {
-        logits: LogitsMode::Last,
-        ..Default::default()
-    };
-    let mut out = model.forward(
-        &Batch::left_padded(&[prompt.to_vec()], 0),
-        Some(&mut cache),
-        opts,
-    );
-    let mut tokens = Vec::new();
-    for step in 0..n {
-        let next = out
-            .logits
-            .clone()
-            .argmax(2)
-            .try_into_vec_as::<i64>()
-            .unwrap()[0] as u32;
-        tokens.push(next);
-        let pos = (prompt.len() + step) as u32;
-        let b = Batch {
-            batch: 1,
-            seq: 1,
-            input_ids: vec![next],
-            positions: vec![pos],
-            attention_mask: vec![true],
-        };
-        out = model.forward(&b, Some(&mut cache), opts);
-    }
-    tokens
 }
 
 fn check_family(name: &str) {
@@ -224,24 +176,6 @@ fn transformers_4x_config_spellings_read_the_same() {
     std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
     let model = load_model(dir.path(), &default_device()).expect("4.x spelling loads");
     check_logits(&model, &reference("qwen3_moe_tiny"), 1e-4);
-}
-
-/// A fixture's files with its `config.json` edited by `edit`, in a temporary directory.
-fn edited_fixture(
-    name: &str,
-    edit: impl FnOnce(&mut serde_json::Map<String, Value>),
-) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(fixture(name)).unwrap() {
-        let p = entry.unwrap().path();
-        std::fs::copy(&p, dir.path().join(p.file_name().unwrap())).unwrap();
-    }
-    let mut cfg: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
-            .unwrap();
-    edit(cfg.as_object_mut().unwrap());
-    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
-    dir
 }
 
 /// Each family-specific option changes the fixture's logits by far more than the tolerance, so
