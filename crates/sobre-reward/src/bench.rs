@@ -101,6 +101,80 @@ pub fn realistic_completions(n: usize, seed: u64) -> Vec<(Sample, String)> {
         .collect()
 }
 
+/// Executions per second of the `code` reward's programs, measured in one run: a small Python
+/// program (read two numbers, print their sum) run one at a time in the sandbox and as a plain
+/// subprocess without limits, then a GRPO-sized batch (64 completions, one test each) through
+/// the `code` reward with its default concurrency. `Err` (a reason) where Python or the sandbox
+/// is missing.
+pub fn code_executions(budget: std::time::Duration) -> Result<Value, String> {
+    use crate::sandbox::{Isolation, Limits, Sandbox, resolve_program, run_plain};
+    use std::time::Instant;
+    let python = resolve_program("python3").ok_or("python3 not found")?;
+    let argv = vec![python.display().to_string(), "main.py".to_string()];
+    let program: &[u8] = b"a, b = map(int, input().split())\nprint(a + b)\n";
+    let files = [("main.py", program)];
+    let sandbox =
+        Sandbox::new(Limits::default(), Isolation::default()).map_err(|e| e.to_string())?;
+    let per_sec = |run: &dyn Fn() -> Result<bool, String>| -> Result<(f64, u64), String> {
+        run()?; // warm-up (and the sandbox probe)
+        let start = Instant::now();
+        let mut n = 0u64;
+        while start.elapsed() < budget || n == 0 {
+            if !run()? {
+                return Err("the benchmark program failed".into());
+            }
+            n += 1;
+        }
+        Ok((n as f64 / start.elapsed().as_secs_f64(), n))
+    };
+    let (sandboxed, n_sandboxed) = per_sec(&|| {
+        let o = sandbox
+            .run(&argv, &files, b"2 3\n")
+            .map_err(|e| e.to_string())?;
+        Ok(o.success() && o.stdout == b"5\n")
+    })?;
+    let (plain, n_plain) = per_sec(&|| {
+        let o = run_plain(&argv, &files, b"2 3\n", std::time::Duration::from_secs(10))
+            .map_err(|e| e.to_string())?;
+        Ok(o.success() && o.stdout == b"5\n")
+    })?;
+    let reward = crate::code::CodeReward::new(Default::default()).map_err(|e| e.to_string())?;
+    let mut sample = Sample::new();
+    sample.insert(
+        "input_output".into(),
+        serde_json::json!({"inputs": ["2 3\n"], "outputs": ["5\n"]}),
+    );
+    let text = "```python\na, b = map(int, input().split())\nprint(a + b)\n```";
+    let items: Vec<(&Sample, crate::Completion<'_>)> = (0..64)
+        .map(|_| (&sample, crate::Completion::new(text)))
+        .collect();
+    let start = Instant::now();
+    let mut batches = 0u64;
+    while start.elapsed() < budget || batches == 0 {
+        let scores = reward.score_many(&items);
+        if scores.iter().any(|s| *s != Some(1.0)) {
+            return Err(format!("a correct completion scored {scores:?}"));
+        }
+        batches += 1;
+    }
+    let batch_s = start.elapsed().as_secs_f64() / batches as f64;
+    let round = |x: f64| (x * 10.0).round() / 10.0;
+    Ok(serde_json::json!({
+        "program": "python3: a, b = map(int, input().split()); print(a + b)",
+        "sandbox": sandbox.steps(),
+        "support": sandbox.support(),
+        "sandboxed_execs_per_sec": round(sandboxed),
+        "sandboxed_runs": n_sandboxed,
+        "plain_execs_per_sec": round(plain),
+        "plain_runs": n_plain,
+        "sandbox_overhead_ms": round((1.0 / sandboxed - 1.0 / plain) * 1000.0),
+        "ratio_to_plain": (sandboxed / plain * 1000.0).round() / 1000.0,
+        "batch_of_64_seconds": (batch_s * 1000.0).round() / 1000.0,
+        "batch_completions_per_sec": round(64.0 / batch_s),
+        "batch_concurrency": std::thread::available_parallelism().map_or(1, |n| n.get()),
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

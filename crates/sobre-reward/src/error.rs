@@ -19,6 +19,12 @@ pub enum RewardError {
     /// A `[[reward]]` table is malformed (no `name`, non-numeric `weight`, …).
     #[error("reward table: {0}")]
     Spec(String),
+    /// A reward cannot work here (no sandbox on this OS, a verifier that does not start).
+    #[error("reward `{reward}`: {message}")]
+    Setup { reward: String, message: String },
+    /// A reward failed while scoring (a verifier that keeps crashing, a malformed reply).
+    #[error("reward `{reward}`: {message}")]
+    Runtime { reward: String, message: String },
     /// The TOML text itself does not parse.
     #[error("reward config: {0}")]
     Toml(String),

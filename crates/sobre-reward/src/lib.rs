@@ -9,6 +9,10 @@
 //! nothing of models. Every reward is a pure function of `(sample, completion)` that never panics
 //! and finishes in bounded time on any input (1 MB strings, deep nesting, `9^9^9^9`).
 //!
+//! Two rewards run programs: `code` runs the completion's code against the sample's tests in a
+//! [`sandbox`], and `command` asks a long-lived verifier program of the user's over JSON lines.
+//! Both score batches in parallel through [`CombinedReward::score_batch`].
+//!
 //! ```
 //! use sobre_reward::{CombinedReward, Completion, Sample};
 //!
@@ -29,6 +33,8 @@
 
 pub mod accuracy;
 pub mod bench;
+pub mod code;
+pub mod command;
 pub mod countdown;
 mod error;
 pub mod format;
@@ -37,6 +43,7 @@ pub mod matching;
 pub mod math;
 pub mod registry;
 pub mod repetition;
+pub mod sandbox;
 
 pub use error::RewardError;
 pub use registry::{CombinedReward, RewardBreakdown, RewardSpec, build_reward, reward_names};
@@ -72,6 +79,26 @@ impl<'a> Completion<'a> {
     }
 }
 
+/// One reward's verdict on one completion: its score and, for rewards that report several
+/// ([`Reward::components`]), each component's.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Scores {
+    /// The reward's score (what its weight multiplies); `None`: does not apply.
+    pub value: Option<f32>,
+    /// One entry per name of [`Reward::components`], in that order.
+    pub components: Vec<Option<f32>>,
+}
+
+impl Scores {
+    /// A score with no components.
+    pub fn single(value: Option<f32>) -> Self {
+        Scores {
+            value,
+            components: Vec::new(),
+        }
+    }
+}
+
 /// A reward: a named pure function of a sample and a completion.
 ///
 /// `None` means the reward does not apply to this sample (for example `countdown` on a row with
@@ -81,6 +108,20 @@ pub trait Reward: Send + Sync {
     fn name(&self) -> &str;
     /// Score one completion.
     fn score(&self, sample: &Sample, completion: &Completion<'_>) -> Option<f32>;
+    /// Names of the components this reward reports beside its own score (logged as
+    /// `name/component`); none by default.
+    fn components(&self) -> &[String] {
+        &[]
+    }
+    /// Score many completions at once. Rewards that run programs (`code`, `command`) run them
+    /// in parallel here; the default scores one by one. An error is a failure of the reward
+    /// itself (a verifier that keeps crashing, a malformed reply), never of a completion.
+    fn score_batch(&self, items: &[(&Sample, Completion<'_>)]) -> Result<Vec<Scores>, RewardError> {
+        Ok(items
+            .iter()
+            .map(|(s, c)| Scores::single(self.score(s, c)))
+            .collect())
+    }
 }
 
 impl std::fmt::Debug for dyn Reward {

@@ -4,7 +4,7 @@
 //! that reward's own parameters (each a serde struct with `deny_unknown_fields`), so a typo in a
 //! config is an error that names the reward and the key instead of a silently ignored setting.
 
-use crate::{Completion, Reward, RewardError, Sample};
+use crate::{Completion, Reward, RewardError, Sample, Scores};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
@@ -22,6 +22,8 @@ const REGISTRY: &[(&str, Builder)] = &[
     ("length", crate::length::build_length),
     ("overlong", crate::length::build_overlong),
     ("repetition", crate::repetition::build),
+    ("code", crate::code::build),
+    ("command", crate::command::build),
 ];
 
 /// Names of all registered rewards.
@@ -136,15 +138,24 @@ impl TryFrom<Map<String, Value>> for RewardSpec {
 /// The combined score of one completion, and every component for logging.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RewardBreakdown {
-    /// Σ weight × component, with `None` components counted as 0.
+    /// Σ weight × reward score, with `None` scores counted as 0 (extra components of a reward,
+    /// such as `command/a`, are logged here but not added: the reward's own score is their sum).
     pub total: f32,
-    /// `(name, score)` in config order; `None` where the reward does not apply.
+    /// `(name, score)` in [`CombinedReward::names`] order; `None` where the reward does not apply.
     pub components: Vec<(String, Option<f32>)>,
+}
+
+/// One weighted reward and the names it is logged under.
+struct Part {
+    reward: Box<dyn Reward>,
+    weight: f32,
+    /// The reward's name, then `name/component` for each of its components.
+    labels: Vec<String>,
 }
 
 /// A weighted sum of rewards, built from config.
 pub struct CombinedReward {
-    parts: Vec<(Box<dyn Reward>, f32)>,
+    parts: Vec<Part>,
 }
 
 #[derive(Deserialize)]
@@ -154,14 +165,45 @@ struct RewardsFile {
     reward: Vec<RewardSpec>,
 }
 
+/// Errors while scoring through the infallible [`CombinedReward::score`] go to stderr (the first
+/// few); [`CombinedReward::score_batch`] returns them instead.
+fn warn(e: &RewardError) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static SHOWN: AtomicUsize = AtomicUsize::new(0);
+    if SHOWN.fetch_add(1, Ordering::Relaxed) < 10 {
+        eprintln!("warning: {e} (scored as null)");
+    }
+}
+
 impl CombinedReward {
+    /// No rewards (a total of 0); add them with [`Self::add`].
+    pub fn new() -> Self {
+        CombinedReward { parts: Vec::new() }
+    }
+
+    /// Add a built reward with its weight.
+    pub fn add(&mut self, reward: Box<dyn Reward>, weight: f32) {
+        let mut labels = vec![reward.name().to_string()];
+        labels.extend(
+            reward
+                .components()
+                .iter()
+                .map(|c| format!("{}/{c}", reward.name())),
+        );
+        self.parts.push(Part {
+            reward,
+            weight,
+            labels,
+        });
+    }
+
     /// Build every spec; the first bad one is the error.
     pub fn from_specs(specs: &[RewardSpec]) -> Result<Self, RewardError> {
-        let parts = specs
-            .iter()
-            .map(|s| Ok((build_reward(&s.name, &s.params)?, s.weight)))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(CombinedReward { parts })
+        let mut combined = CombinedReward::new();
+        for s in specs {
+            combined.add(build_reward(&s.name, &s.params)?, s.weight);
+        }
+        Ok(combined)
     }
 
     /// Build from TOML text holding `[[reward]]` tables (and nothing else).
@@ -180,31 +222,109 @@ impl CombinedReward {
         Self::from_specs(&specs)
     }
 
-    /// Component names in order.
+    /// Component names in order: each reward's name, followed by `name/component` for each
+    /// component of a reward that reports several (`command` with `components = […]`).
     pub fn names(&self) -> Vec<&str> {
-        self.parts.iter().map(|(r, _)| r.name()).collect()
+        self.parts
+            .iter()
+            .flat_map(|p| p.labels.iter().map(String::as_str))
+            .collect()
     }
 
-    /// Score one completion with every component.
+    fn push(part: &Part, scores: Scores, total: &mut f32, out: &mut Vec<(String, Option<f32>)>) {
+        *total += part.weight * scores.value.unwrap_or(0.0);
+        out.push((part.labels[0].clone(), scores.value));
+        for (i, label) in part.labels[1..].iter().enumerate() {
+            out.push((label.clone(), scores.components.get(i).copied().flatten()));
+        }
+    }
+
+    /// Score one completion with every component. Never fails: a reward that fails (see
+    /// [`Self::score_batch`]) scores `None`, with a warning on stderr.
     pub fn score(&self, sample: &Sample, completion: &Completion<'_>) -> RewardBreakdown {
         let mut total = 0.0f32;
-        let components = self
-            .parts
-            .iter()
-            .map(|(r, w)| {
-                let s = r.score(sample, completion);
-                total += w * s.unwrap_or(0.0);
-                (r.name().to_string(), s)
+        let mut components = Vec::with_capacity(self.parts.len());
+        for part in &self.parts {
+            let scores = if part.labels.len() == 1 {
+                Scores::single(part.reward.score(sample, completion))
+            } else {
+                match part.reward.score_batch(&[(sample, *completion)]) {
+                    Ok(mut v) if !v.is_empty() => v.swap_remove(0),
+                    Ok(_) => Scores::default(),
+                    Err(e) => {
+                        warn(&e);
+                        Scores::default()
+                    }
+                }
+            };
+            Self::push(part, scores, &mut total, &mut components);
+        }
+        RewardBreakdown { total, components }
+    }
+
+    /// Score a batch (a GRPO step's completions): each reward sees the whole batch, so those
+    /// that run programs run them in parallel. The first reward failure is the error.
+    pub fn score_batch(
+        &self,
+        items: &[(&Sample, Completion<'_>)],
+    ) -> Result<Vec<RewardBreakdown>, RewardError> {
+        let mut out: Vec<RewardBreakdown> = (0..items.len())
+            .map(|_| RewardBreakdown {
+                total: 0.0,
+                components: Vec::with_capacity(self.parts.len()),
             })
             .collect();
-        RewardBreakdown { total, components }
+        for part in &self.parts {
+            let scores = part.reward.score_batch(items)?;
+            if scores.len() != items.len() {
+                return Err(RewardError::Runtime {
+                    reward: part.labels[0].clone(),
+                    message: format!("{} scores for {} completions", scores.len(), items.len()),
+                });
+            }
+            for (b, s) in out.iter_mut().zip(scores) {
+                Self::push(part, s, &mut b.total, &mut b.components);
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`Self::score_batch`] that never fails: a failing reward scores `None` for the whole
+    /// batch, with a warning on stderr.
+    pub fn score_batch_lossy(&self, items: &[(&Sample, Completion<'_>)]) -> Vec<RewardBreakdown> {
+        let mut out: Vec<RewardBreakdown> = (0..items.len())
+            .map(|_| RewardBreakdown {
+                total: 0.0,
+                components: Vec::with_capacity(self.parts.len()),
+            })
+            .collect();
+        for part in &self.parts {
+            let scores = match part.reward.score_batch(items) {
+                Ok(s) if s.len() == items.len() => s,
+                Ok(_) => vec![Scores::default(); items.len()],
+                Err(e) => {
+                    warn(&e);
+                    vec![Scores::default(); items.len()]
+                }
+            };
+            for (b, s) in out.iter_mut().zip(scores) {
+                Self::push(part, s, &mut b.total, &mut b.components);
+            }
+        }
+        out
+    }
+}
+
+impl Default for CombinedReward {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
 impl std::fmt::Debug for CombinedReward {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_list()
-            .entries(self.parts.iter().map(|(r, w)| (r.name(), w)))
+            .entries(self.parts.iter().map(|p| (p.reward.name(), p.weight)))
             .finish()
     }
 }

@@ -702,16 +702,20 @@ impl Config {
         vec![spec(task_reward, 1.0), spec("format", 0.1)]
     }
 
-    /// Build the combined reward.
+    /// Build the combined reward. Errors name the table (`[[reward]] #2`), the reward and the
+    /// key. Rewards that run programs check them now: `code` that its interpreter runs in the
+    /// sandbox, `command` that its program starts.
     pub fn build_rewards(&self) -> Result<sobre_reward::CombinedReward, String> {
-        let mut specs = Vec::new();
+        let mut combined = sobre_reward::CombinedReward::new();
         for (i, t) in self.reward_specs().iter().enumerate() {
-            let v = serde_json::to_value(t).map_err(|e| format!("[[reward]] #{}: {e}", i + 1))?;
-            let spec: sobre_reward::RewardSpec =
-                serde_json::from_value(v).map_err(|e| format!("[[reward]] #{}: {e}", i + 1))?;
-            specs.push(spec);
+            let at = |e: &dyn std::fmt::Display| format!("[[reward]] #{}: {e}", i + 1);
+            let v = serde_json::to_value(t).map_err(|e| at(&e))?;
+            let spec: sobre_reward::RewardSpec = serde_json::from_value(v).map_err(|e| at(&e))?;
+            let reward =
+                sobre_reward::build_reward(&spec.name, &spec.params).map_err(|e| at(&e))?;
+            combined.add(reward, spec.weight);
         }
-        sobre_reward::CombinedReward::from_specs(&specs).map_err(|e| e.to_string())
+        Ok(combined)
     }
 
     /// The upper clip range.
@@ -1202,6 +1206,82 @@ mod tests {
         let text = "[data]\ntask = \"countdown\"\n[[reward]]\nname = \"acuracy\"\n";
         let e = Config::parse(text, "t", &[]).unwrap_err().to_string();
         assert!(e.contains("reward"), "{e}");
+    }
+
+    #[test]
+    fn code_and_command_reward_errors_name_the_key() {
+        let base = "[data]\ntask = \"countdown\"\n[[reward]]\nname = \"format\"\n[[reward]]\n";
+        let e = Config::parse(
+            &format!("{base}name = \"code\"\ntimeout_s = \"long\"\n"),
+            "t",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("[[reward]] #2") && e.contains("`code`") && e.contains("`timeout_s`"),
+            "{e}"
+        );
+        let e = Config::parse(
+            &format!("{base}name = \"code\"\ninterpreter = [\"no-such-python\"]\n"),
+            "t",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("`interpreter`") && e.contains("no-such-python"),
+            "{e}"
+        );
+        let e = Config::parse(&format!("{base}name = \"command\"\n"), "t", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("[[reward]] #2") && e.contains("parameter `command`"),
+            "{e}"
+        );
+        let e = Config::parse(
+            &format!("{base}name = \"command\"\ncommand = [\"/no/such/verifier\"]\n"),
+            "t",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("/no/such/verifier") && e.contains("could not start"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn code_and_command_rewards_build_from_config() {
+        if sobre_reward::sandbox::resolve_program("python3").is_none() {
+            eprintln!("skipped: python3 not found");
+            return;
+        }
+        let verifier = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/verifier.py");
+        let text = format!(
+            "[data]\ntask = \"countdown\"\n[[reward]]\nname = \"code\"\ntimeout_s = 2.0\nmemory_mb = 512\n\
+             all_or_nothing = true\nmax_concurrency = 4\n[[reward]]\nname = \"command\"\nweight = 0.5\n\
+             command = [\"python3\", {verifier:?}]\ncomponents = [\"correct\", \"short\"]\n"
+        );
+        let (cfg, _) = Config::parse(&text, "t", &[]).unwrap();
+        let rewards = cfg.build_rewards().unwrap();
+        assert_eq!(
+            rewards.names(),
+            vec!["code", "command", "command/correct", "command/short"]
+        );
+        let mut s = sobre_reward::Sample::new();
+        s.insert("answer".into(), "7".into());
+        s.insert(
+            "input_output".into(),
+            serde_json::json!({"inputs": ["3 4\n"], "outputs": ["7\n"]}),
+        );
+        let text = "```python\nprint(sum(map(int, input().split())))\n```\n<answer>7</answer>";
+        let out = rewards
+            .score_batch(&[(&s, sobre_reward::Completion::new(text))])
+            .unwrap();
+        assert_eq!(out[0].total, 1.0 + 0.5 * 1.1);
     }
 
     #[test]

@@ -20,7 +20,9 @@ pub struct Args {
 /// What to measure.
 #[derive(Subcommand)]
 enum What {
-    /// Evaluations per second of format + accuracy on ~500-character R1 completions, one thread.
+    /// Evaluations per second of format + accuracy on ~500-character R1 completions, one thread;
+    /// and executions per second of the `code` reward's programs, in the sandbox vs a plain
+    /// subprocess without limits, plus a 64-completion batch through the `code` reward.
     Rewards(RewardsArgs),
     /// Completion tokens per second of the rollout engine on the `w1` preset: shared prefill on
     /// the host engine (the default) vs on burn tensor ops vs separate prefill vs a no-cache
@@ -97,6 +99,9 @@ struct RewardsArgs {
     /// Seed of the completion generator.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Leave out the `code` reward's figures (they need python3).
+    #[arg(long)]
+    skip_code: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -137,6 +142,12 @@ fn rewards(a: RewardsArgs) -> anyhow::Result<()> {
     let format_only = CombinedReward::from_names(&["format"])?;
     let (baseline, _) = evals_per_sec(&format_only, &data, budget);
     let (eps, mean_total) = evals_per_sec(&both, &data, budget);
+    let code = if a.skip_code {
+        serde_json::json!({"skipped": "--skip-code"})
+    } else {
+        sobre_reward::bench::code_executions(budget)
+            .unwrap_or_else(|why| serde_json::json!({ "skipped": why }))
+    };
     let report = serde_json::json!({
         "benchmark": "rewards",
         "rewards": ["format", "accuracy"],
@@ -149,6 +160,7 @@ fn rewards(a: RewardsArgs) -> anyhow::Result<()> {
         "baseline_evals_per_sec": baseline.round(),
         "ratio_to_baseline": (eps / baseline * 1000.0).round() / 1000.0,
         "target_evals_per_sec": 100_000,
+        "code": code,
         "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
     });
     println!("{}", serde_json::to_string_pretty(&report)?);

@@ -13,13 +13,22 @@ use std::path::PathBuf;
 /// fields (`answer`, `nums`, `target`, …; optionally `num_tokens`, `truncated`, `max_tokens`).
 /// Each output line is `{"rewards": {"accuracy": 1.0, "format": 0.0}, "total": 1.0}`, with `null`
 /// where a reward does not apply (it counts as 0 in the total). Blank lines are ignored.
+/// Lines are scored in batches of --batch, so rewards that run programs (`code`, `command`) run
+/// them in parallel; a reward that fails (a verifier that keeps crashing) stops the command.
 #[derive(ClapArgs)]
 #[command(after_help = "Examples:
   sobre reward --rewards accuracy,format --input rollouts.jsonl
   sobre reward --rewards countdown --input cd.jsonl --out scores.jsonl --skip-bad
   sobre reward --config rewards.toml --input rollouts.jsonl   # [[reward]] name/weight/params
+  sobre reward --rewards code --input apps_rollouts.jsonl     # runs ```python blocks in the sandbox
 
-Reward names: accuracy, format, tag_count, countdown, exact_match, regex_match, length, overlong, repetition")]
+  # rewards.toml for a verifier program of your own (see examples/verifier.py):
+  #   [[reward]]
+  #   name = \"command\"
+  #   command = [\"python3\", \"examples/verifier.py\"]
+  #   components = [\"correct\", \"short\"]
+
+Reward names: accuracy, format, tag_count, countdown, exact_match, regex_match, length, overlong, repetition, code, command")]
 pub struct Args {
     /// Comma-separated reward names, each with weight 1 and default parameters.
     #[arg(
@@ -41,6 +50,9 @@ pub struct Args {
     /// Skip malformed lines (counted on stderr) instead of stopping at the first one.
     #[arg(long)]
     skip_bad: bool,
+    /// Lines scored together (programs of `code` and `command` run in parallel within a batch).
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -61,7 +73,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None => Box::new(BufWriter::new(std::io::stdout().lock())),
     };
     let name = args.input.display();
+    let batch = args.batch.max(1);
     let mut skipped = 0usize;
+    // (line number, row) of the lines not yet scored.
+    let mut pending: Vec<(usize, Map<String, Value>)> = Vec::with_capacity(batch);
     for (i, line) in BufReader::new(file).split(b'\n').enumerate() {
         let lineno = i + 1;
         let bytes = line.with_context(|| format!("reading {name}"))?;
@@ -74,18 +89,41 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     parse_line(text).map(Some)
                 }
             });
-        let row = match parsed {
-            Ok(Some(row)) => row,
-            Ok(None) => continue,
-            Err(why) if args.skip_bad => {
-                skipped += 1;
-                let _ = why;
-                continue;
-            }
+        match parsed {
+            Ok(Some(row)) => pending.push((lineno, row)),
+            Ok(None) => {}
+            Err(_) if args.skip_bad => skipped += 1,
             Err(why) => bail!("{name}:{lineno}: {why}"),
-        };
-        let completion = completion_of(&row);
-        let b = rewards.score(&row, &completion);
+        }
+        if pending.len() >= batch {
+            score_rows(&rewards, &pending, &mut out, &name.to_string())?;
+            pending.clear();
+        }
+    }
+    score_rows(&rewards, &pending, &mut out, &name.to_string())?;
+    out.flush()?;
+    if args.skip_bad {
+        eprintln!("skipped {skipped} malformed line(s) of {name}");
+    }
+    Ok(())
+}
+
+/// Score a batch of rows and write one output line each.
+fn score_rows(
+    rewards: &CombinedReward,
+    rows: &[(usize, Map<String, Value>)],
+    out: &mut dyn Write,
+    name: &str,
+) -> anyhow::Result<()> {
+    let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
+        return Ok(());
+    };
+    let items: Vec<(&Map<String, Value>, Completion<'_>)> =
+        rows.iter().map(|(_, r)| (r, completion_of(r))).collect();
+    let scored = rewards
+        .score_batch(&items)
+        .with_context(|| format!("{name}:{}-{}", first.0, last.0))?;
+    for b in scored {
         let components: Map<String, Value> = b
             .components
             .into_iter()
@@ -99,10 +137,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .collect();
         let record = serde_json::json!({ "rewards": components, "total": b.total });
         writeln!(out, "{record}")?;
-    }
-    out.flush()?;
-    if args.skip_bad {
-        eprintln!("skipped {skipped} malformed line(s) of {name}");
     }
     Ok(())
 }
