@@ -311,12 +311,12 @@ fn broken_hf_model_directories_are_clear_errors() {
     let d = tempfile::tempdir().unwrap();
     let unknown = copy_fixture(d.path(), &[], &|name, v| {
         if name == "config.json" {
-            v["model_type"] = Value::String("llama".into());
+            v["model_type"] = Value::String("gpt2".into());
         }
     });
     let err = train(&unknown);
     assert!(
-        err.contains("config.json") && err.contains("llama"),
+        err.contains("config.json") && err.contains("gpt2"),
         "{err}"
     );
 
