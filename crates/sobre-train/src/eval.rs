@@ -406,18 +406,43 @@ pub fn evaluate(
         }
         let mut completions = generate(&policy, &requests, opts.samples, &params, Some(&detok))?;
         completions.sort_by_key(|c| (c.prompt_index, c.sample_index));
-        for c in completions {
-            let problem = start + c.prompt_index;
-            let s = &problems[problem];
-            let text = c.text.clone().unwrap_or_default();
-            let rc = sobre_reward::Completion {
-                text: &text,
+        // The chunk's completions are scored as one batch (verifiers that run programs run
+        // them in parallel); a verifier that cannot score is an error, not a silent 0.
+        let texts: Vec<String> = completions
+            .iter()
+            .map(|c| c.text.clone().unwrap_or_default())
+            .collect();
+        let samples: Vec<sobre_reward::Sample> = completions
+            .iter()
+            .map(|c| reward_sample(&problems[start + c.prompt_index]))
+            .collect();
+        let max_tokens = opts.max_new_tokens;
+        fn completion_of<'t>(
+            c: &sobre_rollout::Completion,
+            text: &'t str,
+            max_tokens: usize,
+        ) -> sobre_reward::Completion<'t> {
+            sobre_reward::Completion {
+                text,
                 num_tokens: Some(c.tokens.len()),
                 truncated: c.finish_reason == FinishReason::Length,
-                max_tokens: Some(opts.max_new_tokens),
-            };
-            let rs = reward_sample(s);
-            let b = rewards.score(&rs, &rc);
+                max_tokens: Some(max_tokens),
+            }
+        }
+        let items: Vec<_> = completions
+            .iter()
+            .zip(&texts)
+            .zip(&samples)
+            .map(|((c, t), rs)| (rs, completion_of(c, t, max_tokens)))
+            .collect();
+        let scores = rewards
+            .score_batch(&items)
+            .map_err(|e| TrainError::Reward(e.to_string()))?;
+        drop(items);
+        for (((c, text), rs), b) in completions.into_iter().zip(texts).zip(&samples).zip(scores) {
+            let problem = start + c.prompt_index;
+            let s = &problems[problem];
+            let rc = completion_of(&c, &text, max_tokens);
             let correct_score = match (&correct_own, correct_index) {
                 (Some(r), _) => r.score(&rs, &rc),
                 (None, Some(i)) => b.components[i].1,

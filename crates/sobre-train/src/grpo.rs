@@ -316,7 +316,7 @@ fn sample_and_score(
                 sequence_forward_flops(&model.config, len)
             })
             .sum::<f64>();
-        let scored = score_completions(ctx, &prompts, completions);
+        let scored = score_completions(ctx, &prompts, completions)?;
         let rewards: Vec<f32> = scored.iter().map(|s| s.reward).collect();
         let zero = zero_std_groups(&rewards, gs);
         out.groups_seen += zero.len();
@@ -333,25 +333,47 @@ fn sample_and_score(
     Ok(out)
 }
 
-/// Each completion's total reward and its components, from the verifiers of the run.
+/// Each completion's total reward and its components, from the verifiers of the run, scored
+/// as one batch (so a verifier that runs programs runs them in parallel). A verifier that
+/// cannot score (a `command` program that keeps crashing) stops the step with its error.
 fn score_completions(
     ctx: &GrpoContext<'_>,
     prompts: &[(usize, Vec<u32>)],
     completions: Vec<Completion>,
-) -> Vec<Scored> {
+) -> Result<Vec<Scored>, TrainError> {
     let max_tokens = ctx.cfg.rollout.max_new_tokens;
-    completions
-        .into_iter()
-        .map(|c| {
-            let (sample, ids) = &prompts[c.prompt_index];
-            let text = c.text.clone().unwrap_or_default();
+    let texts: Vec<String> = completions
+        .iter()
+        .map(|c| c.text.clone().unwrap_or_default())
+        .collect();
+    let samples: Vec<sobre_reward::Sample> = completions
+        .iter()
+        .map(|c| reward_sample(&ctx.train[prompts[c.prompt_index].0]))
+        .collect();
+    let items: Vec<(&sobre_reward::Sample, sobre_reward::Completion<'_>)> = completions
+        .iter()
+        .zip(&texts)
+        .zip(&samples)
+        .map(|((c, text), sample)| {
             let rc = sobre_reward::Completion {
-                text: &text,
+                text,
                 num_tokens: Some(c.tokens.len()),
                 truncated: c.finish_reason == FinishReason::Length,
                 max_tokens: Some(max_tokens),
             };
-            let b = ctx.rewards.score(&reward_sample(&ctx.train[*sample]), &rc);
+            (sample, rc)
+        })
+        .collect();
+    let scores = ctx
+        .rewards
+        .score_batch(&items)
+        .map_err(|e| TrainError::Reward(e.to_string()))?;
+    drop(items);
+    Ok(completions
+        .into_iter()
+        .zip(scores)
+        .map(|(c, b)| {
+            let (sample, ids) = &prompts[c.prompt_index];
             Scored {
                 prompt_ids: ids.clone(),
                 sample: *sample,
@@ -360,7 +382,7 @@ fn score_completions(
                 components: b.components.into_iter().map(|(_, s)| s).collect(),
             }
         })
-        .collect()
+        .collect())
 }
 
 // ---- advantages, mini-batches, reference ----

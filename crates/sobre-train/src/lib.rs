@@ -66,6 +66,9 @@ pub enum TrainError {
     /// Too many non-finite losses or gradients in a row.
     #[error("{0}")]
     NonFinite(String),
+    /// A reward could not score (a verifier program that keeps failing, …).
+    #[error("reward: {0}")]
+    Reward(String),
 }
 
 impl TrainError {
