@@ -315,10 +315,7 @@ fn broken_hf_model_directories_are_clear_errors() {
         }
     });
     let err = train(&unknown);
-    assert!(
-        err.contains("config.json") && err.contains("gpt2"),
-        "{err}"
-    );
+    assert!(err.contains("config.json") && err.contains("gpt2"), "{err}");
 
     // generation_config.json with a bad eos id.
     let d = tempfile::tempdir().unwrap();

@@ -43,6 +43,8 @@ enum Command {
     Eval(cmd::eval::Args),
     /// Draw a run's training curves (rewards, accuracy, KL, length, entropy, …) into a PNG.
     Plot(cmd::plot::Args),
+    /// Fold a LoRA adapter (PEFT layout) into its base model and write a plain HF model.
+    Merge(cmd::merge::Args),
     // --- further commands: one line each, the code in cmd/<name>.rs ---
 }
 
@@ -65,6 +67,7 @@ fn main() -> std::process::ExitCode {
         Command::Train(args) => cmd::train::run(args),
         Command::Eval(args) => cmd::eval::run(args),
         Command::Plot(args) => cmd::plot::run(args),
+        Command::Merge(args) => cmd::merge::run(args),
         // --- dispatch: one line per command ---
     };
     match result {

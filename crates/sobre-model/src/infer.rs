@@ -127,7 +127,7 @@ struct HostProj {
 impl HostProj {
     fn new(p: &Proj) -> Self {
         HostProj {
-            w: weight(p.weight.val()),
+            w: weight(p.merged_weight()),
             b: p.bias.as_ref().map(|b| host(b.val())),
         }
     }
@@ -137,7 +137,7 @@ impl HostProj {
     fn reordered(p: &Proj, order: &[usize]) -> Self {
         let [rows, cols] = p.weight.val().dims();
         assert_eq!(order.len(), cols, "one source column per output column");
-        let w = host(p.weight.val());
+        let w = host(p.merged_weight());
         let mut moved = Vec::with_capacity(w.len());
         for row in w.chunks_exact(cols) {
             moved.extend(order.iter().map(|&j| row[j]));
@@ -211,7 +211,7 @@ impl HostMlp {
 
     fn new(m: &Mlp) -> Self {
         let hidden = m.gate_up.val().dims()[0];
-        Self::from_parts(&host(m.gate_up.val()), &host(m.down.val()), hidden)
+        Self::from_parts(&host(m.merged_gate_up()), &host(m.merged_down()), hidden)
     }
 
     /// The MLP's output times `r` (its down projection scaled).
@@ -727,7 +727,7 @@ fn host_latent(
         })
         .collect();
     let kv_order: Vec<usize> = (0..r).chain(rope_order.iter().map(|&k| r + k)).collect();
-    let kv_b = host(a.v_proj.weight.val()); // [r, nh · (nope + vd)]
+    let kv_b = host(a.v_proj.merged_weight()); // [r, nh · (nope + vd)]
     let cols = nh * (nope + vd);
     let uk_t = (0..nh)
         .map(|h| {

@@ -170,7 +170,7 @@ struct Entry {
 }
 
 /// Tensors of memory-mapped safetensors files, converted to f32 one at a time on request.
-struct FileSource {
+pub(crate) struct FileSource {
     files: Vec<PathBuf>,
     maps: Vec<memmap2::Mmap>,
     index: BTreeMap<String, Entry>,
@@ -181,7 +181,7 @@ struct FileSource {
 impl FileSource {
     /// Map `files` and index their headers. A file that is not safetensors is an error at once;
     /// tensor-level problems (dtype, duplicates, index disagreements) are collected.
-    fn open(
+    pub(crate) fn open(
         files: &[PathBuf],
         weight_map: Option<&BTreeMap<String, String>>,
     ) -> Result<Self, ModelError> {
@@ -249,6 +249,35 @@ impl FileSource {
         }
         Ok(src)
     }
+}
+
+impl FileSource {
+    /// Tensor `name` in HF shape `shape` ([`WeightSource::take`]: a problem is recorded and
+    /// zeros returned).
+    pub(crate) fn tensor(&mut self, name: &str, shape: &[usize]) -> Vec<f32> {
+        self.take(name, shape, Init::Zeros)
+    }
+
+    /// The problems recorded so far.
+    pub(crate) fn take_problems(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.problems)
+    }
+
+    /// Tensors of the files no one asked for.
+    pub(crate) fn untaken(&self) -> Vec<String> {
+        self.index
+            .keys()
+            .filter(|n| !self.taken.contains(*n))
+            .cloned()
+            .collect()
+    }
+}
+
+/// The module names of a sparse layer's FFN under `model.layers.{i}` and of its shared
+/// expert under that: (`mlp` or `block_sparse_moe`, `shared_expert` or `shared_experts`).
+pub(crate) fn ffn_module_names(cfg: &ModelConfig) -> (&'static str, &'static str) {
+    let n = Names::of(cfg);
+    (n.moe, n.shared)
 }
 
 fn file_name(p: &Path) -> String {
@@ -376,6 +405,7 @@ impl Builder<'_> {
         Proj {
             weight: self.linear_t(src, &format!("{prefix}.weight"), out, inp, std),
             bias: bias.then(|| self.param1(src, &format!("{prefix}.bias"), out, Init::Zeros)),
+            lora: None,
         }
     }
 
@@ -513,6 +543,9 @@ impl Builder<'_> {
                 TensorData::new(d, [inter, h]),
                 self.device,
             )),
+            gate_lora: None,
+            up_lora: None,
+            down_lora: None,
         }
     }
 
@@ -776,8 +809,13 @@ fn weight_files(
     })
 }
 
-/// Load a model directory (`config.json` + safetensors, single or sharded).
+/// Load a model directory (`config.json` + safetensors, single or sharded). A LoRA adapter
+/// directory (`adapter_config.json`, no `config.json`) loads as its base model with the
+/// adapters attached ([`crate::lora::load_adapted`]).
 pub fn load_model(dir: &Path, device: &Device) -> Result<MoeModel, ModelError> {
+    if !dir.join("config.json").exists() && crate::lora::is_adapter_dir(dir) {
+        return crate::lora::load_adapted(dir, device);
+    }
     let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
     load_model_with_config(dir, cfg, device)
 }
@@ -1026,6 +1064,14 @@ pub fn save_model(
     dir: &Path,
     max_shard_bytes: Option<usize>,
 ) -> Result<(), ModelError> {
+    if model.has_adapters() {
+        return Err(ModelError::Config {
+            origin: dir.display().to_string(),
+            msg: "the model carries LoRA adapters: save them with `lora::save_adapter`, or fold \
+                  them into the weights first (`lora::merge_adapters`, `sobre merge`)"
+                .into(),
+        });
+    }
     let parent = dir
         .parent()
         .filter(|p| !p.as_os_str().is_empty())

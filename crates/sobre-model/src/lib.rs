@@ -6,7 +6,8 @@
 //! as sobre keys; see README.md for what each family reads and what is refused), its layers and
 //! forward pass (prefill, cached decode and training through one function), its host inference
 //! engine, its router and balance statistics, its seeded
-//! initialisation, and reading and writing HF model directories. Sampling lives in
+//! initialisation, reading and writing HF model directories, and LoRA adapters in PEFT's layout
+//! (`lora`). Sampling lives in
 //! `sobre-rollout`, losses and optimisers in `sobre-train`, tokenizers in `sobre-data`.
 //!
 //! Tensors are burn 0.22 tensors on whatever `Device` the caller picks; the default CPU backend
@@ -17,6 +18,7 @@ pub mod fused;
 pub mod generation;
 pub mod infer;
 pub mod io;
+pub mod lora;
 mod matmul;
 pub mod model;
 pub mod rope;
@@ -27,9 +29,10 @@ pub use config::{Family, MlaConfig, ModelConfig, ScoringFunc, TopkMethod};
 pub use generation::GenerationConfig;
 pub use infer::{HostKvCache, InferenceModel, LatentForm};
 pub use io::{init_model, load_model, load_model_with_config, save_model};
+pub use lora::{LoraConfig, LoraInit};
 pub use model::{
     AuxParts, Batch, ForwardOptions, GroupLimit, GroupScore, Kernels, KvCache, LogitsMode,
-    ModelOutput, MoeImpl, MoeModel, RouteTotals, RouterStats, token_logprobs,
+    LoraAdapter, ModelOutput, MoeImpl, MoeModel, RouteTotals, RouterStats, token_logprobs,
 };
 
 /// Everything that can go wrong reading or writing a model.

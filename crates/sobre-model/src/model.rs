@@ -383,22 +383,82 @@ fn rms_norm<const D: usize>(x: Tensor<D>, weight: Tensor<1>, eps: f64, fused: bo
     x * (var + eps).sqrt().recip() * weight.unsqueeze()
 }
 
-/// A projection `x · W + b` with `W: [in, out]`.
+/// A projection `x · W + b` with `W: [in, out]`, and optionally a LoRA adapter
+/// ([`LoraAdapter`]): `x · W + b + scale · (x · A) · B`.
 #[derive(Module, Debug)]
 pub struct Proj {
     pub weight: Param<Tensor<2>>,
     pub bias: Option<Param<Tensor<1>>>,
+    /// A low-rank adapter on this projection (`crate::lora`); `None` without LoRA.
+    pub lora: Option<LoraAdapter>,
 }
 
 impl Proj {
     /// # Shapes
     /// `[rows, in]` → `[rows, out]`
     pub fn forward(&self, x: Tensor<2>, fused: bool) -> Tensor<2> {
-        let y = linear(x, self.weight.val(), fused);
-        match &self.bias {
+        let Some(lora) = self.lora.as_ref().filter(|l| l.enabled) else {
+            let y = linear(x, self.weight.val(), fused);
+            return match &self.bias {
+                Some(b) => y + b.val().unsqueeze(),
+                None => y,
+            };
+        };
+        let y = linear(x.clone(), self.weight.val(), fused);
+        let y = match &self.bias {
             Some(b) => y + b.val().unsqueeze(),
             None => y,
+        };
+        y + lora.delta(x, fused)
+    }
+
+    /// The weight the projection computes with, `[in, out]`: `W`, or `W + scale · A · B` with
+    /// an enabled adapter (what the host engine and `merge` use).
+    pub fn merged_weight(&self) -> Tensor<2> {
+        match self.lora.as_ref().filter(|l| l.enabled) {
+            Some(l) => self.weight.val() + l.product(),
+            None => self.weight.val(),
         }
+    }
+}
+
+/// A LoRA adapter (Hu et al. 2021, PEFT's `LoraLayer`) on one projection: its output gains
+/// `scale · (x · A) · B`, PEFT's `lora_B(lora_A(x)) * scaling`. Held transposed like every
+/// weight here: PEFT's `lora_A.weight` `[r, in]` is `a: [in, r]`, `lora_B.weight` `[out, r]`
+/// is `b: [r, out]`.
+#[derive(Module, Debug)]
+pub struct LoraAdapter {
+    /// `[in, r]`
+    pub a: Param<Tensor<2>>,
+    /// `[r, out]`
+    pub b: Param<Tensor<2>>,
+    /// `alpha / r`, or `alpha / √r` with rsLoRA.
+    #[module(skip)]
+    pub scale: f64,
+    /// Off: the projection computes its base weight only (the GRPO reference, PEFT's
+    /// `disable_adapter()`).
+    #[module(skip)]
+    pub enabled: bool,
+}
+
+impl LoraAdapter {
+    /// `scale · (x · A) · B`. `[rows, in]` → `[rows, out]`
+    pub fn delta(&self, x: Tensor<2>, fused: bool) -> Tensor<2> {
+        linear(linear(x, self.a.val(), fused), self.b.val(), fused) * self.scale
+    }
+
+    /// `scale · A · B`, `[in, out]`: the adapter folded into a weight.
+    pub fn product(&self) -> Tensor<2> {
+        self.a.val().matmul(self.b.val()) * self.scale
+    }
+
+    /// `[in, out]` of the projection it adapts.
+    pub fn dims(&self) -> [usize; 2] {
+        [self.a.val().dims()[0], self.b.val().dims()[1]]
+    }
+
+    pub fn rank(&self) -> usize {
+        self.a.val().dims()[1]
     }
 }
 
@@ -481,16 +541,73 @@ fn swiglu(x: Tensor<2>, gate_up: Tensor<2>, down: Tensor<2>, fused: bool) -> Ten
     (silu(gate) * up).matmul(down)
 }
 
-/// A dense SwiGLU FFN (also the shape of the shared expert).
+/// A dense SwiGLU FFN (also the shape of the shared expert), with optional LoRA adapters on
+/// its three HF projections: `gate_proj` and `up_proj` adapt the two halves of the fused
+/// `gate_up` separately (PEFT's layout has one adapter per `nn.Linear`), `down_proj` adapts
+/// `down`.
 #[derive(Module, Debug)]
 pub struct Mlp {
     pub gate_up: Param<Tensor<2>>,
     pub down: Param<Tensor<2>>,
+    /// `gate_proj`'s adapter: `[hidden, r]`, `[r, inter]`.
+    pub gate_lora: Option<LoraAdapter>,
+    /// `up_proj`'s adapter: `[hidden, r]`, `[r, inter]`.
+    pub up_lora: Option<LoraAdapter>,
+    /// `down_proj`'s adapter: `[inter, r]`, `[r, hidden]`.
+    pub down_lora: Option<LoraAdapter>,
 }
 
 impl Mlp {
     pub fn forward(&self, x: Tensor<2>, fused: bool) -> Tensor<2> {
-        swiglu(x, self.gate_up.val(), self.down.val(), fused)
+        let on = |l: &Option<LoraAdapter>| l.as_ref().filter(|l| l.enabled).cloned();
+        let (g, u, d) = (on(&self.gate_lora), on(&self.up_lora), on(&self.down_lora));
+        if g.is_none() && u.is_none() && d.is_none() {
+            return swiglu(x, self.gate_up.val(), self.down.val(), fused);
+        }
+        let [rows, _] = x.dims();
+        let inter = self.gate_up.val().dims()[1] / 2;
+        let mut h = linear(x.clone(), self.gate_up.val(), fused);
+        if g.is_some() || u.is_some() {
+            let device = x.device();
+            let half = |l: Option<LoraAdapter>| match l {
+                Some(l) => l.delta(x.clone(), fused),
+                None => Tensor::zeros([rows, inter], &device),
+            };
+            h = h + Tensor::cat(vec![half(g), half(u)], 1);
+        }
+        let act = if fused {
+            fused::silu_mul(h)
+        } else {
+            let gate = h.clone().slice([0..rows, 0..inter]);
+            silu(gate) * h.slice([0..rows, inter..2 * inter])
+        };
+        let y = linear(act.clone(), self.down.val(), fused);
+        match d {
+            Some(d) => y + d.delta(act, fused),
+            None => y,
+        }
+    }
+
+    /// `gate_up` with the enabled gate and up adapters folded in, `[hidden, 2·inter]`.
+    pub fn merged_gate_up(&self) -> Tensor<2> {
+        let on = |l: &Option<LoraAdapter>| l.as_ref().filter(|l| l.enabled).map(|l| l.product());
+        let (g, u) = (on(&self.gate_lora), on(&self.up_lora));
+        if g.is_none() && u.is_none() {
+            return self.gate_up.val();
+        }
+        let w = self.gate_up.val();
+        let [hidden, two_i] = w.dims();
+        let device = w.device();
+        let zeros = || Tensor::zeros([hidden, two_i / 2], &device);
+        w + Tensor::cat(vec![g.unwrap_or_else(zeros), u.unwrap_or_else(zeros)], 1)
+    }
+
+    /// `down` with the enabled down adapter folded in, `[inter, hidden]`.
+    pub fn merged_down(&self) -> Tensor<2> {
+        match self.down_lora.as_ref().filter(|l| l.enabled) {
+            Some(l) => self.down.val() + l.product(),
+            None => self.down.val(),
+        }
     }
 }
 

@@ -278,6 +278,18 @@ fn bench_models(
             model.config.vocab_size
         )));
     }
+    // With `[lora]`: fresh adapters (seeded like the pipeline's), the base frozen, and the
+    // reference the policy with adapters off.
+    if let Some(l) = &cfg.lora {
+        let c = match &l.adapter {
+            Some(dir) => sobre_model::lora::read_adapter_config(dir)?.0,
+            None => l.resolve(),
+        };
+        let seed = crate::data::derive_seed(cfg.run.seed, &[5]);
+        let model = sobre_model::lora::add_adapters(model, &c, seed)?;
+        let reference = (cfg.grpo.beta > 0.0).then(Reference::adapters_off);
+        return Ok((model, reference));
+    }
     let reference = if cfg.grpo.beta > 0.0 {
         Some(Reference::new(make(&sobre_model::default_device())?))
     } else {
@@ -350,8 +362,22 @@ fn step_report(
     let med_step = median(&step_s);
     let med_tokens = median(&completion_tokens);
     let prompt_lens = r.prompt_lens;
+    // With `[lora]`: the adapters' size (what trains, and what a checkpoint holds).
+    let lora = cfg.lora.as_ref().map(|l| {
+        let tensors = sobre_model::lora::adapter_tensors(model);
+        let n: usize = tensors.iter().map(|(_, _, v)| v.len()).sum();
+        let c = l.resolve();
+        json!({
+            "r": tensors.first().map(|(_, s, _)| s[0]).unwrap_or(c.r),
+            "target_modules": c.target_modules,
+            "adapter_tensors": tensors.len(),
+            "trainable_parameters": n,
+            "adapter_bytes_f32": 4 * n,
+        })
+    });
     json!({
         "benchmark": "grpo_step",
+        "lora": lora,
         "device": format!("{:?}", sobre_model::default_device()),
         "model": {
             "preset": cfg.model.preset,

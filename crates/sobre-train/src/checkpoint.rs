@@ -6,6 +6,12 @@
 //!
 //! Names: `step-NNNNNN` (GRPO, after step N), `sft` (end of the SFT stage), `sft-NNNNNN`
 //! (inside the SFT stage, on Ctrl-C or `save_every`). Resume takes the newest by (stage, step).
+//!
+//! With `[lora]` a checkpoint holds the adapters instead of the model, as PEFT's
+//! `save_pretrained` writes them (`adapter_config.json`, `adapter_model.safetensors`, whose
+//! `base_model_name_or_path` names the frozen base), beside the same generation config,
+//! tokenizer, optimizer state and trainer state; `sobre_model::load_model` reads such a
+//! directory as base + adapters.
 
 use std::path::{Path, PathBuf};
 
@@ -65,9 +71,18 @@ pub fn name_for(state: &TrainerState) -> String {
     }
 }
 
+/// What a LoRA run saves its adapters with: their settings and the base model's directory
+/// (written as `base_model_name_or_path`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraRun {
+    pub config: sobre_model::LoraConfig,
+    pub base: String,
+}
+
 /// Write a checkpoint atomically into `root/<name>`; returns its path. Its
 /// `generation_config.json` has the model's token ids and the sampling defaults of `generation`
-/// (those of the model directory the run started from, if any).
+/// (those of the model directory the run started from, if any). With `lora` the model's
+/// adapters are written (PEFT's layout) instead of its weights.
 pub fn save(
     root: &Path,
     model: &MoeModel,
@@ -75,6 +90,7 @@ pub fn save(
     tok: &Tokenizer,
     generation: &GenerationConfig,
     state: &TrainerState,
+    lora: Option<&LoraRun>,
 ) -> Result<PathBuf, TrainError> {
     std::fs::create_dir_all(root).map_err(|e| TrainError::io(root, e))?;
     let name = name_for(state);
@@ -83,7 +99,10 @@ pub fn save(
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
     }
-    sobre_model::save_model(model, &tmp, None)?;
+    match lora {
+        Some(l) => sobre_model::lora::save_adapter(model, &l.config, &l.base, &tmp)?,
+        None => sobre_model::save_model(model, &tmp, None)?,
+    }
     generation.with_token_ids_of(&model.config).write(&tmp)?;
     tok.save(&tmp)
         .map_err(|e| TrainError::Checkpoint(format!("tokenizer: {e}")))?;

@@ -59,10 +59,11 @@ pub struct PassAt1Gain {
     pub points: f64,
 }
 
-/// The model directory `dir` names: `dir` itself when it holds `config.json`, else the newest
+/// The model directory `dir` names: `dir` itself when it holds `config.json` (or is a LoRA
+/// adapter directory, `adapter_config.json`: a LoRA run's checkpoint), else the newest
 /// complete checkpoint of the run directory `dir`.
 pub fn resolve_model_dir(dir: &Path) -> Result<PathBuf, TrainError> {
-    if dir.join("config.json").exists() {
+    if dir.join("config.json").exists() || sobre_model::lora::is_adapter_dir(dir) {
         return Ok(dir.to_path_buf());
     }
     if let Some((ckpt, _)) = checkpoint::latest(&dir.join("checkpoints")) {

@@ -423,6 +423,89 @@ impl Default for EvalSection {
     }
 }
 
+/// `[lora]`: train low-rank adapters instead of the whole model (PEFT's `LoraConfig`; see the
+/// README's config reference). Unset keys take PEFT's defaults, or with `adapter` the adapter
+/// directory's own values (a key set here must then agree with it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraSection {
+    /// Rank (PEFT default 8).
+    pub r: Option<usize>,
+    /// `lora_alpha` (PEFT default 8); the adapters' output is scaled by `alpha / r`.
+    pub alpha: Option<f64>,
+    /// `lora_dropout`; only 0 is implemented.
+    pub dropout: f64,
+    /// PEFT module names (default `["q_proj", "v_proj"]`, PEFT's for Llama/Qwen).
+    pub target_modules: Option<Vec<String>>,
+    /// rsLoRA: scale `alpha / √r`.
+    pub use_rslora: Option<bool>,
+    /// `default` (A Kaiming-uniform, B zero), `gaussian`, `random` (B random too).
+    pub init: Option<String>,
+    /// A PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`) to
+    /// continue training, on the base model of `[model]`.
+    pub adapter: Option<PathBuf>,
+}
+
+impl LoraSection {
+    /// The adapter settings without `adapter`: each unset key at PEFT's default.
+    pub fn resolve(&self) -> sobre_model::LoraConfig {
+        sobre_model::LoraConfig {
+            r: self.r.unwrap_or(8),
+            alpha: self.alpha.unwrap_or(8.0),
+            dropout: self.dropout,
+            target_modules: self
+                .target_modules
+                .clone()
+                .unwrap_or_else(|| vec!["q_proj".into(), "v_proj".into()]),
+            use_rslora: self.use_rslora.unwrap_or(false),
+            init: self
+                .init
+                .as_deref()
+                .and_then(sobre_model::LoraInit::from_name)
+                .unwrap_or(sobre_model::LoraInit::Default),
+        }
+    }
+
+    /// Checks the keys set here against the settings of a loaded adapter: `(key, message)` of
+    /// the first that disagrees.
+    pub fn disagreement(&self, adapter: &sobre_model::LoraConfig) -> Option<(String, String)> {
+        let differs = |key: &str, ours: String, theirs: String| {
+            Some((
+                format!("lora.{key}"),
+                format!("is {ours} but the adapter's adapter_config.json has {theirs}"),
+            ))
+        };
+        if let Some(r) = self.r
+            && r != adapter.r
+        {
+            return differs("r", r.to_string(), adapter.r.to_string());
+        }
+        if let Some(a) = self.alpha
+            && a != adapter.alpha
+        {
+            return differs("alpha", a.to_string(), adapter.alpha.to_string());
+        }
+        if let Some(t) = &self.target_modules {
+            let (mut a, mut b) = (t.clone(), adapter.target_modules.clone());
+            a.sort();
+            b.sort();
+            if a != b {
+                return differs(
+                    "target_modules",
+                    format!("{t:?}"),
+                    format!("{:?}", adapter.target_modules),
+                );
+            }
+        }
+        if let Some(u) = self.use_rslora
+            && u != adapter.use_rslora
+        {
+            return differs("use_rslora", u.to_string(), adapter.use_rslora.to_string());
+        }
+        None
+    }
+}
+
 /// A whole run. `[[reward]]` tables go to `sobre_reward::CombinedReward`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -438,6 +521,9 @@ pub struct Config {
     pub optim: OptimSection,
     pub run: RunSection,
     pub eval: EvalSection,
+    /// `[lora]`: train adapters on a frozen base (absent: train every parameter).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraSection>,
     /// `[[reward]] name = "…" weight = …` (default: R1's format + the task's accuracy reward).
     pub reward: Vec<toml::Table>,
 }
@@ -733,6 +819,121 @@ impl Config {
         }
     }
 
+    /// The `[lora]` checks of [`Config::validate`]: values, module names, and that the model
+    /// of `[model]` has every target module (read from its config, before any work).
+    fn validate_lora(
+        &self,
+        l: &LoraSection,
+        fail: &dyn Fn(&str, String) -> Result<(), ConfigError>,
+    ) -> Result<(), ConfigError> {
+        if l.r == Some(0) {
+            return fail(
+                "lora.r",
+                "must be at least 1 (the adapters' rank), found 0".into(),
+            );
+        }
+        if let Some(a) = l.alpha
+            && !(a.is_finite() && a > 0.0)
+        {
+            return fail(
+                "lora.alpha",
+                format!("must be a finite number > 0, found {a}"),
+            );
+        }
+        if !(l.dropout.is_finite() && (0.0..1.0).contains(&l.dropout)) {
+            return fail(
+                "lora.dropout",
+                format!("must be in [0, 1), found {}", l.dropout),
+            );
+        }
+        if l.dropout != 0.0 {
+            return fail(
+                "lora.dropout",
+                format!(
+                    "LoRA dropout is not implemented in sobre yet (found {}); use 0",
+                    l.dropout
+                ),
+            );
+        }
+        if let Some(init) = &l.init
+            && let Err(m) = one_of(init, sobre_model::LoraInit::NAMES)
+        {
+            return fail("lora.init", m);
+        }
+        if let Some(t) = &l.target_modules {
+            if t.is_empty() {
+                return fail(
+                    "lora.target_modules",
+                    "is empty: name at least one module (e.g. [\"q_proj\", \"v_proj\"])".into(),
+                );
+            }
+            for (i, name) in t.iter().enumerate() {
+                if let Err(m) = sobre_model::lora::check_target_name(name) {
+                    let m = m.trim_start_matches("`target_modules`: ").to_string();
+                    return fail("lora.target_modules", m);
+                }
+                if t[..i].contains(name) {
+                    return fail("lora.target_modules", format!("`{name}` is listed twice"));
+                }
+            }
+        }
+        let resolved = match &l.adapter {
+            Some(dir) => {
+                if !sobre_model::lora::is_adapter_dir(dir) {
+                    return fail(
+                        "lora.adapter",
+                        format!(
+                            "{} is not a LoRA adapter directory (no adapter_config.json)",
+                            dir.display()
+                        ),
+                    );
+                }
+                let c = match sobre_model::lora::read_adapter_config(dir) {
+                    Ok((c, _)) => c,
+                    Err(e) => return fail("lora.adapter", e.to_string()),
+                };
+                if let Some((key, msg)) = l.disagreement(&c) {
+                    return fail(&key, msg);
+                }
+                c
+            }
+            None => l.resolve(),
+        };
+        let model = match &self.model.path {
+            Some(p) => sobre_model::ModelConfig::from_file(&p.join("config.json")).ok(),
+            None => self.model.preset_shape().ok(),
+        };
+        if let Some(mc) = model {
+            let have = sobre_model::lora::available_modules_for_config(&mc);
+            let key = if l.adapter.is_some() {
+                "lora.adapter"
+            } else {
+                "lora.target_modules"
+            };
+            if let Some(t) = resolved
+                .target_modules
+                .iter()
+                .find(|t| !have.contains(&t.as_str()))
+            {
+                let why = if ["gate_proj", "up_proj", "down_proj"].contains(&t.as_str()) {
+                    " (it has no dense MLP or shared expert; LoRA on routed experts is not \
+                     supported yet)"
+                } else {
+                    ""
+                };
+                return fail(
+                    key,
+                    format!(
+                        "this {} model has no `{t}`{why}; its modules are: {}",
+                        mc.family.model_type(),
+                        have.join(", ")
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Every value check; the first failure is the error, located in the file. Long because it
     /// is one flat list of independent checks, section by section, each naming its key.
     pub fn validate(&self, source: &Source) -> Result<(), ConfigError> {
@@ -992,6 +1193,10 @@ impl Config {
             );
         }
         nonneg("optim.max_grad_norm", o.max_grad_norm)?;
+        // [lora]
+        if let Some(l) = &self.lora {
+            self.validate_lora(l, &fail)?;
+        }
         // [run]
         if self.run.keep_last == 0 {
             return fail("run.keep_last", "must be at least 1".into());

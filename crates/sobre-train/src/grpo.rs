@@ -34,16 +34,30 @@ use crate::parallel::{par_map, split_range};
 use crate::score::{Layout, host, score};
 
 /// The frozen reference model, with its host copy where the host engine serves it (the CPU
-/// backend): made once per run, since the reference never changes.
+/// backend): made once per run, since the reference never changes. With LoRA there is no
+/// model of its own: the reference is the policy with its adapters switched off (its frozen
+/// base, TRL's `disable_adapter()`), whose host copy is made per step like the rollout's.
 pub struct Reference {
-    pub model: MoeModel,
+    /// `None`: the policy with adapters off.
+    pub model: Option<MoeModel>,
     host: Option<InferenceModel>,
 }
 
 impl Reference {
     pub fn new(model: MoeModel) -> Self {
         let host = InferenceModel::for_model(&model);
-        Reference { model, host }
+        Reference {
+            model: Some(model),
+            host,
+        }
+    }
+
+    /// The reference of a LoRA run: the policy's base (adapters off), sharing its tensors.
+    pub fn adapters_off() -> Self {
+        Reference {
+            model: None,
+            host: None,
+        }
     }
 }
 
@@ -195,7 +209,7 @@ pub fn grpo_step(
     let batches = plan_batches(ctx, &rollout.kept, &adv.row_mask);
     let work = step_work(ctx, &model.config, &rollout, &batches);
     let t_reference = Instant::now();
-    let ref_lp = reference_logprobs(ctx, &batches);
+    let ref_lp = reference_logprobs(ctx, &model, &batches);
     let time_reference = t_reference.elapsed().as_secs_f64();
     let t_policy = Instant::now();
     let (model, update) =
@@ -467,22 +481,42 @@ fn plan_batches(ctx: &GrpoContext<'_>, kept: &[Scored], row_mask: &[f32]) -> Bat
 /// The frozen reference's log-probabilities of every shard's completions, when `beta > 0`.
 /// The reference is never trained: on the CPU it runs on the host engine, without autodiff.
 /// Rows with an empty completion cannot be scored (no token to predict); they are masked.
-fn reference_logprobs(ctx: &GrpoContext<'_>, batches: &Batches) -> ReferenceLogprobs {
+/// A LoRA reference ([`Reference::adapters_off`]) is `policy` with its adapters off.
+fn reference_logprobs(
+    ctx: &GrpoContext<'_>,
+    policy: &MoeModel,
+    batches: &Batches,
+) -> ReferenceLogprobs {
     let temperature = ctx.cfg.rollout.temperature;
-    let reference = ctx.reference.filter(|_| ctx.cfg.grpo.beta > 0.0);
+    let Some(r) = ctx.reference.filter(|_| ctx.cfg.grpo.beta > 0.0) else {
+        return batches
+            .layouts
+            .iter()
+            .map(|ls| vec![None; ls.len()])
+            .collect();
+    };
+    let base;
+    let base_host;
+    let (model, host_engine) = match &r.model {
+        Some(m) => (m, r.host.as_ref()),
+        None => {
+            base = policy.valid().with_adapters_enabled(false);
+            base_host = InferenceModel::for_model(&base);
+            (&base, base_host.as_ref())
+        }
+    };
     batches
         .layouts
         .iter()
-        .map(|ls| match reference {
-            Some(r) => par_map(ls, |l| {
-                (l.max_completion > 0).then(|| match &r.host {
+        .map(|ls| {
+            par_map(ls, |l| {
+                (l.max_completion > 0).then(|| match host_engine {
                     Some(h) => completion_logprobs_host(h, l, temperature),
                     None => {
-                        host(score(&r.model, l, temperature, ForwardOptions::default(), false).logp)
+                        host(score(model, l, temperature, ForwardOptions::default(), false).logp)
                     }
                 })
-            }),
-            None => vec![None; ls.len()],
+            })
         })
         .collect()
 }
@@ -605,7 +639,8 @@ fn minibatch_update(
     acc.updates += 1;
     if outcome.skipped {
         acc.skipped += 1;
-    } else if model.config.aux_loss_free_bias && mb.pass == 0 {
+    } else if model.config.aux_loss_free_bias && mb.pass == 0 && cfg.lora.is_none() {
+        // (With LoRA the whole base is frozen, the expert biases included.)
         // DeepSeek-V3's aux-loss-free balancing: nudge biases by this batch's load.
         let rate = model.config.bias_update_rate as f32;
         model.update_expert_bias(&batch_counts, rate);

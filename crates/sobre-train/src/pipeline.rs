@@ -14,7 +14,7 @@ use sobre_model::{GenerationConfig, MoeModel, init_model, load_model};
 use sobre_data::Tokenizer;
 use sobre_reward::CombinedReward;
 
-use crate::checkpoint::{self, Stage, TrainerState};
+use crate::checkpoint::{self, LoraRun, Stage, TrainerState};
 use crate::config::Source;
 use crate::cost::{
     CostMeter, RunCost, TRAIN_FLOPS_FACTOR, Work, sequence_forward_flops, summary_lines,
@@ -193,16 +193,38 @@ impl Pipeline {
             None => None,
         };
         let device = sobre_model::default_device().autodiff();
-        let (model, state) = match &resume_from {
+        let (model, state, lora) = match &resume_from {
+            Some((dir, st)) if cfg.lora.is_some() => {
+                // The frozen base as the run began (`[model]`), the checkpoint's adapters on it.
+                if !sobre_model::lora::is_adapter_dir(dir) {
+                    return Err(TrainError::Checkpoint(format!(
+                        "{} holds a whole model, not LoRA adapters, but the config has [lora]:                          resume with the config the run started with",
+                        dir.display()
+                    )));
+                }
+                let base =
+                    self.initial_model(tok.vocab_size(), &special, generation.as_ref(), &device)?;
+                let (mut model, config) = sobre_model::lora::load_adapter(base, dir)?;
+                align_token_ids(&mut model.config, &special, generation.as_ref());
+                let base = self.lora_base_name(&run_dir);
+                (model, st.clone(), Some(LoraRun { config, base }))
+            }
             Some((dir, st)) => {
+                if !dir.join("config.json").exists() && sobre_model::lora::is_adapter_dir(dir) {
+                    return Err(TrainError::Checkpoint(format!(
+                        "{} holds LoRA adapters but the config has no [lora]: resume with the                          config the run started with",
+                        dir.display()
+                    )));
+                }
                 let mut model = load_model(dir, &device)?;
                 align_token_ids(&mut model.config, &special, generation.as_ref());
-                (model, st.clone())
+                (model, st.clone(), None)
             }
             None => {
                 let model =
                     self.initial_model(tok.vocab_size(), &special, generation.as_ref(), &device)?;
-                (model, self.fresh_state())
+                let (model, lora) = self.with_adapters(model, &run_dir, &tok)?;
+                (model, self.fresh_state(), lora)
             }
         };
         let pr = self.open_logs(&run_dir, resume_from.is_some(), &state, started)?;
@@ -235,8 +257,52 @@ impl Pipeline {
             rewards,
             accuracy_reward,
             special,
+            lora,
         };
         Ok((inp, pr, model, state))
+    }
+
+    /// The base model of a LoRA run as `base_model_name_or_path`: `[model] path`, or for a
+    /// preset the copy in `RUN_DIR/base`, as an absolute path.
+    fn lora_base_name(&self, run_dir: &Path) -> String {
+        let dir = match &self.cfg.model.path {
+            Some(p) => p.clone(),
+            None => run_dir.join("base"),
+        };
+        std::fs::canonicalize(&dir)
+            .unwrap_or(dir)
+            .display()
+            .to_string()
+    }
+
+    /// With `[lora]`: the adapters on `model` (fresh, seeded by the run seed, or `[lora]
+    /// adapter`'s) and its base frozen; a preset base is first written to `RUN_DIR/base` (an HF
+    /// model directory with the tokenizer) for the checkpoints to name.
+    fn with_adapters(
+        &self,
+        model: MoeModel,
+        run_dir: &Path,
+        tok: &Tokenizer,
+    ) -> Result<(MoeModel, Option<LoraRun>), TrainError> {
+        let Some(l) = &self.cfg.lora else {
+            return Ok((model, None));
+        };
+        if self.cfg.model.path.is_none() {
+            let dir = run_dir.join("base");
+            sobre_model::save_model(&model, &dir, None)?;
+            tok.save(&dir)
+                .map_err(|e| TrainError::Checkpoint(format!("tokenizer: {e}")))?;
+        }
+        let (model, config) = match &l.adapter {
+            Some(dir) => sobre_model::lora::load_adapter(model, dir)?,
+            None => {
+                let c = l.resolve();
+                let seed = derive_seed(self.cfg.run.seed, &[5]);
+                (sobre_model::lora::add_adapters(model, &c, seed)?, c)
+            }
+        };
+        let base = self.lora_base_name(run_dir);
+        Ok((model, Some(LoraRun { config, base })))
     }
 
     /// Create the run directory, refuse to overwrite another run's checkpoints, pick the
@@ -393,7 +459,15 @@ impl Pipeline {
     ) -> Result<PathBuf, TrainError> {
         state.elapsed_seconds = pr.elapsed_before + pr.started.elapsed().as_secs_f64();
         state.cost = Some(pr.meter.snapshot(self.cfg.run.watts_per_core));
-        let dir = checkpoint::save(&inp.ckpt_root, model, opt, &inp.tok, &inp.generation, state)?;
+        let dir = checkpoint::save(
+            &inp.ckpt_root,
+            model,
+            opt,
+            &inp.tok,
+            &inp.generation,
+            state,
+            inp.lora.as_ref(),
+        )?;
         pr.last_ckpt = Some(dir.clone());
         Ok(dir)
     }
@@ -522,7 +596,8 @@ impl Pipeline {
             add_shard_counts(&mut expert_counts, c);
         }
         let (mut model, out) = apply_gradients(model, grads, opt, lr, cfg.optim.max_grad_norm);
-        if !out.skipped && model.config.aux_loss_free_bias {
+        // With LoRA the whole base is frozen, DeepSeek-V3's expert biases included.
+        if !out.skipped && model.config.aux_loss_free_bias && cfg.lora.is_none() {
             let rate = model.config.bias_update_rate as f32;
             model.update_expert_bias(&expert_counts, rate);
         }
@@ -626,10 +701,15 @@ impl Pipeline {
         Ok(StageEnd::Done(model))
     }
 
-    /// The frozen KL reference when `grpo.beta > 0`: the SFT checkpoint, else the initial model.
+    /// The frozen KL reference when `grpo.beta > 0`: the SFT checkpoint, else the initial model;
+    /// with LoRA the policy itself with its adapters off (the base model, as TRL's
+    /// `disable_adapter()`), no copy.
     fn reference(&self, inp: &Inputs) -> Result<Option<Reference>, TrainError> {
         if self.cfg.grpo.beta <= 0.0 {
             return Ok(None);
+        }
+        if inp.lora.is_some() {
+            return Ok(Some(Reference::adapters_off()));
         }
         let plain = sobre_model::default_device();
         let sft_dir = inp.ckpt_root.join("sft");
@@ -766,6 +846,8 @@ struct Inputs {
     generation: GenerationConfig,
     /// The balance loss coefficient: `grpo.aux_loss_coef`, else the model's.
     aux_coef: f64,
+    /// With `[lora]`: the adapters' settings and base, for the checkpoints.
+    lora: Option<LoraRun>,
     style: ProgressStyle,
 }
 

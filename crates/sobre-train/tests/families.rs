@@ -173,6 +173,9 @@ fn every_family_trains_sft_then_grpo_and_stays_itself() {
         );
         let w0 = std::fs::read(fixture(name).join("model.safetensors")).unwrap();
         let w1 = std::fs::read(last.join("model.safetensors")).unwrap();
-        assert!(w0 != w1, "{name}: the checkpoint's weights equal the fixture's");
+        assert!(
+            w0 != w1,
+            "{name}: the checkpoint's weights equal the fixture's"
+        );
     }
 }

@@ -6,6 +6,7 @@ pub mod eval;
 pub mod generate;
 pub mod inspect;
 pub mod logits;
+pub mod merge;
 pub mod plot;
 pub mod reward;
 pub mod tokenizer;
