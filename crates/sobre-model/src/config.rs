@@ -841,39 +841,7 @@ impl ModelConfig {
         if self.family.is_deepseek() {
             return self.deepseek_json();
         }
-        let mut m = Map::new();
-        m.insert("architectures".into(), json!([self.family.architecture()]));
-        m.insert("model_type".into(), json!(self.family.model_type()));
-        m.insert("vocab_size".into(), json!(self.vocab_size));
-        m.insert("hidden_size".into(), json!(self.hidden_size));
-        m.insert("intermediate_size".into(), json!(self.intermediate_size));
-        m.insert("num_hidden_layers".into(), json!(self.num_hidden_layers));
-        m.insert(
-            "num_attention_heads".into(),
-            json!(self.num_attention_heads),
-        );
-        m.insert(
-            "num_key_value_heads".into(),
-            json!(self.num_key_value_heads),
-        );
-        m.insert("head_dim".into(), json!(self.head_dim));
-        m.insert("hidden_act".into(), json!("silu"));
-        m.insert("rms_norm_eps".into(), json!(self.rms_norm_eps));
-        // Both spellings, so transformers 4.x and 5.x read the same value.
-        let (rope_parameters, rope_scaling) = self.rope_scaling.to_json(self.rope_theta);
-        m.insert("rope_theta".into(), json!(self.rope_theta));
-        m.insert("rope_parameters".into(), rope_parameters);
-        if !rope_scaling.is_null() {
-            m.insert("rope_scaling".into(), rope_scaling);
-        }
-        m.insert(
-            "max_position_embeddings".into(),
-            json!(self.max_position_embeddings),
-        );
-        m.insert(
-            "tie_word_embeddings".into(),
-            json!(self.tie_word_embeddings),
-        );
+        let mut m = self.common_json_head();
         let fam = self.family;
         match fam {
             Family::Qwen3Moe | Family::Olmoe | Family::Qwen3 => {
@@ -1022,41 +990,10 @@ impl ModelConfig {
     /// `scoring_func`, `topk_method`, `moe_layer_freq`), then sobre's training keys. Long
     /// because it is one flat list of keys, the mirror of `read_deepseek`.
     fn deepseek_json(&self) -> Value {
-        let mut m = Map::new();
+        let mut m = self.common_json_head();
         let v3 = self.family == Family::DeepseekV3;
-        m.insert("architectures".into(), json!([self.family.architecture()]));
-        m.insert("model_type".into(), json!(self.family.model_type()));
-        m.insert("vocab_size".into(), json!(self.vocab_size));
-        m.insert("hidden_size".into(), json!(self.hidden_size));
-        m.insert("intermediate_size".into(), json!(self.intermediate_size));
-        m.insert("num_hidden_layers".into(), json!(self.num_hidden_layers));
-        m.insert(
-            "num_attention_heads".into(),
-            json!(self.num_attention_heads),
-        );
-        m.insert(
-            "num_key_value_heads".into(),
-            json!(self.num_key_value_heads),
-        );
         // transformers' config sets `head_dim` to the rotary width and writes `qk_head_dim`.
-        m.insert("head_dim".into(), json!(self.head_dim));
         m.insert("qk_head_dim".into(), json!(self.qk_head_dim()));
-        m.insert("hidden_act".into(), json!("silu"));
-        m.insert("rms_norm_eps".into(), json!(self.rms_norm_eps));
-        let (rope_parameters, rope_scaling) = self.rope_scaling.to_json(self.rope_theta);
-        m.insert("rope_theta".into(), json!(self.rope_theta));
-        m.insert("rope_parameters".into(), rope_parameters);
-        if !rope_scaling.is_null() {
-            m.insert("rope_scaling".into(), rope_scaling);
-        }
-        m.insert(
-            "max_position_embeddings".into(),
-            json!(self.max_position_embeddings),
-        );
-        m.insert(
-            "tie_word_embeddings".into(),
-            json!(self.tie_word_embeddings),
-        );
         m.insert("attention_bias".into(), json!(self.attention_bias));
         if !v3 {
             m.insert("mlp_bias".into(), json!(false));
@@ -1114,6 +1051,45 @@ impl ModelConfig {
         );
         self.common_json_tail(&mut m);
         Value::Object(m)
+    }
+
+    /// The keys every family's `config.json` starts with: the class, the shape, RoPE (both
+    /// spellings, so transformers 4.x and 5.x read the same value), the context and the head.
+    fn common_json_head(&self) -> Map<String, Value> {
+        let mut m = Map::new();
+        m.insert("architectures".into(), json!([self.family.architecture()]));
+        m.insert("model_type".into(), json!(self.family.model_type()));
+        m.insert("vocab_size".into(), json!(self.vocab_size));
+        m.insert("hidden_size".into(), json!(self.hidden_size));
+        m.insert("intermediate_size".into(), json!(self.intermediate_size));
+        m.insert("num_hidden_layers".into(), json!(self.num_hidden_layers));
+        m.insert(
+            "num_attention_heads".into(),
+            json!(self.num_attention_heads),
+        );
+        m.insert(
+            "num_key_value_heads".into(),
+            json!(self.num_key_value_heads),
+        );
+        m.insert("head_dim".into(), json!(self.head_dim));
+        m.insert("hidden_act".into(), json!("silu"));
+        m.insert("rms_norm_eps".into(), json!(self.rms_norm_eps));
+        // Both spellings, so transformers 4.x and 5.x read the same value.
+        let (rope_parameters, rope_scaling) = self.rope_scaling.to_json(self.rope_theta);
+        m.insert("rope_theta".into(), json!(self.rope_theta));
+        m.insert("rope_parameters".into(), rope_parameters);
+        if !rope_scaling.is_null() {
+            m.insert("rope_scaling".into(), rope_scaling);
+        }
+        m.insert(
+            "max_position_embeddings".into(),
+            json!(self.max_position_embeddings),
+        );
+        m.insert(
+            "tie_word_embeddings".into(),
+            json!(self.tie_word_embeddings),
+        );
+        m
     }
 
     /// The keys every family's `config.json` ends with: initialisation, token ids, dtype.
