@@ -663,7 +663,8 @@ impl Pipeline {
                 &mut cursor,
                 state.step,
                 lr,
-            )?;
+            )
+            .map_err(|e| with_last_checkpoint(e, pr.last_ckpt.as_deref()))?;
             model = next;
             state.prompt_position = cursor;
             state.step += 1;
@@ -826,6 +827,18 @@ impl Pipeline {
             seconds: pr.elapsed_before + pr.started.elapsed().as_secs_f64(),
             cost: pr.meter.snapshot(self.cfg.run.watts_per_core),
         }
+    }
+}
+
+/// A reward that cannot score ends the run: its error then names the checkpoint to resume from
+/// once the verifier is fixed.
+fn with_last_checkpoint(e: TrainError, last: Option<&Path>) -> TrainError {
+    match e {
+        TrainError::Reward(msg) => TrainError::Reward(format!(
+            "{msg}\nthe run stopped; last good checkpoint: {}",
+            last.map_or("none".to_string(), |p| p.display().to_string())
+        )),
+        e => e,
     }
 }
 

@@ -566,3 +566,35 @@ fn data_parallel_replicas_follow_the_one_replica_run() {
         }
     }
 }
+
+/// A `command` verifier that starts but dies on every line ends the run after its restarts,
+/// with the program's stderr and the checkpoint to resume from (the SFT checkpoint here).
+#[test]
+fn a_verifier_that_keeps_crashing_stops_the_run_naming_the_last_checkpoint() {
+    if sobre_reward::sandbox::resolve_program("python3").is_none() {
+        eprintln!("skipped: no python3 on PATH");
+        return;
+    }
+    let text = format!(
+        "{}\n[[reward]]\nname = \"command\"\nweight = 1.0\nmax_restarts = 1\ncommand = [\"python3\", \"-c\", \"import sys; sys.stdin.readline(); sys.stderr.write('verifier broke'); sys.exit(3)\"]\n",
+        smoke()
+    );
+    let (cfg, src) = Config::parse(&text, "configs/smoke.toml", &[]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let opts = RunOptions {
+        out_dir: Some(dir.path().to_path_buf()),
+        quiet: true,
+        ..RunOptions::default()
+    };
+    let err = match Pipeline::new(cfg, src, opts).unwrap().run() {
+        Ok(_) => panic!("the run went on with a verifier that cannot score"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.starts_with("reward: "), "{err}");
+    assert!(err.contains("verifier broke"), "{err}");
+    let sft = dir.path().join("checkpoints/sft");
+    assert!(
+        err.contains(&format!("last good checkpoint: {}", sft.display())),
+        "{err}"
+    );
+}
