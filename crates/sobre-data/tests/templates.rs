@@ -229,8 +229,8 @@ fn raise_exception_is_an_error_with_its_message() {
 fn tojson_matches_python_json_dumps() {
     let tmpl = ChatTemplate::new("{{ t | tojson }}|{{ t | tojson(indent=2) }}|{{ e | tojson }}|{{ t | tojson(sort_keys=true) }}")
         .unwrap()
-        .with_var("t", &serde_json::json!({"name": "f", "args": [1, 2.5, "<é>"], "ok": true, "none": null}))
-        .with_var("e", &serde_json::json!([]));
+        .with_var("t", serde_json::json!({"name": "f", "args": [1, 2.5, "<é>"], "ok": true, "none": null}))
+        .with_var("e", serde_json::json!([]));
     let out = tmpl.apply(&[], false).unwrap();
     // serde_json orders these keys alphabetically (no preserve_order), as Python would for a
     // dict built in that order.

@@ -444,7 +444,7 @@ pub fn evaluate(
             let s = &problems[problem];
             let rc = completion_of(&c, &text, max_tokens);
             let correct_score = match (&correct_own, correct_index) {
-                (Some(r), _) => r.score(&rs, &rc),
+                (Some(r), _) => r.score(rs, &rc),
                 (None, Some(i)) => b.components[i].1,
                 (None, None) => None,
             };
@@ -463,7 +463,7 @@ pub fn evaluate(
                     .map(|(n, v)| (n.clone(), v.map(f64::from)))
                     .collect(),
                 correct: correct_score.is_some_and(|v| v >= 1.0),
-                format: strict_format.score(&rs, &rc) == Some(1.0),
+                format: strict_format.score(rs, &rc) == Some(1.0),
             });
         }
     }

@@ -517,12 +517,12 @@ impl Pipeline {
             state.last_metrics = Some(Value::Object(m.clone()));
             pb.set_position(state.step as u64);
             pb.set_message(format!("loss {nll:.4}"));
-            if cfg.run.log_every > 0 && state.step % cfg.run.log_every == 0 {
+            if cfg.run.log_every > 0 && state.step.is_multiple_of(cfg.run.log_every) {
                 self.say(&pb, &summary_line(&m));
             }
             self.check_nonfinite(state, pr.last_ckpt.as_deref())?;
             if cfg.run.save_every > 0
-                && state.step % cfg.run.save_every == 0
+                && state.step.is_multiple_of(cfg.run.save_every)
                 && state.step < cfg.sft.steps
             {
                 self.save(inp, pr, &model, &opt, state)?;
@@ -684,12 +684,12 @@ impl Pipeline {
             pb.set_position(state.step as u64);
             let reward = m.get("reward_mean").and_then(Value::as_f64);
             pb.set_message(format!("reward {:.3}", reward.unwrap_or(f64::NAN)));
-            if cfg.run.log_every > 0 && state.step % cfg.run.log_every == 0 {
+            if cfg.run.log_every > 0 && state.step.is_multiple_of(cfg.run.log_every) {
                 self.say(&pb, &summary_line(&m));
             }
             self.check_nonfinite(state, pr.last_ckpt.as_deref())?;
             let last = state.step == cfg.run.steps;
-            if (cfg.run.save_every > 0 && state.step % cfg.run.save_every == 0) || last {
+            if (cfg.run.save_every > 0 && state.step.is_multiple_of(cfg.run.save_every)) || last {
                 self.save(inp, pr, &model, &opt, state)?;
                 saved_at = state.step;
                 checkpoint::prune(&inp.ckpt_root, Stage::Grpo, cfg.run.keep_last)?;
@@ -734,7 +734,10 @@ impl Pipeline {
         m: &mut Map<String, Value>,
     ) -> Result<(), TrainError> {
         let cfg = &self.cfg;
-        if cfg.eval.eval_every == 0 || step % cfg.eval.eval_every != 0 || inp.data.eval.is_empty() {
+        if cfg.eval.eval_every == 0
+            || !step.is_multiple_of(cfg.eval.eval_every)
+            || inp.data.eval.is_empty()
+        {
             return Ok(());
         }
         let (em, es) = evaluate(
@@ -878,6 +881,7 @@ struct Progress {
 
 /// Where a stage left the run: finished (with the model), or stopped by the stop flag after
 /// saving.
+#[allow(clippy::large_enum_variant)] // made once per stage and moved straight out
 enum StageEnd {
     Done(MoeModel),
     Interrupted,
