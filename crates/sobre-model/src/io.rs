@@ -863,7 +863,8 @@ fn is_mtp_tensor(cfg: &ModelConfig, name: &str) -> bool {
 }
 
 /// Every tensor of `model` by its HF name and shape, row-major, in the layout transformers
-/// reads (what [`save_model`] writes).
+/// reads (what [`save_model`] writes). Long because it is one flat list, a tensor per statement
+/// in checkpoint order: the mirror of `Builder::model`.
 pub fn hf_tensors(model: &MoeModel) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let cfg = &model.config;
     let names = Names::of(cfg);
