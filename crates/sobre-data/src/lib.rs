@@ -1,8 +1,8 @@
 //! `sobre-data`: everything between a dataset on disk and the token ids a model sees.
 //!
 //! It reads datasets (JSONL and Parquet, TRL's field names by default, a field mapping for verl
-//! and GSM8K layouts), generates checkable task problems (`countdown`, `arithmetic`) from a seed
-//! with byte-identical output on every machine, writes solver-made R1-style demonstrations for
+//! and GSM8K layouts), generates checkable task problems (`countdown`, `arithmetic`,
+//! `functions`) from a seed with byte-identical output on every machine, writes solver-made R1-style demonstrations for
 //! cold-start SFT, renders prompts (R1-Zero's template, a plain one, Hugging Face chat templates
 //! through minijinja) and turns text into token ids and back (`tokenizer.json` through the
 //! `tokenizers` crate, or a small byte-level BPE trained here for from-scratch runs).

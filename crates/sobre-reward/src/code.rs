@@ -281,52 +281,8 @@ impl CodeReward {
     /// Build from parameters: resolve the interpreter and check that it runs in the sandbox (so
     /// a missing interpreter is an error at start-up, not at the first step).
     pub fn new(params: CodeParams) -> Result<CodeReward, RewardError> {
+        let program = Self::check(&params)?;
         let p = &params;
-        if !(p.timeout_s > 0.0 && p.timeout_s.is_finite()) {
-            return Err(bad_param(
-                "code",
-                "timeout_s",
-                "must be a positive number of seconds",
-            ));
-        }
-        if p.cpu_s.is_some_and(|c| !(c > 0.0 && c.is_finite())) {
-            return Err(bad_param(
-                "code",
-                "cpu_s",
-                "must be a positive number of seconds",
-            ));
-        }
-        if p.memory_mb == 0 {
-            return Err(bad_param("code", "memory_mb", "must be positive"));
-        }
-        if p.max_processes == 0 {
-            return Err(bad_param("code", "max_processes", "must be positive"));
-        }
-        if p.max_output_mb == 0 {
-            return Err(bad_param("code", "max_output_mb", "must be positive"));
-        }
-        if p.float_tolerance
-            .is_some_and(|t| !(t >= 0.0 && t.is_finite()))
-        {
-            return Err(bad_param(
-                "code",
-                "float_tolerance",
-                "must be a finite number ≥ 0",
-            ));
-        }
-        if p.language.trim().is_empty() {
-            return Err(bad_param("code", "language", "must not be empty"));
-        }
-        let Some(first) = p.interpreter.first() else {
-            return Err(bad_param("code", "interpreter", "must not be empty"));
-        };
-        let program = resolve_program(first).ok_or_else(|| {
-            bad_param(
-                "code",
-                "interpreter",
-                format!("`{first}` not found (searched {SANDBOX_PATH}, then PATH)"),
-            )
-        })?;
         let (tags, file) = language_spec(&p.language);
         let mut argv = vec![program.display().to_string()];
         argv.extend(p.interpreter[1..].iter().cloned());
@@ -368,6 +324,57 @@ impl CodeReward {
             file,
             argv,
             sandbox,
+        })
+    }
+
+    /// The checks of [`CodeReward::new`] that have no side effect: parameter values, and that
+    /// the interpreter exists. Returns the interpreter's path. A config check runs this; the run
+    /// itself builds the reward once, which also runs an empty program in the sandbox.
+    pub fn check(p: &CodeParams) -> Result<std::path::PathBuf, RewardError> {
+        if !(p.timeout_s > 0.0 && p.timeout_s.is_finite()) {
+            return Err(bad_param(
+                "code",
+                "timeout_s",
+                "must be a positive number of seconds",
+            ));
+        }
+        if p.cpu_s.is_some_and(|c| !(c > 0.0 && c.is_finite())) {
+            return Err(bad_param(
+                "code",
+                "cpu_s",
+                "must be a positive number of seconds",
+            ));
+        }
+        if p.memory_mb == 0 {
+            return Err(bad_param("code", "memory_mb", "must be positive"));
+        }
+        if p.max_processes == 0 {
+            return Err(bad_param("code", "max_processes", "must be positive"));
+        }
+        if p.max_output_mb == 0 {
+            return Err(bad_param("code", "max_output_mb", "must be positive"));
+        }
+        if p.float_tolerance
+            .is_some_and(|t| !(t >= 0.0 && t.is_finite()))
+        {
+            return Err(bad_param(
+                "code",
+                "float_tolerance",
+                "must be a finite number ≥ 0",
+            ));
+        }
+        if p.language.trim().is_empty() {
+            return Err(bad_param("code", "language", "must not be empty"));
+        }
+        let Some(first) = p.interpreter.first() else {
+            return Err(bad_param("code", "interpreter", "must not be empty"));
+        };
+        resolve_program(first).ok_or_else(|| {
+            bad_param(
+                "code",
+                "interpreter",
+                format!("`{first}` not found (searched {SANDBOX_PATH}, then PATH)"),
+            )
         })
     }
 
@@ -605,6 +612,10 @@ impl Reward for CodeReward {
 
 pub(crate) fn build(params: &Map<String, Value>) -> Result<Box<dyn Reward>, RewardError> {
     Ok(Box::new(CodeReward::new(parse_params("code", params)?)?))
+}
+
+pub(crate) fn check(params: &Map<String, Value>) -> Result<(), RewardError> {
+    CodeReward::check(&parse_params("code", params)?).map(|_| ())
 }
 
 #[cfg(test)]

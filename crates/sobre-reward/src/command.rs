@@ -364,32 +364,7 @@ pub fn parse_reply(line: &str, components: &[String]) -> Result<Scores, String> 
 impl CommandReward {
     /// Build and start the program once (a program that cannot start is an error now).
     pub fn new(params: CommandParams) -> Result<CommandReward, RewardError> {
-        if params.command.is_empty() {
-            return Err(bad_param(
-                "command",
-                "command",
-                "required: the program and its arguments, e.g. [\"python3\", \"my_reward.py\"]",
-            ));
-        }
-        if !(params.timeout_s > 0.0 && params.timeout_s.is_finite()) {
-            return Err(bad_param(
-                "command",
-                "timeout_s",
-                "must be a positive number of seconds",
-            ));
-        }
-        if params.processes == 0 {
-            return Err(bad_param("command", "processes", "must be at least 1"));
-        }
-        if params.memory_mb == Some(0) {
-            return Err(bad_param("command", "memory_mb", "must be positive"));
-        }
-        if !cfg!(target_os = "linux") {
-            return Err(RewardError::Setup {
-                reward: "command".into(),
-                message: format!("unsupported on {}: it needs Linux", std::env::consts::OS),
-            });
-        }
+        Self::check(&params)?;
         let first = Worker::start(&params).map_err(|e| {
             bad_param(
                 "command",
@@ -404,6 +379,56 @@ impl CommandReward {
             workers,
             calls: AtomicUsize::new(0),
         })
+    }
+
+    /// The checks of [`CommandReward::new`] that have no side effect: parameter values, and
+    /// that the program exists. A config check runs this; the run itself starts the program once.
+    pub fn check(p: &CommandParams) -> Result<(), RewardError> {
+        if p.command.is_empty() {
+            return Err(bad_param(
+                "command",
+                "command",
+                "required: the program and its arguments, e.g. [\"python3\", \"my_reward.py\"]",
+            ));
+        }
+        if !(p.timeout_s > 0.0 && p.timeout_s.is_finite()) {
+            return Err(bad_param(
+                "command",
+                "timeout_s",
+                "must be a positive number of seconds",
+            ));
+        }
+        if p.processes == 0 {
+            return Err(bad_param("command", "processes", "must be at least 1"));
+        }
+        if p.memory_mb == Some(0) {
+            return Err(bad_param("command", "memory_mb", "must be positive"));
+        }
+        if !cfg!(target_os = "linux") {
+            return Err(RewardError::Setup {
+                reward: "command".into(),
+                message: format!("unsupported on {}: it needs Linux", std::env::consts::OS),
+            });
+        }
+        // A path is looked up where the program will start (`cwd`, else here); a bare name on
+        // PATH, as the OS will.
+        let program = &p.command[0];
+        let found = if program.contains('/') {
+            let at = std::path::Path::new(program);
+            at.is_file() || p.cwd.as_ref().is_some_and(|d| std::path::Path::new(d).join(at).is_file())
+        } else {
+            std::env::var_os("PATH").is_some_and(|path| {
+                std::env::split_paths(&path).any(|d| d.join(program).is_file())
+            })
+        };
+        if !found {
+            return Err(bad_param(
+                "command",
+                "command",
+                format!("`{program}` not found (a path, or a program on PATH)"),
+            ));
+        }
+        Ok(())
     }
 
     /// The request line of one completion.
@@ -540,6 +565,10 @@ pub(crate) fn build(params: &Map<String, Value>) -> Result<Box<dyn Reward>, Rewa
     Ok(Box::new(CommandReward::new(parse_params(
         "command", params,
     )?)?))
+}
+
+pub(crate) fn check(params: &Map<String, Value>) -> Result<(), RewardError> {
+    CommandReward::check(&parse_params("command", params)?)
 }
 
 #[cfg(test)]

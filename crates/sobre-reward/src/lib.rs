@@ -3,7 +3,8 @@
 //! `<think>…</think><answer>…</answer>` format, math answers by mathematical equivalence (aiming at
 //! the verdicts of the `math-verify` Python package), countdown equations by exact rational
 //! arithmetic, exact/regex matches, length shaping (open-r1's cosine reward, DAPO's soft overlong
-//! penalty) and an n-gram repetition penalty — and combines them with weights from a config.
+//! penalty), an n-gram repetition penalty and R1's language-consistency reward (the share of the
+//! chain of thought's words in one script) — and combines them with weights from a config.
 //!
 //! It is pure Rust with no tensor dependency: it does not sample, tokenize or train, and it knows
 //! nothing of models. Every reward is a pure function of `(sample, completion)` that never panics
@@ -38,6 +39,7 @@ pub mod command;
 pub mod countdown;
 mod error;
 pub mod format;
+pub mod language;
 pub mod length;
 pub mod matching;
 pub mod math;
@@ -46,7 +48,9 @@ pub mod repetition;
 pub mod sandbox;
 
 pub use error::RewardError;
-pub use registry::{CombinedReward, RewardBreakdown, RewardSpec, build_reward, reward_names};
+pub use registry::{
+    CombinedReward, RewardBreakdown, RewardSpec, build_reward, check_reward, reward_names,
+};
 
 /// A dataset row: the fields rewards read by name (`answer`, `nums`, `target`, …).
 pub type Sample = serde_json::Map<String, serde_json::Value>;

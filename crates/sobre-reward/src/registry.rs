@@ -22,9 +22,21 @@ const REGISTRY: &[(&str, Builder)] = &[
     ("length", crate::length::build_length),
     ("overlong", crate::length::build_overlong),
     ("repetition", crate::repetition::build),
+    ("language_consistency", crate::language::build),
     ("code", crate::code::build),
     ("command", crate::command::build),
 ];
+
+/// Check one reward's parameters without side effects: what [`build_reward`] would refuse,
+/// except what only running shows (`code`'s interpreter in the sandbox, `command`'s program
+/// starting). A config check runs this so that a run builds each reward once.
+pub fn check_reward(name: &str, params: &Map<String, Value>) -> Result<(), RewardError> {
+    match name {
+        "code" => crate::code::check(params),
+        "command" => crate::command::check(params),
+        _ => build_reward(name, params).map(|_| ()),
+    }
+}
 
 /// Names of all registered rewards.
 pub fn reward_names() -> Vec<&'static str> {

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use sobre_data::DatasetConfig;
-use sobre_data::tasks::{ArithmeticConfig, CountdownConfig};
+use sobre_data::tasks::{ArithmeticConfig, CountdownConfig, FunctionsConfig};
 use sobre_rollout::SamplingParams;
 
 /// A configuration error, located where it can be.
@@ -137,12 +137,14 @@ impl Default for TokenizerSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataSection {
-    /// A task generator: `countdown` or `arithmetic` (used when `dataset` is not set).
+    /// A task generator: `countdown`, `arithmetic` or `functions` (used when `dataset` is not set).
     pub task: Option<String>,
     /// Options of the countdown generator.
     pub countdown: CountdownConfig,
     /// Options of the arithmetic generator.
     pub arithmetic: ArithmeticConfig,
+    /// Options of the functions generator (tiny programming problems for the `code` reward).
+    pub functions: FunctionsConfig,
     /// Generated training problems. Without `sft_size` each carries its solver-written
     /// demonstration, and SFT trains on those same problems.
     pub train_size: usize,
@@ -168,6 +170,7 @@ impl Default for DataSection {
             task: None,
             countdown: CountdownConfig::default(),
             arithmetic: ArithmeticConfig::default(),
+            functions: FunctionsConfig::default(),
             train_size: 2000,
             sft_size: None,
             eval_size: 200,
@@ -526,6 +529,10 @@ pub struct Config {
     pub lora: Option<LoraSection>,
     /// `[[reward]] name = "…" weight = …` (default: R1's format + the task's accuracy reward).
     pub reward: Vec<toml::Table>,
+    /// `[[stage]] name = "…" kind = "sft" | "grpo" | "rejection_sampling"`: R1's multi-stage
+    /// pipeline (see `crate::stages`); absent: `[sft]` then GRPO.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stage: Vec<toml::Table>,
 }
 
 /// Where the configuration came from, for error messages and the resolved copy.
@@ -542,7 +549,7 @@ pub const LOSSES: &[&str] = &["grpo", "bnpo", "dr_grpo", "dapo", "gspo"];
 pub const KL_ESTIMATORS: &[&str] = &["k1", "k2", "k3"];
 pub const SCALE_REWARDS: &[&str] = &["group", "batch", "none"];
 pub const SCHEDULES: &[&str] = &["constant", "linear", "cosine"];
-pub const TASKS: &[&str] = &["countdown", "arithmetic"];
+pub const TASKS: &[&str] = &["countdown", "arithmetic", "functions"];
 pub const TEMPLATES: &[&str] = &["r1_zero", "plain", "chat"];
 
 /// Levenshtein distance (small strings only).
@@ -777,6 +784,7 @@ impl Config {
         }
         let task_reward = match self.data.task.as_deref() {
             Some("countdown") => "countdown",
+            Some("functions") => "code",
             _ => "accuracy",
         };
         let spec = |name: &str, w: f64| {
@@ -793,15 +801,36 @@ impl Config {
     /// sandbox, `command` that its program starts.
     pub fn build_rewards(&self) -> Result<sobre_reward::CombinedReward, String> {
         let mut combined = sobre_reward::CombinedReward::new();
-        for (i, t) in self.reward_specs().iter().enumerate() {
-            let at = |e: &dyn std::fmt::Display| format!("[[reward]] #{}: {e}", i + 1);
-            let v = serde_json::to_value(t).map_err(|e| at(&e))?;
-            let spec: sobre_reward::RewardSpec = serde_json::from_value(v).map_err(|e| at(&e))?;
-            let reward =
-                sobre_reward::build_reward(&spec.name, &spec.params).map_err(|e| at(&e))?;
+        for (at, spec) in self.parsed_reward_specs()? {
+            let reward = sobre_reward::build_reward(&spec.name, &spec.params).map_err(at)?;
             combined.add(reward, spec.weight);
         }
         Ok(combined)
+    }
+
+    /// What [`Config::build_rewards`] checks, without starting programs (the run does that
+    /// once): names, parameters, and that interpreters and verifier programs exist.
+    pub fn check_rewards(&self) -> Result<(), String> {
+        for (at, spec) in self.parsed_reward_specs()? {
+            sobre_reward::check_reward(&spec.name, &spec.params).map_err(at)?;
+        }
+        Ok(())
+    }
+
+    /// Each `[[reward]]` table as a spec, with a function that prefixes an error with the table.
+    #[allow(clippy::type_complexity)]
+    fn parsed_reward_specs(
+        &self,
+    ) -> Result<Vec<(impl Fn(sobre_reward::RewardError) -> String, sobre_reward::RewardSpec)>, String>
+    {
+        let mut out = Vec::new();
+        for (i, t) in self.reward_specs().iter().enumerate() {
+            let at = move |e: &dyn std::fmt::Display| format!("[[reward]] #{}: {e}", i + 1);
+            let v = serde_json::to_value(t).map_err(|e| at(&e))?;
+            let spec: sobre_reward::RewardSpec = serde_json::from_value(v).map_err(|e| at(&e))?;
+            out.push((move |e: sobre_reward::RewardError| at(&e), spec));
+        }
+        Ok(out)
     }
 
     /// The upper clip range.
@@ -1049,7 +1078,7 @@ impl Config {
             (None, None) => {
                 return fail(
                     "data.task",
-                    "set `task` (countdown or arithmetic) or a `[data.dataset]` path".into(),
+                    "set `task` (countdown, arithmetic or functions) or a `[data.dataset]` path".into(),
                 );
             }
             (Some(t), _) => {
@@ -1058,6 +1087,7 @@ impl Config {
                 }
                 let r = match t.as_str() {
                     "countdown" => self.data.countdown.validate().map_err(|e| e.to_string()),
+                    "functions" => self.data.functions.validate().map_err(|e| e.to_string()),
                     _ => self.data.arithmetic.validate().map_err(|e| e.to_string()),
                 };
                 if let Err(m) = r {
@@ -1254,8 +1284,12 @@ impl Config {
             );
         }
         // [[reward]]
-        if let Err(m) = self.build_rewards() {
+        if let Err(m) = self.check_rewards() {
             return fail("reward", m);
+        }
+        // [[stage]]: each stage's own config is checked as a whole config.
+        if !self.stage.is_empty() {
+            crate::stages::plan(self, source)?;
         }
         Ok(())
     }
@@ -1453,7 +1487,7 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(
-            e.contains("/no/such/verifier") && e.contains("could not start"),
+            e.contains("/no/such/verifier") && e.contains("not found"),
             "{e}"
         );
     }

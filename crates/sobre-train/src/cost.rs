@@ -65,6 +65,23 @@ pub struct RunCost {
     pub energy_wh_rapl: Option<f64>,
 }
 
+impl RunCost {
+    /// The cost of two parts of a run done one after the other (the stages of a staged run):
+    /// sums, RAPL only when both parts had it, `self`'s `watts_per_core`.
+    pub fn plus(&self, other: &RunCost) -> RunCost {
+        RunCost {
+            wall_seconds: self.wall_seconds + other.wall_seconds,
+            cpu_seconds: self.cpu_seconds + other.cpu_seconds,
+            tokens_generated: self.tokens_generated + other.tokens_generated,
+            tokens_trained: self.tokens_trained + other.tokens_trained,
+            flops_estimate: self.flops_estimate + other.flops_estimate,
+            energy_wh_estimate: self.energy_wh_estimate + other.energy_wh_estimate,
+            watts_per_core: self.watts_per_core,
+            energy_wh_rapl: self.energy_wh_rapl.zip(other.energy_wh_rapl).map(|(a, b)| a + b),
+        }
+    }
+}
+
 /// What a training step did, for the run's cost: tokens sampled, tokens run forward and
 /// backward, and the estimated FLOPs of both (and of a reference forward, if any).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]

@@ -34,6 +34,7 @@ pub fn task_config(cfg: &Config) -> Option<TaskConfig> {
     match cfg.data.task.as_deref() {
         Some("countdown") => Some(TaskConfig::Countdown(cfg.data.countdown.clone())),
         Some("arithmetic") => Some(TaskConfig::Arithmetic(cfg.data.arithmetic.clone())),
+        Some("functions") => Some(TaskConfig::Functions(cfg.data.functions.clone())),
         _ => None,
     }
 }

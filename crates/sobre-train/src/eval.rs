@@ -8,9 +8,9 @@
 //! Definitions (where the literature leaves room, the choice is written here):
 //! - **correct**: the sample's *correctness reward* scores ≥ 1.0 — its maximum with default
 //!   parameters, and the same rule as the trainer's `accuracy` metric. The correctness reward is
-//!   [`EvalOptions::correct_reward`], else `countdown` or `accuracy`, whichever the combined
-//!   reward has (in that order), else the one the problems' fields call for (`nums` and `target`
-//!   → `countdown`, otherwise `accuracy`), scored with default parameters even when the run does
+//!   [`EvalOptions::correct_reward`], else `countdown`, `accuracy` or `code`, whichever the
+//!   combined reward has (in that order), else the one the problems' fields call for (`nums` and
+//!   `target` → `countdown`, code tests → `code`, otherwise `accuracy`), scored with default parameters even when the run does
 //!   not weight it. A problem it does not apply to (`None`, e.g. `accuracy` without a gold
 //!   answer) counts as not solved.
 //! - **pass@1**: mean over problems of c/n (n = K samples, c correct) — the expected accuracy of
@@ -326,13 +326,18 @@ impl EvalReport {
 /// The correctness reward for `rewards` and `problems` when none is named (see module docs).
 pub fn default_correct_reward(rewards: &CombinedReward, problems: &[Sample]) -> String {
     let names = rewards.names();
-    if let Some(n) = ["countdown", "accuracy"].iter().find(|n| names.contains(n)) {
+    if let Some(n) = ["countdown", "accuracy", "code"].iter().find(|n| names.contains(n)) {
         return n.to_string();
     }
-    let countdown = problems
-        .first()
-        .is_some_and(|s| s.fields.contains_key("nums") && s.fields.contains_key("target"));
-    if countdown { "countdown" } else { "accuracy" }.to_string()
+    let has = |k: &str| problems.first().is_some_and(|s| s.fields.contains_key(k));
+    if has("nums") && has("target") {
+        "countdown"
+    } else if has("input_output") || has("verification_info") || has("test_list") || has("test") {
+        "code"
+    } else {
+        "accuracy"
+    }
+    .to_string()
 }
 
 fn build_one(name: &str) -> Result<Box<dyn Reward>, TrainError> {

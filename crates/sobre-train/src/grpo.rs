@@ -185,7 +185,7 @@ pub fn default_accuracy_reward(cfg: &Config, rewards: &CombinedReward) -> Option
         return Some(r.clone());
     }
     let names = rewards.names();
-    ["countdown", "accuracy"]
+    ["countdown", "accuracy", "code"]
         .iter()
         .find(|n| names.contains(n))
         .map(|s| s.to_string())

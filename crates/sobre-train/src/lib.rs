@@ -37,8 +37,10 @@ pub mod optim;
 /// Batch shards on threads: the rollout crate's helpers, shared by the trainer.
 pub use sobre_rollout::parallel;
 pub mod pipeline;
+pub mod rejection;
 pub mod score;
 pub mod sft;
+pub mod stages;
 pub mod tensorboard;
 
 use std::path::{Path, PathBuf};

@@ -151,8 +151,11 @@ impl Pipeline {
     }
 
     /// Run the pipeline to the end (or until the stop flag is set): set up → SFT stage → GRPO
-    /// stage → final evaluation.
+    /// stage → final evaluation; with `[[stage]]` tables, those stages ([`crate::stages`]).
     pub fn run(self) -> Result<Summary, TrainError> {
+        if !self.cfg.stage.is_empty() {
+            return crate::stages::run(&self.cfg, &self.source, &self.opts);
+        }
         let (inp, mut pr, model, mut state) = self.set_up()?;
         let model = if state.stage == Stage::Sft {
             match self.sft_stage(&inp, &mut pr, model, &mut state)? {

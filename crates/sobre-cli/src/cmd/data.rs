@@ -6,7 +6,10 @@ use anyhow::Context;
 use clap::{Args as ClapArgs, Subcommand, ValueEnum};
 use sobre_data::dataset::{AnswerExtract, DatasetConfig, Format, write_jsonl};
 use sobre_data::tasks::countdown::{DemoStyle, QuestionStyle};
-use sobre_data::tasks::{self, ArithmeticConfig, CountdownConfig, Split, TaskConfig};
+use sobre_data::tasks::functions::Family;
+use sobre_data::tasks::{
+    self, ArithmeticConfig, CountdownConfig, FunctionsConfig, Split, TaskConfig,
+};
 
 #[derive(ClapArgs)]
 #[command(after_help = "Examples:
@@ -14,6 +17,7 @@ use sobre_data::tasks::{self, ArithmeticConfig, CountdownConfig, Split, TaskConf
   sobre data countdown --n 500 --seed 2 --split eval --min-count 3 --max-count 3 --max-number 20 --out eval.jsonl
   sobre data countdown --n 1000 --seed 3 --demos --out sft_demos.jsonl
   sobre data arithmetic --n 1000 --seed 1 --max-digits 4 --ops +,* --out arith.jsonl
+  sobre data functions --n 500 --seed 1 --demos --out functions.jsonl
   sobre data check datasets/countdown/train.jsonl
   sobre data check gsm8k/train.parquet --prompt-field question --answer-extract gsm8k")]
 pub struct Args {
@@ -27,6 +31,9 @@ enum DataCommand {
     Countdown(CountdownArgs),
     /// Generate multi-digit +, -, * problems with their answers.
     Arithmetic(ArithmeticArgs),
+    /// Generate tiny programming problems: infer f from f(1), f(2), f(3) and write it in Python,
+    /// checked by hidden tests (the `code` reward's `test` + `entry_point` fields).
+    Functions(FunctionsArgs),
     /// Validate a JSONL or Parquet dataset; print counts, field statistics and duplicates.
     Check(CheckArgs),
 }
@@ -109,6 +116,25 @@ struct ArithmeticArgs {
 }
 
 #[derive(ClapArgs)]
+#[command(
+    after_help = "Example:\n  sobre data functions --n 500 --seed 1 --families linear --max-slope 9 --out f.jsonl"
+)]
+struct FunctionsArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Families of hidden functions, comma-separated, from linear (a*x+b) and square (x*x+b).
+    #[arg(long, default_value = "linear,square")]
+    families: String,
+    /// Largest slope of a linear function.
+    #[arg(long, default_value_t = FunctionsConfig::default().max_slope)]
+    max_slope: i64,
+    #[arg(long, default_value_t = FunctionsConfig::default().min_offset, allow_hyphen_values = true)]
+    min_offset: i64,
+    #[arg(long, default_value_t = FunctionsConfig::default().max_offset, allow_hyphen_values = true)]
+    max_offset: i64,
+}
+
+#[derive(ClapArgs)]
 struct CheckArgs {
     /// A .jsonl or .parquet file.
     file: PathBuf,
@@ -177,6 +203,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             };
             generate(TaskConfig::Arithmetic(cfg), &a.common)
         }
+        DataCommand::Functions(a) => {
+            let families = a
+                .families
+                .split(',')
+                .map(|s| match s.trim() {
+                    "linear" => Ok(Family::Linear),
+                    "square" => Ok(Family::Square),
+                    other => anyhow::bail!(
+                        "--families: unknown family `{other}`; expected linear or square"
+                    ),
+                })
+                .collect::<anyhow::Result<Vec<Family>>>()?;
+            let cfg = FunctionsConfig {
+                families,
+                max_slope: a.max_slope,
+                min_offset: a.min_offset,
+                max_offset: a.max_offset,
+            };
+            generate(TaskConfig::Functions(cfg), &a.common)
+        }
         DataCommand::Check(a) => check(a),
     }
 }
@@ -191,6 +237,7 @@ fn generate(task: TaskConfig, c: &Common) -> anyhow::Result<()> {
     let name = match task {
         TaskConfig::Countdown(_) => "countdown",
         TaskConfig::Arithmetic(_) => "arithmetic",
+        TaskConfig::Functions(_) => "functions",
     };
     let split_name = match split {
         Split::Train => "train",

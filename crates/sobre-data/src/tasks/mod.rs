@@ -6,7 +6,8 @@
 //! float. The same arguments give the same bytes on every machine.
 //!
 //! Train/eval disjointness: every problem has a canonical key (countdown: sorted numbers and
-//! target; arithmetic: operands, commutative ones sorted, and operator). The SHA-256 of the key
+//! target; arithmetic: operands, commutative ones sorted, and operator; functions: family and
+//! coefficients). The SHA-256 of the key
 //! puts the problem in the eval split when its first 8 bytes, as a big-endian integer, are
 //! ≡ 0 (mod 10) — a fixed tenth of the problem space — and in the train split otherwise.
 //! A generator draws problems and keeps those of the split asked for, so a train set and an
@@ -15,6 +16,7 @@
 
 pub mod arithmetic;
 pub mod countdown;
+pub mod functions;
 
 use std::collections::BTreeSet;
 
@@ -27,6 +29,7 @@ use crate::dataset::Sample;
 
 pub use arithmetic::ArithmeticConfig;
 pub use countdown::CountdownConfig;
+pub use functions::FunctionsConfig;
 
 /// Which side of the train/eval partition a problem is on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,12 +60,13 @@ impl Split {
     }
 }
 
-/// A generator and its options; `task = "countdown"` or `"arithmetic"` in TOML.
+/// A generator and its options; `task = "countdown"`, `"arithmetic"` or `"functions"` in TOML.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "task", rename_all = "lowercase")]
 pub enum TaskConfig {
     Countdown(CountdownConfig),
     Arithmetic(ArithmeticConfig),
+    Functions(FunctionsConfig),
 }
 
 /// Errors from task generation.
@@ -169,6 +173,10 @@ pub fn generate(
             .map(|p| p.to_sample(demos))
             .collect()),
         TaskConfig::Arithmetic(cfg) => Ok(arithmetic::generate(cfg, split, n, seed)?
+            .iter()
+            .map(|p| p.to_sample(demos))
+            .collect()),
+        TaskConfig::Functions(cfg) => Ok(functions::generate(cfg, split, n, seed)?
             .iter()
             .map(|p| p.to_sample(demos))
             .collect()),

@@ -1,0 +1,177 @@
+//! `[[stage]]` runs on the tiny preset: R1's four stages in one run directory, rejection
+//! sampling's file, and exact resume at a stage boundary and inside a stage.
+
+use std::path::Path;
+
+use sobre_train::Config;
+use sobre_train::pipeline::{Pipeline, RunOptions, Summary};
+
+/// configs/smoke.toml without its step counts, with R1's stages.
+fn staged() -> String {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/smoke.toml");
+    let smoke = std::fs::read_to_string(p).expect("configs/smoke.toml");
+    let mut out = String::new();
+    for line in smoke.lines() {
+        if line.trim_start().starts_with("steps =") {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out.push_str(concat!(
+        "at_end = true\nsamples_per_problem = 2\n",
+        "[[stage]]\nname = \"cold_start\"\nkind = \"sft\"\n[stage.sft]\nsteps = 2\n",
+        "[[stage]]\nname = \"reasoning_rl\"\nkind = \"grpo\"\n[stage.run]\nsteps = 2\n",
+        "[[stage]]\nname = \"rejection\"\nkind = \"rejection_sampling\"\nn = 4\nk = 2\nthreshold = 0.0\nprompts = 8\n",
+        "[[stage]]\nname = \"sft_again\"\nkind = \"sft\"\n[stage.sft]\nsteps = 2\n",
+        "[[stage]]\nname = \"rl_again\"\nkind = \"grpo\"\n[stage.run]\nsteps = 2\n[stage.optim]\nlr = 5e-4\n",
+    ));
+    out
+}
+
+fn run(dir: &Path, resume: bool, stop_after: Option<usize>) -> Summary {
+    let (cfg, src) = Config::parse(&staged(), "staged.toml", &["eval.n=4".into()]).unwrap();
+    let opts = RunOptions {
+        resume,
+        out_dir: Some(dir.to_path_buf()),
+        stop: None,
+        quiet: true,
+        stop_after,
+    };
+    Pipeline::new(cfg, src, opts).unwrap().run().unwrap()
+}
+
+fn weights(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join("model.safetensors")).unwrap()
+}
+
+const TRAINED: [&str; 4] = ["cold_start", "reasoning_rl", "sft_again", "rl_again"];
+
+#[test]
+fn four_stages_run_in_order_and_resume_bit_for_bit() {
+    let a = tempfile::tempdir().unwrap();
+    let s = run(a.path(), false, None);
+    assert!(!s.interrupted);
+    assert_eq!((s.sft_steps, s.grpo_steps), (4, 4));
+    assert_eq!(
+        s.last_checkpoint.as_deref(),
+        Some(a.path().join("checkpoints/rl_again").as_path())
+    );
+    for name in TRAINED {
+        let st = sobre_train::checkpoint::read_state(&a.path().join("checkpoints").join(name));
+        assert!(st.is_some(), "checkpoints/{name}");
+    }
+    // Each stage changed the model.
+    let w: Vec<Vec<u8>> = TRAINED
+        .iter()
+        .map(|n| weights(&a.path().join("checkpoints").join(n)))
+        .collect();
+    for i in 1..w.len() {
+        assert!(w[i] != w[i - 1], "{} left the model as it was", TRAINED[i]);
+    }
+
+    // Rejection sampling: 8 prompts × 4 samples, every one passes threshold 0; at most 2
+    // distinct completions per prompt kept, each with its problem's fields.
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(a.path().join("stages/rejection/rejection.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(report["prompts"], 8);
+    assert_eq!(report["sampled"], 32);
+    assert_eq!(report["passed"], 32);
+    let file = std::fs::read_to_string(a.path().join("stages/rejection/sft.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> = file
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len() as u64, report["kept"].as_u64().unwrap());
+    assert_eq!(
+        rows.len() as u64 + report["duplicates"].as_u64().unwrap() >= 16,
+        true
+    );
+    let mut per_prompt: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for r in &rows {
+        assert!(r["nums"].is_array() && r["target"].is_number(), "{r}");
+        per_prompt
+            .entry(r["prompt"].to_string())
+            .or_default()
+            .push(r["completion"].as_str().unwrap().to_string());
+    }
+    assert_eq!(
+        per_prompt.len() as u64,
+        report["prompts_kept"].as_u64().unwrap()
+    );
+    for (p, c) in &per_prompt {
+        assert!(c.len() <= 2, "{p}: {c:?}");
+        assert!(c.len() < 2 || c[0] != c[1], "{p}: duplicates kept");
+    }
+    // The second SFT stage trained on that file.
+    let cfg = std::fs::read_to_string(a.path().join("stages/sft_again/config.toml")).unwrap();
+    assert!(cfg.contains("stages/rejection/sft.jsonl"), "{cfg}");
+    // A row per training stage.
+    let eval: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.path().join("final_eval.json")).unwrap())
+            .unwrap();
+    let labels: Vec<&str> = eval["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(labels, TRAINED);
+    for r in eval["rows"].as_array().unwrap() {
+        assert_eq!(r["report"]["n_problems"], 4, "{r}");
+    }
+
+    // Stopped inside the first GRPO stage, then resumed: the same models, stage by stage.
+    let b = tempfile::tempdir().unwrap();
+    let first = run(b.path(), false, Some(1));
+    assert!(first.interrupted);
+    assert!(b.path().join("checkpoints/cold_start").exists());
+    assert!(!b.path().join("checkpoints/reasoning_rl").exists());
+    let done = run(b.path(), true, None);
+    assert!(!done.interrupted);
+    for name in TRAINED {
+        let p = Path::new("checkpoints").join(name);
+        assert!(
+            weights(&a.path().join(&p)) == weights(&b.path().join(&p)),
+            "{name} differs after a mid-stage resume"
+        );
+    }
+    assert_eq!(
+        std::fs::read(a.path().join("stages/rejection/sft.jsonl")).unwrap(),
+        std::fs::read(b.path().join("stages/rejection/sft.jsonl")).unwrap()
+    );
+
+    // Stopped at a stage boundary (before the first GRPO step), then resumed.
+    let c = tempfile::tempdir().unwrap();
+    assert!(run(c.path(), false, Some(0)).interrupted);
+    run(c.path(), true, None);
+    let p = Path::new("checkpoints/rl_again");
+    assert!(
+        weights(&a.path().join(p)) == weights(&c.path().join(p)),
+        "differs after a boundary resume"
+    );
+    // A finished staged run resumed again trains nothing more.
+    let again = run(c.path(), true, None);
+    assert_eq!((again.sft_steps, again.grpo_steps), (4, 4));
+    assert!(weights(&a.path().join(p)) == weights(&c.path().join(p)));
+}
+
+#[test]
+fn a_staged_run_will_not_overwrite_another_without_resume() {
+    let (cfg, src) = Config::parse(&staged(), "staged.toml", &[]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("stages/cold_start")).unwrap();
+    let opts = RunOptions {
+        out_dir: Some(dir.path().to_path_buf()),
+        quiet: true,
+        ..Default::default()
+    };
+    let e = Pipeline::new(cfg, src, opts)
+        .unwrap()
+        .run()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--resume"), "{e}");
+}
