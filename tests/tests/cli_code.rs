@@ -111,9 +111,13 @@ fn the_example_verifier_scores_through_sobre_reward() {
     ));
     let r = rows(&out);
     assert_eq!(r.len(), 2, "{out}");
-    assert_eq!(r[0]["rewards"]["correct"], 1.0, "{out}");
-    assert_eq!(r[1]["rewards"]["correct"], 0.0, "{out}");
-    assert_eq!(r[0]["rewards"]["short"], 0.1, "{out}");
+    // Each component the program returns is logged under `command/<name>`.
+    assert_eq!(r[0]["rewards"]["command/correct"], 1.0, "{out}");
+    assert_eq!(r[1]["rewards"]["command/correct"], 0.0, "{out}");
+    let short = r[0]["rewards"]["command/short"].as_f64().unwrap();
+    assert!((short - 0.1).abs() < 1e-6, "{out}");
+    let total = r[0]["total"].as_f64().unwrap();
+    assert!((total - 1.1).abs() < 1e-6, "{out}");
 }
 
 #[test]

@@ -11,7 +11,13 @@ use sobre_rollout::{Detokenizer, Prompt, SamplingParams};
 #[derive(ClapArgs)]
 #[command(after_help = "Examples:\n  \
   sobre generate --model runs/r1-tiny/checkpoints/step-000200 --prompt 'Using the numbers [3, 5, 7] …' -n 4 --json\n  \
-  sobre generate --model crates/sobre-model/tests/fixtures/qwen3_moe_tiny --ids 1,5,9 --temperature 0 --max-new-tokens 8")]
+  sobre generate --model crates/sobre-model/tests/fixtures/qwen3_moe_tiny --ids 1,5,9 --temperature 0 --max-new-tokens 8\n  \
+  sobre generate --model runs/r1-tiny/checkpoints/step-000200 --config configs/r1-tiny.toml -n 8 --keep correct --out traces.jsonl\n  \
+  sobre generate --model TEACHER --data problems.jsonl --config configs/r1-tiny.toml -n 4 --keep correct --k 1 --out traces.jsonl\n\n\
+With --data or --config: distillation / rejection-sampling data. Each problem's prompt is rendered\n\
+with the config's template, N completions are sampled and scored with its rewards, and the kept\n\
+ones (distinct per problem, at most --k, the shortest with --shortest) are written to --out as\n\
+JSONL SFT rows (the problem's fields, prompt, answer, completion) that `[data.sft_dataset]` reads.")]
 pub struct Args {
     /// A model directory (HF layout). Its tokenizer.json, if present, encodes --prompt and decodes
     /// the output; its generation_config.json, if present, gives the eos ids generation stops on
@@ -19,7 +25,7 @@ pub struct Args {
     #[arg(long)]
     model: PathBuf,
     /// Prompt text (needs a tokenizer in the model directory). Used as is: no template is applied.
-    #[arg(long, conflicts_with = "ids", required_unless_present = "ids")]
+    #[arg(long, conflicts_with = "ids", required_unless_present_any = ["ids", "data", "config"])]
     prompt: Option<String>,
     /// Prompt token ids, comma-separated.
     #[arg(long, value_delimiter = ',')]
@@ -51,6 +57,35 @@ pub struct Args {
     /// One JSON object per completion: tokens, text, logprobs, finish_reason.
     #[arg(long)]
     json: bool,
+    /// Problems to sample for (JSONL/Parquet with a `prompt` field, mapped by the config's
+    /// `[data.dataset]` when it has one). Without it, `--config`'s training problems.
+    #[arg(long, conflicts_with_all = ["prompt", "ids"])]
+    data: Option<PathBuf>,
+    /// A run config: the template, rewards and sampling settings of `--data` problems.
+    #[arg(long, conflicts_with_all = ["prompt", "ids"])]
+    config: Option<PathBuf>,
+    /// Override a value of --config: section.key=value (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE", requires = "config")]
+    set: Vec<String>,
+    /// Which completions to write: `all` (distinct ones) or `correct` (the correctness reward
+    /// scores ≥ 1, as in evaluation).
+    #[arg(long, value_parser = ["all", "correct"], default_value = "all")]
+    keep: String,
+    /// Keep completions whose weighted total reward is ≥ this instead (overrides --keep).
+    #[arg(long)]
+    min_reward: Option<f64>,
+    /// At most this many kept per problem [default: -n].
+    #[arg(long)]
+    k: Option<usize>,
+    /// Keep the shortest passing completions rather than the first sampled.
+    #[arg(long)]
+    shortest: bool,
+    /// Only the first N problems.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// The JSONL file the kept completions go to (needed with --data / --config).
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 struct Detok<'a>(&'a Tokenizer);
@@ -64,6 +99,9 @@ impl Detokenizer for Detok<'_> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.data.is_some() || args.config.is_some() {
+        return traces(&args);
+    }
     let device = sobre_model::default_device();
     let model = sobre_model::load_model(&args.model, &device)
         .with_context(|| format!("loading the model in {}", args.model.display()))?;
@@ -201,5 +239,86 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// `--data` / `--config`: sample, score, keep, write (sobre_train::rejection).
+fn traces(args: &Args) -> anyhow::Result<()> {
+    use sobre_train::Config;
+    use sobre_train::rejection::{Keep, rejection_sample, write_atomically};
+    let out = args
+        .out
+        .as_ref()
+        .context("--data / --config write traces: give --out FILE.jsonl")?;
+    let (model, tok, dir) = sobre_train::compare::load_for_eval(&args.model, None)
+        .with_context(|| format!("loading the model in {}", args.model.display()))?;
+    let cfg = match &args.config {
+        Some(p) => Config::load(p, &args.set)?.0,
+        None => Config::default(),
+    };
+    let mut problems = match &args.data {
+        Some(path) => {
+            let mut d = cfg
+                .data
+                .dataset
+                .clone()
+                .unwrap_or_else(|| sobre_data::DatasetConfig::new(path));
+            d.path = path.clone();
+            sobre_data::dataset::load(&d)
+                .with_context(|| format!("reading {}", path.display()))?
+                .samples
+        }
+        None => sobre_train::data::load_data(&cfg)?.train,
+    };
+    if let Some(n) = args.limit {
+        problems.truncate(n);
+    }
+    anyhow::ensure!(!problems.is_empty(), "no problems to sample for");
+    let mut cfg = cfg;
+    if args.config.is_none() {
+        // No config: countdown's rewards when the rows are countdown problems (as `sobre eval`).
+        let f = &problems[0].fields;
+        if f.contains_key("nums") && f.contains_key("target") {
+            cfg.data.task = Some("countdown".into());
+        }
+    }
+    let template = sobre_train::data::build_template(&cfg, Some(&dir))?;
+    let rewards = cfg.build_rewards().map_err(anyhow::Error::msg)?;
+    let mut opts = sobre_train::eval::EvalOptions::from_config(&cfg);
+    opts.samples = args.n;
+    opts.temperature = args.temperature.unwrap_or(cfg.rollout.temperature);
+    opts.max_new_tokens = args.max_new_tokens.unwrap_or(cfg.rollout.max_new_tokens);
+    opts.seed = args.seed;
+    if let Some(p) = args.top_p {
+        opts.top_p = p;
+    }
+    if let Some(k) = args.top_k {
+        opts.top_k = k;
+    }
+    if opts.correct_reward.is_none() {
+        opts.correct_reward = sobre_train::grpo::default_accuracy_reward(&cfg, &rewards);
+    }
+    let keep = Keep {
+        threshold: match (args.min_reward, args.keep.as_str()) {
+            (Some(t), _) => Some(t),
+            (None, "correct") => None,
+            _ => Some(f64::NEG_INFINITY),
+        },
+        k: args.k.unwrap_or(args.n).max(1),
+        shortest: args.shortest,
+    };
+    let (kept, report) =
+        rejection_sample(&model, &tok, &problems, &template, &rewards, &opts, &keep)?;
+    write_atomically(&kept, out)?;
+    eprintln!(
+        "kept {} of {} completions ({} passed, {} duplicates) for {} of {} problems → {}",
+        report.kept,
+        report.sampled,
+        report.passed,
+        report.duplicates,
+        report.prompts_kept,
+        report.prompts,
+        out.display()
+    );
     Ok(())
 }
