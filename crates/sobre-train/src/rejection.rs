@@ -48,6 +48,22 @@ pub struct RejectionReport {
     pub seconds: f64,
 }
 
+impl RejectionReport {
+    /// The one line a run prints: what was kept of what, and where it went.
+    pub fn line(&self, out: &Path) -> String {
+        format!(
+            "kept {} of {} completions ({} passed, {} duplicates) for {} of {} problems → {}",
+            self.kept,
+            self.sampled,
+            self.passed,
+            self.duplicates,
+            self.prompts_kept,
+            self.prompts,
+            out.display()
+        )
+    }
+}
+
 /// The kept completions of problem-major `samples` (as [`evaluate`] returns them) as SFT
 /// samples: each problem's passing completions, identical texts once, the first `k` in sample
 /// order — or the `k` shortest in tokens, ties by sample order, with `keep.shortest` — then

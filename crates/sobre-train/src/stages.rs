@@ -595,14 +595,8 @@ fn rejection_stage(
     write_atomically(&kept, &stage_dir.join("sft.jsonl"))?;
     if !quiet {
         eprintln!(
-            "rejection sampling: kept {} of {} completions ({} passed, {} duplicates) for {} of {} prompts → {}",
-            report.kept,
-            report.sampled,
-            report.passed,
-            report.duplicates,
-            report.prompts_kept,
-            report.prompts,
-            stage_dir.join("sft.jsonl").display()
+            "rejection sampling: {}",
+            report.line(&stage_dir.join("sft.jsonl"))
         );
     }
     Ok(report)

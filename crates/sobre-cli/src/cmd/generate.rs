@@ -310,15 +310,6 @@ fn traces(args: &Args) -> anyhow::Result<()> {
     let (kept, report) =
         rejection_sample(&model, &tok, &problems, &template, &rewards, &opts, &keep)?;
     write_atomically(&kept, out)?;
-    eprintln!(
-        "kept {} of {} completions ({} passed, {} duplicates) for {} of {} problems → {}",
-        report.kept,
-        report.sampled,
-        report.passed,
-        report.duplicates,
-        report.prompts_kept,
-        report.prompts,
-        out.display()
-    );
+    eprintln!("{}", report.line(out));
     Ok(())
 }
