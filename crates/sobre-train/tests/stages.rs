@@ -173,3 +173,47 @@ fn a_staged_run_will_not_overwrite_another_without_resume() {
         .to_string();
     assert!(e.contains("--resume"), "{e}");
 }
+
+/// configs/r1-tiny-full.toml loads, runs R1's stages in order, and shares r1-tiny's settings
+/// (so the two compare on the same evaluation).
+#[test]
+fn the_full_pipeline_config_is_r1_tiny_with_stages() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let (full, src) = Config::load(&root.join("configs/r1-tiny-full.toml"), &[]).unwrap();
+    let (tiny, _) = Config::load(&root.join("configs/r1-tiny.toml"), &[]).unwrap();
+    let plan = sobre_train::stages::plan(&full, &src).unwrap();
+    let names: Vec<&str> = plan.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "cold_start",
+            "reasoning_rl",
+            "rejection",
+            "sft_again",
+            "rl_again"
+        ]
+    );
+    assert_eq!(full.data, tiny.data);
+    assert_eq!(full.grpo, tiny.grpo);
+    assert_eq!(full.rollout, tiny.rollout);
+    assert_eq!(full.reward, tiny.reward);
+    assert_eq!(
+        (full.eval.n, full.eval.samples_per_problem),
+        (tiny.eval.n, tiny.eval.samples_per_problem)
+    );
+    let cold =
+        sobre_train::stages::stage_config(&full, &plan[0], None, None, Path::new("o")).unwrap();
+    assert_eq!(cold.sft, tiny.sft);
+    // GRPO steps of the two RL stages: 550 + 250 of r1-tiny's 850.
+    let rl: usize = plan
+        .iter()
+        .filter(|s| s.kind == sobre_train::stages::StageKind::Grpo)
+        .map(|s| {
+            sobre_train::stages::stage_config(&full, s, None, None, Path::new("o"))
+                .unwrap()
+                .run
+                .steps
+        })
+        .sum();
+    assert_eq!((rl, tiny.run.steps), (800, 850));
+}
