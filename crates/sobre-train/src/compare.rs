@@ -237,14 +237,22 @@ impl Comparison {
     /// The table as printed at the end of a run.
     pub fn table(&self) -> String {
         let mut out = format!("held-out evaluation: {}\n", self.problems);
+        // As wide as the longest label (a staged run's rows are its stage names).
+        let w = self
+            .rows
+            .iter()
+            .map(|r| r.label.chars().count())
+            .max()
+            .unwrap_or(0)
+            .max(10);
         out.push_str(&format!(
-            "{:<10} {:>7} {:>7} {:>7} {:>7} {:>7}  model\n",
+            "{:<w$} {:>7} {:>7} {:>7} {:>7} {:>7}  model\n",
             "", "pass@1", "pass@k", "maj@k", "format", "length"
         ));
         for r in &self.rows {
             match &r.report {
                 Some(e) => out.push_str(&format!(
-                    "{:<10} {:>6.1}% {:>6.1}% {:>6.1}% {:>6.1}% {:>7.1}  {}\n",
+                    "{:<w$} {:>6.1}% {:>6.1}% {:>6.1}% {:>6.1}% {:>7.1}  {}\n",
                     r.label,
                     100.0 * e.pass_at_1,
                     100.0 * e.pass_at_k,
@@ -254,7 +262,7 @@ impl Comparison {
                     r.model.display()
                 )),
                 None => out.push_str(&format!(
-                    "{:<10} {:>7} {:>7} {:>7} {:>7} {:>7}  {}\n",
+                    "{:<w$} {:>7} {:>7} {:>7} {:>7} {:>7}  {}\n",
                     r.label,
                     "-",
                     "-",
