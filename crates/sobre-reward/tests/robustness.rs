@@ -31,6 +31,11 @@ fn all_rewards() -> CombinedReward {
         name = "overlong"
         [[reward]]
         name = "repetition"
+        [[reward]]
+        name = "language_consistency"
+        [[reward]]
+        name = "language_consistency"
+        script = "han"
         "#,
     )
     .expect("valid config")
