@@ -333,12 +333,7 @@ impl Pipeline {
                 .build_global();
         }
         let cfg_path = run_dir.join("config.toml");
-        let mut resolved = format!("# Resolved from {}", self.source.name);
-        for o in &self.source.overrides {
-            resolved.push_str(&format!(" --set {o}"));
-        }
-        resolved.push_str("\n\n");
-        resolved.push_str(&cfg.to_toml());
+        let resolved = resolved_config(cfg, &self.source);
         if self.opts.resume
             && let Ok(previous) = std::fs::read_to_string(&cfg_path)
             && previous.split_once("\n\n").map(|(_, body)| body) != Some(cfg.to_toml().as_str())
@@ -834,6 +829,18 @@ impl Pipeline {
             cost: pr.meter.snapshot(self.cfg.run.watts_per_core),
         }
     }
+}
+
+/// A run directory's `config.toml`: where the config came from (file and `--set`s), then every
+/// value resolved.
+pub(crate) fn resolved_config(cfg: &Config, source: &Source) -> String {
+    let mut text = format!("# Resolved from {}", source.name);
+    for o in &source.overrides {
+        text.push_str(&format!(" --set {o}"));
+    }
+    text.push_str("\n\n");
+    text.push_str(&cfg.to_toml());
+    text
 }
 
 /// A reward that cannot score ends the run: its error then names the checkpoint to resume from

@@ -105,130 +105,140 @@ pub fn plan(cfg: &Config, source: &Source) -> Result<Vec<StageSpec>, ConfigError
     }
     let mut out: Vec<StageSpec> = Vec::new();
     for (i, t) in cfg.stage.iter().enumerate() {
-        let origin = match stage_line(&source.text, i) {
-            Some(l) => format!("{}:{l}", source.name),
-            None => source.name.clone(),
-        };
-        let err = |key: &str, msg: String| ConfigError {
-            origin: origin.clone(),
-            key: Some(format!("stage[{i}].{key}")),
-            msg,
-        };
-        let name = match t.get("name") {
-            Some(toml::Value::String(s))
-                if !s.is_empty()
-                    && s.chars()
-                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') =>
-            {
-                s.clone()
-            }
-            Some(v) => {
-                return Err(err(
-                    "name",
-                    format!("expected a name of letters, digits, `_` or `-`, found {v}"),
-                ));
-            }
-            None => {
-                return Err(err(
-                    "name",
-                    "every stage needs a `name` (its checkpoint is checkpoints/<name>/)".into(),
-                ));
-            }
-        };
-        if out.iter().any(|s| s.name == name) {
-            return Err(err("name", format!("`{name}` names two stages")));
-        }
-        let kind = match t.get("kind").and_then(toml::Value::as_str) {
-            Some("sft") => StageKind::Sft,
-            Some("grpo") => StageKind::Grpo,
-            Some("rejection_sampling") => StageKind::RejectionSampling,
-            other => {
-                let found = other.map_or("nothing".to_string(), |k| format!("`{k}`"));
-                return Err(err(
-                    "kind",
-                    format!("expected one of {}, found {found}", KINDS.join(", ")),
-                ));
-            }
-        };
-        let mut sections = toml::Table::new();
-        for (k, v) in t {
-            if k == "name"
-                || k == "kind"
-                || (kind == StageKind::RejectionSampling && REJECTION_KEYS.contains(&k.as_str()))
-            {
-                continue;
-            }
-            if !SECTIONS.contains(&k.as_str()) {
-                let mut valid: Vec<&str> = SECTIONS.to_vec();
-                if kind == StageKind::RejectionSampling {
-                    valid.extend(REJECTION_KEYS);
-                }
-                let hint = closest(k, &valid)
-                    .map(|c| format!(" (did you mean `{c}`?)"))
-                    .unwrap_or_default();
-                return Err(err(
-                    k,
-                    format!(
-                        "unknown key for a `{}` stage{hint}; valid: {}",
-                        KINDS[kind as usize],
-                        valid.join(", ")
-                    ),
-                ));
-            }
-            sections.insert(k.clone(), v.clone());
-        }
-        let rejection = match kind {
-            StageKind::RejectionSampling => {
-                Some(rejection_settings(t).map_err(|(k, m)| err(k, m))?)
-            }
-            _ => None,
-        };
-        let steps = |section: &str| {
-            sections
-                .get(section)
-                .and_then(|s| s.get("steps"))
-                .and_then(toml::Value::as_integer)
-                .unwrap_or(0)
-        };
-        match kind {
-            StageKind::Sft if steps("sft") < 1 => {
-                return Err(err(
-                    "sft.steps",
-                    "an `sft` stage needs `[stage.sft] steps` ≥ 1".into(),
-                ));
-            }
-            StageKind::Grpo if steps("run") < 1 => {
-                return Err(err(
-                    "run.steps",
-                    "a `grpo` stage needs `[stage.run] steps` ≥ 1".into(),
-                ));
-            }
-            StageKind::RejectionSampling if out.is_empty() && cfg.model.path.is_none() => {
-                return Err(err(
-                    "kind",
-                    "a first stage that samples needs a model to sample from (`[model] path`)"
-                        .into(),
-                ));
-            }
-            _ => {}
-        }
-        let spec = StageSpec {
-            name,
-            kind,
-            sections,
-            rejection,
-        };
-        // Every stage's own settings are checked now, not when the stage starts.
-        stage_config(cfg, &spec, None, None, Path::new("."))
-            .and_then(|c| c.validate(&stage_source(source, &spec, &c)))
-            .map_err(|e| ConfigError {
-                origin: origin.clone(),
-                key: e.key.map(|k| format!("stage[{i}].{k}")),
-                msg: e.msg,
-            })?;
+        let spec = stage_spec(cfg, source, i, t, &out)?;
         out.push(spec);
     }
     Ok(out)
+}
+
+/// The `i`-th `[[stage]]` table `t` as a spec, checked (its name against the `earlier` stages'),
+/// its whole config validated.
+fn stage_spec(
+    cfg: &Config,
+    source: &Source,
+    i: usize,
+    t: &toml::Table,
+    earlier: &[StageSpec],
+) -> Result<StageSpec, ConfigError> {
+    let origin = match stage_line(&source.text, i) {
+        Some(l) => format!("{}:{l}", source.name),
+        None => source.name.clone(),
+    };
+    let err = |key: &str, msg: String| ConfigError {
+        origin: origin.clone(),
+        key: Some(format!("stage[{i}].{key}")),
+        msg,
+    };
+    let name = match t.get("name") {
+        Some(toml::Value::String(s))
+            if !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') =>
+        {
+            s.clone()
+        }
+        Some(v) => {
+            return Err(err(
+                "name",
+                format!("expected a name of letters, digits, `_` or `-`, found {v}"),
+            ));
+        }
+        None => {
+            return Err(err(
+                "name",
+                "every stage needs a `name` (its checkpoint is checkpoints/<name>/)".into(),
+            ));
+        }
+    };
+    if earlier.iter().any(|s| s.name == name) {
+        return Err(err("name", format!("`{name}` names two stages")));
+    }
+    let kind = match t.get("kind").and_then(toml::Value::as_str) {
+        Some("sft") => StageKind::Sft,
+        Some("grpo") => StageKind::Grpo,
+        Some("rejection_sampling") => StageKind::RejectionSampling,
+        other => {
+            let found = other.map_or("nothing".to_string(), |k| format!("`{k}`"));
+            return Err(err(
+                "kind",
+                format!("expected one of {}, found {found}", KINDS.join(", ")),
+            ));
+        }
+    };
+    let mut sections = toml::Table::new();
+    for (k, v) in t {
+        if k == "name"
+            || k == "kind"
+            || (kind == StageKind::RejectionSampling && REJECTION_KEYS.contains(&k.as_str()))
+        {
+            continue;
+        }
+        if !SECTIONS.contains(&k.as_str()) {
+            let mut valid: Vec<&str> = SECTIONS.to_vec();
+            if kind == StageKind::RejectionSampling {
+                valid.extend(REJECTION_KEYS);
+            }
+            let hint = closest(k, &valid)
+                .map(|c| format!(" (did you mean `{c}`?)"))
+                .unwrap_or_default();
+            return Err(err(
+                k,
+                format!(
+                    "unknown key for a `{}` stage{hint}; valid: {}",
+                    KINDS[kind as usize],
+                    valid.join(", ")
+                ),
+            ));
+        }
+        sections.insert(k.clone(), v.clone());
+    }
+    let rejection = match kind {
+        StageKind::RejectionSampling => Some(rejection_settings(t).map_err(|(k, m)| err(k, m))?),
+        _ => None,
+    };
+    let steps = |section: &str| {
+        sections
+            .get(section)
+            .and_then(|s| s.get("steps"))
+            .and_then(toml::Value::as_integer)
+            .unwrap_or(0)
+    };
+    match kind {
+        StageKind::Sft if steps("sft") < 1 => {
+            return Err(err(
+                "sft.steps",
+                "an `sft` stage needs `[stage.sft] steps` ≥ 1".into(),
+            ));
+        }
+        StageKind::Grpo if steps("run") < 1 => {
+            return Err(err(
+                "run.steps",
+                "a `grpo` stage needs `[stage.run] steps` ≥ 1".into(),
+            ));
+        }
+        StageKind::RejectionSampling if earlier.is_empty() && cfg.model.path.is_none() => {
+            return Err(err(
+                "kind",
+                "a first stage that samples needs a model to sample from (`[model] path`)".into(),
+            ));
+        }
+        _ => {}
+    }
+    let spec = StageSpec {
+        name,
+        kind,
+        sections,
+        rejection,
+    };
+    // Every stage's own settings are checked now, not when the stage starts.
+    stage_config(cfg, &spec, None, None, Path::new("."))
+        .and_then(|c| c.validate(&stage_source(source, &spec, &c)))
+        .map_err(|e| ConfigError {
+            origin: origin.clone(),
+            key: e.key.map(|k| format!("stage[{i}].{k}")),
+            msg: e.msg,
+        })?;
+    Ok(spec)
 }
 
 fn rejection_settings(t: &toml::Table) -> Result<RejectionStage, (&'static str, String)> {
@@ -422,7 +432,7 @@ pub fn run(cfg: &Config, source: &Source, opts: &RunOptions) -> Result<Summary, 
         }
         let done = ckpt_root.join(&spec.name);
         if checkpoint::read_state(&done).is_none() {
-            let sub = run_training_stage(c, source, spec, &stage_dir, opts)?;
+            let sub = run_training_stage(c, source, spec, &stage_dir, &done, opts)?;
             if sub.interrupted {
                 add(&mut total, &sub);
                 total.interrupted = true;
@@ -472,12 +482,7 @@ fn prepare(cfg: &Config, source: &Source, run_dir: &Path, resume: bool) -> Resul
         )));
     }
     let path = run_dir.join("config.toml");
-    let mut text = format!("# Resolved from {}", source.name);
-    for o in &source.overrides {
-        text.push_str(&format!(" --set {o}"));
-    }
-    text.push_str("\n\n");
-    text.push_str(&cfg.to_toml());
+    let text = crate::pipeline::resolved_config(cfg, source);
     std::fs::write(&path, text).map_err(|e| TrainError::io(&path, e))
 }
 
@@ -488,6 +493,7 @@ fn run_training_stage(
     source: &Source,
     spec: &StageSpec,
     stage_dir: &Path,
+    done: &Path,
     opts: &RunOptions,
 ) -> Result<Summary, TrainError> {
     let sub_ckpts = stage_dir.join("checkpoints");
@@ -516,21 +522,17 @@ fn run_training_stage(
             (last, Some(summary))
         }
     };
-    let root = stage_dir
-        .parent()
-        .and_then(Path::parent)
-        .map(|r| r.join("checkpoints"))
-        .unwrap_or_default();
-    std::fs::create_dir_all(&root).map_err(|e| TrainError::io(&root, e))?;
-    let done = root.join(&spec.name);
+    if let Some(root) = done.parent() {
+        std::fs::create_dir_all(root).map_err(|e| TrainError::io(root, e))?;
+    }
     // One rename: the stage is done exactly when its checkpoint is in place.
-    std::fs::rename(&last, &done).map_err(|e| TrainError::io(&done, e))?;
+    std::fs::rename(&last, done).map_err(|e| TrainError::io(done, e))?;
     Ok(sub.unwrap_or(Summary {
         run_dir: stage_dir.to_path_buf(),
         sft_steps: 0,
         grpo_steps: 0,
         interrupted: false,
-        last_checkpoint: Some(done),
+        last_checkpoint: Some(done.to_path_buf()),
         last_metrics: None,
         seconds: 0.0,
         cost: RunCost::default(),
