@@ -262,6 +262,14 @@ pub struct GrpoSection {
     pub max_resample_rounds: usize,
     /// Weight of the MoE balance loss (default: the model's `router_aux_loss_coef`).
     pub aux_loss_coef: Option<f64>,
+    /// On-policy distillation: a model directory (same tokenizer as the policy) whose
+    /// log-probabilities of the sampled tokens add `teacher_coef · (log π_teacher − log
+    /// π_sampler)` to each token's advantage ([`crate::distill`]).
+    pub teacher: Option<PathBuf>,
+    /// Weight of the teacher's per-token signal (default 1).
+    pub teacher_coef: Option<f64>,
+    /// The teacher's signal alone, without the verifier's advantage (pure distillation).
+    pub teacher_only: bool,
 }
 
 impl Default for GrpoSection {
@@ -281,6 +289,9 @@ impl Default for GrpoSection {
             filter_zero_std_groups: false,
             max_resample_rounds: 3,
             aux_loss_coef: None,
+            teacher: None,
+            teacher_coef: None,
+            teacher_only: false,
         }
     }
 }
@@ -821,8 +832,13 @@ impl Config {
     #[allow(clippy::type_complexity)]
     fn parsed_reward_specs(
         &self,
-    ) -> Result<Vec<(impl Fn(sobre_reward::RewardError) -> String, sobre_reward::RewardSpec)>, String>
-    {
+    ) -> Result<
+        Vec<(
+            impl Fn(sobre_reward::RewardError) -> String,
+            sobre_reward::RewardSpec,
+        )>,
+        String,
+    > {
         let mut out = Vec::new();
         for (i, t) in self.reward_specs().iter().enumerate() {
             let at = move |e: &dyn std::fmt::Display| format!("[[reward]] #{}: {e}", i + 1);
@@ -846,6 +862,51 @@ impl Config {
         } else {
             self.grpo.mini_batch_size
         }
+    }
+
+    /// The on-policy distillation checks of [`Config::validate`]: the teacher is a model
+    /// directory (or a run directory with checkpoints), its settings are used only with it, and
+    /// `teacher_only` leaves nothing for dynamic sampling to filter on. (That its tokenizer is
+    /// the student's is checked when the GRPO stage loads it, once the student's is known.)
+    fn validate_teacher(
+        &self,
+        fail: &dyn Fn(&str, String) -> Result<(), ConfigError>,
+    ) -> Result<(), ConfigError> {
+        let g = &self.grpo;
+        let Some(dir) = &g.teacher else {
+            for (key, set) in [
+                ("grpo.teacher_coef", g.teacher_coef.is_some()),
+                ("grpo.teacher_only", g.teacher_only),
+            ] {
+                if set {
+                    return fail(
+                        key,
+                        "has no effect without `grpo.teacher` (a model directory)".into(),
+                    );
+                }
+            }
+            return Ok(());
+        };
+        if let Some(c) = g.teacher_coef
+            && !(c > 0.0 && c.is_finite())
+        {
+            return fail(
+                "grpo.teacher_coef",
+                format!("must be a finite number > 0, found {c}"),
+            );
+        }
+        if g.teacher_only && g.filter_zero_std_groups {
+            return fail(
+                "grpo.filter_zero_std_groups",
+                "cannot be used with `grpo.teacher_only`: without the verifier's advantage a \
+                 group's reward spread carries no signal to filter on"
+                    .into(),
+            );
+        }
+        if let Err(e) = crate::compare::resolve_model_dir(dir) {
+            return fail("grpo.teacher", e.to_string());
+        }
+        Ok(())
     }
 
     /// The `[lora]` checks of [`Config::validate`]: values, module names, and that the model
@@ -1078,7 +1139,8 @@ impl Config {
             (None, None) => {
                 return fail(
                     "data.task",
-                    "set `task` (countdown, arithmetic or functions) or a `[data.dataset]` path".into(),
+                    "set `task` (countdown, arithmetic or functions) or a `[data.dataset]` path"
+                        .into(),
                 );
             }
             (Some(t), _) => {
@@ -1195,6 +1257,7 @@ impl Config {
         if let Some(a) = g.aux_loss_coef {
             nonneg("grpo.aux_loss_coef", a)?;
         }
+        self.validate_teacher(&fail)?;
         // [optim]
         let o = &self.optim;
         pos("optim.lr", o.lr)?;

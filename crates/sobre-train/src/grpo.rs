@@ -23,6 +23,7 @@ use crate::advantages::{ScaleRewards, group_advantages, mean_std, zero_std_group
 use crate::config::Config;
 use crate::cost::{TRAIN_FLOPS_FACTOR, Work, sequence_forward_flops};
 use crate::data::{Detok, Order, derive_seed, encode_prompt, reward_sample};
+use crate::distill::{add_teacher_advantages, reverse_kl_sum};
 use crate::kl::KlEstimator;
 use crate::losses::{
     LossSettings, PolicyLossFn, PolicyLossInput, clip_fractions, host_log_ratios,
@@ -70,6 +71,8 @@ pub struct GrpoContext<'a> {
     pub train: &'a [Sample],
     /// The frozen reference (non-autodiff), when `beta > 0`.
     pub reference: Option<&'a Reference>,
+    /// The on-policy distillation teacher of `grpo.teacher` ([`crate::distill`]).
+    pub teacher: Option<&'a Reference>,
     /// Reward component that counts as "solved" for `accuracy`.
     pub accuracy_reward: Option<String>,
 }
@@ -116,8 +119,9 @@ struct Batches {
     shard_tokens: Vec<Vec<f64>>,
 }
 
-/// The reference's log-probabilities of each shard's completion tokens (`[rows · width]`,
-/// like its layout), `None` without a reference or for a shard with nothing to score.
+/// A frozen model's (the reference's, the teacher's) log-probabilities of each shard's
+/// completion tokens (`[rows · width]`, like its layout), `None` without that model or for a
+/// shard with nothing to score.
 type ReferenceLogprobs = Vec<Vec<Option<Vec<f32>>>>;
 
 /// What one data-parallel shard of a mini-batch update reports: sums over its tokens, so the
@@ -131,6 +135,8 @@ struct ShardStats {
     clip_hi: f64,
     /// Σ KL over the loss's tokens, when a reference is on.
     kl: Option<f64>,
+    /// First pass only: Σ (sampled − teacher log-prob) over the loss's tokens, with a teacher.
+    teacher_kl: Option<f64>,
     /// The shard's share of the mini-batch's router balance loss.
     aux: Option<f64>,
     /// First pass only: scored tokens, Σ entropy, Σ |logp − rollout logp|.
@@ -151,6 +157,7 @@ struct UpdateStats {
     losses: Vec<f64>,
     grad_norms: Vec<f64>,
     kls: Vec<f64>,
+    teacher_kls: Vec<f64>,
     entropies: Vec<f64>,
     mismatches: Vec<f64>,
     clip_lo: Vec<f64>,
@@ -165,6 +172,7 @@ struct UpdateStats {
 struct Timings {
     rollout: f64,
     reference: f64,
+    teacher: f64,
     policy: f64,
     step: f64,
 }
@@ -209,14 +217,22 @@ pub fn grpo_step(
     let batches = plan_batches(ctx, &rollout.kept, &adv.row_mask);
     let work = step_work(ctx, &model.config, &rollout, &batches);
     let t_reference = Instant::now();
-    let ref_lp = reference_logprobs(ctx, &model, &batches);
+    let reference = ctx.reference.filter(|_| ctx.cfg.grpo.beta > 0.0);
+    let ref_lp = frozen_logprobs(ctx, &model, &batches, reference);
     let time_reference = t_reference.elapsed().as_secs_f64();
+    let t_teacher = Instant::now();
+    let teacher_lp = frozen_logprobs(ctx, &model, &batches, ctx.teacher);
+    let time_teacher = t_teacher.elapsed().as_secs_f64();
     let t_policy = Instant::now();
-    let (model, update) =
-        update_policy(ctx, model, opt, lr, &rollout.kept, &adv, &batches, &ref_lp);
+    let frozen = Frozen {
+        reference: &ref_lp,
+        teacher: &teacher_lp,
+    };
+    let (model, update) = update_policy(ctx, model, opt, lr, &rollout.kept, &adv, &batches, frozen);
     let timings = Timings {
         rollout: time_rollout,
         reference: time_reference,
+        teacher: time_teacher,
         policy: t_policy.elapsed().as_secs_f64(),
         step: t_step.elapsed().as_secs_f64(),
     };
@@ -236,7 +252,8 @@ pub fn grpo_step(
 
 /// The step's tokens and estimated FLOPs ([`crate::cost`]): every sampled sequence generated
 /// once; each row of a mini-batch that is updated run forward and backward in each of the
-/// `num_iterations` passes; and the reference's forward over every row when a KL term is on.
+/// `num_iterations` passes; and the reference's forward over every row when a KL term is on,
+/// the teacher's when distilling.
 fn step_work(
     ctx: &GrpoContext<'_>,
     mc: &sobre_model::ModelConfig,
@@ -258,12 +275,24 @@ fn step_work(
         }
     }
     let reference = ctx.reference.is_some() && ctx.cfg.grpo.beta > 0.0;
+    // (The teacher's shape may differ from the policy's: its own FLOPs per row.)
+    let teacher_flops: f64 = match ctx.teacher.and_then(|t| t.model.as_ref()) {
+        Some(t) => rollout
+            .kept
+            .iter()
+            .map(|s| {
+                sequence_forward_flops(&t.config, s.prompt_ids.len() + s.completion.tokens.len())
+            })
+            .sum(),
+        None => 0.0,
+    };
     Work {
         tokens_generated: rollout.generated_tokens as u64,
         tokens_trained: passes * trained,
         flops: rollout.generation_flops
             + passes as f64 * TRAIN_FLOPS_FACTOR * trained_flops
-            + if reference { all_flops } else { 0.0 },
+            + if reference { all_flops } else { 0.0 }
+            + teacher_flops,
     }
 }
 
@@ -407,8 +436,9 @@ fn compute_advantages(cfg: &Config, kept: &[Scored]) -> Advantages {
     let g = &cfg.grpo;
     let rewards: Vec<f32> = kept.iter().map(|s| s.reward).collect();
     let scale = ScaleRewards::from_name(&g.scale_rewards).unwrap_or(ScaleRewards::Group);
-    let advantages = if kept.is_empty() {
-        vec![]
+    let advantages = if kept.is_empty() || g.teacher_only {
+        // (Pure distillation: the teacher's per-token signal is the whole advantage.)
+        vec![0.0; kept.len()]
     } else {
         group_advantages(&rewards, g.group_size, scale)
     };
@@ -478,17 +508,19 @@ fn plan_batches(ctx: &GrpoContext<'_>, kept: &[Scored], row_mask: &[f32]) -> Bat
     }
 }
 
-/// The frozen reference's log-probabilities of every shard's completions, when `beta > 0`.
-/// The reference is never trained: on the CPU it runs on the host engine, without autodiff.
-/// Rows with an empty completion cannot be scored (no token to predict); they are masked.
-/// A LoRA reference ([`Reference::adapters_off`]) is `policy` with its adapters off.
-fn reference_logprobs(
+/// A frozen model's log-probabilities of every shard's completions (the KL reference's when
+/// `beta > 0`, the distillation teacher's), at the rollout temperature. It is never trained: on
+/// the CPU it runs on the host engine, without autodiff. Rows with an empty completion cannot
+/// be scored (no token to predict); they are masked. A LoRA reference
+/// ([`Reference::adapters_off`]) is `policy` with its adapters off.
+fn frozen_logprobs(
     ctx: &GrpoContext<'_>,
     policy: &MoeModel,
     batches: &Batches,
+    frozen: Option<&Reference>,
 ) -> ReferenceLogprobs {
     let temperature = ctx.cfg.rollout.temperature;
-    let Some(r) = ctx.reference.filter(|_| ctx.cfg.grpo.beta > 0.0) else {
+    let Some(r) = frozen else {
         return batches
             .layouts
             .iter()
@@ -523,6 +555,13 @@ fn reference_logprobs(
 
 // ---- policy update ----
 
+/// The frozen models' log-probabilities of a step's rows, by mini-batch and shard.
+#[derive(Clone, Copy)]
+struct Frozen<'a> {
+    reference: &'a ReferenceLogprobs,
+    teacher: &'a ReferenceLogprobs,
+}
+
 /// What every shard's loss of one mini-batch, in one pass, reads.
 struct MiniBatch<'a> {
     /// Index of the mini-batch, and the pass over the step's data (`0..num_iterations`).
@@ -532,6 +571,8 @@ struct MiniBatch<'a> {
     adv: &'a Advantages,
     batches: &'a Batches,
     ref_lp: &'a [Option<Vec<f32>>],
+    teacher_lp: &'a [Option<Vec<f32>>],
+    teacher_coef: f32,
     settings: &'a LossSettings,
     loss: &'a str,
     loss_fn: PolicyLossFn,
@@ -553,7 +594,7 @@ fn update_policy(
     kept: &[Scored],
     adv: &Advantages,
     batches: &Batches,
-    ref_lp: &ReferenceLogprobs,
+    frozen: Frozen<'_>,
 ) -> (MoeModel, UpdateStats) {
     let (cfg, g) = (ctx.cfg, &ctx.cfg.grpo);
     let total_tokens: f64 = batches.shard_tokens.iter().flatten().sum();
@@ -578,7 +619,9 @@ fn update_policy(
                 kept,
                 adv,
                 batches,
-                ref_lp: &ref_lp[ci],
+                ref_lp: &frozen.reference[ci],
+                teacher_lp: &frozen.teacher[ci],
+                teacher_coef: g.teacher_coef.unwrap_or(1.0) as f32,
                 settings: &settings,
                 loss: &g.loss,
                 loss_fn: policy_loss_fn(&g.loss).unwrap_or(crate::losses::grpo),
@@ -619,6 +662,10 @@ fn minibatch_update(
     acc.clip_hi.push(sum(|s| s.clip_hi) / n_tok);
     if stats.iter().any(|s| s.kl.is_some()) {
         acc.kls.push(sum(|s| s.kl.unwrap_or(0.0)) / n_tok);
+    }
+    if stats.iter().any(|s| s.teacher_kl.is_some()) {
+        acc.teacher_kls
+            .push(sum(|s| s.teacher_kl.unwrap_or(0.0)) / n_tok);
     }
     if stats.iter().any(|s| s.aux.is_some()) {
         acc.aux.push(sum(|s| s.aux.unwrap_or(0.0)));
@@ -670,6 +717,9 @@ impl MiniBatch<'_> {
             for (i, &lp) in self.kept[gi].completion.logprobs.iter().enumerate().take(m) {
                 rollout_lp[r * m + i] = lp;
             }
+        }
+        if let Some(t) = &self.teacher_lp[si] {
+            add_teacher_advantages(&mut adv, t, &rollout_lp, &mask, self.teacher_coef);
         }
         let opts = ForwardOptions {
             aux_loss: self.aux_coef > 0.0,
@@ -771,6 +821,9 @@ impl MiniBatch<'_> {
                     .sum(),
             );
         }
+        if let (Some(t), 0) = (&self.teacher_lp[si], self.pass) {
+            st.teacher_kl = Some(reverse_kl_sum(t, rollout_lp, mask));
+        }
         if self.pass == 0 {
             st.scored_tokens = layout.mask.iter().filter(|&&x| x > 0.0).count() as f64;
             st.entropy = scored
@@ -836,6 +889,9 @@ fn step_metrics(
     mt.insert("skipped".into(), json!(all_skipped));
     mt.insert("time_rollout".into(), num(t.rollout));
     mt.insert("time_reference".into(), num(t.reference));
+    if ctx.teacher.is_some() {
+        mt.insert("time_teacher".into(), num(t.teacher));
+    }
     mt.insert("time_policy".into(), num(t.policy));
     mt.insert("time_step".into(), num(t.step));
     let generated = rollout.generated_tokens as f64;
@@ -898,6 +954,9 @@ fn loss_metrics(mt: &mut Map<String, Value>, up: &UpdateStats) {
         "kl".into(),
         num_or_null((!up.kls.is_empty()).then(|| mean(&up.kls))),
     );
+    if !up.teacher_kls.is_empty() {
+        mt.insert("teacher/reverse_kl".into(), num(mean(&up.teacher_kls)));
+    }
     let (lo, hi) = (mean(&up.clip_lo), mean(&up.clip_hi));
     mt.insert("clip_fraction".into(), num(lo + hi));
     mt.insert("clip_fraction_low".into(), num(lo));

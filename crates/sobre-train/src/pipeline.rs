@@ -624,6 +624,14 @@ impl Pipeline {
     ) -> Result<StageEnd, TrainError> {
         let cfg = &self.cfg;
         let reference = self.reference(inp)?;
+        let teacher = match &cfg.grpo.teacher {
+            Some(dir) => Some(crate::distill::load_teacher(
+                dir,
+                &inp.tok,
+                &self.source.name,
+            )?),
+            None => None,
+        };
         let mut opt = self.optimizer_for(inp, Stage::Grpo, &model)?;
         if state.stage == Stage::SftDone {
             state.stage = Stage::Grpo;
@@ -637,6 +645,7 @@ impl Pipeline {
             rewards: &inp.rewards,
             train: &inp.data.train,
             reference: reference.as_ref(),
+            teacher: teacher.as_ref(),
             accuracy_reward: inp.accuracy_reward.clone(),
         };
         let mut order = Order::new(inp.data.train.len(), derive_seed(cfg.run.seed, &[1]));
