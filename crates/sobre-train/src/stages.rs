@@ -13,8 +13,10 @@
 //!
 //! A config without `[[stage]]` is the two-stage pipeline it always was (`[sft]` then GRPO).
 //! With stages, step counts belong to the stages (`[stage.sft] steps`, `[stage.run] steps`): a
-//! top-level `sft.steps` or `run.steps` with `[[stage]]` is an error naming both. `[lora]` is
-//! not supported with stages yet (an error).
+//! top-level `sft.steps` or `run.steps` with `[[stage]]` is an error naming both. With `[lora]`
+//! every stage trains the same adapters on the same frozen base: a stage continues the previous
+//! stage's adapter directory (`lora.adapter`), and rejection sampling and the end-of-run table
+//! load each stage's adapters on that base.
 
 use std::path::{Path, PathBuf};
 
@@ -72,7 +74,7 @@ fn stage_line(text: &str, n: usize) -> Option<usize> {
 }
 
 /// The stages of `cfg`, checked: names unique and plain, kinds known, keys known, step counts
-/// set where the stage trains, no top-level step counts, no `[lora]`.
+/// set where the stage trains, no top-level step counts.
 pub fn plan(cfg: &Config, source: &Source) -> Result<Vec<StageSpec>, ConfigError> {
     let first = stage_line(&source.text, 0);
     for key in ["sft.steps", "run.steps"] {
@@ -95,13 +97,6 @@ pub fn plan(cfg: &Config, source: &Source) -> Result<Vec<StageSpec>, ConfigError
                 ),
             });
         }
-    }
-    if cfg.lora.is_some() {
-        return Err(ConfigError {
-            origin: source.name.clone(),
-            key: Some("lora".into()),
-            msg: "`[lora]` with `[[stage]]` tables is not supported yet: run the stages as separate runs".into(),
-        });
     }
     let mut out: Vec<StageSpec> = Vec::new();
     for (i, t) in cfg.stage.iter().enumerate() {
@@ -330,23 +325,11 @@ pub fn stage_config(
         toml::Value::String(out_dir.display().to_string()),
     );
     if let Some(m) = model {
-        // The previous stage's model and its tokenizer; the preset's shape no longer applies.
-        let keep = [
-            "router_aux_loss_coef",
-            "aux_loss_free_bias",
-            "bias_update_rate",
-        ];
-        let mut section = toml::Table::new();
-        if let Some(toml::Value::Table(old)) = doc.get("model") {
-            for k in keep {
-                if let Some(v) = old.get(k) {
-                    section.insert(k.into(), v.clone());
-                }
-            }
+        if cfg.lora.is_some() {
+            continue_adapter(&mut doc, cfg, m).map_err(err)?;
+        } else {
+            start_from(&mut doc, m);
         }
-        section.insert("path".into(), toml::Value::String(m.display().to_string()));
-        doc.insert("model".into(), toml::Value::Table(section));
-        doc.remove("tokenizer");
     }
     let stage_names_sft_data = spec
         .sections
@@ -366,6 +349,77 @@ pub fn stage_config(
     }
     let text = toml::to_string(&doc).map_err(|e| err(e.to_string()))?;
     toml::from_str(&text).map_err(|e| err(e.message().to_string()))
+}
+
+/// A full fine-tune's next stage starts from the previous stage's model `m` and its tokenizer;
+/// the preset's shape no longer applies.
+fn start_from(doc: &mut toml::Table, m: &Path) {
+    // The previous stage's model and its tokenizer; the preset's shape no longer applies.
+    let keep = [
+        "router_aux_loss_coef",
+        "aux_loss_free_bias",
+        "bias_update_rate",
+    ];
+    let mut section = toml::Table::new();
+    if let Some(toml::Value::Table(old)) = doc.get("model") {
+        for k in keep {
+            if let Some(v) = old.get(k) {
+                section.insert(k.into(), v.clone());
+            }
+        }
+    }
+    section.insert("path".into(), toml::Value::String(m.display().to_string()));
+    doc.insert("model".into(), toml::Value::Table(section));
+    doc.remove("tokenizer");
+}
+
+/// A LoRA run's next stage continues the previous stage's adapters (`lora.adapter = m`) on the
+/// same frozen base: `[model] path` as configured, or for a preset the base the first stage
+/// wrote (named by the adapter's `base_model_name_or_path`), with its tokenizer.
+fn continue_adapter(doc: &mut toml::Table, cfg: &Config, m: &Path) -> Result<(), String> {
+    if let Some(toml::Value::Table(l)) = doc.get_mut("lora") {
+        l.insert(
+            "adapter".into(),
+            toml::Value::String(m.display().to_string()),
+        );
+    }
+    if cfg.model.path.is_some() {
+        return Ok(());
+    }
+    let (_, base) = sobre_model::lora::read_adapter_config(m).map_err(|e| e.to_string())?;
+    let dir = sobre_model::lora::resolve_base(m, base.as_deref()).ok_or_else(|| {
+        format!(
+            "the adapter of the previous stage ({}) names no base model directory",
+            m.display()
+        )
+    })?;
+    start_from(doc, &dir);
+    Ok(())
+}
+
+/// `RUN_DIR/metrics.jsonl`: the finished training stages' `metrics.jsonl` lines in order, each
+/// with `"pipeline_stage": <name>` added, rewritten atomically after each stage, so one file
+/// shows the whole pipeline (each stage's own file stays in `stages/<name>/`).
+fn gather_metrics(run_dir: &Path, trained: &[(String, PathBuf)]) -> Result<(), TrainError> {
+    let mut out = String::new();
+    for (name, _) in trained {
+        let file = run_dir.join("stages").join(name).join("metrics.jsonl");
+        let text = std::fs::read_to_string(&file).map_err(|e| TrainError::io(&file, e))?;
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let mut v: serde_json::Value = serde_json::from_str(line).map_err(|e| {
+                TrainError::Data(format!("{}: a line that is not JSON: {e}", file.display()))
+            })?;
+            if let Some(m) = v.as_object_mut() {
+                m.insert("pipeline_stage".into(), serde_json::json!(name));
+            }
+            out.push_str(&v.to_string());
+            out.push('\n');
+        }
+    }
+    let path = run_dir.join("metrics.jsonl");
+    let tmp = run_dir.join("metrics.jsonl.partial");
+    std::fs::write(&tmp, out).map_err(|e| TrainError::io(&tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| TrainError::io(&path, e))
 }
 
 fn stage_source(source: &Source, spec: &StageSpec, cfg: &Config) -> Source {
@@ -463,6 +517,7 @@ pub fn run(cfg: &Config, source: &Source, opts: &RunOptions) -> Result<Summary, 
         total.last_metrics = state.last_metrics.clone();
         total.last_checkpoint = Some(done.clone());
         trained.push((spec.name.clone(), done.clone()));
+        gather_metrics(&run_dir, &trained)?;
         model = Some(done);
         sft_data = None;
     }

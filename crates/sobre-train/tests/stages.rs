@@ -30,7 +30,11 @@ fn staged() -> String {
 }
 
 fn run(dir: &Path, resume: bool, stop_after: Option<usize>) -> Summary {
-    let (cfg, src) = Config::parse(&staged(), "staged.toml", &["eval.n=4".into()]).unwrap();
+    run_text(&staged(), dir, resume, stop_after)
+}
+
+fn run_text(text: &str, dir: &Path, resume: bool, stop_after: Option<usize>) -> Summary {
+    let (cfg, src) = Config::parse(text, "staged.toml", &["eval.n=4".into()]).unwrap();
     let opts = RunOptions {
         resume,
         out_dir: Some(dir.to_path_buf()),
@@ -106,6 +110,31 @@ fn four_stages_run_in_order_and_resume_bit_for_bit() {
     // The second SFT stage trained on that file.
     let cfg = std::fs::read_to_string(a.path().join("stages/sft_again/config.toml")).unwrap();
     assert!(cfg.contains("stages/rejection/sft.jsonl"), "{cfg}");
+    // RUN/metrics.jsonl: each finished stage's lines, in order, tagged with the stage.
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(a.path().join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let tags: Vec<(String, String)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["pipeline_stage"].as_str().unwrap().to_string(),
+                l["stage"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, String)> = [
+        ("cold_start", "sft"),
+        ("reasoning_rl", "grpo"),
+        ("sft_again", "sft"),
+        ("rl_again", "grpo"),
+    ]
+    .iter()
+    .flat_map(|(n, k)| std::iter::repeat_n((n.to_string(), k.to_string()), 2))
+    .collect();
+    assert_eq!(tags, want);
     // A row per training stage.
     let eval: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(a.path().join("final_eval.json")).unwrap())
@@ -154,6 +183,87 @@ fn four_stages_run_in_order_and_resume_bit_for_bit() {
     let again = run(c.path(), true, None);
     assert_eq!((again.sft_steps, again.grpo_steps), (4, 4));
     assert!(weights(&a.path().join(p)) == weights(&c.path().join(p)));
+}
+
+/// `[lora]` with stages: every stage trains the same adapters on the one frozen base the first
+/// stage wrote, rejection sampling and the table load them on it, and a run stopped inside a
+/// stage resumes to the same adapters.
+#[test]
+fn lora_stages_continue_one_adapter_on_one_base_and_resume_exactly() {
+    let text = format!(
+        "{}[lora]\nr = 4\nalpha = 8\ntarget_modules = [\"q_proj\", \"v_proj\", \"o_proj\"]\n",
+        staged()
+    );
+    let adapters = |dir: &Path, name: &str| {
+        std::fs::read(
+            dir.join("checkpoints")
+                .join(name)
+                .join("adapter_model.safetensors"),
+        )
+        .unwrap()
+    };
+    let a = tempfile::tempdir().unwrap();
+    let s = run_text(&text, a.path(), false, None);
+    assert_eq!((s.sft_steps, s.grpo_steps), (4, 4));
+    let base = a.path().join("stages/cold_start/base/model.safetensors");
+    let base_bytes = std::fs::read(&base).unwrap();
+    for (i, name) in TRAINED.iter().enumerate() {
+        let ckpt = a.path().join("checkpoints").join(name);
+        assert!(
+            !ckpt.join("model.safetensors").exists(),
+            "{name} holds a full model"
+        );
+        let (_, named) = sobre_model::lora::read_adapter_config(&ckpt).unwrap();
+        let named = std::fs::canonicalize(named.unwrap()).unwrap();
+        assert_eq!(
+            named,
+            std::fs::canonicalize(base.parent().unwrap()).unwrap(),
+            "{name}"
+        );
+        if i > 0 {
+            assert!(
+                adapters(a.path(), name) != adapters(a.path(), TRAINED[i - 1]),
+                "{name} left the adapters as they were"
+            );
+            // Later stages write no base of their own.
+            assert!(
+                !a.path().join("stages").join(name).join("base").exists(),
+                "{name}"
+            );
+        }
+    }
+    let cfg = std::fs::read_to_string(a.path().join("stages/sft_again/config.toml")).unwrap();
+    assert!(
+        cfg.contains("checkpoints/reasoning_rl"),
+        "sft_again continues rl's adapter: {cfg}"
+    );
+    assert!(
+        std::fs::read(&base).unwrap() == base_bytes,
+        "the base changed"
+    );
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(a.path().join("stages/rejection/rejection.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(report["sampled"], 32);
+    let eval: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.path().join("final_eval.json")).unwrap())
+            .unwrap();
+    let rows = eval["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 4);
+    for r in rows {
+        assert_eq!(r["report"]["n_problems"], 4, "{r}");
+    }
+
+    let b = tempfile::tempdir().unwrap();
+    assert!(run_text(&text, b.path(), false, Some(1)).interrupted);
+    run_text(&text, b.path(), true, None);
+    for name in TRAINED {
+        assert!(
+            adapters(a.path(), name) == adapters(b.path(), name),
+            "{name} differs after a mid-stage resume"
+        );
+    }
 }
 
 #[test]
