@@ -327,3 +327,64 @@ fn the_full_pipeline_config_is_r1_tiny_with_stages() {
         .sum();
     assert_eq!((rl, tiny.run.steps), (800, 850));
 }
+
+/// The distillation demo's configs (scripts/distill-demo.sh): the student is r1-tiny's model
+/// made narrower, the baseline is r1-tiny's recipe on it, the distilled student is SFT alone on
+/// the traces, and all three evaluate on r1-tiny's held-out problems.
+#[test]
+fn the_distillation_configs_are_r1_tiny_with_a_smaller_student() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let load =
+        |f: &str, sets: &[String]| Config::load(&root.join("configs").join(f), sets).unwrap().0;
+    // (The traces file is the teacher's output; one row stands in for it.)
+    let traces = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        traces.path(),
+        "{\"prompt\": \"1 2 3 = 6\", \"completion\": \"<answer>1+2+3</answer>\"}\n",
+    )
+    .unwrap();
+    let at = format!("data.sft_dataset.path=\"{}\"", traces.path().display());
+    let (tiny, student, distill) = (
+        load("r1-tiny.toml", &[]),
+        load("r1-tiny-student.toml", &[]),
+        load("r1-tiny-distill.toml", &[at]),
+    );
+    let teacher_shape = tiny.model.preset_shape().unwrap();
+    let student_shape = student.model.preset_shape().unwrap();
+    assert_eq!(student.model, distill.model);
+    assert_eq!(
+        (teacher_shape.hidden_size, student_shape.hidden_size),
+        (128, 64)
+    );
+    assert_eq!(student.sft, tiny.sft);
+    assert_eq!(
+        (
+            &student.grpo,
+            &student.rollout,
+            &student.reward,
+            &student.optim
+        ),
+        (&tiny.grpo, &tiny.rollout, &tiny.reward, &tiny.optim)
+    );
+    assert_eq!(student.data, tiny.data);
+    assert_eq!((distill.run.steps, distill.sft.steps), (0, 1500));
+    assert!(distill.data.sft_dataset.is_some());
+    for c in [&student, &distill] {
+        assert_eq!(c.data.countdown, tiny.data.countdown);
+        assert_eq!(
+            (
+                c.data.eval_size,
+                c.eval.n,
+                c.eval.samples_per_problem,
+                c.run.seed
+            ),
+            (
+                tiny.data.eval_size,
+                tiny.eval.n,
+                tiny.eval.samples_per_problem,
+                tiny.run.seed
+            )
+        );
+        assert_eq!(c.template, tiny.template);
+    }
+}
