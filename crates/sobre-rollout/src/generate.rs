@@ -1,4 +1,9 @@
-//! The generation loop: shared prefill, batched decode, per-sequence randomness.
+//! The generation loop: shared prefill, batched decode, per-sequence randomness, and tool calls
+//! that pause one sequence while the rest of the batch decodes ([`crate::tools`]).
+
+use std::collections::VecDeque;
+use std::sync::mpsc;
+use std::time::Instant;
 
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{Rng, SeedableRng};
@@ -9,6 +14,7 @@ use sobre_model::{
 use crate::RolloutError;
 use crate::parallel::{par_map, split_range};
 use crate::sampling::{SamplingParams, sample};
+use crate::tools::{ToolCallRecord, ToolResponse, ToolSettings, Tools};
 
 /// One prompt to complete. `key` identifies it for seeding: the same key, sample index and
 /// seed give the same completion whatever else is in the batch.
@@ -47,8 +53,14 @@ pub struct Completion {
     pub prompt_tokens: usize,
     /// The new tokens, including the stop token when one ended it.
     pub tokens: Vec<u32>,
-    /// `log π(token | prefix)` for each new token under `softmax(logits / temperature)`.
+    /// `log π(token | prefix)` for each new token under `softmax(logits / temperature)`; 0 for
+    /// tokens a tool inserted.
     pub logprobs: Vec<f32>,
+    /// Per token: `true` when the policy sampled it, `false` for a tool response's tokens
+    /// (not the policy's actions: masked out of the loss, the KL and the entropy).
+    pub sampled: Vec<bool>,
+    /// The tool calls answered, in order (empty without tools).
+    pub tool_calls: Vec<ToolCallRecord>,
     /// Decoded text of `tokens`, when a detokenizer was given.
     pub text: Option<String>,
     pub finish_reason: FinishReason,
@@ -85,6 +97,20 @@ pub enum EngineKernels {
     Tensor(Kernels),
 }
 
+/// Where a sequence is in the tool loop.
+enum ToolState {
+    Sampling,
+    /// Its call runs on a worker; `idle` more masked decode steps before taking the response.
+    Paused {
+        idle: usize,
+        call: String,
+        started: Instant,
+        response: mpsc::Receiver<ToolResponse>,
+    },
+    /// Feeding a response, one token per decode step.
+    Injecting(VecDeque<u32>),
+}
+
 /// A sequence being decoded.
 struct Seq {
     prompt_index: usize,
@@ -92,7 +118,35 @@ struct Seq {
     rng: ChaCha8Rng,
     tokens: Vec<u32>,
     logprobs: Vec<f32>,
+    sampled: Vec<bool>,
     finish: Option<FinishReason>,
+    /// Whether this row's next input (its last token) is in the text; `false` for the masked
+    /// slot of an idle step while its tool runs.
+    input_real: bool,
+    tool: ToolState,
+    /// `tokens[..scan_from]` end with the last tool response: not scanned for calls again.
+    scan_from: usize,
+    calls: Vec<ToolCallRecord>,
+}
+
+impl Seq {
+    fn sampled_count(&self) -> usize {
+        self.sampled.iter().filter(|&&s| s).count()
+    }
+
+    /// Tokens that count towards `max_new_tokens`.
+    fn counted(&self, tools: Option<&ToolSettings>) -> usize {
+        match tools {
+            Some(t) if !t.responses_count_as_new_tokens => self.sampled_count(),
+            _ => self.tokens.len(),
+        }
+    }
+
+    /// Whether the next step needs this row's logits (it samples); a paused or injecting row
+    /// only feeds its cache.
+    fn samples_next(&self) -> bool {
+        matches!(self.tool, ToolState::Sampling)
+    }
 }
 
 /// SplitMix64 finaliser: decorrelates nearby seeds and keys.
@@ -113,7 +167,18 @@ fn uniform(rng: &mut ChaCha8Rng) -> f64 {
     (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
 }
 
-/// Sample `group_size` completions for each prompt.
+/// Sample `group_size` completions for each prompt (no tools: [`generate_with_tools`]).
+pub fn generate(
+    model: &MoeModel,
+    prompts: &[Prompt],
+    group_size: usize,
+    params: &SamplingParams,
+    detok: Option<&dyn Detokenizer>,
+) -> Result<Vec<Completion>, RolloutError> {
+    generate_with_tools(model, prompts, group_size, params, detok, None)
+}
+
+/// Sample `group_size` completions for each prompt, with `tools` answering the calls they make.
 ///
 /// All live sequences decode as one batch; a finished sequence leaves the batch (its cache row
 /// is dropped). Each sequence draws exactly one uniform from its own stream per token, so its
@@ -127,12 +192,13 @@ fn uniform(rng: &mut ChaCha8Rng) -> f64 {
 ///
 /// On the CPU backend the forward passes run on the host engine ([`EngineKernels::Host`]; the
 /// shards share one host copy of the weights), elsewhere on burn tensor ops.
-pub fn generate(
+pub fn generate_with_tools(
     model: &MoeModel,
     prompts: &[Prompt],
     group_size: usize,
     params: &SamplingParams,
     detok: Option<&dyn Detokenizer>,
+    tools: Option<&dyn Tools>,
 ) -> Result<Vec<Completion>, RolloutError> {
     let shards = params.data_parallel_size.min(prompts.len());
     // One host copy of the weights, shared by the shards' threads.
@@ -140,7 +206,8 @@ pub fn generate(
     let run = |prompts: &[Prompt]| {
         let mode = EngineMode::SharedPrefill;
         let engine = (host.as_ref(), Kernels::Fused);
-        run_on(model, engine, prompts, group_size, params, detok, mode)
+        let io = Io { detok, tools };
+        run_on(model, engine, prompts, group_size, params, io, mode)
     };
     if shards <= 1 {
         return run(prompts);
@@ -168,6 +235,28 @@ pub fn generate_with(
     mode: EngineMode,
     kernels: EngineKernels,
 ) -> Result<Vec<Completion>, RolloutError> {
+    let io = Io { detok, tools: None };
+    generate_on(model, prompts, group_size, params, io, mode, kernels)
+}
+
+/// What a rollout reads besides the model: the detokenizer (stop strings, texts, tool calls)
+/// and the tools.
+#[derive(Clone, Copy)]
+pub struct Io<'a> {
+    pub detok: Option<&'a dyn Detokenizer>,
+    pub tools: Option<&'a dyn Tools>,
+}
+
+/// [`generate_with`] with tools.
+pub fn generate_on(
+    model: &MoeModel,
+    prompts: &[Prompt],
+    group_size: usize,
+    params: &SamplingParams,
+    io: Io<'_>,
+    mode: EngineMode,
+    kernels: EngineKernels,
+) -> Result<Vec<Completion>, RolloutError> {
     let (host, k) = match kernels {
         EngineKernels::Host => (InferenceModel::for_model(model), Kernels::Fused),
         EngineKernels::Tensor(k) => (None, k),
@@ -178,7 +267,7 @@ pub fn generate_with(
         prompts,
         group_size,
         params,
-        detok,
+        io,
         mode,
     )
 }
@@ -190,14 +279,14 @@ fn run_on(
     prompts: &[Prompt],
     group_size: usize,
     params: &SamplingParams,
-    detok: Option<&dyn Detokenizer>,
+    io: Io<'_>,
     mode: EngineMode,
 ) -> Result<Vec<Completion>, RolloutError> {
     match host {
-        Some(h) => run_engine(model, h, prompts, group_size, params, detok, mode),
+        Some(h) => run_engine(model, h, prompts, group_size, params, io, mode),
         None => {
             let engine = TensorEngine(model, kernels);
-            run_engine(model, engine, prompts, group_size, params, detok, mode)
+            run_engine(model, engine, prompts, group_size, params, io, mode)
         }
     }
 }
@@ -278,17 +367,24 @@ fn run_engine<E: Engine>(
     prompts: &[Prompt],
     group_size: usize,
     params: &SamplingParams,
-    detok: Option<&dyn Detokenizer>,
+    io: Io<'_>,
     mode: EngineMode,
 ) -> Result<Vec<Completion>, RolloutError> {
     params.validate().map_err(RolloutError::Params)?;
     if group_size == 0 {
         return Err(RolloutError::Params("group_size must be at least 1".into()));
     }
-    if !params.stop_strings.is_empty() && detok.is_none() {
-        return Err(RolloutError::Params(
-            "stop_strings need a tokenizer to decode completions".into(),
-        ));
+    if io.detok.is_none() {
+        let needs = match (params.stop_strings.is_empty(), io.tools.is_some()) {
+            (false, _) => Some("stop_strings need"),
+            (true, true) => Some("tools need"),
+            (true, false) => None,
+        };
+        if let Some(what) = needs {
+            return Err(RolloutError::Params(format!(
+                "{what} a tokenizer to decode completions"
+            )));
+        }
     }
     let vocab = model.config.vocab_size;
     for (i, p) in prompts.iter().enumerate() {
@@ -324,39 +420,54 @@ fn run_engine<E: Engine>(
                 rng: sequence_rng(params.seed, p.key, g),
                 tokens: vec![],
                 logprobs: vec![],
+                sampled: vec![],
                 finish: None,
+                input_real: true,
+                tool: ToolState::Sampling,
+                scan_from: 0,
+                calls: vec![],
             })
         })
         .collect();
 
-    let step = |seq: &mut Seq, logits: &[f32]| {
-        let u = uniform(&mut seq.rng);
-        let (tok, lp) = sample(logits, params, u);
-        seq.tokens.push(tok);
-        seq.logprobs.push(lp);
-        if stop_ids.contains(&tok) {
-            seq.finish = Some(FinishReason::Stop);
-        } else if let Some(d) = detok.filter(|_| !params.stop_strings.is_empty()) {
-            let text = d.decode(&seq.tokens);
-            if params
-                .stop_strings
-                .iter()
-                .any(|s| text.contains(s.as_str()))
-            {
-                seq.finish = Some(FinishReason::Stop);
+    // Tool workers run inside this scope, so they never outlive the rollout.
+    std::thread::scope(|scope| {
+        let spawn = |call: String| {
+            let (tx, rx) = mpsc::channel();
+            if let Some(t) = io.tools {
+                scope.spawn(move || {
+                    // A worker that panics drops `tx`: the engine reads that as a failed call.
+                    let _ = tx.send(t.respond(&call));
+                });
             }
+            rx
+        };
+        let step = |seq: &mut Seq, logits: &[f32]| {
+            let rules = StepRules {
+                params,
+                stop_ids: &stop_ids,
+                io,
+            };
+            advance(seq, logits, &rules, &spawn)
+        };
+        let extra = io.tools.map_or(0, |t| {
+            let t = t.settings();
+            t.max_calls * (t.overlap_steps + t.max_response_tokens)
+        });
+        match mode {
+            EngineMode::NoCache => decode_without_cache(engine, prompts, &mut seqs, vocab, &step),
+            EngineMode::SharedPrefill | EngineMode::SeparatePrefill => decode_with_cache(
+                engine,
+                prompts,
+                &mut seqs,
+                group_size,
+                params.max_new_tokens + extra,
+                vocab,
+                mode,
+                &step,
+            ),
         }
-        if seq.finish.is_none() && seq.tokens.len() >= params.max_new_tokens {
-            seq.finish = Some(FinishReason::Length);
-        }
-    };
-
-    match mode {
-        EngineMode::NoCache => decode_without_cache(engine, prompts, &mut seqs, vocab, &step),
-        EngineMode::SharedPrefill | EngineMode::SeparatePrefill => decode_with_cache(
-            engine, prompts, &mut seqs, group_size, params, vocab, mode, &step,
-        ),
-    }
+    });
 
     Ok(seqs
         .into_iter()
@@ -364,12 +475,135 @@ fn run_engine<E: Engine>(
             prompt_index: s.prompt_index,
             sample_index: s.sample_index,
             prompt_tokens: prompts[s.prompt_index].ids.len(),
-            text: detok.map(|d| d.decode(&s.tokens)),
+            text: io.detok.map(|d| d.decode(&s.tokens)),
             tokens: s.tokens,
             logprobs: s.logprobs,
+            sampled: s.sampled,
+            tool_calls: s.calls,
             finish_reason: s.finish.unwrap_or(FinishReason::Length),
         })
         .collect())
+}
+
+/// What [`advance`] checks after each token.
+struct StepRules<'a> {
+    params: &'a SamplingParams,
+    stop_ids: &'a [u32],
+    io: Io<'a>,
+}
+
+/// One decode step of one sequence, given its row's logits (meaningful only when it samples):
+/// idle while its tool runs, feed the next response token, or sample; then the stop rules, and
+/// whether the sampled text just closed a tool call (which pauses the sequence).
+fn advance(
+    seq: &mut Seq,
+    logits: &[f32],
+    rules: &StepRules<'_>,
+    spawn: &dyn Fn(String) -> mpsc::Receiver<ToolResponse>,
+) {
+    let settings = rules.io.tools.map(|t| t.settings());
+    if let ToolState::Paused { idle, .. } = &mut seq.tool
+        && *idle > 0
+    {
+        *idle -= 1;
+        seq.input_real = false;
+        return;
+    }
+    if let ToolState::Paused { .. } = seq.tool {
+        take_response(seq, settings.as_ref());
+        if seq.finish.is_some() {
+            return;
+        }
+    }
+    seq.input_real = true;
+    if let ToolState::Injecting(queue) = &mut seq.tool {
+        if let Some(t) = queue.pop_front() {
+            if queue.is_empty() {
+                seq.tool = ToolState::Sampling;
+                seq.scan_from = seq.tokens.len() + 1;
+            }
+            seq.tokens.push(t);
+            seq.logprobs.push(0.0);
+            seq.sampled.push(false);
+            if seq.counted(settings.as_ref()) >= rules.params.max_new_tokens {
+                seq.finish = Some(FinishReason::Length);
+            }
+            return;
+        }
+        seq.tool = ToolState::Sampling;
+    }
+    let u = uniform(&mut seq.rng);
+    let (tok, lp) = sample(logits, rules.params, u);
+    seq.tokens.push(tok);
+    seq.logprobs.push(lp);
+    seq.sampled.push(true);
+    let params = rules.params;
+    if rules.stop_ids.contains(&tok) {
+        seq.finish = Some(FinishReason::Stop);
+        return;
+    }
+    let detok = rules.io.detok;
+    if let Some(d) = detok.filter(|_| !params.stop_strings.is_empty()) {
+        let text = d.decode(&seq.tokens);
+        if params
+            .stop_strings
+            .iter()
+            .any(|s| text.contains(s.as_str()))
+        {
+            seq.finish = Some(FinishReason::Stop);
+            return;
+        }
+    }
+    if seq.counted(settings.as_ref()) >= params.max_new_tokens {
+        seq.finish = Some(FinishReason::Length);
+        return;
+    }
+    if let (Some(tools), Some(d), Some(s)) = (rules.io.tools, detok, settings)
+        && seq.calls.len() < s.max_calls
+        && let Some(call) = tools.closed_call(&d.decode(&seq.tokens[seq.scan_from..]))
+    {
+        seq.tool = ToolState::Paused {
+            idle: s.overlap_steps,
+            started: Instant::now(),
+            response: spawn(call.clone()),
+            call,
+        };
+    }
+}
+
+/// A paused sequence's idle steps are over: take its tool's response (waiting if the tool is
+/// still running) and start feeding it. An empty response ends the completion (`stop`): no
+/// token can follow a call without one.
+fn take_response(seq: &mut Seq, settings: Option<&ToolSettings>) {
+    let ToolState::Paused {
+        call,
+        started,
+        response,
+        ..
+    } = std::mem::replace(&mut seq.tool, ToolState::Sampling)
+    else {
+        return;
+    };
+    let r = response.recv().unwrap_or_else(|_| ToolResponse {
+        ids: vec![],
+        text: "the tool crashed".into(),
+        error: true,
+    });
+    let limit = settings.map_or(usize::MAX, |s| s.max_response_tokens);
+    let ids: Vec<u32> = r.ids.into_iter().take(limit).collect();
+    seq.calls.push(ToolCallRecord {
+        call,
+        response: r.text,
+        error: r.error,
+        seconds: started.elapsed().as_secs_f64(),
+        response_start: seq.tokens.len(),
+        response_tokens: ids.len(),
+    });
+    if ids.is_empty() {
+        seq.finish = Some(FinishReason::Stop);
+    } else {
+        seq.tool = ToolState::Injecting(ids.into());
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -378,13 +612,13 @@ fn decode_with_cache<E: Engine>(
     prompts: &[Prompt],
     seqs: &mut [Seq],
     group_size: usize,
-    params: &SamplingParams,
+    new_tokens: usize,
     vocab: usize,
     mode: EngineMode,
     step: &dyn Fn(&mut Seq, &[f32]),
 ) {
     let max_prompt = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
-    let capacity = max_prompt + params.max_new_tokens;
+    let capacity = max_prompt + new_tokens;
 
     // Prefill: one row per prompt (shared) or one per sample (separate).
     let prefill_rows: Vec<Vec<u32>> = match mode {
@@ -420,11 +654,14 @@ fn decode_with_cache<E: Engine>(
         .collect();
     cache = match mode {
         // The prompts' rows are kept once and each sample continues its prompt's.
-        EngineMode::SharedPrefill => E::continue_rows(cache, &rows, params.max_new_tokens),
+        EngineMode::SharedPrefill => E::continue_rows(cache, &rows, new_tokens),
         _ => E::select_rows(&cache, &rows),
     };
 
     while !live.is_empty() {
+        // Every live row feeds one slot per step, so the cache rows stay in step: a paused
+        // row's slot is masked (attention skips it), and its real tokens keep consecutive
+        // positions.
         let batch = Batch {
             batch: live.len(),
             seq: 1,
@@ -438,7 +675,7 @@ fn decode_with_cache<E: Engine>(
                     (prompts[seqs[i].prompt_index].ids.len() + seqs[i].tokens.len() - 1) as u32
                 })
                 .collect(),
-            attention_mask: vec![true; live.len()],
+            attention_mask: live.iter().map(|&i| seqs[i].input_real).collect(),
         };
         let logits = engine.logits_last(&batch, Some(&mut cache));
         for (r, &i) in live.iter().enumerate() {
@@ -456,7 +693,8 @@ fn decode_with_cache<E: Engine>(
     }
 }
 
-/// The reference: every step runs the full prompt + completion of each live sequence.
+/// The reference: every step runs the full prompt + completion of each sampling sequence (a
+/// paused or injecting one needs no forward).
 fn decode_without_cache<E: Engine>(
     engine: E,
     prompts: &[Prompt],
@@ -471,7 +709,22 @@ fn decode_without_cache<E: Engine>(
         if live.is_empty() {
             break;
         }
-        let rows: Vec<Vec<u32>> = live
+        let waiting: Vec<usize> = live
+            .iter()
+            .copied()
+            .filter(|&i| !seqs[i].samples_next())
+            .collect();
+        for i in waiting {
+            step(&mut seqs[i], &[]);
+        }
+        let sampling: Vec<usize> = live
+            .into_iter()
+            .filter(|&i| seqs[i].samples_next() && seqs[i].finish.is_none())
+            .collect();
+        if sampling.is_empty() {
+            continue;
+        }
+        let rows: Vec<Vec<u32>> = sampling
             .iter()
             .map(|&i| {
                 let mut r = prompts[seqs[i].prompt_index].ids.clone();
@@ -480,7 +733,7 @@ fn decode_without_cache<E: Engine>(
             })
             .collect();
         let logits = engine.logits_last(&Batch::left_padded(&rows, 0), None);
-        for (r, &i) in live.iter().enumerate() {
+        for (r, &i) in sampling.iter().enumerate() {
             step(&mut seqs[i], &logits[r * vocab..(r + 1) * vocab]);
         }
     }

@@ -22,15 +22,17 @@ pub mod generate;
 pub mod logprobs;
 pub mod parallel;
 pub mod sampling;
+pub mod tools;
 
 pub use generate::{
-    Completion, Detokenizer, EngineKernels, EngineMode, FinishReason, Prompt, generate,
-    generate_with, sequence_rng,
+    Completion, Detokenizer, EngineKernels, EngineMode, FinishReason, Io, Prompt, generate,
+    generate_on, generate_with, generate_with_tools, sequence_rng,
 };
 pub use logprobs::{
     Scored, ScoredBatch, completion_logprobs, completion_logprobs_host, completion_scores,
 };
 pub use sampling::{SamplingParams, sample, token_logprob};
+pub use tools::{ToolCallRecord, ToolResponse, ToolSettings, Tools};
 
 /// Why a generation request was refused.
 #[derive(Debug, thiserror::Error)]
