@@ -157,6 +157,72 @@ fn check(eq: &str, nums: &[BigInt], target: &BigInt, mode: NumberUse) -> bool {
     }
 }
 
+/// Exact value of an arithmetic expression (`+ - * /`, parentheses, decimal numbers), with the
+/// countdown verifier's parser: the `calculator` tool. The error says what was wrong.
+pub fn evaluate(expr: &str) -> Result<BigRational, String> {
+    let expr = expr.trim();
+    if expr.is_empty() {
+        return Err("empty expression".into());
+    }
+    if expr.len() > MAX_EQUATION_LEN {
+        return Err(format!(
+            "expression longer than {MAX_EQUATION_LEN} characters"
+        ));
+    }
+    if let Some(c) = expr
+        .chars()
+        .find(|c| !(c.is_ascii_digit() || "+-*/().".contains(*c) || c.is_whitespace()))
+    {
+        return Err(format!(
+            "unexpected character `{c}` (only digits, + - * / and parentheses)"
+        ));
+    }
+    let mut p = Arith {
+        b: expr.as_bytes(),
+        i: 0,
+        depth: 0,
+    };
+    match p.expr() {
+        Some(v) => {
+            p.skip_ws();
+            if p.i == p.b.len() {
+                Ok(v)
+            } else {
+                Err(format!(
+                    "cannot parse the expression after `{}`",
+                    &expr[..p.i]
+                ))
+            }
+        }
+        None if division_by_zero(expr) => Err("division by zero".into()),
+        None => Err("cannot parse the expression".into()),
+    }
+}
+
+/// Whether `expr` parses once every division is made a multiplication (so its failure was a
+/// division by zero, not a syntax error).
+fn division_by_zero(expr: &str) -> bool {
+    let times = expr.replace('/', "*");
+    let mut p = Arith {
+        b: times.as_bytes(),
+        i: 0,
+        depth: 0,
+    };
+    p.expr().is_some() && {
+        p.skip_ws();
+        p.i == p.b.len()
+    }
+}
+
+/// An exact rational as text: `32`, `-7/2`.
+pub fn format_rational(v: &BigRational) -> String {
+    if v.is_integer() {
+        v.numer().to_string()
+    } else {
+        format!("{}/{}", v.numer(), v.denom())
+    }
+}
+
 /// Exact evaluation of `+ - * /` and parentheses over decimal numbers.
 struct Arith<'a> {
     b: &'a [u8],

@@ -46,6 +46,7 @@ pub mod math;
 pub mod registry;
 pub mod repetition;
 pub mod sandbox;
+pub mod tools;
 
 pub use error::RewardError;
 pub use registry::{
