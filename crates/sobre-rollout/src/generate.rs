@@ -510,7 +510,7 @@ fn advance(
         return;
     }
     if let ToolState::Paused { .. } = seq.tool {
-        take_response(seq, settings.as_ref());
+        take_response(seq, settings.as_ref(), rules.io.detok);
         if seq.finish.is_some() {
             return;
         }
@@ -574,7 +574,7 @@ fn advance(
 /// A paused sequence's idle steps are over: take its tool's response (waiting if the tool is
 /// still running) and start feeding it. An empty response ends the completion (`stop`): no
 /// token can follow a call without one.
-fn take_response(seq: &mut Seq, settings: Option<&ToolSettings>) {
+fn take_response(seq: &mut Seq, settings: Option<&ToolSettings>, detok: Option<&dyn Detokenizer>) {
     let ToolState::Paused {
         call,
         started,
@@ -590,10 +590,16 @@ fn take_response(seq: &mut Seq, settings: Option<&ToolSettings>) {
         error: true,
     });
     let limit = settings.map_or(usize::MAX, |s| s.max_response_tokens);
+    let cut = r.ids.len() > limit;
     let ids: Vec<u32> = r.ids.into_iter().take(limit).collect();
+    // The record shows what was inserted: a cut response as its kept tokens' text.
+    let response = match detok {
+        Some(d) if cut => d.decode(&ids),
+        _ => r.text,
+    };
     seq.calls.push(ToolCallRecord {
         call,
-        response: r.text,
+        response,
         error: r.error,
         seconds: started.elapsed().as_secs_f64(),
         response_start: seq.tokens.len(),

@@ -186,6 +186,7 @@ pub fn bench_step(cfg: &Config, opts: &BenchOptions) -> Result<Value, TrainError
         train: &data.train,
         reference: reference.as_ref(),
         teacher: None,
+        tools: None,
         accuracy_reward,
     };
     let setup_s = t_setup.elapsed().as_secs_f64();

@@ -538,6 +538,10 @@ pub struct Config {
     /// `[lora]`: train adapters on a frozen base (absent: train every parameter).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraSection>,
+    /// `[tools]`: tools the completions may call during rollouts and evaluation
+    /// (`sobre_reward::tools`; absent: none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tools: Option<sobre_reward::tools::ToolParams>,
     /// `[[reward]] name = "…" weight = …` (default: R1's format + the task's accuracy reward).
     pub reward: Vec<toml::Table>,
     /// `[[stage]] name = "…" kind = "sft" | "grpo" | "rejection_sampling"`: R1's multi-stage
@@ -1258,6 +1262,11 @@ impl Config {
             nonneg("grpo.aux_loss_coef", a)?;
         }
         self.validate_teacher(&fail)?;
+        if let Some(t) = &self.tools
+            && let Err(e) = sobre_reward::tools::ToolBox::new(t.clone())
+        {
+            return fail(&format!("tools.{}", e.key), e.msg);
+        }
         // [optim]
         let o = &self.optim;
         pos("optim.lr", o.lr)?;

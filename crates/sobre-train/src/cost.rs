@@ -77,7 +77,10 @@ impl RunCost {
             flops_estimate: self.flops_estimate + other.flops_estimate,
             energy_wh_estimate: self.energy_wh_estimate + other.energy_wh_estimate,
             watts_per_core: self.watts_per_core,
-            energy_wh_rapl: self.energy_wh_rapl.zip(other.energy_wh_rapl).map(|(a, b)| a + b),
+            energy_wh_rapl: self
+                .energy_wh_rapl
+                .zip(other.energy_wh_rapl)
+                .map(|(a, b)| a + b),
         }
     }
 }

@@ -40,7 +40,7 @@ use sobre_data::tasks::{self, Split};
 use sobre_data::{Sample, Template, Tokenizer};
 use sobre_model::MoeModel;
 use sobre_reward::{CombinedReward, Reward};
-use sobre_rollout::{FinishReason, Prompt, SamplingParams, generate};
+use sobre_rollout::{FinishReason, Prompt, SamplingParams, generate_with_tools};
 
 use crate::data::{Detok, encode_prompt, reward_sample, task_config};
 use crate::metrics::num;
@@ -69,6 +69,9 @@ pub struct EvalOptions {
     /// Rollout engines decoding shares of each batch at once, a thread each
     /// (`SamplingParams::data_parallel_size`).
     pub data_parallel_size: usize,
+    /// Tools the completions may call (the run's `[tools]`): evaluation sees the model as
+    /// training rolled it out.
+    pub tools: Option<sobre_reward::tools::ToolParams>,
 }
 
 impl Default for EvalOptions {
@@ -85,6 +88,7 @@ impl Default for EvalOptions {
             correct_reward: None,
             batch_problems: 64,
             data_parallel_size: 1,
+            tools: None,
         }
     }
 }
@@ -108,6 +112,7 @@ impl EvalOptions {
             correct_reward: cfg.eval.reward.clone(),
             batch_problems: 64,
             data_parallel_size: cfg.run.data_parallel_size,
+            tools: cfg.tools.clone(),
         }
     }
 }
@@ -326,7 +331,10 @@ impl EvalReport {
 /// The correctness reward for `rewards` and `problems` when none is named (see module docs).
 pub fn default_correct_reward(rewards: &CombinedReward, problems: &[Sample]) -> String {
     let names = rewards.names();
-    if let Some(n) = ["countdown", "accuracy", "code"].iter().find(|n| names.contains(n)) {
+    if let Some(n) = ["countdown", "accuracy", "code"]
+        .iter()
+        .find(|n| names.contains(n))
+    {
         return n.to_string();
     }
     let has = |k: &str| problems.first().is_some_and(|s| s.fields.contains_key(k));
@@ -394,6 +402,11 @@ pub fn evaluate(
     params.validate().map_err(TrainError::Data)?;
     let policy = model.valid();
     let detok = Detok(tokenizer);
+    let tools = match &opts.tools {
+        Some(t) => Some(crate::tools::ToolRunner::new(t, tokenizer)?),
+        None => None,
+    };
+    let tools = tools.as_ref().map(|t| t as &dyn sobre_rollout::Tools);
     let chunk = if opts.batch_problems == 0 {
         problems.len()
     } else {
@@ -409,7 +422,14 @@ pub fn evaluate(
                 key: (start + i) as u64,
             });
         }
-        let mut completions = generate(&policy, &requests, opts.samples, &params, Some(&detok))?;
+        let mut completions = generate_with_tools(
+            &policy,
+            &requests,
+            opts.samples,
+            &params,
+            Some(&detok),
+            tools,
+        )?;
         completions.sort_by_key(|c| (c.prompt_index, c.sample_index));
         // The chunk's completions are scored as one batch (verifiers that run programs run
         // them in parallel); a verifier that cannot score is an error, not a silent 0.

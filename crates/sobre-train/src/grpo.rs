@@ -15,7 +15,7 @@ use sobre_data::{Sample, Template, Tokenizer};
 use sobre_model::{ForwardOptions, InferenceModel, MoeModel, RouteTotals};
 use sobre_reward::CombinedReward;
 use sobre_rollout::{
-    Completion, FinishReason, Prompt, SamplingParams, completion_logprobs_host, generate,
+    Completion, FinishReason, Prompt, SamplingParams, completion_logprobs_host, generate_with_tools,
 };
 
 use crate::TrainError;
@@ -33,6 +33,7 @@ use crate::metrics::{add_counts, add_shard_counts, expert_load, num, peak_rss_mi
 use crate::optim::{AdamW, apply_gradients, sharded_gradients};
 use crate::parallel::{par_map, split_range};
 use crate::score::{Layout, host, score};
+use crate::tools::{calls_json, mask_responses, tool_metrics};
 
 /// The frozen reference model, with its host copy where the host engine serves it (the CPU
 /// backend): made once per run, since the reference never changes. With LoRA there is no
@@ -73,6 +74,8 @@ pub struct GrpoContext<'a> {
     pub reference: Option<&'a Reference>,
     /// The on-policy distillation teacher of `grpo.teacher` ([`crate::distill`]).
     pub teacher: Option<&'a Reference>,
+    /// The tools completions may call (`[tools]`, [`crate::tools`]).
+    pub tools: Option<&'a dyn sobre_rollout::Tools>,
     /// Reward component that counts as "solved" for `accuracy`.
     pub accuracy_reward: Option<String>,
 }
@@ -350,7 +353,8 @@ fn sample_and_score(
             data_parallel_size: ctx.cfg.run.data_parallel_size,
             ..ctx.cfg.rollout.clone()
         };
-        let completions = generate(&policy, &requests, gs, &params, Some(&detok))?;
+        let completions =
+            generate_with_tools(&policy, &requests, gs, &params, Some(&detok), ctx.tools)?;
         out.generated_tokens += completions.iter().map(|c| c.tokens.len()).sum::<usize>();
         out.generation_flops += completions
             .iter()
@@ -485,7 +489,13 @@ fn plan_batches(ctx: &GrpoContext<'_>, kept: &[Scored], row_mask: &[f32]) -> Bat
                         .iter()
                         .map(|s| (s.prompt_ids.as_slice(), s.completion.tokens.as_slice()))
                         .collect();
-                    Layout::new(&pairs, pad)
+                    let mut layout = Layout::new(&pairs, pad);
+                    if ctx.tools.is_some() {
+                        let rows: Vec<&Completion> =
+                            kept[r.clone()].iter().map(|s| &s.completion).collect();
+                        mask_responses(&mut layout, &rows);
+                    }
+                    layout
                 })
                 .collect()
         })
@@ -882,6 +892,10 @@ fn step_metrics(
     reward_metrics(&mut mt, ctx, &rollout.kept, adv);
     loss_metrics(&mut mt, up);
     rollout_metrics(&mut mt, ctx.cfg.grpo.group_size, rollout);
+    if ctx.tools.is_some() {
+        let completions: Vec<&Completion> = rollout.kept.iter().map(|s| &s.completion).collect();
+        tool_metrics(&mut mt, &completions);
+    }
     optimizer_metrics(&mut mt, up, lr);
     mt.insert("updates".into(), json!(up.updates));
     mt.insert("skipped_updates".into(), json!(up.skipped));
@@ -1037,7 +1051,7 @@ fn sample_lines(
                 .zip(&s.components)
                 .map(|(n, c)| (n.to_string(), c.map_or(Value::Null, |x| num(x as f64))))
                 .collect();
-            json!({
+            let mut line = json!({
                 "stage": "grpo",
                 "step": step + 1,
                 "prompt": prompt_text,
@@ -1047,7 +1061,13 @@ fn sample_lines(
                 "advantage": num(*a as f64),
                 "finish_reason": s.completion.finish_reason.as_str(),
                 "tokens": s.completion.tokens.len(),
-            })
+            });
+            if ctx.tools.is_some()
+                && let Some(m) = line.as_object_mut()
+            {
+                m.insert("tool_calls".into(), calls_json(&s.completion));
+            }
+            line
         })
         .collect()
 }

@@ -43,6 +43,7 @@ pub mod score;
 pub mod sft;
 pub mod stages;
 pub mod tensorboard;
+pub mod tools;
 
 use std::path::{Path, PathBuf};
 

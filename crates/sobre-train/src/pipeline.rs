@@ -632,6 +632,10 @@ impl Pipeline {
             )?),
             None => None,
         };
+        let tools = match &cfg.tools {
+            Some(t) => Some(crate::tools::ToolRunner::new(t, &inp.tok)?),
+            None => None,
+        };
         let mut opt = self.optimizer_for(inp, Stage::Grpo, &model)?;
         if state.stage == Stage::SftDone {
             state.stage = Stage::Grpo;
@@ -646,6 +650,7 @@ impl Pipeline {
             train: &inp.data.train,
             reference: reference.as_ref(),
             teacher: teacher.as_ref(),
+            tools: tools.as_ref().map(|t| t as &dyn sobre_rollout::Tools),
             accuracy_reward: inp.accuracy_reward.clone(),
         };
         let mut order = Order::new(inp.data.train.len(), derive_seed(cfg.run.seed, &[1]));
