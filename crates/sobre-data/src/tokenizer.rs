@@ -54,9 +54,11 @@ pub enum TokenizerError {
     #[error("tokenizer: {0}")]
     Tokenizers(String),
     #[error(
-        "vocab size {got} is too small: it must be at least {min} (256 bytes + 6 added tokens)"
+        "vocab size {got} is too small: it must be at least {min} (256 bytes + the added tokens)"
     )]
     VocabTooSmall { got: usize, min: usize },
+    #[error("added token `{0}` is empty or already a token of the tokenizer")]
+    BadAddedToken(String),
     #[error("the tokenizer has no end-of-text token: set `eos_token` in tokenizer_config.json")]
     NoEos,
 }
@@ -87,6 +89,10 @@ pub struct TrainOptions {
     pub min_frequency: u64,
     /// `model_max_length` written to `tokenizer_config.json`.
     pub model_max_length: usize,
+    /// More tokens kept whole, like the R1 tags (never merged with their neighbours, never
+    /// split): a tool's markers (`<calc>`, `</calc>`, `<result>`, `</result>`), so that a call
+    /// closes on a token boundary and its response starts on one.
+    pub added_tokens: Vec<String>,
 }
 
 impl Default for TrainOptions {
@@ -95,6 +101,7 @@ impl Default for TrainOptions {
             vocab_size: 1024,
             min_frequency: 2,
             model_max_length: 2048,
+            added_tokens: vec![],
         }
     }
 }
@@ -161,7 +168,7 @@ impl Tokenizer {
         I: Iterator<Item = S> + Send,
         S: AsRef<str> + Send,
     {
-        let specials = [
+        let mut specials = vec![
             added(EOS, true),
             added(PAD, true),
             added(THINK_START, false),
@@ -169,6 +176,12 @@ impl Tokenizer {
             added(ANSWER_START, false),
             added(ANSWER_END, false),
         ];
+        for t in &opts.added_tokens {
+            if t.is_empty() || specials.iter().any(|s| &s.content == t) {
+                return Err(TokenizerError::BadAddedToken(t.clone()));
+            }
+            specials.push(added(t, false));
+        }
         let min = 256 + specials.len();
         if opts.vocab_size < min {
             return Err(TokenizerError::VocabTooSmall {

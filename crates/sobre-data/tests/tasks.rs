@@ -430,6 +430,7 @@ fn search_demonstrations_are_correct_misses_then_the_solution() {
             style: p.style,
             demo: DemoStyle::Search,
             max_misses: 2,
+            calculator: false,
         };
         assert_eq!(again.demonstration().unwrap(), demo);
     }
@@ -490,4 +491,28 @@ fn search_demonstrations_are_correct_misses_then_the_solution() {
         "invalid countdown option: max_misses = 9 is more than 8; every miss costs a line of completion"
     );
     assert!(toml::from_str::<CountdownConfig>("demo = \"trace\"").is_err());
+}
+
+/// With `calculator = true` every step is an inline calculator call followed by the result the
+/// tool would insert: the same steps as the plain form, in the tool's markers.
+#[test]
+fn calculator_demonstrations_write_each_step_as_a_tool_call() {
+    let p = CountdownProblem {
+        calculator: true,
+        ..CountdownProblem::new(vec![15, 3, 7], 11)
+    };
+    assert_eq!(
+        p.demonstration().unwrap(),
+        "<think>\n<calc>15 + 3</calc><result>18</result>, <calc>18 - 7</calc><result>11</result>\n</think>\n<answer>\n(15 + 3) - 7\n</answer>"
+    );
+    let p = CountdownProblem {
+        demo: sobre_data::tasks::countdown::DemoStyle::Search,
+        max_misses: 2,
+        calculator: true,
+        ..CountdownProblem::new(vec![2, 5, 10], 13)
+    };
+    assert_eq!(
+        p.demonstration().unwrap(),
+        "<think>\n<calc>10 + 2</calc><result>12</result>, <calc>12 - 5</calc><result>7</result>\n<calc>10 / 2</calc><result>5</result>, <calc>5 * 5</calc><result>25</result>\n<calc>5 - 2</calc><result>3</result>, <calc>10 + 3</calc><result>13</result>\n</think>\n<answer>\n10 + (5 - 2)\n</answer>"
+    );
 }

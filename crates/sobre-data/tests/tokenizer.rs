@@ -182,3 +182,39 @@ fn export_for_transformers_check() {
     )
     .unwrap();
 }
+
+/// `added_tokens` stay whole: a text where a tool's markers always touch (`</calc><result>`)
+/// still tokenizes with each marker a token of its own, and decoding keeps them.
+#[test]
+fn added_tokens_are_never_merged_with_their_neighbours() {
+    let texts: Vec<String> = (0..200)
+        .map(|i| format!("<calc>{i} + 3</calc><result>{}</result>, ok", i + 3))
+        .collect();
+    let markers: Vec<String> = ["<calc>", "</calc>", "<result>", "</result>"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let opts = TrainOptions {
+        vocab_size: 400,
+        added_tokens: markers.clone(),
+        ..Default::default()
+    };
+    let tok = Tokenizer::train(texts.iter(), &opts).unwrap();
+    let pieces = tok.tokens("x</calc><result>18</result>").unwrap();
+    assert_eq!(pieces[1..3], ["</calc>", "<result>"], "{pieces:?}");
+    assert_eq!(pieces.last().unwrap(), "</result>");
+    for m in &markers {
+        assert_eq!(tok.encode(m).unwrap().len(), 1, "{m}");
+    }
+    let ids = tok.encode("<calc>8 * 4</calc><result>32</result>").unwrap();
+    assert_eq!(
+        tok.decode(&ids, true).unwrap(),
+        "<calc>8 * 4</calc><result>32</result>"
+    );
+    // An added token that already exists is refused.
+    let dup = TrainOptions {
+        added_tokens: vec!["<think>".into()],
+        ..opts
+    };
+    assert!(Tokenizer::train(texts.iter(), &dup).is_err());
+}

@@ -104,8 +104,8 @@ enum ToolState {
     Paused {
         idle: usize,
         call: String,
-        started: Instant,
-        response: mpsc::Receiver<ToolResponse>,
+        /// The response and the tool's own running time, seconds.
+        response: mpsc::Receiver<(ToolResponse, f64)>,
     },
     /// Feeding a response, one token per decode step.
     Injecting(VecDeque<u32>),
@@ -437,7 +437,9 @@ fn run_engine<E: Engine>(
             if let Some(t) = io.tools {
                 scope.spawn(move || {
                     // A worker that panics drops `tx`: the engine reads that as a failed call.
-                    let _ = tx.send(t.respond(&call));
+                    let start = Instant::now();
+                    let r = t.respond(&call);
+                    let _ = tx.send((r, start.elapsed().as_secs_f64()));
                 });
             }
             rx
@@ -499,7 +501,7 @@ fn advance(
     seq: &mut Seq,
     logits: &[f32],
     rules: &StepRules<'_>,
-    spawn: &dyn Fn(String) -> mpsc::Receiver<ToolResponse>,
+    spawn: &dyn Fn(String) -> mpsc::Receiver<(ToolResponse, f64)>,
 ) {
     let settings = rules.io.tools.map(|t| t.settings());
     if let ToolState::Paused { idle, .. } = &mut seq.tool
@@ -564,7 +566,6 @@ fn advance(
     {
         seq.tool = ToolState::Paused {
             idle: s.overlap_steps,
-            started: Instant::now(),
             response: spawn(call.clone()),
             call,
         };
@@ -575,19 +576,18 @@ fn advance(
 /// still running) and start feeding it. An empty response ends the completion (`stop`): no
 /// token can follow a call without one.
 fn take_response(seq: &mut Seq, settings: Option<&ToolSettings>, detok: Option<&dyn Detokenizer>) {
-    let ToolState::Paused {
-        call,
-        started,
-        response,
-        ..
-    } = std::mem::replace(&mut seq.tool, ToolState::Sampling)
+    let ToolState::Paused { call, response, .. } =
+        std::mem::replace(&mut seq.tool, ToolState::Sampling)
     else {
         return;
     };
-    let r = response.recv().unwrap_or_else(|_| ToolResponse {
-        ids: vec![],
-        text: "the tool crashed".into(),
-        error: true,
+    let (r, seconds) = response.recv().unwrap_or_else(|_| {
+        let crashed = ToolResponse {
+            ids: vec![],
+            text: "the tool crashed".into(),
+            error: true,
+        };
+        (crashed, 0.0)
     });
     let limit = settings.map_or(usize::MAX, |s| s.max_response_tokens);
     let cut = r.ids.len() > limit;
@@ -601,7 +601,7 @@ fn take_response(seq: &mut Seq, settings: Option<&ToolSettings>, detok: Option<&
         call,
         response,
         error: r.error,
-        seconds: started.elapsed().as_secs_f64(),
+        seconds,
         response_start: seq.tokens.len(),
         response_tokens: ids.len(),
     });

@@ -73,7 +73,7 @@ pub struct ToolCallRecord {
     pub call: String,
     pub response: String,
     pub error: bool,
-    /// Wall time of the tool, seconds.
+    /// The tool's own running time (on its worker), seconds.
     pub seconds: f64,
     /// Index in `Completion::tokens` of the first response token.
     pub response_start: usize,

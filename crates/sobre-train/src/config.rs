@@ -120,6 +120,10 @@ pub struct TokenizerSection {
     pub min_frequency: u64,
     /// Training samples whose texts (rendered prompt, answer, demonstration) train it.
     pub train_samples: usize,
+    /// Tokens a trained tokenizer keeps whole besides the R1 tags: a tool's markers, e.g.
+    /// `["<calc>", "</calc>", "<result>", "</result>"]`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub added_tokens: Vec<String>,
 }
 
 impl Default for TokenizerSection {
@@ -129,6 +133,7 @@ impl Default for TokenizerSection {
             vocab_size: 512,
             min_frequency: 2,
             train_samples: 2000,
+            added_tokens: vec![],
         }
     }
 }

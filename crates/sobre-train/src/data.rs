@@ -143,6 +143,7 @@ pub fn build_tokenizer(
     let opts = TrainOptions {
         vocab_size: cfg.tokenizer.vocab_size,
         min_frequency: cfg.tokenizer.min_frequency,
+        added_tokens: cfg.tokenizer.added_tokens.clone(),
         ..Default::default()
     };
     Tokenizer::train(texts.iter(), &opts).map_err(|e| data_err("training the tokenizer", e))

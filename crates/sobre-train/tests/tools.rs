@@ -149,3 +149,42 @@ fn bad_tool_tables_are_config_errors_naming_the_key() {
         );
     }
 }
+
+/// configs/r1-tiny-tools.toml is r1-tiny's recipe with the calculator: the same problems,
+/// rewards, GRPO and evaluation; demonstrations and rollouts with the inline calculator, whose
+/// markers the tokenizer keeps whole.
+#[test]
+fn the_tools_demo_is_r1_tiny_with_a_calculator() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let load = |f: &str| Config::load(&root.join("configs").join(f), &[]).unwrap().0;
+    let (tiny, tools) = (load("r1-tiny.toml"), load("r1-tiny-tools.toml"));
+    assert_eq!(
+        (&tools.grpo, &tools.reward, &tools.optim, &tools.rollout),
+        (&tiny.grpo, &tiny.reward, &tiny.optim, &tiny.rollout)
+    );
+    assert_eq!(
+        (tools.sft.steps, tools.run.steps),
+        (tiny.sft.steps, tiny.run.steps)
+    );
+    assert_eq!((tools.eval.n, tools.eval.samples_per_problem), (300, 4));
+    let (a, b) = (
+        tools.data.countdown.clone(),
+        tiny.data.countdown.clone(),
+    );
+    assert!(a.calculator && !b.calculator);
+    assert_eq!(
+        sobre_data::tasks::countdown::CountdownConfig {
+            calculator: false,
+            ..a
+        },
+        b
+    );
+    let t = tools.tools.as_ref().unwrap();
+    assert_eq!(
+        (t.format.as_str(), t.open.as_str(), t.close.as_str()),
+        ("inline", "<calc>", "</calc>")
+    );
+    for m in ["<calc>", "</calc>", "<result>", "</result>"] {
+        assert!(tools.tokenizer.added_tokens.iter().any(|x| x == m), "{m}");
+    }
+}

@@ -94,6 +94,9 @@ struct CountdownArgs {
     /// With --demo search: the most missed tries before the solution.
     #[arg(long, default_value_t = CountdownConfig::default().max_misses)]
     max_misses: usize,
+    /// Write each step as an inline calculator call: `<calc>15 + 3</calc><result>18</result>`.
+    #[arg(long)]
+    calculator: bool,
 }
 
 #[derive(ClapArgs)]
@@ -177,6 +180,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     ),
                 },
                 max_misses: a.max_misses,
+                calculator: a.calculator,
             };
             generate(TaskConfig::Countdown(cfg), &a.common)
         }

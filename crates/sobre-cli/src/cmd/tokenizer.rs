@@ -44,6 +44,9 @@ struct TrainArgs {
     /// model_max_length written to tokenizer_config.json.
     #[arg(long, default_value_t = 2048)]
     model_max_length: usize,
+    /// More tokens kept whole (comma-separated), e.g. a tool's markers: `<calc>,</calc>`.
+    #[arg(long, value_delimiter = ',')]
+    added_tokens: Vec<String>,
     /// Output directory.
     #[arg(long)]
     out: PathBuf,
@@ -79,6 +82,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         vocab_size: a.vocab_size,
         min_frequency: a.min_frequency,
         model_max_length: a.model_max_length,
+        added_tokens: a.added_tokens.clone(),
     };
     let tok = Tokenizer::train(texts.iter(), &opts)?;
     tok.save(&a.out)

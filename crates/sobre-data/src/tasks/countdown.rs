@@ -71,6 +71,10 @@ pub struct CountdownConfig {
     /// With `demo = "search"`: the most missed tries before the solution (each problem draws
     /// 0..=max_misses uniformly).
     pub max_misses: usize,
+    /// Demonstrations compute each step with the inline calculator tool (`[tools] format =
+    /// "inline"` with its default markers): `<calc>15 + 3</calc><result>18</result>` where the
+    /// plain form writes `15 + 3 = 18`. In a rollout the tool inserts the `<result>` part.
+    pub calculator: bool,
 }
 
 /// What a countdown demonstration's reasoning shows.
@@ -110,6 +114,7 @@ impl Default for CountdownConfig {
             question: QuestionStyle::TinyZero,
             demo: DemoStyle::Solution,
             max_misses: 2,
+            calculator: false,
         }
     }
 }
@@ -160,6 +165,8 @@ pub struct CountdownProblem {
     /// The demonstration style and, for `Search`, the most misses.
     pub demo: DemoStyle,
     pub max_misses: usize,
+    /// Steps written as calculator calls (see [`CountdownConfig::calculator`]).
+    pub calculator: bool,
 }
 
 /// One solver step: `a op b = result`.
@@ -178,11 +185,21 @@ pub struct Solution {
     pub expression: String,
 }
 
-/// Steps as a demonstration writes them: `15 + 3 = 18, 18 - 7 = 11`.
-fn write_steps(steps: &[Step]) -> String {
+/// Steps as a demonstration writes them: `15 + 3 = 18, 18 - 7 = 11`, or with the calculator
+/// `<calc>15 + 3</calc><result>18</result>, <calc>18 - 7</calc><result>11</result>`.
+fn write_steps(steps: &[Step], calculator: bool) -> String {
     steps
         .iter()
-        .map(|s| format!("{} {} {} = {}", s.a, s.op, s.b, s.result))
+        .map(|s| {
+            if calculator {
+                format!(
+                    "<calc>{} {} {}</calc><result>{}</result>",
+                    s.a, s.op, s.b, s.result
+                )
+            } else {
+                format!("{} {} {} = {}", s.a, s.op, s.b, s.result)
+            }
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -190,7 +207,7 @@ fn write_steps(steps: &[Step]) -> String {
 impl Solution {
     /// The steps as the demonstration writes them: `15 + 3 = 18, 18 - 7 = 11`.
     pub fn reasoning(&self) -> String {
-        write_steps(&self.steps)
+        write_steps(&self.steps, false)
     }
 
     /// The full R1-format demonstration.
@@ -208,21 +225,24 @@ impl CountdownProblem {
             style: QuestionStyle::TinyZero,
             demo: DemoStyle::Solution,
             max_misses: 0,
+            calculator: false,
         }
     }
 
     /// The demonstration in the problem's [`DemoStyle`], if the target is reachable.
     pub fn demonstration(&self) -> Option<String> {
         let solution = self.solve()?;
+        let calc = self.calculator;
         if self.demo == DemoStyle::Solution {
-            return Some(solution.demonstration());
+            let reasoning = write_steps(&solution.steps, calc);
+            return Some(r1_completion(&reasoning, &solution.expression));
         }
         let mut lines: Vec<String> = self
             .misses(&solution)
             .iter()
-            .map(|m| write_steps(m))
+            .map(|m| write_steps(m, calc))
             .collect();
-        lines.push(solution.reasoning());
+        lines.push(write_steps(&solution.steps, calc));
         Some(r1_completion(&lines.join("\n"), &solution.expression))
     }
 
@@ -463,6 +483,7 @@ fn draw(cfg: &CountdownConfig, rng: &mut TaskRng) -> Option<CountdownProblem> {
         style: cfg.question,
         demo: cfg.demo,
         max_misses: cfg.max_misses,
+        calculator: cfg.calculator,
     })
 }
 
