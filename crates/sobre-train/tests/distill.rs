@@ -133,8 +133,7 @@ fn a_teacher_with_another_tokenizer_is_refused_naming_the_key() {
     )
     .unwrap()
     .run()
-    .err()
-    .expect("a teacher with another tokenizer must be refused")
+    .expect_err("a teacher with another tokenizer must be refused")
     .to_string();
     assert!(
         err.contains("grpo.teacher") && err.contains("does not share the student's tokenizer"),
