@@ -87,6 +87,20 @@ impl Default for ToolParams {
     }
 }
 
+impl ToolParams {
+    /// The strings around a response: `response_open` / `response_close`, else the format's
+    /// (`<tool_response>\n` … `\n</tool_response>` for hermes, `<result>` … `</result>` inline).
+    pub fn response_markers(&self) -> (&str, &str) {
+        let hermes = self.format == "hermes";
+        let open = self.response_open.as_deref();
+        let close = self.response_close.as_deref();
+        (
+            open.unwrap_or(if hermes { "<tool_response>\n" } else { "<result>" }),
+            close.unwrap_or(if hermes { "\n</tool_response>" } else { "</result>" }),
+        )
+    }
+}
+
 pub const FORMATS: &[&str] = &["hermes", "inline"];
 pub const TOOLS: &[&str] = &["calculator", "python", "command"];
 
@@ -264,17 +278,7 @@ impl ToolBox {
             Err(e) => (format!("error: {e}"), true),
         };
         let output = cut(&output, self.params.max_output_chars);
-        let hermes = self.params.format == "hermes";
-        let open = self.params.response_open.as_deref().unwrap_or(if hermes {
-            "<tool_response>\n"
-        } else {
-            "<result>"
-        });
-        let close = self.params.response_close.as_deref().unwrap_or(if hermes {
-            "\n</tool_response>"
-        } else {
-            "</result>"
-        });
+        let (open, close) = self.params.response_markers();
         (format!("{open}{output}{close}"), error)
     }
 

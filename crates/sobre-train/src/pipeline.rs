@@ -568,6 +568,7 @@ impl Pipeline {
             &mut pos,
             cfg.sft.batch_size,
             cfg.sft.max_length,
+            cfg.tools.as_ref().map(|t| t.response_markers()),
         )?;
         pr.meter.add(&sft_work(&model.config, &batch));
         let batch_tokens = completion_tokens(&batch);
@@ -912,8 +913,8 @@ enum StageEnd {
 }
 
 /// What an SFT step ran: its sequences forward and backward.
-fn sft_work(mc: &sobre_model::ModelConfig, batch: &[(Vec<u32>, Vec<u32>)]) -> Work {
-    let lens = batch.iter().map(|(p, c)| p.len() + c.len());
+fn sft_work(mc: &sobre_model::ModelConfig, batch: &[crate::sft::Pair]) -> Work {
+    let lens = batch.iter().map(|(p, c, _)| p.len() + c.len());
     Work {
         tokens_generated: 0,
         tokens_trained: lens.clone().map(|l| l as u64).sum(),

@@ -4,6 +4,10 @@
 //! (TRL's `completion_only_loss`). The loss is the mean negative log-likelihood over all
 //! completion tokens of the batch, computed with the same scoring function GRPO uses
 //! (temperature 1), plus the MoE balance loss when its coefficient is positive.
+//!
+//! With `[tools]`, a demonstration's tool responses (the text between the response markers)
+//! are tokenized on their own, as a rollout inserts them, and left out of the loss: the model
+//! is taught to call the tool, not to play it (TRL trains on assistant turns only).
 
 use burn::prelude::*;
 use sobre_data::{Sample, Template, Tokenizer};
@@ -13,12 +17,50 @@ use crate::TrainError;
 use crate::data::{Order, encode_prompt};
 use crate::score::{Layout, Scored, score};
 
-/// A tokenized demonstration: `(prompt ids, completion ids)`.
-pub type Pair = (Vec<u32>, Vec<u32>);
+/// A tokenized demonstration: `(prompt ids, completion ids, the completion tokens in the loss)`.
+pub type Pair = (Vec<u32>, Vec<u32>, Vec<bool>);
+
+/// `text`'s ids and which of them are in the loss: with `responses = Some((open, close))`,
+/// every `open … close` span is encoded on its own and out of the loss, the text between
+/// spans encoded piece by piece; otherwise the whole text, all in the loss.
+pub fn encode_completion(
+    tok: &Tokenizer,
+    text: &str,
+    responses: Option<(&str, &str)>,
+) -> Result<(Vec<u32>, Vec<bool>), TrainError> {
+    let enc = |t: &str| {
+        tok.encode(t)
+            .map_err(|e| TrainError::Data(format!("tokenizer: {e}")))
+    };
+    let (mut ids, mut trained) = (Vec::new(), Vec::new());
+    let mut push = |t: &str, in_loss: bool| -> Result<(), TrainError> {
+        let piece = enc(t)?;
+        trained.extend(std::iter::repeat_n(in_loss, piece.len()));
+        ids.extend(piece);
+        Ok(())
+    };
+    let Some((open, close)) = responses.filter(|(o, c)| !o.is_empty() && !c.is_empty()) else {
+        push(text, true)?;
+        return Ok((ids, trained));
+    };
+    let mut rest = text;
+    while let Some(start) = rest.find(open) {
+        let Some(len) = rest[start + open.len()..].find(close) else {
+            break;
+        };
+        let end = start + open.len() + len + close.len();
+        push(&rest[..start], true)?;
+        push(&rest[start..end], false)?;
+        rest = &rest[end..];
+    }
+    push(rest, true)?;
+    Ok((ids, trained))
+}
 
 /// `(prompt ids, completion ids)` of the next `batch_size` demonstrations, advancing `pos`.
 /// Rows longer than `max_length` lose completion tokens from the end (a prompt alone longer
 /// than that keeps its last tokens and one completion token).
+#[allow(clippy::too_many_arguments)]
 pub fn next_batch(
     tok: &Tokenizer,
     template: &Template,
@@ -27,6 +69,7 @@ pub fn next_batch(
     pos: &mut u64,
     batch_size: usize,
     max_length: usize,
+    responses: Option<(&str, &str)>,
 ) -> Result<Vec<Pair>, TrainError> {
     let mut out = Vec::with_capacity(batch_size);
     for _ in 0..batch_size {
@@ -34,22 +77,24 @@ pub fn next_batch(
         *pos += 1;
         let mut prompt = encode_prompt(tok, template, s)?;
         let text = s.completion.as_deref().unwrap_or("");
-        let mut completion = tok
-            .encode(text)
-            .map_err(|e| TrainError::Data(format!("tokenizer: {e}")))?;
+        let (mut completion, mut trained) = encode_completion(tok, text, responses)?;
         completion.push(tok.special().eos);
+        trained.push(true);
         if prompt.len() + 1 > max_length {
             prompt.drain(..prompt.len() + 1 - max_length);
         }
         completion.truncate(max_length - prompt.len());
-        out.push((prompt, completion));
+        trained.truncate(completion.len());
+        out.push((prompt, completion, trained));
     }
     Ok(out)
 }
 
-/// Completion tokens of `rows`: what the SFT loss averages over.
+/// Completion tokens of `rows` in the loss: what the SFT loss averages over.
 pub fn completion_tokens(rows: &[Pair]) -> usize {
-    rows.iter().map(|(_, c)| c.len()).sum()
+    rows.iter()
+        .map(|(_, _, t)| t.iter().filter(|&&x| x).count())
+        .sum()
 }
 
 /// The training forward of `rows` (a batch, or one data-parallel shard of it): completion
@@ -58,9 +103,15 @@ pub fn completion_tokens(rows: &[Pair]) -> usize {
 pub fn sft_forward(model: &MoeModel, rows: &[Pair], pad: u32, aux_loss: bool) -> Scored {
     let pairs: Vec<(&[u32], &[u32])> = rows
         .iter()
-        .map(|(p, c)| (p.as_slice(), c.as_slice()))
+        .map(|(p, c, _)| (p.as_slice(), c.as_slice()))
         .collect();
-    let layout = Layout::new(&pairs, pad);
+    let mut layout = Layout::new(&pairs, pad);
+    let m = layout.max_completion;
+    for (r, (_, _, trained)) in rows.iter().enumerate() {
+        for (i, _) in trained.iter().enumerate().filter(|(_, t)| !**t) {
+            layout.mask[r * m + i] = 0.0;
+        }
+    }
     let opts = ForwardOptions {
         aux_loss,
         ..Default::default()
@@ -90,4 +141,49 @@ pub fn sft_loss(
         _ => nll,
     };
     (loss, nll_value)
+}
+
+#[cfg(test)]
+mod tests {
+    use sobre_data::tokenizer::TrainOptions;
+
+    use super::*;
+
+    /// A calculator demonstration: the two `<result>…</result>` spans are tokenized as the
+    /// rollout inserts them (on their own) and are the only tokens out of the loss; the ids
+    /// decode back to the text.
+    #[test]
+    fn tool_responses_in_demonstrations_are_out_of_the_loss() {
+        let text = "<think>\n<calc>15 + 3</calc><result>18</result>, <calc>18 - 7</calc><result>11</result>\n</think>";
+        let texts = vec![text.to_string(); 50];
+        let opts = TrainOptions {
+            vocab_size: 300,
+            added_tokens: ["<calc>", "</calc>", "<result>", "</result>"]
+                .map(String::from)
+                .to_vec(),
+            ..Default::default()
+        };
+        let tok = Tokenizer::train(texts.iter(), &opts).unwrap();
+        let (ids, trained) =
+            encode_completion(&tok, text, Some(("<result>", "</result>"))).unwrap();
+        assert_eq!(ids.len(), trained.len());
+        assert_eq!(tok.decode(&ids, true).unwrap(), text);
+        let out: Vec<u32> = ids
+            .iter()
+            .zip(&trained)
+            .filter(|(_, t)| !**t)
+            .map(|(i, _)| *i)
+            .collect();
+        let mut want = tok.encode("<result>18</result>").unwrap();
+        want.extend(tok.encode("<result>11</result>").unwrap());
+        assert_eq!(out, want);
+        // Without tools every token is in the loss.
+        let (plain, all) = encode_completion(&tok, text, None).unwrap();
+        assert!(all.iter().all(|&t| t));
+        assert_eq!(tok.decode(&plain, true).unwrap(), text);
+        // An unclosed response marker is ordinary text.
+        let (_, open) =
+            encode_completion(&tok, "a <result>18", Some(("<result>", "</result>"))).unwrap();
+        assert!(open.iter().all(|&t| t));
+    }
 }
