@@ -113,7 +113,7 @@ pub struct LoraConfig {
     pub r: usize,
     /// `lora_alpha`.
     pub alpha: f64,
-    /// `lora_dropout`. Only 0 is implemented (sobre refuses more, see [`LoraConfig::validate`]).
+    /// `lora_dropout`: active only inside a training forward ([`dropout_scope`]).
     pub dropout: f64,
     /// PEFT module names ([`TARGET_MODULES`]).
     pub target_modules: Vec<String>,
@@ -153,12 +153,6 @@ impl LoraConfig {
         if !(self.dropout.is_finite() && (0.0..1.0).contains(&self.dropout)) {
             return bad(format!(
                 "`lora_dropout` = {}: must be in [0, 1)",
-                self.dropout
-            ));
-        }
-        if self.dropout != 0.0 {
-            return bad(format!(
-                "`lora_dropout` = {}: LoRA dropout is not implemented in sobre yet; use 0",
                 self.dropout
             ));
         }
@@ -624,8 +618,7 @@ fn adapter_from_peft(
     a_peft: &[f32],
     b_peft: &[f32],
     site: &Site,
-    r: usize,
-    scale: f64,
+    (r, scale, dropout): (usize, f64, f64),
     device: &Device,
 ) -> LoraAdapter {
     let (inp, out) = (site.in_features, site.out_features);
@@ -636,7 +629,56 @@ fn adapter_from_peft(
         b: Param::from_tensor(Tensor::from_data(TensorData::new(b, [r, out]), device)),
         scale,
         enabled: true,
+        dropout,
     }
+}
+
+thread_local! {
+    /// The dropout stream of the training forward running on this thread, if any.
+    static DROPOUT: std::cell::RefCell<Option<rand_chacha::ChaCha8Rng>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// While the guard lives, LoRA adapters with `dropout > 0` drop their inputs, drawing their
+/// masks from one stream seeded by `seed` (on this thread only: a data-parallel replica's
+/// forward runs on its own thread). The adapters of a forward draw in the order the forward
+/// calls them, which is fixed, so a seed gives the same masks every time: training with
+/// dropout stays deterministic and resumes exactly when the caller derives `seed` from the run
+/// seed and the step.
+pub fn dropout_scope(seed: u64) -> DropoutScope {
+    use rand_chacha::rand_core::SeedableRng;
+    DROPOUT.with(|d| *d.borrow_mut() = Some(rand_chacha::ChaCha8Rng::seed_from_u64(seed)));
+    DropoutScope(())
+}
+
+/// Ends the dropout of [`dropout_scope`] when dropped.
+pub struct DropoutScope(());
+
+impl Drop for DropoutScope {
+    fn drop(&mut self) {
+        DROPOUT.with(|d| *d.borrow_mut() = None);
+    }
+}
+
+/// Inside a [`dropout_scope`] and with `p > 0`: the next `[rows, cols]` inverted-dropout mask
+/// of this thread's stream (each entry `1 / (1 − p)` with probability `1 − p`, else 0).
+pub fn dropout_mask([rows, cols]: [usize; 2], p: f64) -> Option<TensorData> {
+    use rand_chacha::rand_core::Rng;
+    if p <= 0.0 {
+        return None;
+    }
+    DROPOUT.with(|d| {
+        let mut d = d.borrow_mut();
+        let rng = d.as_mut()?;
+        let keep = (1.0 / (1.0 - p)) as f32;
+        let mask: Vec<f32> = (0..rows * cols)
+            .map(|_| {
+                let u = (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
+                if u < p { 0.0 } else { keep }
+            })
+            .collect();
+        Some(TensorData::new(mask, [rows, cols]))
+    })
 }
 
 /// `model` with freshly initialised adapters on the projections `cfg.target_modules` names
@@ -665,7 +707,7 @@ pub fn add_adapters(
             LoraInit::Random => uniform(seed, &kb, out * r, 1.0 / (r as f64).sqrt()),
             _ => vec![0.0; out * r],
         };
-        let adapter = adapter_from_peft(&a, &b, site, r, scale, &device);
+        let adapter = adapter_from_peft(&a, &b, site, (r, scale, cfg.dropout), &device);
         if let Some(s) = slot_mut(&mut model, site.loc) {
             *s = Some(adapter);
         }
@@ -841,7 +883,10 @@ pub fn load_adapter(mut model: MoeModel, dir: &Path) -> Result<(MoeModel, LoraCo
         let (inp, out) = (site.in_features, site.out_features);
         let a = src.tensor(&ka, &[r, inp]);
         let b = src.tensor(&kb, &[out, r]);
-        adapters.push((site.loc, adapter_from_peft(&a, &b, site, r, scale, &device)));
+        adapters.push((
+            site.loc,
+            adapter_from_peft(&a, &b, site, (r, scale, cfg.dropout), &device),
+        ));
     }
     let mut problems = src.take_problems();
     for name in src.untaken() {

@@ -439,11 +439,21 @@ pub struct LoraAdapter {
     /// `disable_adapter()`).
     #[module(skip)]
     pub enabled: bool,
+    /// `lora_dropout`: inside a training forward ([`crate::lora::dropout_scope`]) the adapter's
+    /// input is dropped with this probability (and the kept entries scaled by `1 / (1 − p)`),
+    /// PEFT's `lora_B(lora_A(dropout(x)))`; everywhere else (rollouts, the reference,
+    /// evaluation, merging) it is inactive, as in PEFT's eval mode.
+    #[module(skip)]
+    pub dropout: f64,
 }
 
 impl LoraAdapter {
-    /// `scale · (x · A) · B`. `[rows, in]` → `[rows, out]`
+    /// `scale · (dropout(x) · A) · B`. `[rows, in]` → `[rows, out]`
     pub fn delta(&self, x: Tensor<2>, fused: bool) -> Tensor<2> {
+        let x = match crate::lora::dropout_mask(x.dims(), self.dropout) {
+            Some(mask) => x.clone() * Tensor::from_data(mask, &x.device()),
+            None => x,
+        };
         linear(linear(x, self.a.val(), fused), self.b.val(), fused) * self.scale
     }
 

@@ -90,6 +90,7 @@ fn adapter(
         b: Param::from_tensor(t2(b, b_shape, &d)),
         scale,
         enabled: true,
+        dropout: 0.0,
     }
 }
 
@@ -555,4 +556,57 @@ fn modules_from_the_config_are_the_models() {
             vec!["q_proj", "k_proj", "v_proj", "o_proj"]
         );
     }
+}
+
+/// LoRA dropout: inactive outside a training forward's scope; inside it the adapter computes
+/// `scale · ((x ⊙ M) · A) · B` with `M` the scope's next inverted-dropout mask (entries 0 or
+/// `1 / (1 − p)`, about `p` of them 0), the same for the same seed.
+#[test]
+fn lora_dropout_masks_the_adapter_input_inside_a_scope_only() {
+    let d = default_device();
+    let mut ad = adapter(
+        (0..8).map(|i| 0.1 * i as f32 - 0.3).collect(),
+        [4, 2],
+        (0..6).map(|i| 0.2 - 0.05 * i as f32).collect(),
+        [2, 3],
+        2.0,
+    );
+    ad.dropout = 0.5;
+    let x = t2((0..12).map(|i| 0.25 * i as f32 - 1.0).collect(), [3, 4], &d);
+    let vec = |t: Tensor<2>| t.try_into_vec_as::<f32>().unwrap();
+    let plain = {
+        let mut off = ad.clone();
+        off.dropout = 0.0;
+        off
+    };
+    assert_eq!(
+        vec(ad.delta(x.clone(), false)),
+        vec(plain.delta(x.clone(), false))
+    );
+    let (masked, mask) = {
+        let _s = sobre_model::lora::dropout_scope(9);
+        let out = vec(ad.delta(x.clone(), false));
+        drop(_s);
+        let _s = sobre_model::lora::dropout_scope(9);
+        let m = sobre_model::lora::dropout_mask([3, 4], 0.5).unwrap();
+        (out, Tensor::<2>::from_data(m, &d))
+    };
+    let want = vec(plain.delta(x.clone() * mask.clone(), false));
+    for (a, b) in masked.iter().zip(&want) {
+        assert!((a - b).abs() < 1e-6, "{masked:?} vs {want:?}");
+    }
+    let m = vec(mask);
+    assert!(m.iter().all(|&v| v == 0.0 || v == 2.0), "{m:?}");
+    assert!(
+        masked != vec(plain.delta(x, false)),
+        "the mask dropped nothing"
+    );
+    // About p of a large mask is zero.
+    let _s = sobre_model::lora::dropout_scope(3);
+    let big = sobre_model::lora::dropout_mask([100, 100], 0.5)
+        .unwrap()
+        .to_vec::<f32>()
+        .unwrap();
+    let zeros = big.iter().filter(|&&v| v == 0.0).count();
+    assert!((4_700..=5_300).contains(&zeros), "{zeros}");
 }

@@ -452,7 +452,7 @@ pub struct LoraSection {
     pub r: Option<usize>,
     /// `lora_alpha` (PEFT default 8); the adapters' output is scaled by `alpha / r`.
     pub alpha: Option<f64>,
-    /// `lora_dropout`; only 0 is implemented.
+    /// `lora_dropout` (PEFT default 0): dropout on the adapters' input in training forwards.
     pub dropout: f64,
     /// PEFT module names (default `["q_proj", "v_proj"]`, PEFT's for Llama/Qwen).
     pub target_modules: Option<Vec<String>>,
@@ -943,15 +943,6 @@ impl Config {
             return fail(
                 "lora.dropout",
                 format!("must be in [0, 1), found {}", l.dropout),
-            );
-        }
-        if l.dropout != 0.0 {
-            return fail(
-                "lora.dropout",
-                format!(
-                    "LoRA dropout is not implemented in sobre yet (found {}); use 0",
-                    l.dropout
-                ),
             );
         }
         if let Some(init) = &l.init

@@ -592,6 +592,8 @@ struct MiniBatch<'a> {
     aux_coef: f64,
     temperature: f32,
     device: Device,
+    /// Seed of the LoRA dropout masks of this update (`lora.dropout > 0`), per shard.
+    dropout_seed: Option<u64>,
 }
 
 /// μ passes over the mini-batches, one optimizer step each (the shards' gradients summed).
@@ -640,6 +642,11 @@ fn update_policy(
                 aux_coef,
                 temperature: cfg.rollout.temperature,
                 device: model.device(),
+                // The optimizer's step counts every update of the run (and is checkpointed).
+                dropout_seed: cfg
+                    .lora
+                    .as_ref()
+                    .map(|_| derive_seed(cfg.run.seed, &[6, opt.step])),
             };
             model = minibatch_update(cfg, &mb, model, opt, lr, &mut stats);
         }
@@ -735,6 +742,9 @@ impl MiniBatch<'_> {
             aux_loss: self.aux_coef > 0.0,
             ..Default::default()
         };
+        let _dropout = self
+            .dropout_seed
+            .map(|s| sobre_model::lora::dropout_scope(derive_seed(s, &[si as u64])));
         let scored = score(model, layout, self.temperature, opts, self.pass == 0);
         let routes = scored.router.aux_parts.as_ref().map(|p| p.totals.clone());
         (Some((si, scored, mask, adv, rollout_lp)), routes)

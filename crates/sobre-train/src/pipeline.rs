@@ -579,6 +579,10 @@ impl Pipeline {
             aux_coef > 0.0,
             |m, si| {
                 let rows = &batch[ranges[si].clone()];
+                let _dropout = cfg.lora.as_ref().map(|_| {
+                    let seed = derive_seed(cfg.run.seed, &[7, state.step as u64, si as u64]);
+                    sobre_model::lora::dropout_scope(seed)
+                });
                 let scored = sft_forward(m, rows, pad, aux_coef > 0.0);
                 let routes = scored.router.aux_parts.as_ref().map(|p| p.totals.clone());
                 ((scored, completion_tokens(rows)), routes)
