@@ -151,39 +151,46 @@ fn bad_tool_tables_are_config_errors_naming_the_key() {
 }
 
 /// configs/r1-tiny-tools.toml is r1-tiny's recipe with the calculator: the same problems,
-/// rewards, GRPO and evaluation; demonstrations and rollouts with the inline calculator, whose
-/// markers the tokenizer keeps whole.
+/// rewards, GRPO and evaluation; search-trace demonstrations computed with the inline
+/// calculator (room for all their calls), whose markers the tokenizer keeps whole.
 #[test]
 fn the_tools_demo_is_r1_tiny_with_a_calculator() {
+    use sobre_data::tasks::countdown::{CountdownConfig, DemoStyle};
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let load = |f: &str| Config::load(&root.join("configs").join(f), &[]).unwrap().0;
     let (tiny, tools) = (load("r1-tiny.toml"), load("r1-tiny-tools.toml"));
     assert_eq!(
-        (&tools.grpo, &tools.reward, &tools.optim, &tools.rollout),
-        (&tiny.grpo, &tiny.reward, &tiny.optim, &tiny.rollout)
+        (&tools.grpo, &tools.reward, &tools.optim),
+        (&tiny.grpo, &tiny.reward, &tiny.optim)
     );
+    // The same sampling, with room for the longer traces.
+    let sampling = sobre_rollout::SamplingParams {
+        max_new_tokens: tiny.rollout.max_new_tokens,
+        ..tools.rollout.clone()
+    };
+    assert_eq!(sampling, tiny.rollout);
     assert_eq!(
         (tools.sft.steps, tools.run.steps),
         (tiny.sft.steps, tiny.run.steps)
     );
     assert_eq!((tools.eval.n, tools.eval.samples_per_problem), (300, 4));
-    let (a, b) = (
-        tools.data.countdown.clone(),
-        tiny.data.countdown.clone(),
-    );
+    let (a, b) = (tools.data.countdown.clone(), tiny.data.countdown.clone());
     assert!(a.calculator && !b.calculator);
-    assert_eq!(
-        sobre_data::tasks::countdown::CountdownConfig {
-            calculator: false,
-            ..a
-        },
-        b
-    );
+    assert_eq!((a.demo, a.max_misses), (DemoStyle::Search, 2));
+    let plain = CountdownConfig {
+        calculator: false,
+        demo: b.demo,
+        max_misses: b.max_misses,
+        ..a.clone()
+    };
+    assert_eq!(plain, b);
     let t = tools.tools.as_ref().unwrap();
     assert_eq!(
         (t.format.as_str(), t.open.as_str(), t.close.as_str()),
         ("inline", "<calc>", "</calc>")
     );
+    // A search trace makes up to (max_misses + 1) × (numbers − 1) calls: all answered.
+    assert!(t.max_calls >= (a.max_misses + 1) * (a.max_count - 1));
     for m in ["<calc>", "</calc>", "<result>", "</result>"] {
         assert!(tools.tokenizer.added_tokens.iter().any(|x| x == m), "{m}");
     }
