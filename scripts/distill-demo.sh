@@ -7,7 +7,7 @@
 # 1. The teacher: configs/r1-tiny.toml (1.42 M parameters), trained unless TEACHER names a run.
 # 2. Distillation, timed: `sobre generate` samples 4 completions per GRPO prompt from the
 #    teacher and keeps the shortest correct one, then configs/r1-tiny-distill.toml trains the
-#    0.40 M student on those traces by SFT alone.
+#    0.37 M student on those traces by SFT alone.
 # 3. The baseline: configs/r1-tiny-student.toml (the same student, SFT on the 1,000
 #    demonstrations then GRPO, r1-tiny's recipe) stopped with Ctrl-C (SIGINT: it saves a
 #    checkpoint and exits) when it has run as long as step 2 took.
