@@ -11,7 +11,8 @@ use sobre_model::ModelConfig;
     after_help = "Examples:\n  sobre inspect --preset small\n  sobre inspect --model runs/demo/checkpoints/step-000100 --json"
 )]
 pub struct Args {
-    /// A model directory (HF layout: config.json + safetensors).
+    /// A model directory (HF layout: config.json + safetensors), or a run directory (its
+    /// newest checkpoint).
     #[arg(long, conflicts_with = "preset", required_unless_present = "preset")]
     model: Option<PathBuf>,
     /// A built-in preset: tiny, small or w1.
@@ -25,6 +26,8 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let (cfg, source) = match (&args.model, &args.preset) {
         (Some(dir), _) => {
+            // A run directory names its newest checkpoint, as in `sobre eval`.
+            let dir = &sobre_train::compare::resolve_model_dir(dir)?;
             let path = dir.join("config.json");
             let cfg = ModelConfig::from_file(&path)
                 .with_context(|| format!("reading the model in {}", dir.display()))?;
