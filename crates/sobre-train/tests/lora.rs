@@ -443,3 +443,43 @@ fn lora_config_errors_name_key_and_value() {
     let (cfg, _) = Config::parse(&smoke(), "configs/smoke.toml", &[]).unwrap();
     assert!(!cfg.to_toml().contains("[lora]"));
 }
+
+/// configs/r1-tiny-lora.toml is r1-tiny's GRPO stage with adapters: the same data, template,
+/// rollouts, rewards, GRPO and evaluation, from r1-tiny's SFT checkpoint, no SFT of its own.
+/// (Compared as TOML: loading it needs that checkpoint.)
+#[test]
+fn the_lora_learning_check_is_r1_tiny_grpo_with_adapters() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    let read = |f: &str| -> toml::Table {
+        toml::from_str(&std::fs::read_to_string(root.join(f)).unwrap()).unwrap()
+    };
+    let (tiny, lora) = (read("r1-tiny.toml"), read("r1-tiny-lora.toml"));
+    for section in ["data", "template", "rollout", "reward", "grpo"] {
+        assert_eq!(tiny.get(section), lora.get(section), "[{section}]");
+    }
+    let table = |t: &toml::Table, s: &str| t[s].as_table().unwrap().clone();
+    let without = |mut t: toml::Table, keys: &[&str]| {
+        for k in keys {
+            t.remove(*k);
+        }
+        t
+    };
+    assert_eq!(
+        without(table(&tiny, "run"), &["out_dir"]),
+        without(table(&lora, "run"), &["out_dir"])
+    );
+    assert_eq!(
+        without(table(&tiny, "optim"), &["lr"]),
+        without(table(&lora, "optim"), &["lr"])
+    );
+    assert_eq!(
+        without(table(&tiny, "eval"), &["compare"]),
+        without(table(&lora, "eval"), &["compare"])
+    );
+    assert_eq!(lora["sft"]["steps"].as_integer(), Some(0));
+    assert_eq!(
+        lora["model"]["path"].as_str(),
+        Some("runs/r1-tiny/checkpoints/sft")
+    );
+    assert_eq!(lora["lora"]["r"].as_integer(), Some(16));
+}
