@@ -105,6 +105,36 @@ fn tool_calls_are_answered_masked_logged_and_resumed_exactly() {
         assert!(at <= 8, "{text}");
     }
 
+    // Evaluation runs with the run's tools: the held-out completions call them too.
+    let sets: Vec<String> = SETS.iter().map(|s| s.to_string()).collect();
+    let (cfg, _) = Config::parse(&with_tools(), "tools.toml", &sets).unwrap();
+    let ckpt = a.path().join("checkpoints/step-000004");
+    let (model, tok, _) = sobre_train::compare::load_for_eval(&ckpt, None).unwrap();
+    let template = sobre_train::data::build_template(&cfg, Some(&ckpt)).unwrap();
+    let rewards = cfg.build_rewards().unwrap();
+    let problems = sobre_train::eval::heldout_problems(&cfg, Some(8), None).unwrap();
+    let mut opts = sobre_train::eval::EvalOptions::from_config(&cfg);
+    opts.samples = 4;
+    opts.temperature = 1.0;
+    assert!(opts.tools.is_some());
+    let out =
+        sobre_train::eval::evaluate(&model, &tok, &problems, &template, &rewards, &opts).unwrap();
+    assert!(
+        out.samples
+            .iter()
+            .any(|s| s.completion.contains("[error: ")),
+        "no held-out completion was answered by the tool"
+    );
+    opts.tools = None;
+    let plain =
+        sobre_train::eval::evaluate(&model, &tok, &problems, &template, &rewards, &opts).unwrap();
+    assert!(
+        plain
+            .samples
+            .iter()
+            .all(|s| !s.completion.contains("[error: "))
+    );
+
     let b = tempfile::tempdir().unwrap();
     run(b.path(), &SETS, Some(2), false);
     run(b.path(), &SETS, None, true);
