@@ -261,3 +261,58 @@ fn a_slow_tool_changes_only_the_time_and_an_empty_response_stops() {
         .to_string();
     assert!(err.contains("tools need a tokenizer"), "{err}");
 }
+
+/// Opens a call on `q` and closes it only on `z`: a sequence that opens one and reaches
+/// `max_new_tokens` before closing it ends with `length`, unanswered.
+struct OpenOnQ;
+impl Tools for OpenOnQ {
+    fn closed_call(&self, text: &str) -> Option<String> {
+        let start = text.find('q')?;
+        let end = text[start..].find('z')? + start;
+        Some(text[start..=end].to_string())
+    }
+    fn respond(&self, call: &str) -> ToolResponse {
+        ToolResponse {
+            ids: vec![60, 61],
+            text: format!("[{call}]"),
+            error: false,
+        }
+    }
+    fn settings(&self) -> ToolSettings {
+        ToolSettings {
+            max_calls: 2,
+            max_response_tokens: 4,
+            overlap_steps: 1,
+            responses_count_as_new_tokens: false,
+        }
+    }
+}
+
+#[test]
+fn an_unterminated_call_ends_at_max_new_tokens_unanswered() {
+    let m = test_model(5);
+    let params = SamplingParams {
+        ignore_eos: true,
+        ..params()
+    };
+    let out =
+        generate_with_tools(&m, &prompts(), 4, &params, Some(&Letters), Some(&OpenOnQ)).unwrap();
+    let mut unterminated = 0;
+    for c in &out {
+        let sampled = c.sampled.iter().filter(|&&s| s).count();
+        assert_eq!((sampled, c.finish_reason), (20, FinishReason::Length));
+        // The text after the last response: an open call there was never answered.
+        let tail_start = c
+            .tool_calls
+            .last()
+            .map_or(0, |t| t.response_start + t.response_tokens);
+        let tail = Letters.decode(&c.tokens[tail_start..]);
+        if let Some(q) = tail.find('q')
+            && !tail[q..].contains('z')
+        {
+            unterminated += 1;
+        }
+        assert!(c.tool_calls.len() <= 2);
+    }
+    assert!(unterminated > 0, "no completion ended inside an open call");
+}
