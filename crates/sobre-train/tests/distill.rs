@@ -2,27 +2,23 @@
 //! student gives no signal, a trained teacher pulls a fresh student towards it, and a teacher
 //! with another tokenizer or settings without a teacher are errors naming the key.
 
+mod common;
+
 use std::path::Path;
 
 use serde_json::Value;
-use sobre_train::Config;
-use sobre_train::pipeline::{Pipeline, RunOptions};
-
-fn smoke() -> String {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/smoke.toml");
-    std::fs::read_to_string(p).expect("configs/smoke.toml")
-}
+use sobre_train::pipeline::Pipeline;
 
 fn pipeline(dir: &Path, sets: &[String]) -> Result<Pipeline, sobre_train::TrainError> {
-    let (cfg, src) = Config::parse(&smoke(), "configs/smoke.toml", sets)?;
-    let opts = RunOptions {
-        resume: false,
-        out_dir: Some(dir.to_path_buf()),
-        stop: None,
-        quiet: true,
-        stop_after: None,
-    };
-    Pipeline::new(cfg, src, opts)
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    common::pipeline(
+        &common::smoke(),
+        "configs/smoke.toml",
+        &sets,
+        dir,
+        false,
+        None,
+    )
 }
 
 fn sets(v: &[&str]) -> Vec<String> {

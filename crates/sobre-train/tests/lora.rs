@@ -3,6 +3,8 @@
 //! adapted model (their log-probs equal training's recomputed ones), a PEFT adapter directory
 //! continues, and the config's errors.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
@@ -11,12 +13,9 @@ use sobre_model::lora::{self, LoraConfig, LoraInit};
 use sobre_model::{ForwardOptions, MoeModel, default_device, load_model};
 use sobre_rollout::{Prompt, SamplingParams, ScoredBatch, completion_logprobs, generate};
 use sobre_train::Config;
-use sobre_train::pipeline::{Pipeline, RunOptions, Summary};
+use sobre_train::pipeline::Summary;
 
-fn smoke() -> String {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/smoke.toml");
-    std::fs::read_to_string(p).expect("configs/smoke.toml")
-}
+use common::smoke;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -31,16 +30,14 @@ const LORA: &[&str] = &[
 ];
 
 fn run(dir: &Path, sets: &[&str], resume: bool, stop_after: Option<usize>) -> Summary {
-    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-    let (cfg, src) = Config::parse(&smoke(), "configs/smoke.toml", &sets).unwrap();
-    let opts = RunOptions {
+    common::run(
+        &smoke(),
+        "configs/smoke.toml",
+        sets,
+        dir,
         resume,
-        out_dir: Some(dir.to_path_buf()),
-        stop: None,
-        quiet: true,
         stop_after,
-    };
-    Pipeline::new(cfg, src, opts).unwrap().run().unwrap()
+    )
 }
 
 fn with_lora<'a>(sets: &[&'a str]) -> Vec<&'a str> {

@@ -3,17 +3,17 @@
 //! at float noise, which it could not with response tokens in it), logged, and a run resumes
 //! bit for bit with tools in the loop.
 
+mod common;
+
 use std::path::Path;
 
 use serde_json::Value;
 use sobre_train::Config;
-use sobre_train::pipeline::{Pipeline, RunOptions};
 
 /// configs/smoke.toml with an inline "tool" that fires on the R1 tags the model learns first:
 /// `<` … `>` calls the calculator with the tag's name, which answers with an error.
 fn with_tools() -> String {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/smoke.toml");
-    let smoke = std::fs::read_to_string(p).expect("configs/smoke.toml");
+    let smoke = common::smoke();
     format!(
         "{smoke}\n[tools]\nformat = \"inline\"\nopen = \"<\"\nclose = \">\"\ntool = \"calculator\"\n\
          response_open = \"[\"\nresponse_close = \"]\"\nmax_calls = 2\noverlap_steps = 2\nmax_response_tokens = 96\n"
@@ -21,16 +21,7 @@ fn with_tools() -> String {
 }
 
 fn run(dir: &Path, sets: &[&str], stop_after: Option<usize>, resume: bool) {
-    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-    let (cfg, src) = Config::parse(&with_tools(), "tools.toml", &sets).unwrap();
-    let opts = RunOptions {
-        resume,
-        out_dir: Some(dir.to_path_buf()),
-        stop: None,
-        quiet: true,
-        stop_after,
-    };
-    Pipeline::new(cfg, src, opts).unwrap().run().unwrap();
+    common::run(&with_tools(), "tools.toml", sets, dir, resume, stop_after);
 }
 
 fn lines(file: &Path) -> Vec<Value> {
