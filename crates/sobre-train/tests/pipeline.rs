@@ -1,14 +1,13 @@
 //! Whole-pipeline tests on the tiny preset: exact resume, and every loss variant runs.
 
+mod common;
+
 use std::path::Path;
 
 use sobre_train::Config;
 use sobre_train::pipeline::{Pipeline, RunOptions};
 
-fn smoke() -> String {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/smoke.toml");
-    std::fs::read_to_string(p).expect("configs/smoke.toml")
-}
+use common::smoke;
 
 fn run(
     dir: &Path,
@@ -16,16 +15,7 @@ fn run(
     resume: bool,
     stop_after: Option<usize>,
 ) -> sobre_train::pipeline::Summary {
-    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-    let (cfg, src) = Config::parse(&smoke(), "configs/smoke.toml", &sets).unwrap();
-    let opts = RunOptions {
-        resume,
-        out_dir: Some(dir.to_path_buf()),
-        stop: None,
-        quiet: true,
-        stop_after,
-    };
-    Pipeline::new(cfg, src, opts).unwrap().run().unwrap()
+    common::run(&smoke(), "configs/smoke.toml", sets, dir, resume, stop_after)
 }
 
 fn weights(dir: &Path) -> Vec<u8> {

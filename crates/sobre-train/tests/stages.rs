@@ -1,6 +1,8 @@
 //! `[[stage]]` runs on the tiny preset: R1's four stages in one run directory, rejection
 //! sampling's file, and exact resume at a stage boundary and inside a stage.
 
+mod common;
+
 use std::path::Path;
 
 use sobre_train::Config;
@@ -34,15 +36,7 @@ fn run(dir: &Path, resume: bool, stop_after: Option<usize>) -> Summary {
 }
 
 fn run_text(text: &str, dir: &Path, resume: bool, stop_after: Option<usize>) -> Summary {
-    let (cfg, src) = Config::parse(text, "staged.toml", &["eval.n=4".into()]).unwrap();
-    let opts = RunOptions {
-        resume,
-        out_dir: Some(dir.to_path_buf()),
-        stop: None,
-        quiet: true,
-        stop_after,
-    };
-    Pipeline::new(cfg, src, opts).unwrap().run().unwrap()
+    common::run(text, "staged.toml", &["eval.n=4"], dir, resume, stop_after)
 }
 
 fn weights(dir: &Path) -> Vec<u8> {
