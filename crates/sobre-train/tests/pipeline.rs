@@ -15,7 +15,14 @@ fn run(
     resume: bool,
     stop_after: Option<usize>,
 ) -> sobre_train::pipeline::Summary {
-    common::run(&smoke(), "configs/smoke.toml", sets, dir, resume, stop_after)
+    common::run(
+        &smoke(),
+        "configs/smoke.toml",
+        sets,
+        dir,
+        resume,
+        stop_after,
+    )
 }
 
 fn weights(dir: &Path) -> Vec<u8> {
