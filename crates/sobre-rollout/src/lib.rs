@@ -15,7 +15,12 @@
 //! the train/inference mismatch that separate inference engines introduce stays at float
 //! rounding.
 //!
-//! Not here: tokenization (`sobre-data`; pass a [`Detokenizer`]), rewards, losses.
+//! **Tool calls** ([`tools`], [`generate_with_tools`]): a sequence that closes a call pauses
+//! while the rest of the batch decodes; the response is inserted unsampled (log-prob 0,
+//! `Completion::sampled = false`) and decoding resumes.
+//!
+//! Not here: tokenization (`sobre-data`; pass a [`Detokenizer`]), rewards, losses, the tools
+//! themselves (`sobre-reward::tools`).
 
 pub mod bench;
 pub mod generate;
