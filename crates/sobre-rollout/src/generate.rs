@@ -444,16 +444,14 @@ fn run_engine<E: Engine>(
             }
             rx
         };
-        let step = |seq: &mut Seq, logits: &[f32]| {
-            let rules = StepRules {
-                params,
-                stop_ids: &stop_ids,
-                io,
-            };
-            advance(seq, logits, &rules, &spawn)
+        let rules = StepRules {
+            params,
+            stop_ids: &stop_ids,
+            io,
+            tools: io.tools.map(|t| t.settings()),
         };
-        let extra = io.tools.map_or(0, |t| {
-            let t = t.settings();
+        let step = |seq: &mut Seq, logits: &[f32]| advance(seq, logits, &rules, &spawn);
+        let extra = rules.tools.map_or(0, |t| {
             t.max_calls * (t.overlap_steps + t.max_response_tokens)
         });
         match mode {
@@ -492,6 +490,8 @@ struct StepRules<'a> {
     params: &'a SamplingParams,
     stop_ids: &'a [u32],
     io: Io<'a>,
+    /// The tools' limits, read once per rollout.
+    tools: Option<ToolSettings>,
 }
 
 /// One decode step of one sequence, given its row's logits (meaningful only when it samples):
@@ -503,7 +503,7 @@ fn advance(
     rules: &StepRules<'_>,
     spawn: &dyn Fn(String) -> mpsc::Receiver<(ToolResponse, f64)>,
 ) {
-    let settings = rules.io.tools.map(|t| t.settings());
+    let settings = rules.tools;
     if let ToolState::Paused { idle, .. } = &mut seq.tool
         && *idle > 0
     {
