@@ -15,7 +15,7 @@ use sobre_model::{ForwardOptions, MoeModel, RouteTotals};
 
 use crate::TrainError;
 use crate::data::{Order, encode_prompt};
-use crate::score::{Layout, Scored, score};
+use crate::score::{Layout, Scored, exclude_tokens, score};
 
 /// A tokenized demonstration: `(prompt ids, completion ids, the completion tokens in the loss)`.
 pub type Pair = (Vec<u32>, Vec<u32>, Vec<bool>);
@@ -106,12 +106,10 @@ pub fn sft_forward(model: &MoeModel, rows: &[Pair], pad: u32, aux_loss: bool) ->
         .map(|(p, c, _)| (p.as_slice(), c.as_slice()))
         .collect();
     let mut layout = Layout::new(&pairs, pad);
-    let m = layout.max_completion;
-    for (r, (_, _, trained)) in rows.iter().enumerate() {
-        for (i, _) in trained.iter().enumerate().filter(|(_, t)| !**t) {
-            layout.mask[r * m + i] = 0.0;
-        }
-    }
+    exclude_tokens(
+        &mut layout,
+        rows.iter().map(|(_, _, trained)| trained.as_slice()),
+    );
     let opts = ForwardOptions {
         aux_loss,
         ..Default::default()

@@ -14,7 +14,7 @@ use sobre_rollout::{Completion, ToolResponse, ToolSettings, Tools};
 
 use crate::TrainError;
 use crate::metrics::num;
-use crate::score::Layout;
+use crate::score::{Layout, exclude_tokens};
 
 /// The configured tools, answering in the run's tokens.
 pub struct ToolRunner<'a> {
@@ -61,18 +61,7 @@ impl Tools for ToolRunner<'_> {
 /// so they take no part in the loss, the KL, the entropy or any token count. `completions` are
 /// the layout's rows, in order.
 pub fn mask_responses(layout: &mut Layout, completions: &[&Completion]) {
-    let m = layout.max_completion;
-    for (r, c) in completions.iter().enumerate() {
-        for (i, _) in c
-            .sampled
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| !**s)
-            .take_while(|(i, _)| *i < m)
-        {
-            layout.mask[r * m + i] = 0.0;
-        }
-    }
+    exclude_tokens(layout, completions.iter().map(|c| c.sampled.as_slice()));
 }
 
 /// `tools/*` metrics of a step's completions: calls per completion, the share of calls that
