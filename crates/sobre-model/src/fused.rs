@@ -10,6 +10,7 @@
 //! | [`moe_experts`] | `select` of the tokens' rows grouped by expert; per expert a slice of those rows, slices of the stacked weights, a SwiGLU; `cat`; `select` of the routing weights, `mul`, `select_assign` (add) into the tokens' rows |
 //! | [`linear`] | `matmul` (burn-flex zero-fills its output, copies it to re-align it, and its backward multiplies transposed copies) |
 //! | [`token_logprobs`] | `div` (temperature), and `log_softmax`'s `max_dim`, `sub`, `exp`, `sum_dim`, `log`, `sub`, then `gather` of the targets |
+//! | [`head_logprobs`] | the LM head's `matmul` and then [`token_logprobs`], a chunk of rows at a time, so that the `[rows, vocab]` logits are never all alive (forward or backward) |
 //!
 //! Under autodiff every one of those ops is a graph node that allocates its output, keeps its
 //! inputs alive and runs its own backward (a slice's backward zero-fills a tensor the size of
@@ -192,6 +193,51 @@ pub fn token_logprobs_host(
     kernels::token_logprobs(logits, vocab, targets, inverse_temperature(temperature)).0
 }
 
+/// The LM head and [`token_logprobs`] in one op, `chunk_rows` rows at a time: row `i` of the
+/// result is `log softmax(scale · h_i · W)` at `targets[i]` (row 0) and that distribution's
+/// entropy (row 1, a constant: it receives no gradient). `W` is `w: [hidden, vocab]`, or with
+/// `tied` the embedding matrix `w: [vocab, hidden]` read transposed (no copy).
+///
+/// Only one chunk's `[chunk_rows, vocab]` logits exist at a time. When every row fits in one
+/// chunk, the op keeps that chunk's logits for the backward, as [`token_logprobs`] does;
+/// otherwise the backward recomputes each chunk's logits from `h` and `W` (one more GEMM
+/// of the head's size, Liger's and TRL's chunked losses' trade): a GRPO batch of
+/// 4,096 completion tokens over a 32k vocabulary holds 512 MB of logits at once unchunked,
+/// and its backward as many again.
+///
+/// # Shapes
+/// `h: [rows, hidden]` (after the final norm), `targets: [rows]` → `[2, rows]`
+pub fn head_logprobs(
+    h: Tensor<2>,
+    w: Tensor<2>,
+    targets: Vec<usize>,
+    scale: f64,
+    tied: bool,
+    chunk_rows: usize,
+) -> Tensor<2> {
+    Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::head_logprobs(
+        h.into_dispatch(),
+        w.into_dispatch(),
+        HeadSpec {
+            targets,
+            scale: scale as f32,
+            tied,
+            chunk_rows: chunk_rows.max(1),
+        },
+    ))
+}
+
+/// The constant arguments of [`head_logprobs`].
+#[derive(Debug, Clone)]
+pub struct HeadSpec {
+    pub targets: Vec<usize>,
+    /// Multiplies the logits: `inv_temp / logits_scaling`.
+    pub scale: f32,
+    /// `w` is `[vocab, hidden]` (the tied embedding), else `[hidden, vocab]`.
+    pub tied: bool,
+    pub chunk_rows: usize,
+}
+
 /// The factor the logits are scaled by for a sampling temperature: `1 / temperature`, and 1
 /// for 0 (greedy, whose log-probabilities are the untempered ones) and for 1.
 pub(crate) fn inverse_temperature(temperature: f32) -> f32 {
@@ -232,6 +278,11 @@ pub trait FusedOps: Backend {
         logits: FloatTensor<Self>,
         targets: Vec<usize>,
         inv_temp: f64,
+    ) -> FloatTensor<Self>;
+    fn head_logprobs(
+        h: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        spec: HeadSpec,
     ) -> FloatTensor<Self>;
 }
 
@@ -299,6 +350,87 @@ impl FusedOps for Flex {
     fn token_logprobs(logits: FlexTensor, targets: Vec<usize>, inv_temp: f64) -> FlexTensor {
         token_logprobs_forward(&logits.to_contiguous(), &targets, inv_temp as f32).0
     }
+
+    fn head_logprobs(h: FlexTensor, w: FlexTensor, spec: HeadSpec) -> FlexTensor {
+        let head = HeadInputs::new(h, w, spec);
+        head_forward(&head, false).0
+    }
+}
+
+/// The inputs of [`head_logprobs`], contiguous, and their sizes.
+#[derive(Debug, Clone)]
+struct HeadInputs {
+    h: FlexTensor,
+    w: FlexTensor,
+    spec: HeadSpec,
+    rows: usize,
+    hidden: usize,
+    vocab: usize,
+}
+
+impl HeadInputs {
+    fn new(h: FlexTensor, w: FlexTensor, spec: HeadSpec) -> Self {
+        let (h, w) = (h.to_contiguous(), w.to_contiguous());
+        let ([rows, hidden], [a, b]) = (dims2(&h), dims2(&w));
+        let vocab = if spec.tied { a } else { b };
+        assert_eq!(
+            if spec.tied { b } else { a },
+            hidden,
+            "head weight and h disagree"
+        );
+        assert_eq!(spec.targets.len(), rows, "one target per row");
+        HeadInputs {
+            h,
+            w,
+            spec,
+            rows,
+            hidden,
+            vocab,
+        }
+    }
+
+    /// `W` as `[hidden, vocab]`.
+    fn weight(&self) -> View<'_> {
+        let w = values(&self.w);
+        if self.spec.tied {
+            View::dense(w, self.vocab, self.hidden).t()
+        } else {
+            View::dense(w, self.hidden, self.vocab)
+        }
+    }
+
+    /// The row ranges of the chunks.
+    fn chunks(&self) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+        let c = self.spec.chunk_rows;
+        (0..self.rows.div_ceil(c)).map(move |i| i * c..((i + 1) * c).min(self.rows))
+    }
+
+    /// The raw logits `h · W` of `rows` (unscaled), `[rows.len(), vocab]`.
+    fn logits(&self, rows: std::ops::Range<usize>) -> Vec<f32> {
+        let h = &values(&self.h)[rows.start * self.hidden..rows.end * self.hidden];
+        product(View::dense(h, rows.len(), self.hidden), self.weight())
+    }
+}
+
+/// The forward of [`head_logprobs`]: `[2, rows]` (log-probabilities, entropies), each row's
+/// log-normaliser, and (with `keep`, when there is a single chunk) the logits.
+fn head_forward(head: &HeadInputs, keep: bool) -> (FlexTensor, Vec<f32>, Option<Vec<f32>>) {
+    let (rows, vocab) = (head.rows, head.vocab);
+    let mut out = vec![0.0; 2 * rows];
+    let mut lse = Vec::with_capacity(rows);
+    let mut kept = None;
+    for range in head.chunks() {
+        let logits = head.logits(range.clone());
+        let targets = &head.spec.targets[range.clone()];
+        let (logp, l, ent) = kernels::token_scores(&logits, vocab, targets, head.spec.scale);
+        out[range.clone()].copy_from_slice(&logp);
+        out[rows + range.start..rows + range.end].copy_from_slice(&ent);
+        lse.extend(l);
+        if keep && range.len() == rows {
+            kept = Some(logits);
+        }
+    }
+    (tensor(out, [2, rows].into()), lse, kept)
 }
 
 /// The forward of [`token_logprobs`] on contiguous `logits`: the log-probabilities and each
@@ -794,6 +926,66 @@ impl Backward<Flex, 1> for TokenLogprobsBackward {
     }
 }
 
+/// Backward of [`head_logprobs`]; state: the inputs, each row's log-normaliser, and the
+/// logits when there was a single chunk (else each chunk's are recomputed).
+#[derive(Debug)]
+struct HeadLogprobsBackward;
+
+impl Backward<Flex, 2> for HeadLogprobsBackward {
+    type State = (HeadInputs, Vec<f32>, Option<Vec<f32>>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (head, lse, kept) = ops.state;
+        let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
+        // Row 1 (the entropies) is a constant: only the log-probabilities' gradient flows.
+        let g = &values(&grad)[..head.rows];
+        let (hidden, vocab) = (head.hidden, head.vocab);
+        let [h_node, w_node] = ops.parents;
+        let mut dh = vec![
+            0.0;
+            if h_node.is_some() {
+                head.rows * hidden
+            } else {
+                0
+            }
+        ];
+        let mut dw = vec![0.0; if w_node.is_some() { hidden * vocab } else { 0 }];
+        let mut kept = kept;
+        for (i, range) in head.chunks().enumerate() {
+            let logits = kept.take().unwrap_or_else(|| head.logits(range.clone()));
+            let targets = &head.spec.targets[range.clone()];
+            let d = kernels::token_logprobs_backward(
+                &logits,
+                vocab,
+                (targets, &lse[range.clone()]),
+                &g[range.clone()],
+                head.spec.scale,
+            );
+            drop(logits);
+            let d = View::dense(&d, range.len(), vocab);
+            if h_node.is_some() {
+                let out = &mut dh[range.start * hidden..range.end * hidden];
+                gemm(out, hidden, d, head.weight().t(), false);
+            }
+            if w_node.is_some() {
+                let h = &values(&head.h)[range.start * hidden..range.end * hidden];
+                let h = View::dense(h, range.len(), hidden);
+                if head.spec.tied {
+                    gemm(&mut dw, hidden, d.t(), h, i > 0);
+                } else {
+                    gemm(&mut dw, vocab, h.t(), d, i > 0);
+                }
+            }
+        }
+        if let Some(node) = h_node {
+            grads.register::<Flex>(node.id, tensor(dh, shape_of(&head.h)));
+        }
+        if let Some(node) = w_node {
+            grads.register::<Flex>(node.id, tensor(dw, shape_of(&head.w)));
+        }
+    }
+}
+
 /// Each op is one graph node whose parents are its differentiable inputs only; the constant
 /// inputs (RoPE tables, the mask) are read and never receive a gradient.
 impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
@@ -918,6 +1110,25 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
             .stateful()
         {
             OpsKind::Tracked(prep) => prep.finish((logits, targets, lse, inv_temp), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn head_logprobs(
+        h: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        spec: HeadSpec,
+    ) -> FloatTensor<Self> {
+        let (h, h_node) = h.into_parts();
+        let (w, w_node) = w.into_parts();
+        let head = HeadInputs::new(h, w, spec);
+        let (y, lse, kept) = head_forward(&head, true);
+        match HeadLogprobsBackward
+            .prepare::<C>([h_node, w_node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((head, lse, kept), y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         }
     }
@@ -1226,6 +1437,32 @@ pub(crate) mod kernels {
             lses.push(lse);
         }
         (logp, lses)
+    }
+
+    /// [`token_logprobs`] and [`entropies`] in one pass over each row (the sums the entropy
+    /// needs are those the log-normaliser needs). → `(log-probabilities, lse, entropies)`.
+    #[multiversion(targets("x86_64+avx2+fma"))]
+    pub fn token_scores(
+        logits: &[f32],
+        vocab: usize,
+        targets: &[usize],
+        inv_temp: f32,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let n = targets.len();
+        let (mut logp, mut lses, mut ent) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for (row, &t) in logits.chunks_exact(vocab).zip(targets) {
+            let max = scaled_max(row, inv_temp);
+            let (sum, weighted) = exp_sums(row, inv_temp, max);
+            let lse = sum.ln() + max;
+            logp.push(row[t] * inv_temp - lse);
+            lses.push(lse);
+            ent.push(sum.ln() - weighted / sum);
+        }
+        (logp, lses, ent)
     }
 
     /// The gradient of [`token_logprobs`]: `d x_j = g · inv_temp · ([j = target] − p_j)` with

@@ -643,6 +643,69 @@ impl InferenceModel {
     }
 
     /// Final norm and LM head at rows `positions` of hidden states `h: [rows, hidden]`.
+    /// Log-probabilities of `targets` at `positions` (temperature as in sampling):
+    /// [`fused::token_logprobs_host`] of [`InferenceModel::forward_positions`]' logits, the LM
+    /// head run a chunk of rows at a time so that the `[n, vocab]` logits are never all alive.
+    ///
+    /// # Shapes
+    /// `positions`, `targets`: `[n]` → `[n]`
+    pub fn token_logprobs(
+        &self,
+        batch: &Batch,
+        positions: &[usize],
+        targets: &[usize],
+        temperature: f32,
+    ) -> Vec<f32> {
+        let mut cache = self.new_cache(batch.batch, batch.seq);
+        let h = self.trunk(batch, &mut cache);
+        self.head_logprobs(&h, positions, targets, temperature)
+    }
+
+    /// [`InferenceModel::token_logprobs`] for rows that continue shared prefixes
+    /// ([`InferenceModel::forward_positions_shared`]); `(suffixes, positions)`.
+    pub fn token_logprobs_shared(
+        &self,
+        prefixes: &Batch,
+        prefix_of_row: &[usize],
+        (suffixes, positions): (&Batch, &[usize]),
+        targets: &[usize],
+        temperature: f32,
+    ) -> Vec<f32> {
+        assert_eq!(
+            prefix_of_row.len(),
+            suffixes.batch,
+            "one prefix per suffix row"
+        );
+        let mut cache = self.new_cache(prefixes.batch, prefixes.seq + suffixes.seq);
+        self.trunk(prefixes, &mut cache);
+        let mut cache = cache.select_rows(prefix_of_row);
+        let h = self.trunk(suffixes, &mut cache);
+        self.head_logprobs(&h, positions, targets, temperature)
+    }
+
+    /// The head and the log-softmax at `targets`, [`crate::auto_chunk_rows`] rows at a time.
+    fn head_logprobs(
+        &self,
+        h: &[f32],
+        positions: &[usize],
+        targets: &[usize],
+        temperature: f32,
+    ) -> Vec<f32> {
+        assert_eq!(positions.len(), targets.len(), "one target per position");
+        let chunk = crate::model::auto_chunk_rows(self.vocab);
+        let mut out = Vec::with_capacity(positions.len());
+        for (p, t) in positions.chunks(chunk).zip(targets.chunks(chunk)) {
+            let logits = self.head_at(h, p);
+            out.extend(fused::token_logprobs_host(
+                &logits,
+                self.vocab,
+                t,
+                temperature,
+            ));
+        }
+        out
+    }
+
     fn head_at(&self, h: &[f32], positions: &[usize]) -> Vec<f32> {
         let hd = self.hidden;
         assert!(

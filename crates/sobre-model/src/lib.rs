@@ -32,7 +32,8 @@ pub use io::{init_model, load_model, load_model_with_config, save_model};
 pub use lora::{LoraConfig, LoraInit};
 pub use model::{
     AuxParts, Batch, ForwardOptions, GroupLimit, GroupScore, Kernels, KvCache, LogitsMode,
-    LoraAdapter, ModelOutput, MoeImpl, MoeModel, RouteTotals, RouterStats, token_logprobs,
+    LoraAdapter, ModelOutput, MoeImpl, MoeModel, RouteTotals, RouterStats, auto_chunk_rows,
+    token_logprobs,
 };
 
 /// Everything that can go wrong reading or writing a model.

@@ -73,6 +73,20 @@ pub struct ForwardOptions {
     pub kernels: Kernels,
     /// Build the differentiable auxiliary balance loss (training only).
     pub aux_loss: bool,
+    /// Rows of the LM head's logits alive at once in [`MoeModel::token_scores`] (the fused
+    /// path); 0 picks [`auto_chunk_rows`].
+    pub logits_chunk_rows: usize,
+}
+
+/// Floats of logits per chunk that [`MoeModel::token_scores`] aims at when
+/// `logits_chunk_rows` is 0: 16 MiB, a few L2-sized GEMM panels' worth and small next to
+/// the weights of any model with a vocabulary large enough for the logits to matter.
+pub const AUTO_CHUNK_FLOATS: usize = 1 << 22;
+
+/// The chunk of rows [`MoeModel::token_scores`] uses by default for a vocabulary: 16 MiB of
+/// logits, at least 16 rows.
+pub fn auto_chunk_rows(vocab: usize) -> usize {
+    (AUTO_CHUNK_FLOATS / vocab.max(1)).max(16)
 }
 
 /// The tokens of one forward call, as host data.
@@ -526,6 +540,13 @@ pub fn token_logprobs(
     let targets = targets.iter().map(|&t| t as i64).collect();
     let index = Tensor::<2, Int>::from_data(TensorData::new(targets, [rows, 1]), &device);
     (lp.gather(1, index).reshape([rows]), h)
+}
+
+/// Rows at flat `positions` of hidden states `[batch, seq, hidden]` → `[n, hidden]`.
+fn pick_rows(h: Tensor<3>, positions: &[usize]) -> Tensor<2> {
+    let [b, s, hidden] = h.dims();
+    let index = int_tensor_1d(positions.iter().map(|&p| p as i64).collect(), &h.device());
+    h.reshape([b * s, hidden]).select(0, index)
 }
 
 /// `x · w`: the fused [`fused::linear`] or burn's matmul (the reference).
@@ -1379,13 +1400,25 @@ impl MoeModel {
         positions: &[usize],
         opts: ForwardOptions,
     ) -> (Tensor<2>, RouterStats) {
+        let (h, router) = self.hidden_at(batch, positions, opts);
+        (self.head(h, opts), router)
+    }
+
+    /// The hidden states (before the final norm) that [`MoeModel::forward_positions`] turns
+    /// into logits. `[n]` → `[n, hidden]`
+    pub fn hidden_at(
+        &self,
+        batch: &Batch,
+        positions: &[usize],
+        opts: ForwardOptions,
+    ) -> (Tensor<2>, RouterStats) {
         let (b, s) = (batch.batch, batch.seq);
         assert!(
             positions.iter().all(|&p| p < b * s),
             "positions must lie inside batch·seq"
         );
         let (h, router) = self.trunk(batch, None, opts, None);
-        (self.head_at(h, positions, opts), router)
+        (pick_rows(h, positions), router)
     }
 
     /// [`MoeModel::forward_positions`] for rows that continue shared prefixes, each prefix
@@ -1412,6 +1445,20 @@ impl MoeModel {
         positions: &[usize],
         opts: ForwardOptions,
     ) -> (Tensor<2>, RouterStats) {
+        let (h, router) = self.hidden_at_shared(prefixes, prefix_of_row, suffixes, positions, opts);
+        (self.head(h, opts), router)
+    }
+
+    /// The hidden states (before the final norm) that [`MoeModel::forward_positions_shared`]
+    /// turns into logits. `[n]` → `[n, hidden]`
+    pub fn hidden_at_shared(
+        &self,
+        prefixes: &Batch,
+        prefix_of_row: &[usize],
+        suffixes: &Batch,
+        positions: &[usize],
+        opts: ForwardOptions,
+    ) -> (Tensor<2>, RouterStats) {
         let (b, s) = (suffixes.batch, suffixes.seq);
         assert_eq!(prefix_of_row.len(), b, "one prefix per suffix row");
         assert!(
@@ -1431,17 +1478,61 @@ impl MoeModel {
         let (_, prefix_router) = self.trunk(prefixes, Some(&mut cache), opts, Some(&uses));
         let mut cache = cache.select_rows(prefix_of_row);
         let (h, router) = self.trunk(suffixes, Some(&mut cache), opts, None);
-        (
-            self.head_at(h, positions, opts),
-            prefix_router.merge(router),
-        )
+        (pick_rows(h, positions), prefix_router.merge(router))
     }
 
-    /// Final norm and LM head at flat positions of hidden states `[batch, seq, hidden]`.
-    fn head_at(&self, h: Tensor<3>, positions: &[usize], opts: ForwardOptions) -> Tensor<2> {
-        let [b, s, hidden] = h.dims();
-        let index = int_tensor_1d(positions.iter().map(|&p| p as i64).collect(), &h.device());
-        self.head(h.reshape([b * s, hidden]).select(0, index), opts)
+    /// Log-probabilities of `targets` under `softmax(logits / temperature)` at hidden states
+    /// `h` (from [`MoeModel::hidden_at`]), and with `entropy` each row's entropy (detached,
+    /// host; empty without): [`token_logprobs`] of [`MoeModel::forward_positions`]' logits.
+    /// With the fused kernels the final norm is applied and then the LM head and the
+    /// log-softmax run as one op a chunk of `opts.logits_chunk_rows` rows at a time
+    /// ([`fused::head_logprobs`]), so the `[n, vocab]` logits are never all alive; else the
+    /// reference: the whole logits, then [`token_logprobs`].
+    ///
+    /// # Shapes
+    /// `h: [n, hidden]`, `targets: [n]` → `([n], [n] or [])`
+    pub fn token_scores(
+        &self,
+        h: Tensor<2>,
+        targets: &[usize],
+        temperature: f32,
+        entropy: bool,
+        opts: ForwardOptions,
+    ) -> (Tensor<1>, Vec<f32>) {
+        if !self.fused(opts) {
+            return token_logprobs(
+                self.head(h, opts),
+                targets,
+                temperature,
+                entropy,
+                opts.kernels,
+            );
+        }
+        let [n, _] = h.dims();
+        let vocab = self.config.vocab_size;
+        assert_eq!(targets.len(), n, "one target per row");
+        assert!(
+            targets.iter().all(|&t| t < vocab),
+            "targets must lie below the vocabulary size"
+        );
+        let h = self.norm.forward(h, true);
+        let (w, tied) = match &self.lm_head {
+            Some(w) => (w.val(), false),
+            None => (self.embed_tokens.val(), true),
+        };
+        let scale = fused::inverse_temperature(temperature) as f64 / self.config.logits_scaling;
+        let chunk = match opts.logits_chunk_rows {
+            0 => auto_chunk_rows(vocab),
+            c => c,
+        };
+        let out = fused::head_logprobs(h, w, targets.to_vec(), scale, tied, chunk);
+        let logp = out.clone().slice([0..1, 0..n]).reshape([n]);
+        let h = if entropy {
+            to_vec_f32(out.slice([1..2, 0..n]).detach())
+        } else {
+            vec![]
+        };
+        (logp, h)
     }
 
     /// Whether this call runs the fused kernels: asked for, and the backend has them.
@@ -1867,6 +1958,62 @@ mod tests {
                 assert!(
                     d <= 1e-5,
                     "entropies differ by {d:e} (vocab {vocab}, T {temperature})"
+                );
+            }
+        }
+    }
+
+    /// The chunked LM head + log-softmax ([`fused::head_logprobs`]) against the whole logits
+    /// then burn's `log_softmax` + `gather`: values and the gradients of `h` and of the head
+    /// weight (plain `[hidden, vocab]` and tied `[vocab, hidden]`), for chunks of 1 row, of
+    /// sizes that do not divide the 10 rows (3, 4), of all rows at once (10, kept logits) and
+    /// more; tempered and scaled logits; and the entropies against the reference's.
+    #[test]
+    fn chunked_head_logprobs_agree_with_the_whole_logits() {
+        let (rows, hidden, vocab) = (10, 12, 37);
+        let targets: Vec<usize> = (0..rows).map(|r| (r * 7 + 3) % vocab).collect();
+        let targets = [vec![0, vocab - 1], targets[2..].to_vec()].concat();
+        for tied in [false, true] {
+            for (scale, chunk) in [(1.0, 1), (1.0, 3), (0.5, 4), (1.0 / 0.7, 10), (2.0, 64)] {
+                let w_shape = if tied {
+                    [vocab, hidden]
+                } else {
+                    [hidden, vocab]
+                };
+                let leaves = [leaf([rows, hidden], 31, 2.0), leaf(w_shape, 32, 1.5)];
+                let logp = |[h, w]: &[Tensor<2>; 2], fused: bool| {
+                    if fused {
+                        let out = fused::head_logprobs(
+                            h.clone(),
+                            w.clone(),
+                            targets.clone(),
+                            scale,
+                            tied,
+                            chunk,
+                        );
+                        return out.slice([0..1, 0..rows]).reshape([rows, 1]);
+                    }
+                    let w = if tied {
+                        w.clone().transpose()
+                    } else {
+                        w.clone()
+                    };
+                    let logits = h.clone().matmul(w) * scale;
+                    let (lp, _) = token_logprobs(logits, &targets, 1.0, false, Kernels::Reference);
+                    lp.reshape([rows, 1])
+                };
+                assert_fused_agrees(leaves, logp, 2e-6, 1e-5);
+                let [h, w] = [leaf([rows, hidden], 31, 2.0), leaf(w_shape, 32, 1.5)];
+                let out =
+                    fused::head_logprobs(h.clone(), w.clone(), targets.clone(), scale, tied, chunk);
+                let got = to_vec_f32(out.slice([1..2, 0..rows]));
+                let w = if tied { w.transpose() } else { w };
+                let (_, want) =
+                    token_logprobs(h.matmul(w) * scale, &targets, 1.0, true, Kernels::Reference);
+                let d = rel_diff(&got, &want);
+                assert!(
+                    d <= 1e-5,
+                    "entropies differ by {d:e} (tied {tied}, chunk {chunk})"
                 );
             }
         }

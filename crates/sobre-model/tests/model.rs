@@ -547,6 +547,80 @@ fn fused_kernels_agree_with_the_reference_on_the_whole_model() {
     }
 }
 
+/// `token_scores` (final norm, then the LM head and log-softmax in chunks of rows) against the
+/// reference's whole logits and `token_logprobs`: log-probabilities, entropies and the
+/// gradients of the head (untied, and tied to the embedding), the final norm and a layer, for
+/// chunks that do and do not divide the 21 positions, tempered, with Granite's
+/// `logits_scaling`.
+#[test]
+fn chunked_token_scores_agree_with_the_whole_logits() {
+    for tied in [false, true] {
+        let mut cfg = test_config();
+        cfg.tie_word_embeddings = tied;
+        cfg.logits_scaling = 1.7;
+        let device = default_device().autodiff();
+        let m = init_model(&cfg, 13, &device);
+        let v = cfg.vocab_size;
+        let b = Batch::right_padded(&[ids(9, 18, v), ids(5, 19, v), ids(7, 20, v)], 0);
+        let positions: Vec<usize> = (0..21).map(|i| (i * 5) % (3 * 9)).collect();
+        let targets: Vec<usize> = (0..21).map(|i| (i * 11 + 2) % v).collect();
+        let run = |kernels: Kernels, chunk: usize| {
+            let opts = ForwardOptions {
+                kernels,
+                logits_chunk_rows: chunk,
+                ..Default::default()
+            };
+            let (h, _) = m.hidden_at(&b, &positions, opts);
+            let (lp, ent) = m.token_scores(h, &targets, 0.7, true, opts);
+            let weights: Vec<f32> = (0..21).map(|i| (i as f32 * 0.37).sin()).collect();
+            let w = Tensor::<1>::from_data(TensorData::new(weights, [21]), &device);
+            let grads = (lp.clone() * w).sum().backward();
+            let need = "a gradient";
+            let head = match &m.lm_head {
+                Some(h) => values(h.val().grad(&grads).expect(need)),
+                None => values(m.embed_tokens.val().grad(&grads).expect(need)),
+            };
+            let g = vec![
+                head,
+                values(m.norm.weight.val().grad(&grads).expect(need)),
+                values(
+                    m.layers[2]
+                        .self_attn
+                        .q_proj
+                        .weight
+                        .val()
+                        .grad(&grads)
+                        .expect(need),
+                ),
+            ];
+            (values(lp), ent, g)
+        };
+        let (ref_lp, ref_ent, ref_g) = run(Kernels::Reference, 0);
+        let scale = |v: &[f32]| v.iter().fold(f32::MIN_POSITIVE, |m, x| m.max(x.abs()));
+        for chunk in [1, 4, 7, 21, 0] {
+            let (lp, ent, g) = run(Kernels::Fused, chunk);
+            let d = max_diff(&lp, &ref_lp) / scale(&ref_lp);
+            assert!(
+                d <= 1e-5,
+                "log-probs differ by {d:e} (tied {tied}, chunk {chunk})"
+            );
+            let d = max_diff(&ent, &ref_ent) / scale(&ref_ent);
+            assert!(
+                d <= 1e-5,
+                "entropies differ by {d:e} (tied {tied}, chunk {chunk})"
+            );
+            for (i, (a, r)) in g.iter().zip(&ref_g).enumerate() {
+                assert!(scale(r) > 1e-12, "parameter {i} got no gradient");
+                let d = max_diff(a, r) / scale(r);
+                assert!(
+                    d <= 1e-5,
+                    "gradient {i} differs by {d:e} (tied {tied}, chunk {chunk})"
+                );
+            }
+        }
+    }
+}
+
 // ---- bad inputs ----
 
 fn saved_fixture() -> tempfile::TempDir {

@@ -5,8 +5,7 @@
 use std::collections::HashMap;
 
 use burn::prelude::*;
-use sobre_model::fused::token_logprobs_host;
-use sobre_model::{Batch, ForwardOptions, InferenceModel, MoeModel, RouterStats, token_logprobs};
+use sobre_model::{Batch, ForwardOptions, InferenceModel, MoeModel, RouterStats};
 
 /// Prompt + completion pairs laid out for one training forward.
 ///
@@ -156,15 +155,14 @@ pub fn completion_scores(
     // Logits only at the m positions per row that predict the completion tokens (the prompt's
     // own positions never reach the LM head).
     let positions = &scored.logit_positions;
-    let (picked, router) = match &scored.shared {
+    let (h, router) = match &scored.shared {
         Some((prefixes, prefix_of_row)) => {
-            model.forward_positions_shared(prefixes, prefix_of_row, &scored.batch, positions, opts)
+            model.hidden_at_shared(prefixes, prefix_of_row, &scored.batch, positions, opts)
         }
-        None => model.forward_positions(&scored.batch, positions, opts),
+        None => model.hidden_at(&scored.batch, positions, opts),
     };
-    let device = picked.device();
-    let (logp, entropy) =
-        token_logprobs(picked, &scored.targets, temperature, entropy, opts.kernels);
+    let device = h.device();
+    let (logp, entropy) = model.token_scores(h, &scored.targets, temperature, entropy, opts);
     let entropy = entropy
         .iter()
         .zip(&scored.mask)
@@ -203,14 +201,16 @@ pub fn completion_logprobs_host(
     if positions.is_empty() {
         return vec![];
     }
-    let logits = match &scored.shared {
-        Some((prefixes, prefix_of_row)) => {
-            model.forward_positions_shared(prefixes, prefix_of_row, &scored.batch, positions)
-        }
-        None => model.forward_positions(&scored.batch, positions),
+    let logp = match &scored.shared {
+        Some((prefixes, prefix_of_row)) => model.token_logprobs_shared(
+            prefixes,
+            prefix_of_row,
+            (&scored.batch, positions),
+            &scored.targets,
+            temperature,
+        ),
+        None => model.token_logprobs(&scored.batch, positions, &scored.targets, temperature),
     };
-    let vocab = logits.len() / positions.len();
-    let logp = token_logprobs_host(&logits, vocab, &scored.targets, temperature);
     logp.iter()
         .zip(&scored.mask)
         .map(|(&lp, &m)| if m == 0.0 { 0.0 } else { lp })
