@@ -46,18 +46,38 @@ use std::sync::Arc;
 /// cycled as decoding does; `examples/gemm_layouts.rs`): 8 rows 20 → 45 GFLOP/s, 32 rows
 /// 43 → 73, 550 rows unchanged, 2,200 rows (prefill) about 10% slower (docs/PERF.md item 11).
 struct Weight {
-    panels: Vec<f32>,
+    panels: Panels,
     rows: usize,
     cols: usize,
+}
+
+/// A [`Weight`]'s panels: `f32`, or `bf16` for a frozen model asked to take half the memory
+/// (`model.frozen_dtype`), each panel widened to `f32` into a scratch buffer before its product,
+/// so the arithmetic stays `f32`.
+enum Panels {
+    F32(Vec<f32>),
+    Bf16(Vec<half::bf16>),
 }
 
 impl Weight {
     /// The weight times `r`.
     fn scaled(mut self, r: f32) -> Self {
         if r != 1.0 {
-            self.panels.iter_mut().for_each(|w| *w *= r);
+            match &mut self.panels {
+                Panels::F32(p) => p.iter_mut().for_each(|w| *w *= r),
+                Panels::Bf16(p) => p
+                    .iter_mut()
+                    .for_each(|w| *w = half::bf16::from_f32(w.to_f32() * r)),
+            }
         }
         self
+    }
+
+    /// The same weight stored in `bf16` (round to nearest even).
+    fn to_bf16(&mut self) {
+        if let Panels::F32(p) = &self.panels {
+            self.panels = Panels::Bf16(p.iter().map(|&w| half::bf16::from_f32(w)).collect());
+        }
     }
 
     /// From a row-major `[rows, cols]` matrix.
@@ -70,7 +90,11 @@ impl Weight {
                 panels.extend_from_slice(&w[r * cols + start..r * cols + end]);
             }
         }
-        Weight { panels, rows, cols }
+        Weight {
+            panels: Panels::F32(panels),
+            rows,
+            cols,
+        }
     }
 
     /// `c = x · W`, or `c += x · W` with `accumulate`; contiguous row-major `x: [m, rows]`,
@@ -91,9 +115,18 @@ impl Weight {
     /// [`Weight::matmul`] on one block of rows.
     fn matmul_rows(&self, c: &mut [f32], x: &[f32], m: usize, accumulate: bool) {
         let x = View::dense(&x[..m * self.rows], m, self.rows);
+        let mut wide = Vec::new();
         for start in (0..self.cols).step_by(PANEL) {
             let width = PANEL.min(self.cols - start);
-            let panel = &self.panels[start * self.rows..(start + width) * self.rows];
+            let span = start * self.rows..(start + width) * self.rows;
+            let panel: &[f32] = match &self.panels {
+                Panels::F32(p) => &p[span],
+                Panels::Bf16(p) => {
+                    wide.clear();
+                    wide.extend(p[span].iter().map(|w| w.to_f32()));
+                    &wide
+                }
+            };
             if width == PANEL {
                 panel_product(&mut c[start..], self.cols, x, panel, accumulate);
             } else {
@@ -125,6 +158,10 @@ struct HostProj {
 }
 
 impl HostProj {
+    fn weights(&mut self) -> Vec<&mut Weight> {
+        vec![&mut self.w]
+    }
+
     fn new(p: &Proj) -> Self {
         HostProj {
             w: weight(p.merged_weight()),
@@ -198,6 +235,10 @@ struct HostMlp {
 }
 
 impl HostMlp {
+    fn weights(&mut self) -> Vec<&mut Weight> {
+        vec![&mut self.gate_up, &mut self.down]
+    }
+
     /// From row-major `gate_up: [hidden, 2·inter]` and `down: [inter, hidden]`.
     fn from_parts(gate_up: &[f32], down: &[f32], hidden: usize) -> Self {
         let inter = gate_up.len() / hidden / 2;
@@ -321,6 +362,39 @@ struct HostLayer {
     attn: HostAttn,
     post_norm: HostNorm,
     ffn: HostFfn,
+}
+
+impl HostLayer {
+    /// Every weight matrix of the layer (what `bf16` storage converts; norms, biases, the
+    /// MLA per-head blocks and gates stay `f32`).
+    fn weights(&mut self) -> Vec<&mut Weight> {
+        let mut w = match &mut self.attn {
+            HostAttn::Standard(a) => [&mut a.q, &mut a.k, &mut a.v, &mut a.o]
+                .into_iter()
+                .flat_map(HostProj::weights)
+                .collect(),
+            HostAttn::Latent(l) => {
+                let mut w = vec![&mut l.kv_b];
+                if let Some((q_a, _)) = &mut l.q_a {
+                    w.extend(q_a.weights());
+                }
+                for p in [&mut l.q, &mut l.kv_a, &mut l.o] {
+                    w.extend(p.weights());
+                }
+                w
+            }
+        };
+        match &mut self.ffn {
+            HostFfn::Dense(m) => w.extend(m.weights()),
+            HostFfn::Sparse(m) => {
+                w.push(&mut m.router);
+                for e in m.experts.iter_mut().chain(m.shared.as_mut()) {
+                    w.extend(e.weights());
+                }
+            }
+        }
+        w
+    }
 }
 
 /// Keys and values of past tokens on the host, as [`crate::KvCache`] holds them for tensors.
@@ -504,6 +578,19 @@ impl InferenceModel {
             vocab: cfg.vocab_size,
             rope: cfg.rope_frequencies(),
         }
+    }
+
+    /// The same model with every weight matrix (the layers' projections and experts, the LM
+    /// head) stored in `bf16`, widened to `f32` panel by panel as it is used: half their
+    /// memory, at most bf16's rounding (a relative 2⁻⁹ per weight) in every logit's inputs.
+    /// The embedding, norms and biases stay `f32`. For frozen models only (the GRPO reference,
+    /// a teacher: `model.frozen_dtype = "bf16"`).
+    pub fn into_bf16(mut self) -> Self {
+        self.lm_head.to_bf16();
+        for l in &mut self.layers {
+            l.weights().into_iter().for_each(Weight::to_bf16);
+        }
+        self
     }
 
     /// Bytes the cache holds per token (f32, all layers): `2 · kv_heads · head_dim · 4` a

@@ -293,7 +293,10 @@ fn bench_models(
         return Ok((model, reference));
     }
     let reference = if cfg.grpo.beta > 0.0 {
-        Some(Reference::new(make(&sobre_model::default_device())?))
+        Some(Reference::new(
+            make(&sobre_model::default_device())?,
+            cfg.model.frozen_bf16(),
+        )?)
     } else {
         None
     };
@@ -453,9 +456,9 @@ fn policy_breakdown(
         // Reading the loss forces the (lazy) forward to finish before the clock stops.
         let _ = loss.clone().try_into_vec_as::<f32>();
         let t1 = Instant::now();
-        let grads = loss.backward();
+        let mut grads = loss.backward();
         let t2 = Instant::now();
-        let host = collect_grads(&m, &grads);
+        let host = collect_grads(&m, &mut grads);
         drop(grads);
         let _norm = global_norm(&host);
         let t3 = Instant::now();

@@ -63,9 +63,18 @@ pub struct ModelSection {
     pub moe_intermediate_size: Option<usize>,
     pub num_experts: Option<usize>,
     pub num_experts_per_tok: Option<usize>,
+    /// How the frozen models (the GRPO reference, the distillation teacher) store their
+    /// weight matrices: `f32` (the default) or `bf16`, half the memory, computing in `f32`
+    /// (the trained model and AdamW stay `f32`). The CPU (flex) device only.
+    pub frozen_dtype: Option<String>,
 }
 
 impl ModelSection {
+    /// `model.frozen_dtype = "bf16"`.
+    pub fn frozen_bf16(&self) -> bool {
+        self.frozen_dtype.as_deref() == Some("bf16")
+    }
+
     /// The shape overrides that are set, as `(key, value)`.
     pub fn shape_overrides(&self) -> Vec<(&'static str, usize)> {
         [
@@ -1060,6 +1069,15 @@ impl Config {
         };
 
         // [model]
+        if let Some(d) = &self.model.frozen_dtype
+            && d != "f32"
+            && d != "bf16"
+        {
+            return fail(
+                "model.frozen_dtype",
+                format!("`{d}` is not a storage type: expected \"f32\" or \"bf16\""),
+            );
+        }
         if let Some(p) = &self.model.preset
             && let Err(e) = sobre_model::ModelConfig::preset(p)
         {
@@ -1411,6 +1429,17 @@ mod tests {
             .to_string();
         assert!(
             e.starts_with("run.toml:4: `run.data_parallel_size`: must be at least 1"),
+            "{e}"
+        );
+        let text =
+            "[data]\ntask = \"countdown\"\n[model]\npreset = \"tiny\"\nfrozen_dtype = \"fp16\"\n";
+        let e = Config::parse(text, "run.toml", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(
+                "run.toml:5: `model.frozen_dtype`: `fp16` is not a storage type: expected \"f32\" or \"bf16\""
+            ),
             "{e}"
         );
         // Replicas are a run setting, not a sampling one: `[rollout]` does not take them.

@@ -31,10 +31,12 @@ use crate::config::ConfigError;
 use crate::grpo::Reference;
 
 /// The teacher model of `grpo.teacher` (`dir`), frozen and served like the KL reference, after
-/// checking that its tokenizer is the student's. `origin` names the config in errors.
+/// checking that its tokenizer is the student's; its weight matrices in `bf16` with `bf16`
+/// (`model.frozen_dtype`). `origin` names the config in errors.
 pub fn load_teacher(
     dir: &Path,
     student: &Tokenizer,
+    bf16: bool,
     origin: &str,
 ) -> Result<Reference, TrainError> {
     let err = |msg: String| {
@@ -53,7 +55,7 @@ pub fn load_teacher(
             dir.display()
         )));
     }
-    Ok(Reference::new(model))
+    Reference::new(model, bf16)
 }
 
 /// `Ok` when `teacher` and `student` map the same ids to the same tokens and agree on the

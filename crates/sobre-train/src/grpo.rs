@@ -12,7 +12,7 @@ use std::time::Instant;
 use burn::prelude::*;
 use serde_json::{Map, Value, json};
 use sobre_data::{Sample, Template, Tokenizer};
-use sobre_model::{ForwardOptions, InferenceModel, MoeModel, RouteTotals};
+use sobre_model::{ForwardOptions, InferenceModel, ModelConfig, MoeModel, RouteTotals};
 use sobre_reward::CombinedReward;
 use sobre_rollout::{
     Completion, FinishReason, Prompt, SamplingParams, completion_logprobs_host, generate_with_tools,
@@ -40,17 +40,38 @@ use crate::tools::{calls_json, mask_responses, tool_metrics};
 /// model of its own: the reference is the policy with its adapters switched off (its frozen
 /// base, TRL's `disable_adapter()`), whose host copy is made per step like the rollout's.
 pub struct Reference {
-    /// `None`: the policy with adapters off.
-    pub model: Option<MoeModel>,
+    /// The model as burn tensors, kept only where the host engine cannot serve it (other
+    /// backends than flex); `None` also for the LoRA base (adapters off).
+    model: Option<MoeModel>,
+    /// The host engine's copy: on flex the only one, so the frozen weights are held once.
     host: Option<InferenceModel>,
+    /// Its shape (`None`: the policy's, with adapters off).
+    pub config: Option<ModelConfig>,
 }
 
 impl Reference {
-    pub fn new(model: MoeModel) -> Self {
-        let host = InferenceModel::for_model(&model);
-        Reference {
-            model: Some(model),
-            host,
+    /// A frozen model, its weight matrices in `bf16` with `bf16` (`model.frozen_dtype`).
+    ///
+    /// # Errors
+    /// `bf16` on a backend without the host engine (it is the one that stores `bf16`).
+    pub fn new(model: MoeModel, bf16: bool) -> Result<Self, TrainError> {
+        let config = Some(model.config.clone());
+        match InferenceModel::for_model(&model) {
+            Some(h) => Ok(Reference {
+                model: None,
+                host: Some(if bf16 { h.into_bf16() } else { h }),
+                config,
+            }),
+            None if bf16 => Err(TrainError::Data(
+                "model.frozen_dtype = \"bf16\" needs the cpu device (the host engine stores \
+                 the frozen weights in bf16)"
+                    .into(),
+            )),
+            None => Ok(Reference {
+                model: Some(model),
+                host: None,
+                config,
+            }),
         }
     }
 
@@ -59,6 +80,7 @@ impl Reference {
         Reference {
             model: None,
             host: None,
+            config: None,
         }
     }
 }
@@ -279,13 +301,11 @@ fn step_work(
     }
     let reference = ctx.reference.is_some() && ctx.cfg.grpo.beta > 0.0;
     // (The teacher's shape may differ from the policy's: its own FLOPs per row.)
-    let teacher_flops: f64 = match ctx.teacher.and_then(|t| t.model.as_ref()) {
+    let teacher_flops: f64 = match ctx.teacher.and_then(|t| t.config.as_ref()) {
         Some(t) => rollout
             .kept
             .iter()
-            .map(|s| {
-                sequence_forward_flops(&t.config, s.prompt_ids.len() + s.completion.tokens.len())
-            })
+            .map(|s| sequence_forward_flops(t, s.prompt_ids.len() + s.completion.tokens.len()))
             .sum(),
         None => 0.0,
     };
@@ -523,6 +543,13 @@ fn plan_batches(ctx: &GrpoContext<'_>, kept: &[Scored], row_mask: &[f32]) -> Bat
 /// the CPU it runs on the host engine, without autodiff. Rows with an empty completion cannot
 /// be scored (no token to predict); they are masked. A LoRA reference
 /// ([`Reference::adapters_off`]) is `policy` with its adapters off.
+/// Where a frozen model's log-probabilities are computed.
+#[derive(Clone, Copy)]
+enum FrozenModel<'a> {
+    Host(&'a InferenceModel),
+    Tensors(&'a MoeModel),
+}
+
 fn frozen_logprobs(
     ctx: &GrpoContext<'_>,
     policy: &MoeModel,
@@ -539,12 +566,16 @@ fn frozen_logprobs(
     };
     let base;
     let base_host;
-    let (model, host_engine) = match &r.model {
-        Some(m) => (m, r.host.as_ref()),
-        None => {
+    let frozen = match (&r.host, &r.model) {
+        (Some(h), _) => FrozenModel::Host(h),
+        (None, Some(m)) => FrozenModel::Tensors(m),
+        (None, None) => {
             base = policy.valid().with_adapters_enabled(false);
             base_host = InferenceModel::for_model(&base);
-            (&base, base_host.as_ref())
+            match &base_host {
+                Some(h) => FrozenModel::Host(h),
+                None => FrozenModel::Tensors(&base),
+            }
         }
     };
     batches
@@ -552,10 +583,10 @@ fn frozen_logprobs(
         .iter()
         .map(|ls| {
             par_map(ls, |l| {
-                (l.max_completion > 0).then(|| match host_engine {
-                    Some(h) => completion_logprobs_host(h, l, temperature),
-                    None => {
-                        host(score(model, l, temperature, ForwardOptions::default(), false).logp)
+                (l.max_completion > 0).then(|| match frozen {
+                    FrozenModel::Host(h) => completion_logprobs_host(h, l, temperature),
+                    FrozenModel::Tensors(m) => {
+                        host(score(m, l, temperature, ForwardOptions::default(), false).logp)
                     }
                 })
             })

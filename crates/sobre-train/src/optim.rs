@@ -167,7 +167,7 @@ impl PathTracker {
 
 struct GradCollector<'a> {
     path: PathTracker,
-    grads: &'a Gradients,
+    grads: &'a mut Gradients,
     out: Vec<HostGrad>,
 }
 
@@ -180,7 +180,9 @@ impl ModuleVisitor for GradCollector<'_> {
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let t = param.val();
-        if let Some(g) = t.grad(self.grads) {
+        // Removed as it is copied: the backend's gradient and the host's copy of one
+        // parameter are alive at once, not of all of them (a replica's peak is one set).
+        if let Some(g) = t.grad_remove(self.grads) {
             let shape = g.dims().to_vec();
             let values = g.try_into_vec_as::<f32>().unwrap_or_default();
             self.out.push(HostGrad {
@@ -192,8 +194,8 @@ impl ModuleVisitor for GradCollector<'_> {
     }
 }
 
-/// Every parameter gradient of `model` in `grads`, in module order.
-pub fn collect_grads(model: &MoeModel, grads: &Gradients) -> Vec<HostGrad> {
+/// Every parameter gradient of `model` in `grads`, in module order, taken out of `grads`.
+pub fn collect_grads(model: &MoeModel, grads: &mut Gradients) -> Vec<HostGrad> {
     let mut c = GradCollector {
         path: PathTracker(vec![]),
         grads,
@@ -684,8 +686,8 @@ fn host_gradients(model: &MoeModel, loss: Tensor<1>) -> (f64, Option<Vec<HostGra
     if !value.is_finite() {
         return (value, None);
     }
-    let grads = loss.backward();
-    (value, Some(collect_grads(model, &grads)))
+    let mut grads = loss.backward();
+    (value, Some(collect_grads(model, &mut grads)))
 }
 
 /// Clip `grads` by global norm and apply AdamW at `lr`; `None` (a non-finite loss) or a

@@ -633,6 +633,7 @@ impl Pipeline {
             Some(dir) => Some(crate::distill::load_teacher(
                 dir,
                 &inp.tok,
+                cfg.model.frozen_bf16(),
                 &self.source.name,
             )?),
             None => None,
@@ -737,7 +738,7 @@ impl Pipeline {
             let vocab = inp.tok.vocab_size();
             self.initial_model(vocab, &inp.special, Some(&inp.generation), &plain)?
         };
-        Ok(Some(Reference::new(model)))
+        Ok(Some(Reference::new(model, self.cfg.model.frozen_bf16())?))
     }
 
     /// Held-out pass@1 after GRPO step `step` when `eval.eval_every` says so: its keys added to

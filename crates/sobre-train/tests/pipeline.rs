@@ -595,3 +595,30 @@ fn a_verifier_that_keeps_crashing_stops_the_run_naming_the_last_checkpoint() {
         "{err}"
     );
 }
+
+/// `model.frozen_dtype = "bf16"` stores the reference's weight matrices in bf16. At the first
+/// GRPO step the policy still is the reference (SFT's checkpoint), so with f32 the step's KL is
+/// float noise (observed 1e-14), and with bf16 it is bf16's rounding alone: far above the
+/// noise (2e-8) and far below the KL the training itself builds up by the last step (5e-5).
+#[test]
+fn bf16_reference_shows_its_rounding_as_a_small_first_step_kl() {
+    let first_kl = |dtype: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let set = format!("model.frozen_dtype=\"{dtype}\"");
+        run(dir.path(), &[&set, "grpo.beta=0.04"], false, None);
+        let rows: Vec<_> = metric_rows(dir.path())
+            .into_iter()
+            .filter(|r| r.get("kl").is_some())
+            .collect();
+        let kl = |r: &serde_json::Value| r["kl"].as_f64().unwrap();
+        (kl(&rows[0]), kl(rows.last().unwrap()))
+    };
+    let (f32_first, f32_last) = first_kl("f32");
+    let (bf16_first, _) = first_kl("bf16");
+    eprintln!("kl: f32 first {f32_first:e} last {f32_last:e}; bf16 first {bf16_first:e}");
+    assert!(f32_first.abs() < 1e-11, "f32 first-step KL {f32_first:e}");
+    assert!(
+        bf16_first > 1e-10 && bf16_first < f32_last / 100.0,
+        "bf16 first-step KL {bf16_first:e} (f32's last {f32_last:e})"
+    );
+}
