@@ -74,7 +74,7 @@ impl Weight {
     }
 
     /// The same weight stored in `bf16` (round to nearest even).
-    fn to_bf16(&mut self) {
+    fn store_bf16(&mut self) {
         if let Panels::F32(p) = &self.panels {
             self.panels = Panels::Bf16(p.iter().map(|&w| half::bf16::from_f32(w)).collect());
         }
@@ -586,9 +586,9 @@ impl InferenceModel {
     /// The embedding, norms and biases stay `f32`. For frozen models only (the GRPO reference,
     /// a teacher: `model.frozen_dtype = "bf16"`).
     pub fn into_bf16(mut self) -> Self {
-        self.lm_head.to_bf16();
+        self.lm_head.store_bf16();
         for l in &mut self.layers {
-            l.weights().into_iter().for_each(Weight::to_bf16);
+            l.weights().into_iter().for_each(Weight::store_bf16);
         }
         self
     }
