@@ -227,6 +227,20 @@ pub fn head_logprobs(
     ))
 }
 
+/// A decoder layer as one graph node that keeps only its input and recomputes the layer in its
+/// backward ([`crate::checkpoint`]): the layer's output `[batch · seq · hidden]`, followed (a
+/// MoE layer with the balance loss) by its routing probabilities' sum `[experts]`.
+pub(crate) fn recompute(h: Tensor<3>, segment: crate::checkpoint::Segment) -> Tensor<1> {
+    let anchor = segment
+        .anchor()
+        .unwrap_or_else(|| Tensor::zeros([1], &h.device()));
+    Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::recompute(
+        h.into_dispatch(),
+        anchor.into_dispatch(),
+        segment,
+    ))
+}
+
 /// The constant arguments of [`head_logprobs`].
 #[derive(Debug, Clone)]
 pub struct HeadSpec {
@@ -283,6 +297,11 @@ pub trait FusedOps: Backend {
         h: FloatTensor<Self>,
         w: FloatTensor<Self>,
         spec: HeadSpec,
+    ) -> FloatTensor<Self>;
+    fn recompute(
+        x: FloatTensor<Self>,
+        anchor: FloatTensor<Self>,
+        segment: crate::checkpoint::Segment,
     ) -> FloatTensor<Self>;
 }
 
@@ -354,6 +373,14 @@ impl FusedOps for Flex {
     fn head_logprobs(h: FlexTensor, w: FlexTensor, spec: HeadSpec) -> FlexTensor {
         let head = HeadInputs::new(h, w, spec);
         head_forward(&head, false).0
+    }
+
+    fn recompute(
+        x: FlexTensor,
+        _anchor: FlexTensor,
+        segment: crate::checkpoint::Segment,
+    ) -> FlexTensor {
+        segment.forward(x)
     }
 }
 
@@ -986,6 +1013,33 @@ impl Backward<Flex, 2> for HeadLogprobsBackward {
     }
 }
 
+/// Backward of [`recompute`]; state: the layer's input and the layer. The input's gradient
+/// goes to the first parent; the layer's parameters' gradients to their own nodes; the anchor
+/// (second parent, there only to keep the node in the graph) gets zeros.
+#[derive(Debug)]
+struct RecomputeBackward;
+
+impl Backward<Flex, 2> for RecomputeBackward {
+    type State = (FlexTensor, crate::checkpoint::Segment, Shape);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (x, segment, anchor_shape) = ops.state;
+        let dy = grads.consume::<Flex>(&ops.node).to_contiguous();
+        let (dx, params) = segment.backward(x, dy);
+        let [x_node, anchor_node] = ops.parents;
+        if let Some(node) = x_node {
+            grads.register::<Flex>(node.id, dx);
+        }
+        for (id, g) in params {
+            grads.register::<Flex>(id, g);
+        }
+        if let Some(node) = anchor_node {
+            let n = anchor_shape.num_elements();
+            grads.register::<Flex>(node.id, tensor(vec![0.0; n], anchor_shape));
+        }
+    }
+}
+
 /// Each op is one graph node whose parents are its differentiable inputs only; the constant
 /// inputs (RoPE tables, the mask) are read and never receive a gradient.
 impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
@@ -1129,6 +1183,24 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
             .stateful()
         {
             OpsKind::Tracked(prep) => prep.finish((head, lse, kept), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn recompute(
+        x: FloatTensor<Self>,
+        anchor: FloatTensor<Self>,
+        segment: crate::checkpoint::Segment,
+    ) -> FloatTensor<Self> {
+        let (x, x_node) = x.into_parts();
+        let (anchor, anchor_node) = anchor.into_parts();
+        let y = segment.forward(x.clone());
+        match RecomputeBackward
+            .prepare::<C>([x_node, anchor_node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((x, segment, shape_of(&anchor)), y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         }
     }

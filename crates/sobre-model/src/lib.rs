@@ -13,6 +13,7 @@
 //! Tensors are burn 0.22 tensors on whatever `Device` the caller picks; the default CPU backend
 //! is burn's pure-Rust `flex`.
 
+pub mod checkpoint;
 pub mod config;
 pub mod fused;
 pub mod generation;

@@ -76,6 +76,10 @@ pub struct ForwardOptions {
     /// Rows of the LM head's logits alive at once in [`MoeModel::token_scores`] (the fused
     /// path); 0 picks [`auto_chunk_rows`].
     pub logits_chunk_rows: usize,
+    /// Activation recomputation (gradient checkpointing): each decoder layer keeps only its
+    /// input for the backward, which runs the layer's forward again (`crate::checkpoint`).
+    /// Applies to autodiff forwards with the fused kernels and no KV cache; elsewhere ignored.
+    pub recompute_layers: bool,
 }
 
 /// Floats of logits per chunk that [`MoeModel::token_scores`] aims at when
@@ -724,7 +728,8 @@ impl LatentAttention {
 }
 
 /// Per-call tensors shared by all layers: RoPE tables and the additive attention mask.
-struct AttnContext {
+#[derive(Clone)]
+pub(crate) struct AttnContext {
     /// `[batch, 1, seq, head_dim]`; `sin` with its first half negated (see [`swap_halves`]).
     cos: Tensor<4>,
     sin: Tensor<4>,
@@ -1005,10 +1010,36 @@ impl GroupLimit {
 }
 
 /// Running sums of the auxiliary loss across sparse layers (as transformers accumulates them).
-struct AuxAccumulator {
-    tokens_per_expert: Vec<f64>,
-    prob_sum: Option<Tensor<1>>,
-    rows: f64,
+pub(crate) struct AuxAccumulator {
+    pub(crate) tokens_per_expert: Vec<f64>,
+    pub(crate) prob_sum: Option<Tensor<1>>,
+    pub(crate) rows: f64,
+}
+
+impl AuxAccumulator {
+    pub(crate) fn new(num_experts: usize) -> Self {
+        AuxAccumulator {
+            tokens_per_expert: vec![0.0; num_experts],
+            prob_sum: None,
+            rows: 0.0,
+        }
+    }
+
+    /// Adds another forward's statistics (of other layers) to these.
+    pub(crate) fn merge(&mut self, other: AuxAccumulator) {
+        for (a, b) in self
+            .tokens_per_expert
+            .iter_mut()
+            .zip(other.tokens_per_expert)
+        {
+            *a += b;
+        }
+        self.rows += other.rows;
+        self.prob_sum = match (self.prob_sum.take(), other.prob_sum) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+    }
 }
 
 /// Top-k of each row, largest first; equal scores go to the lower expert index so the choice
@@ -1318,6 +1349,56 @@ pub struct DecoderLayer {
     pub self_attn: Attention,
     pub post_attention_layernorm: RmsNorm,
     pub mlp: Ffn,
+}
+
+/// What the layers of one forward share besides the attention context.
+#[derive(Clone)]
+pub(crate) struct LayerInputs {
+    /// `[batch · seq]`: how many times each token counts in the router statistics.
+    pub(crate) token_weight: Vec<u32>,
+    pub(crate) moe: MoeImpl,
+    /// Granite's `residual_multiplier`.
+    pub(crate) residual: f64,
+}
+
+impl DecoderLayer {
+    /// `h + attn(norm(h))`, then that plus `ffn(norm(·))`; appends to `cache` when given. The
+    /// expert counts of a MoE layer.
+    ///
+    /// # Shapes
+    /// `h: [batch, seq, hidden]` → `[batch, seq, hidden]`
+    pub(crate) fn forward(
+        &self,
+        h: Tensor<3>,
+        ctx: &AttnContext,
+        cache: Option<(&mut Tensor<4>, Option<&mut Tensor<4>>)>,
+        inputs: &LayerInputs,
+        aux: Option<&mut AuxAccumulator>,
+    ) -> (Tensor<3>, Option<Vec<u32>>) {
+        let [b, s, hidden] = h.dims();
+        let residual = |y: Tensor<3>| match inputs.residual {
+            1.0 => y,
+            r => y * r,
+        };
+        let a = self.self_attn.forward(
+            self.input_layernorm.forward(h.clone(), ctx.fused),
+            ctx,
+            cache,
+        );
+        let h = h + residual(a);
+        let x = self
+            .post_attention_layernorm
+            .forward(h.clone(), ctx.fused)
+            .reshape([b * s, hidden]);
+        let (f, counts) = match &self.mlp {
+            Ffn::Dense(mlp) => (mlp.forward(x, ctx.fused), None),
+            Ffn::Sparse(moe) => {
+                let (y, c) = moe.forward(x, &inputs.token_weight, inputs.moe, ctx.fused, aux);
+                (y, Some(c))
+            }
+        };
+        (h + residual(f.reshape([b, s, hidden])), counts)
+    }
 }
 
 /// The causal language model: `model.*` and `lm_head` of an HF checkpoint.
@@ -1637,41 +1718,29 @@ impl MoeModel {
         if cfg.embedding_multiplier != 1.0 {
             h = h * cfg.embedding_multiplier;
         }
-        let residual = |y: Tensor<3>| match cfg.residual_multiplier {
-            1.0 => y,
-            r => y * r,
+        let inputs = LayerInputs {
+            token_weight: (0..b * s)
+                .map(|i| u32::from(batch.attention_mask[i]) * row_uses.map_or(1, |u| u[i / s]))
+                .collect(),
+            moe: opts.moe,
+            residual: cfg.residual_multiplier,
         };
-        let token_weight: Vec<u32> = (0..b * s)
-            .map(|i| u32::from(batch.attention_mask[i]) * row_uses.map_or(1, |u| u[i / s]))
-            .collect();
         let mut counts = Vec::new();
-        let mut acc = opts.aux_loss.then(|| AuxAccumulator {
-            tokens_per_expert: vec![0.0; cfg.num_experts],
-            prob_sum: None,
-            rows: 0.0,
-        });
+        let mut acc = opts.aux_loss.then(|| AuxAccumulator::new(cfg.num_experts));
+        // Recomputation needs the layers' inputs only; a cache would carry keys and values
+        // (and their gradients) from one forward to the next, which it does not keep.
+        let recompute = opts.recompute_layers && cache.is_none() && device.is_autodiff() && fused;
         for (li, layer) in self.layers.iter().enumerate() {
-            let kv = cache
-                .as_deref_mut()
-                .map(|c| (&mut c.keys[li], c.values.get_mut(li)));
-            let a =
-                layer
-                    .self_attn
-                    .forward(layer.input_layernorm.forward(h.clone(), fused), &ctx, kv);
-            h = h + residual(a);
-            let x = layer
-                .post_attention_layernorm
-                .forward(h.clone(), fused)
-                .reshape([b * s, cfg.hidden_size]);
-            let f = match &layer.mlp {
-                Ffn::Dense(mlp) => mlp.forward(x, fused),
-                Ffn::Sparse(moe) => {
-                    let (y, c) = moe.forward(x, &token_weight, opts.moe, fused, acc.as_mut());
-                    counts.push(c);
-                    y
-                }
+            let (out, c) = if recompute {
+                crate::checkpoint::layer(layer, h, &ctx, &inputs, acc.as_mut())
+            } else {
+                let kv = cache
+                    .as_deref_mut()
+                    .map(|c| (&mut c.keys[li], c.values.get_mut(li)));
+                layer.forward(h, &ctx, kv, &inputs, acc.as_mut())
             };
-            h = h + residual(f.reshape([b, s, cfg.hidden_size]));
+            h = out;
+            counts.extend(c);
         }
         if let Some(c) = cache {
             c.len = keys;

@@ -621,6 +621,92 @@ fn chunked_token_scores_agree_with_the_whole_logits() {
     }
 }
 
+/// Every parameter's gradient of `loss(model)`, by module path (those without one left out).
+fn all_grads(m: &MoeModel, grads: &burn::tensor::Gradients) -> Vec<(String, Vec<f32>)> {
+    struct Collect<'a>(&'a burn::tensor::Gradients, Vec<(String, Vec<f32>)>, usize);
+    impl burn::module::ModuleVisitor for Collect<'_> {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
+            self.2 += 1;
+            if let Some(g) = p.val().grad(self.0) {
+                self.1.push((format!("param {}", self.2), values(g)));
+            }
+        }
+    }
+    let mut c = Collect(grads, vec![], 0);
+    burn::module::Module::visit(m, &mut c);
+    c.1
+}
+
+/// Activation recomputation (`ForwardOptions::recompute_layers`, gradient checkpointing) gives
+/// the same logits, the same balance loss and the same gradient for every parameter as the
+/// stored-activation backward: a MoE with a dense layer, a gated shared expert and q/k norms,
+/// left padding, the router's balance loss in the loss; and a LoRA model whose base (the
+/// embeddings included) is frozen, where only the adapters get gradients.
+#[test]
+fn recomputed_layers_give_the_same_gradients() {
+    let cfg = test_config();
+    let device = default_device().autodiff();
+    let base = init_model(&cfg, 14, &device);
+    let lora_cfg = sobre_model::LoraConfig {
+        r: 2,
+        alpha: 4.0,
+        dropout: 0.0,
+        target_modules: vec!["q_proj".into(), "down_proj".into()],
+        use_rslora: false,
+        init: sobre_model::LoraInit::Random,
+    };
+    let adapted = sobre_model::lora::add_adapters(base.clone(), &lora_cfg, 3).unwrap();
+    let v = cfg.vocab_size;
+    let b = Batch::left_padded(&[ids(9, 21, v), ids(5, 22, v), ids(7, 23, v)], 0);
+    for (name, m) in [("full", &base), ("lora", &adapted)] {
+        let run = |recompute_layers: bool| {
+            let out = m.forward(
+                &b,
+                None,
+                ForwardOptions {
+                    aux_loss: true,
+                    recompute_layers,
+                    ..Default::default()
+                },
+            );
+            let aux = out.router.aux_loss.unwrap();
+            let loss = (out.logits.clone() * out.logits.clone().sin()).mean() + aux.clone() * 0.5;
+            let grads = loss.backward();
+            (values(out.logits), values(aux), all_grads(m, &grads))
+        };
+        let (logits, aux, grads) = run(false);
+        let (logits_r, aux_r, grads_r) = run(true);
+        let scale = |v: &[f32]| v.iter().fold(f32::MIN_POSITIVE, |m, x| m.max(x.abs()));
+        assert!(
+            max_diff(&logits, &logits_r) <= 1e-6 * scale(&logits),
+            "{name}: logits"
+        );
+        assert!(
+            max_diff(&aux, &aux_r) <= 1e-6 * scale(&aux),
+            "{name}: balance loss"
+        );
+        let paths = |g: &[(String, Vec<f32>)]| g.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            paths(&grads),
+            paths(&grads_r),
+            "{name}: the same parameters get gradients"
+        );
+        if name == "lora" {
+            // Only the adapters (2 matrices × 2 targets × 3 layers, down_proj on the dense layer only
+            // and every expert's down_proj untargeted here) are trained.
+            assert!(grads.len() < 20, "{name}: {} gradients", grads.len());
+        }
+        for ((p, a), (_, r)) in grads.iter().zip(&grads_r) {
+            assert!(scale(a) > 1e-12, "{name} {p}: no gradient");
+            let d = max_diff(a, r) / scale(a);
+            assert!(
+                d <= 1e-5,
+                "{name} {p}: recomputed gradient differs by {d:e}"
+            );
+        }
+    }
+}
+
 // ---- bad inputs ----
 
 fn saved_fixture() -> tempfile::TempDir {

@@ -229,6 +229,8 @@ pub struct SftSection {
     /// Learning-rate schedule of the SFT stage: constant, linear or cosine (default:
     /// `optim.schedule`). Lets a run decay SFT to its end and keep GRPO's rate constant.
     pub schedule: Option<String>,
+    /// Activation recomputation in SFT's forward and backward, as `grpo.gradient_checkpointing`.
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for SftSection {
@@ -240,6 +242,7 @@ impl Default for SftSection {
             warmup_steps: 0,
             max_length: 1024,
             schedule: None,
+            gradient_checkpointing: false,
         }
     }
 }
@@ -284,6 +287,11 @@ pub struct GrpoSection {
     pub teacher_coef: Option<f64>,
     /// The teacher's signal alone, without the verifier's advantage (pure distillation).
     pub teacher_only: bool,
+    /// Activation recomputation in the policy update (transformers' gradient checkpointing):
+    /// each decoder layer keeps only its input and runs again in the backward. Peak activation
+    /// memory drops to about one layer's, for a second forward's time; the prompt is then laid
+    /// out once per completion (no shared-prefix cache in the update).
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for GrpoSection {
@@ -306,6 +314,7 @@ impl Default for GrpoSection {
             teacher: None,
             teacher_coef: None,
             teacher_only: false,
+            gradient_checkpointing: false,
         }
     }
 }

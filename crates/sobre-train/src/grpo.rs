@@ -509,7 +509,9 @@ fn plan_batches(ctx: &GrpoContext<'_>, kept: &[Scored], row_mask: &[f32]) -> Bat
                         .iter()
                         .map(|s| (s.prompt_ids.as_slice(), s.completion.tokens.as_slice()))
                         .collect();
-                    let mut layout = Layout::new(&pairs, pad);
+                    // Recomputed layers take no cache, so no shared prefix either.
+                    let share = !cfg.grpo.gradient_checkpointing;
+                    let mut layout = Layout::with_prefix_sharing(&pairs, pad, share);
                     if ctx.tools.is_some() {
                         let rows: Vec<&Completion> =
                             kept[r.clone()].iter().map(|s| &s.completion).collect();
@@ -622,6 +624,8 @@ struct MiniBatch<'a> {
     old_from_rollout: bool,
     aux_coef: f64,
     temperature: f32,
+    /// `grpo.gradient_checkpointing`.
+    recompute: bool,
     device: Device,
     /// Seed of the LoRA dropout masks of this update (`lora.dropout > 0`), per shard.
     dropout_seed: Option<u64>,
@@ -672,6 +676,7 @@ fn update_policy(
                 old_from_rollout: g.num_iterations > 1,
                 aux_coef,
                 temperature: cfg.rollout.temperature,
+                recompute: cfg.grpo.gradient_checkpointing,
                 device: model.device(),
                 // The optimizer's step counts every update of the run (and is checkpointed).
                 dropout_seed: cfg
@@ -771,6 +776,7 @@ impl MiniBatch<'_> {
         }
         let opts = ForwardOptions {
             aux_loss: self.aux_coef > 0.0,
+            recompute_layers: self.recompute,
             ..Default::default()
         };
         let _dropout = self

@@ -583,7 +583,8 @@ impl Pipeline {
                     let seed = derive_seed(cfg.run.seed, &[7, state.step as u64, si as u64]);
                     sobre_model::lora::dropout_scope(seed)
                 });
-                let scored = sft_forward(m, rows, pad, aux_coef > 0.0);
+                let recompute = cfg.sft.gradient_checkpointing;
+                let scored = sft_forward(m, rows, pad, aux_coef > 0.0, recompute);
                 let routes = scored.router.aux_parts.as_ref().map(|p| p.totals.clone());
                 ((scored, completion_tokens(rows)), routes)
             },

@@ -99,19 +99,27 @@ pub fn completion_tokens(rows: &[Pair]) -> usize {
 
 /// The training forward of `rows` (a batch, or one data-parallel shard of it): completion
 /// log-probabilities at temperature 1 and router statistics (with the balance loss's pieces
-/// when `aux_loss`).
-pub fn sft_forward(model: &MoeModel, rows: &[Pair], pad: u32, aux_loss: bool) -> Scored {
+/// when `aux_loss`), its layers recomputed in the backward with `recompute`
+/// (`sft.gradient_checkpointing`).
+pub fn sft_forward(
+    model: &MoeModel,
+    rows: &[Pair],
+    pad: u32,
+    aux_loss: bool,
+    recompute: bool,
+) -> Scored {
     let pairs: Vec<(&[u32], &[u32])> = rows
         .iter()
         .map(|(p, c, _)| (p.as_slice(), c.as_slice()))
         .collect();
-    let mut layout = Layout::new(&pairs, pad);
+    let mut layout = Layout::with_prefix_sharing(&pairs, pad, !recompute);
     exclude_tokens(
         &mut layout,
         rows.iter().map(|(_, _, trained)| trained.as_slice()),
     );
     let opts = ForwardOptions {
         aux_loss,
+        recompute_layers: recompute,
         ..Default::default()
     };
     score(model, &layout, 1.0, opts, false)
