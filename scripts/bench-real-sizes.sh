@@ -2,8 +2,11 @@
 # Issue 26's real-size comparison with TRL, in one run, alternating sides within each round:
 #
 #   scripts/bench-real-sizes.sh w3 [ROUNDS]     # W3: sobre (f32 reference), sobre (bf16
-#                                               # reference), TRL; ROUNDS times (default 3)
-#   scripts/bench-real-sizes.sh w3-long         # W3's peak RSS at 64, 128, 256, 512 new tokens
+#                                               # reference), sobre (bf16 reference and
+#                                               # gradient checkpointing), TRL; ROUNDS times
+#                                               # (default 3)
+#   scripts/bench-real-sizes.sh w3-long         # W3's peak RSS at 64, 128, 256, 512 new tokens,
+#                                               # without and with gradient checkpointing
 #   scripts/bench-real-sizes.sh w4 [ROUNDS]     # W4: sobre (bf16 reference), TRL (default 1)
 #
 # Each side is its own process under /usr/bin/time -v, whose "Maximum resident set size" is
@@ -46,7 +49,8 @@ d = json.load(open(path))
 row = {"side": label, "median_step_s": d["median_step_s"], "steps_s": d["steps_s"],
        "peak_rss_mib": peak, "rollout_s": d["median_rollout_s"],
        "reference_s": d["median_reference_s"], "policy_s": d["median_policy_s"],
-       "new_tokens": d["workload"]["max_new_tokens"], "overrides": d["overrides"]}
+       "new_tokens": d["workload"]["max_new_tokens"], "overrides": d["overrides"],
+       "gflops": d.get("gflops")}
 open(results, "a").write(json.dumps(row) + "\n")
 print(json.dumps(row))
 PY
@@ -78,12 +82,17 @@ case "$what" in
       echo "round $i $(date +%H:%M:%S)" >&2
       run_sobre sobre-w3 configs/bench-w3.toml 3
       run_sobre sobre-w3-bf16 configs/bench-w3.toml 3 --set 'model.frozen_dtype="bf16"'
+      run_sobre sobre-w3-bf16-ckpt configs/bench-w3.toml 3 --set 'model.frozen_dtype="bf16"' \
+        --set grpo.gradient_checkpointing=true
       run_trl trl-w3 w3 4
     done ;;
   w3-long)
     for n in 64 128 256 512; do
-      run_sobre "sobre-w3-$n" configs/bench-w3.toml 1 --set "rollout.max_new_tokens=$n" \
-        --set 'model.frozen_dtype="bf16"'
+      for ckpt in false true; do
+        run_sobre "sobre-w3-$n-ckpt-$ckpt" configs/bench-w3.toml 1 \
+          --set "rollout.max_new_tokens=$n" --set 'model.frozen_dtype="bf16"' \
+          --set "grpo.gradient_checkpointing=$ckpt"
+      done
     done ;;
   w4)
     for i in $(seq 1 "${2:-1}"); do

@@ -35,6 +35,8 @@ fn bench_step_reports_phases_tokens_rss_and_a_leak_check() {
         "12",
         "--breakdown-reps",
         "1",
+        "--gemm-size",
+        "64",
         "--leak-check-steps",
         "4",
         "--leak-check-from",
@@ -85,4 +87,14 @@ fn bench_step_reports_phases_tokens_rss_and_a_leak_check() {
     assert!(leak["growth_mib"].as_f64().is_some());
     assert_eq!(leak["within_bound"], true);
     assert_eq!(r["steps_s"].as_array().map(Vec::len), Some(2));
+    let g = &r["gflops"];
+    for k in ["policy_update", "reference_forward", "rollout"] {
+        assert!(g[k].as_f64().is_some_and(|x| x > 0.0), "gflops.{k}: {g}");
+    }
+    assert!(g["policy_update_tflop"].as_f64().is_some());
+    assert_eq!(g["gemm_peak"]["shape"], serde_json::json!([64, 64, 64]));
+    for k in ["gemm_rows_per_thread", "backend_matmul"] {
+        let best = g["gemm_peak"][k]["best_gflops"].as_f64();
+        assert!(best.is_some_and(|x| x > 0.0), "gemm_peak.{k}: {g}");
+    }
 }

@@ -162,9 +162,9 @@ pub(crate) fn layer(
         .ok()
         .and_then(|mut s| s.take())
         .unwrap_or_default();
-    let y = out.clone().slice([0..n]).reshape(dims);
+    let y = out.clone().slice(0..n).reshape(dims);
     if let (Some(acc), Some(mut local), Some(e)) = (acc, local, experts) {
-        local.prob_sum = Some(out.slice([n..n + e]));
+        local.prob_sum = Some(out.slice(n..n + e));
         acc.merge(local);
     }
     (y, counts)

@@ -31,6 +31,7 @@ pub use generation::GenerationConfig;
 pub use infer::{HostKvCache, InferenceModel, LatentForm};
 pub use io::{init_model, load_model, load_model_with_config, save_model};
 pub use lora::{LoraConfig, LoraInit};
+pub use matmul::square_gemm_seconds;
 pub use model::{
     AuxParts, Batch, ForwardOptions, GroupLimit, GroupScore, Kernels, KvCache, LogitsMode,
     LoraAdapter, ModelOutput, MoeImpl, MoeModel, RouteTotals, RouterStats, auto_chunk_rows,

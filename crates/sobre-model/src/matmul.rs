@@ -252,6 +252,37 @@ pub(crate) fn product(a: View, b: View) -> Vec<f32> {
     c
 }
 
+/// Seconds of each of `reps` square `[n, n] × [n, n]` f32 products straight through `gemm`
+/// (after one warm-up), split by rows over `threads` threads with one single-threaded `gemm`
+/// call each, as the replicas run the fused kernels: the ceiling `sobre bench step`'s GFLOP/s
+/// are read against.
+pub fn square_gemm_seconds(n: usize, reps: usize, threads: usize) -> Vec<f64> {
+    let a: Vec<f32> = (0..n * n)
+        .map(|i| ((i % 2001) as f32) * 1e-3 - 1.0)
+        .collect();
+    let b: Vec<f32> = (0..n * n)
+        .map(|i| ((i % 1999) as f32) * 1e-3 - 1.0)
+        .collect();
+    let mut c = vec![0f32; n * n];
+    let rows = n.div_ceil(threads.max(1)).max(1);
+    let mut times = vec![];
+    for _ in 0..reps + 1 {
+        let t = std::time::Instant::now();
+        std::thread::scope(|s| {
+            for (i, out) in c.chunks_mut(rows * n).enumerate() {
+                let (a, b) = (&a, &b);
+                s.spawn(move || {
+                    let m = out.len() / n;
+                    let a = View::dense(&a[i * rows * n..(i * rows + m) * n], m, n);
+                    gemm(out, n, a, View::dense(b, n, n), false);
+                });
+            }
+        });
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.split_off(1)
+}
+
 /// # Safety
 /// `c` must be valid for writes (and, with `accumulate`, reads) of the `[a.rows, b.cols]`
 /// matrix with rows `c_row_stride` apart, and must not overlap `a` or `b`.

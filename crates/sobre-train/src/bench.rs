@@ -20,7 +20,7 @@ use burn::prelude::*;
 use serde::Serialize;
 use serde_json::{Value, json};
 use sobre_data::{Prompt, Sample, Template, Tokenizer};
-use sobre_model::{Batch, ForwardOptions, MoeModel, init_model, load_model};
+use sobre_model::{Batch, ForwardOptions, ModelConfig, MoeModel, init_model, load_model};
 
 use crate::data::{
     Order, RunData, build_template, build_tokenizer, derive_seed, encode_prompt, load_data,
@@ -29,7 +29,7 @@ use crate::data::{
 use crate::grpo::{GrpoContext, Reference, default_accuracy_reward, grpo_step};
 use crate::metrics::peak_rss_mib;
 use crate::optim::{AdamW, AdamWConfig, Schedule, collect_grads, global_norm};
-use crate::{Config, TrainError};
+use crate::{Config, TrainError, cost};
 
 /// How long to measure.
 #[derive(Debug, Clone)]
@@ -51,6 +51,8 @@ pub struct BenchOptions {
     pub prompt_tokens: Option<usize>,
     /// Repetitions of the separate policy-update breakdown (0 = skip it).
     pub breakdown_reps: usize,
+    /// Side of the square f32 GEMM timed for the machine's ceiling ([`gemm_peak`]; 0 = skip).
+    pub gemm_size: usize,
 }
 
 impl Default for BenchOptions {
@@ -63,6 +65,7 @@ impl Default for BenchOptions {
             leak_bound_mib: 16.0,
             prompt_tokens: Some(32),
             breakdown_reps: 3,
+            gemm_size: 2048,
         }
     }
 }
@@ -219,10 +222,16 @@ pub fn bench_step(cfg: &Config, opts: &BenchOptions) -> Result<Value, TrainError
         )
     });
     let leak = (opts.leak_check_steps > 0).then(|| leak_report(opts, &rss_after));
+    let threads = match cfg.run.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        t => t,
+    };
+    let gemm = (opts.gemm_size > 0).then(|| gemm_peak(opts.gemm_size, 5, threads));
     let measured = Measured {
         timed,
         prompt_lens: &prompt_lens,
         breakdown,
+        gemm,
         leak,
         setup_s,
     };
@@ -330,6 +339,8 @@ struct Measured<'a> {
     timed: &'a [serde_json::Map<String, Value>],
     prompt_lens: &'a [usize],
     breakdown: Option<PolicyBreakdown>,
+    /// [`gemm_peak`]'s report.
+    gemm: Option<Value>,
     leak: Option<Value>,
     setup_s: f64,
 }
@@ -419,12 +430,77 @@ fn step_report(
         "completion_tokens_per_step": med_tokens,
         "completion_tokens_per_second": round(med_tokens / med_step, 1),
         "policy_breakdown": r.breakdown,
+        "gflops": gflops_report(cfg, mc, r, med_tokens / rows),
         "peak_rss_mib": peak_rss_mib().map(|x| round(x, 1)),
         "leak_check": r.leak,
         "steps_s": step_s.iter().map(|x| round(*x, 4)).collect::<Vec<_>>(),
         "setup_s": round(r.setup_s, 3),
         "threads_available": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
+    })
+}
+
+/// Achieved GFLOP/s of each phase (the model's FLOPs for the work sobre does,
+/// [`cost::grpo_batch_forward_flops`], over the phase's median time) next to the GEMM ceiling.
+fn gflops_report(cfg: &Config, mc: &ModelConfig, r: &Measured<'_>, completion_len: f64) -> Value {
+    let time = |k: &str| {
+        median(
+            &r.timed
+                .iter()
+                .map(|m| m.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let prompt_len = median(&r.prompt_lens.iter().map(|&l| l as f64).collect::<Vec<_>>());
+    let (groups, group_size) = (cfg.grpo.num_prompts, cfg.grpo.group_size);
+    let (p, c) = (prompt_len.round() as usize, completion_len.round() as usize);
+    // The trainer's layouts share each group's prompt unless layers are recomputed.
+    let update_shares = !cfg.grpo.gradient_checkpointing;
+    let update = cost::TRAIN_FLOPS_FACTOR
+        * cfg.grpo.num_iterations as f64
+        * cost::grpo_batch_forward_flops(mc, p, c, groups, group_size, update_shares);
+    let once = cost::grpo_batch_forward_flops(mc, p, c, groups, group_size, true);
+    let rate = |flops: f64, s: f64| round(flops / s / 1e9, 1);
+    json!({
+        "note": "estimated from the model's shape for the tokens each phase computes (prompts once per group where shared, the LM head at completion positions); the update's time includes gradients to host and AdamW, and recomputed layers' second forward is not counted",
+        "policy_update_tflop": round(update / 1e12, 3),
+        "policy_update": rate(update, time("time_policy")),
+        "reference_forward": (cfg.grpo.beta > 0.0).then(|| rate(once, time("time_reference"))),
+        "rollout": rate(once, time("time_rollout")),
+        "gemm_peak": r.gemm.clone(),
+    })
+}
+
+/// The best a plain f32 GEMM reaches here, `[n, n] × [n, n]`, two ways on the benchmark's
+/// threads: straight through `gemm` split by rows, one single-threaded call per thread (as the
+/// replicas run sobre's fused kernels and host engine), and through the backend's matmul
+/// (flex: `gemm` with its own threading). Best and median of `reps` after one warm-up.
+fn gemm_peak(n: usize, reps: usize, threads: usize) -> Value {
+    let flops = 2.0 * (n as f64).powi(3);
+    let summary = |times: &[f64]| {
+        let best = times.iter().copied().fold(f64::INFINITY, f64::min);
+        json!({
+            "best_gflops": round(flops / best / 1e9, 1),
+            "median_gflops": round(flops / median(times) / 1e9, 1),
+        })
+    };
+    let device = sobre_model::default_device();
+    let uniform = burn::tensor::Distribution::Uniform(-1.0, 1.0);
+    let a = Tensor::<2>::random([n, n], uniform, &device);
+    let b = Tensor::<2>::random([n, n], uniform, &device);
+    let mut backend = vec![];
+    for _ in 0..reps + 1 {
+        let t = Instant::now();
+        let c = a.clone().matmul(b.clone());
+        // Reading one value forces a lazy backend to finish.
+        let _ = c.slice([0..1, 0..1]).try_into_vec_as::<f32>();
+        backend.push(t.elapsed().as_secs_f64());
+    }
+    json!({
+        "shape": [n, n, n],
+        "threads": threads,
+        "gemm_rows_per_thread": summary(&sobre_model::square_gemm_seconds(n, reps, threads)),
+        "backend_matmul": summary(&backend[1..]),
     })
 }
 

@@ -416,6 +416,34 @@ pub fn sequence_forward_flops(cfg: &ModelConfig, len: usize) -> f64 {
     2.0 * matmul_params_per_token(cfg) as f64 * n + attention_flops(cfg, n * (n + 1.0) / 2.0)
 }
 
+/// Estimated forward FLOPs of a GRPO batch as sobre computes it: `groups` prompts of
+/// `prompt_len` tokens with `group_size` completions of `completion_len` each, the LM head at
+/// the completion positions only (only their log-probabilities are used), each prompt computed
+/// once per group when `share_prefix` (the layouts' prefix sharing) and once per row otherwise.
+/// The policy update costs [`TRAIN_FLOPS_FACTOR`] times this per iteration; the reference
+/// forward and (to within the prompts' last positions) the rollout cost it once.
+pub fn grpo_batch_forward_flops(
+    cfg: &ModelConfig,
+    prompt_len: usize,
+    completion_len: usize,
+    groups: usize,
+    group_size: usize,
+    share_prefix: bool,
+) -> f64 {
+    let head = 2.0 * (cfg.vocab_size * cfg.hidden_size) as f64;
+    let trunk = |context: usize| forward_flops_per_token(cfg, context) - head;
+    let prompt: f64 = (1..=prompt_len).map(trunk).sum();
+    let completion: f64 = (prompt_len + 1..=prompt_len + completion_len)
+        .map(|c| trunk(c) + head)
+        .sum();
+    let prompts = if share_prefix {
+        groups
+    } else {
+        groups * group_size
+    };
+    prompt * prompts as f64 + completion * (groups * group_size) as f64
+}
+
 /// `2 × n_heads × (qk_head_dim + v_head_dim) × context` per layer: q·k for every score, then
 /// the score-weighted sum of the values (`2 × 2 × n_heads × head_dim` when the widths agree;
 /// MLA's keys and values have their own).
@@ -566,6 +594,28 @@ mod tests {
         assert_eq!(sequence_forward_flops(&cfg, 3), 87_552.0 + 1_536.0);
         let by_token: f64 = (1..=3).map(|c| forward_flops_per_token(&cfg, c)).sum();
         assert_eq!(sequence_forward_flops(&cfg, 3), by_token);
+    }
+
+    #[test]
+    fn a_grpo_batch_counts_its_prompt_once_per_group_when_shared() {
+        // tiny: trunk 2 · (14592 − LM head 2048) = 25088 a token, + 256 per position attended
+        // to; the head 2 · 2048 = 4096 at completion positions only.
+        // Prompt of 2 (contexts 1, 2): 2 · 25088 + 256 · 3 = 50944.
+        // A completion of 1 (context 3): 25088 + 768 + 4096 = 29952, for each of 2 rows.
+        let cfg = tiny();
+        assert_eq!(
+            grpo_batch_forward_flops(&cfg, 2, 1, 1, 2, true),
+            50_944.0 + 2.0 * 29_952.0
+        );
+        assert_eq!(
+            grpo_batch_forward_flops(&cfg, 2, 1, 1, 2, false),
+            2.0 * 50_944.0 + 2.0 * 29_952.0
+        );
+        // Three groups cost three times one.
+        assert_eq!(
+            grpo_batch_forward_flops(&cfg, 5, 7, 3, 4, true),
+            3.0 * grpo_batch_forward_flops(&cfg, 5, 7, 1, 4, true)
+        );
     }
 
     #[test]

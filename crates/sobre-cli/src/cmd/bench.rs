@@ -64,6 +64,9 @@ struct StepArgs {
     /// Repetitions of the separately timed policy-update breakdown (0 = skip).
     #[arg(long, default_value_t = 3)]
     breakdown_reps: usize,
+    /// Side of the square f32 GEMM timed for the machine's GFLOP/s ceiling (0 = skip).
+    #[arg(long, default_value_t = 2048)]
+    gemm_size: usize,
 }
 
 #[derive(ClapArgs)]
@@ -246,6 +249,7 @@ fn step(a: StepArgs) -> anyhow::Result<()> {
         leak_bound_mib: a.leak_bound_mib,
         prompt_tokens: (a.prompt_tokens > 0).then_some(a.prompt_tokens),
         breakdown_reps: a.breakdown_reps,
+        gemm_size: a.gemm_size,
     };
     anyhow::ensure!(a.steps > 0, "--steps must be positive");
     let mut report = sobre_train::bench::bench_step(&cfg, &opts)?;
