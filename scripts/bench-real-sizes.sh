@@ -6,8 +6,9 @@
 #                                               # gradient checkpointing), TRL; ROUNDS times
 #                                               # (default 3)
 #   scripts/bench-real-sizes.sh w3-long         # W3's peak RSS at 64, 128, 256, 512 new tokens,
-#                                               # without and with gradient checkpointing
-#   scripts/bench-real-sizes.sh w4 [ROUNDS]     # W4: sobre (bf16 reference), TRL (default 1)
+#                                               # and at 512 with gradient checkpointing
+#   scripts/bench-real-sizes.sh w4 [ROUNDS]     # W4: sobre (bf16 reference; and with gradient
+#                                               # checkpointing), TRL (default 1)
 #
 # Each side is its own process under /usr/bin/time -v, whose "Maximum resident set size" is
 # the peak RSS both sides are compared by; step times are each side's own median over its
@@ -40,7 +41,7 @@ peak_of() { awk '/Maximum resident set size/ {printf "%.0f", $NF / 1024}' "$1"; 
 run_sobre() {
   local label=$1 config=$2 steps=$3; shift 3
   local log; log=$(mktemp)
-  /usr/bin/time -v "$sobre" bench step --config "$config" --warmup 1 --steps "$steps" \
+  /usr/bin/time -v "$sobre" bench step --config "$config" --warmup "${WARMUP:-1}" --steps "$steps" \
     --breakdown-reps 0 "$@" > "$log.json" 2> "$log"
   python3 - "$label" "$log.json" "$(peak_of "$log")" "$results" <<'PY'
 import json, sys
@@ -87,18 +88,20 @@ case "$what" in
       run_trl trl-w3 w3 4
     done ;;
   w3-long)
+    # one warm-up step, so that AdamW's moments exist, as in every later step
     for n in 64 128 256 512; do
-      for ckpt in false true; do
-        run_sobre "sobre-w3-$n-ckpt-$ckpt" configs/bench-w3.toml 1 \
-          --set "rollout.max_new_tokens=$n" --set 'model.frozen_dtype="bf16"' \
-          --set "grpo.gradient_checkpointing=$ckpt"
-      done
-    done ;;
+      run_sobre "sobre-w3-$n" configs/bench-w3.toml 1 \
+        --set "rollout.max_new_tokens=$n" --set 'model.frozen_dtype="bf16"'
+    done
+    run_sobre "sobre-w3-512-ckpt" configs/bench-w3.toml 1 --set "rollout.max_new_tokens=512" \
+      --set 'model.frozen_dtype="bf16"' --set grpo.gradient_checkpointing=true ;;
   w4)
     for i in $(seq 1 "${2:-1}"); do
       echo "round $i $(date +%H:%M:%S)" >&2
       run_sobre sobre-w4-bf16 configs/bench-w4.toml 2 --prompt-tokens 64 \
         --set 'model.frozen_dtype="bf16"'
+      run_sobre sobre-w4-bf16-ckpt configs/bench-w4.toml 2 --prompt-tokens 64 \
+        --set 'model.frozen_dtype="bf16"' --set grpo.gradient_checkpointing=true
       run_trl trl-w4 w4 3
     done ;;
   *) echo "usage: $0 w3|w3-long|w4 [ROUNDS]" >&2; exit 2 ;;

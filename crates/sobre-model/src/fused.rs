@@ -363,7 +363,7 @@ impl FusedOps for Flex {
         scale: f64,
     ) -> FlexTensor {
         let attn = AttnInputs::new(q, k, v, scale);
-        attention_forward(&attn, &mask.to_contiguous(), &empty).0
+        attention_forward(&attn, &mask.to_contiguous(), &empty)
     }
 
     fn token_logprobs(logits: FlexTensor, targets: Vec<usize>, inv_temp: f64) -> FlexTensor {
@@ -552,6 +552,11 @@ impl AttnInputs {
         )
     }
 
+    /// Query heads per key/value head.
+    fn group(&self) -> usize {
+        self.dims[2] / self.dims[3]
+    }
+
     /// Offsets of key/value head `g` of batch row `b` in the (contiguous) gradients of `k` and
     /// of `v`.
     fn kv_at(&self, b: usize, g: usize) -> (usize, usize) {
@@ -560,32 +565,41 @@ impl AttnInputs {
     }
 }
 
-/// The forward of [`attention`]: the output and the probabilities `[batch, heads, seq, keys]`
-/// for the backward.
-fn attention_forward(
-    attn: &AttnInputs,
-    mask: &FlexTensor,
-    empty: &[bool],
-) -> (FlexTensor, Vec<f32>) {
-    let [b, s, nh, nkv, keys, d, dv] = attn.dims;
-    let group = nh / nkv;
-    let (q, m) = (values(&attn.q), values(mask));
-    let mut probs = vec![0.0f32; b * nh * s * keys];
+/// The forward of [`attention`]: the output `[batch·seq, heads·v_dim]`. One head's
+/// probabilities are alive at a time; the backward recomputes them ([`head_probs`]), so that
+/// a training forward keeps no `[batch, heads, seq, keys]` tensor per layer, which grows with
+/// the square of the sequence (flash attention's trade: one more `q·kᵀ` in the backward).
+fn attention_forward(attn: &AttnInputs, mask: &FlexTensor, empty: &[bool]) -> FlexTensor {
+    let [b, s, nh, _, keys, _, dv] = attn.dims;
+    let mut p = vec![0.0f32; s * keys];
     let mut out = vec![0.0f32; b * s * nh * dv];
     for bi in 0..b {
         for h in 0..nh {
-            let (kg, vg) = attn.kv(bi, h / group);
-            let p = &mut probs[(bi * nh + h) * s * keys..][..s * keys];
-            gemm(p, keys, attn.token_major(q, bi, h, d), kg.t(), false);
-            let rows = bi * s..(bi + 1) * s;
-            let empty = empty.get(rows.clone()).unwrap_or(&[]);
-            let mask = &m[rows.start * keys..rows.end * keys];
-            kernels::masked_softmax_rows(p, mask, empty, keys, attn.scale);
+            head_probs(attn, values(mask), empty, bi, h, &mut p);
+            let (_, vg) = attn.kv(bi, h / attn.group());
             let o = &mut out[(bi * s * nh + h) * dv..];
-            gemm(o, nh * dv, View::dense(p, s, keys), vg, false);
+            gemm(o, nh * dv, View::dense(&p, s, keys), vg, false);
         }
     }
-    (tensor(out, [b * s, nh * dv].into()), probs)
+    tensor(out, [b * s, nh * dv].into())
+}
+
+/// The probabilities `[seq, keys]` of head `h` of batch row `bi` into `p`: the masked, scaled
+/// softmax of `q·kᵀ` (the same bits in the forward and in the backward's recomputation).
+fn head_probs(attn: &AttnInputs, m: &[f32], empty: &[bool], bi: usize, h: usize, p: &mut [f32]) {
+    let [_, s, _, _, keys, d, _] = attn.dims;
+    let (kg, _) = attn.kv(bi, h / attn.group());
+    gemm(
+        p,
+        keys,
+        attn.token_major(values(&attn.q), bi, h, d),
+        kg.t(),
+        false,
+    );
+    let rows = bi * s..(bi + 1) * s;
+    let empty = empty.get(rows.clone()).unwrap_or(&[]);
+    let mask = &m[rows.start * keys..rows.end * keys];
+    kernels::masked_softmax_rows(p, mask, empty, keys, attn.scale);
 }
 
 /// A non-empty group's gate/up product `h: [n, 2·inter]` and activation `a: [n, inter]`.
@@ -878,19 +892,20 @@ impl Backward<Flex, 1> for RopeBackward {
     }
 }
 
-/// Backward of [`attention`]; state: its inputs and the probabilities.
+/// Backward of [`attention`]; state: its inputs, the mask and the empty rows (each head's
+/// probabilities are recomputed, [`attention_forward`]).
 #[derive(Debug)]
 struct AttentionBackward;
 
 impl Backward<Flex, 3> for AttentionBackward {
-    type State = (AttnInputs, Vec<f32>);
+    type State = (AttnInputs, FlexTensor, Vec<bool>);
 
     /// Per batch row and head, with `dO` the head's columns of the output gradient:
     /// `dP = dO · vᵀ`, `dv += Pᵀ · dO`, `dS = scale · P ∘ (dP − rowsum(P ∘ dP))`,
     /// `dq = dS · k`, `dk += dSᵀ · q` (the heads of a group add into their shared key/value
     /// head). An empty row's `P` is 0, so it passes no gradient.
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (attn, probs) = ops.state;
+        let (attn, mask, empty) = ops.state;
         let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
         let [b, s, nh, nkv, keys, d, d_v] = attn.dims;
         let group = nh / nkv;
@@ -901,11 +916,13 @@ impl Backward<Flex, 3> for AttentionBackward {
             vec![0.0f32; b * nkv * keys * d_v],
         );
         let mut ds = vec![0.0f32; s * keys];
+        let mut probs = vec![0.0f32; s * keys];
         for bi in 0..b {
             for h in 0..nh {
                 let (k_at, v_at) = attn.kv_at(bi, h / group);
                 let (kg, vg) = attn.kv(bi, h / group);
-                let p = &probs[(bi * nh + h) * s * keys..][..s * keys];
+                head_probs(&attn, values(&mask), &empty, bi, h, &mut probs);
+                let p = &probs[..];
                 let d_out = attn.token_major(g, bi, h, d_v);
                 let shared = h % group != 0;
                 gemm(&mut ds, keys, d_out, vg.t(), false);
@@ -1138,13 +1155,14 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         let (k, k_node) = k.into_parts();
         let (v, v_node) = v.into_parts();
         let attn = AttnInputs::new(q, k, v, scale);
-        let (y, probs) = attention_forward(&attn, &mask.into_primitive().to_contiguous(), &empty);
+        let mask = mask.into_primitive().to_contiguous();
+        let y = attention_forward(&attn, &mask, &empty);
         match AttentionBackward
             .prepare::<C>([q_node, k_node, v_node])
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => prep.finish((attn, probs), y),
+            OpsKind::Tracked(prep) => prep.finish((attn, mask, empty), y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         }
     }
