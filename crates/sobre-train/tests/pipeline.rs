@@ -644,13 +644,8 @@ fn gradient_checkpointing_follows_the_plain_run() {
             format!("grpo.gradient_checkpointing={on}"),
         ];
         let dir = tempfile::tempdir().unwrap();
-        let (cfg, src) = Config::parse(&text, "smoke+regex.toml", &sets).unwrap();
-        let opts = RunOptions {
-            out_dir: Some(dir.path().to_path_buf()),
-            quiet: true,
-            ..Default::default()
-        };
-        let s = Pipeline::new(cfg, src, opts).unwrap().run().unwrap();
+        let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+        let s = common::run(&text, "smoke+regex.toml", &sets, dir.path(), false, None);
         assert_eq!((s.sft_steps, s.grpo_steps), (3, 1));
         figures.push(metric_rows(dir.path()));
     }
