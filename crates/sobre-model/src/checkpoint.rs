@@ -35,21 +35,18 @@ type Run = dyn Fn(&DecoderLayer, Tensor<3>) -> Tensor<1> + Send + Sync;
 /// One recomputed layer: what [`fused::recompute`]'s node keeps besides its input.
 #[derive(Clone)]
 pub struct Segment {
-    /// The layer being trained (its parameters' nodes receive the gradients).
-    layer: DecoderLayer,
-    /// The same weights with no gradient: the first run records nothing.
+    /// The trained layer's weights with no gradient: the first run records nothing, and the
+    /// rerun makes fresh leaves of them.
     detached: DecoderLayer,
     run: Arc<Run>,
-    /// Per parameter of `layer` in visiting order, its node when it requires a gradient.
+    /// Per parameter of the trained layer in visiting order, its node when it requires a
+    /// gradient (where the rerun's gradients go).
     param_ids: Vec<Option<NodeId>>,
-    /// `[batch, seq, hidden]` of the input.
-    dims: [usize; 3],
 }
 
 impl std::fmt::Debug for Segment {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Segment")
-            .field("dims", &self.dims)
             .field("params", &self.param_ids.len())
             .finish()
     }
@@ -94,15 +91,6 @@ impl Segment {
             .filter_map(|(id, g)| Some((*id.as_ref()?, g?)))
             .collect();
         (dx, params)
-    }
-
-    /// A tracked parameter of the layer, flattened (`None`: the layer trains nothing): the
-    /// node's second parent, so that it is in the graph even when its input is a constant
-    /// (LoRA, whose embeddings are frozen).
-    pub(crate) fn anchor(&self) -> Option<Tensor<1>> {
-        let mut v = FirstTracked(None);
-        self.layer.visit(&mut v);
-        v.0
     }
 }
 
@@ -149,14 +137,16 @@ pub(crate) fn layer(
     };
     let mut ids = IdsOf(vec![]);
     layer.visit(&mut ids);
+    // A tracked parameter, flattened, as the node's second parent, so that the node is in the
+    // graph even when its input is a constant (LoRA, whose embeddings are frozen).
+    let mut anchor = FirstTracked(None);
+    layer.visit(&mut anchor);
     let segment = Segment {
-        layer: layer.clone(),
         detached: layer.clone().no_grad(),
         run: Arc::new(run),
         param_ids: ids.0,
-        dims,
     };
-    let out = fused::recompute(h, segment);
+    let out = fused::recompute(h, anchor.0, segment);
     let (counts, local) = side
         .lock()
         .ok()

@@ -229,11 +229,14 @@ pub fn head_logprobs(
 
 /// A decoder layer as one graph node that keeps only its input and recomputes the layer in its
 /// backward ([`crate::checkpoint`]): the layer's output `[batch · seq · hidden]`, followed (a
-/// MoE layer with the balance loss) by its routing probabilities' sum `[experts]`.
-pub(crate) fn recompute(h: Tensor<3>, segment: crate::checkpoint::Segment) -> Tensor<1> {
-    let anchor = segment
-        .anchor()
-        .unwrap_or_else(|| Tensor::zeros([1], &h.device()));
+/// MoE layer with the balance loss) by its routing probabilities' sum `[experts]`. `anchor`, a
+/// tracked parameter of the layer (`None`: it trains nothing), is the node's second parent.
+pub(crate) fn recompute(
+    h: Tensor<3>,
+    anchor: Option<Tensor<1>>,
+    segment: crate::checkpoint::Segment,
+) -> Tensor<1> {
+    let anchor = anchor.unwrap_or_else(|| Tensor::zeros([1], &h.device()));
     Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::recompute(
         h.into_dispatch(),
         anchor.into_dispatch(),
@@ -908,7 +911,7 @@ impl Backward<Flex, 3> for AttentionBackward {
         let (attn, mask, empty) = ops.state;
         let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
         let [b, s, nh, nkv, keys, d, d_v] = attn.dims;
-        let group = nh / nkv;
+        let group = attn.group();
         let (q, g) = (values(&attn.q), values(&grad));
         let mut dq = vec![0.0f32; q.len()];
         let (mut dk, mut dv) = (
@@ -922,7 +925,7 @@ impl Backward<Flex, 3> for AttentionBackward {
                 let (k_at, v_at) = attn.kv_at(bi, h / group);
                 let (kg, vg) = attn.kv(bi, h / group);
                 head_probs(&attn, values(&mask), &empty, bi, h, &mut probs);
-                let p = &probs[..];
+                let p = &probs;
                 let d_out = attn.token_major(g, bi, h, d_v);
                 let shared = h % group != 0;
                 gemm(&mut ds, keys, d_out, vg.t(), false);

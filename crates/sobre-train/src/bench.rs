@@ -359,6 +359,11 @@ fn step_report(
     };
     let col = |k: &str| r.timed.iter().map(|m| get(m, k)).collect::<Vec<f64>>();
     let step_s = col("time_step");
+    let phases = Phases {
+        rollout: median(&col("time_rollout")),
+        reference: median(&col("time_reference")),
+        policy: median(&col("time_policy")),
+    };
     let other_s: Vec<f64> = r
         .timed
         .iter()
@@ -422,15 +427,15 @@ fn step_report(
         "warmup_steps": opts.warmup,
         "timed_steps": r.timed.len(),
         "median_step_s": round(med_step, 4),
-        "median_rollout_s": round(median(&col("time_rollout")), 4),
-        "median_reference_s": round(median(&col("time_reference")), 4),
-        "median_policy_s": round(median(&col("time_policy")), 4),
+        "median_rollout_s": round(phases.rollout, 4),
+        "median_reference_s": round(phases.reference, 4),
+        "median_policy_s": round(phases.policy, 4),
         "median_other_s": round(median(&other_s), 4),
         "phases_note": "rollout includes reward scoring; policy = training forward + loss + backward + gradients to host + clipping + AdamW (the trainer times them together; policy_breakdown splits them, measured separately on the same shape); other = advantages, layouts, metrics",
         "completion_tokens_per_step": med_tokens,
         "completion_tokens_per_second": round(med_tokens / med_step, 1),
         "policy_breakdown": r.breakdown,
-        "gflops": gflops_report(cfg, mc, r, med_tokens / rows),
+        "gflops": gflops_report(cfg, mc, r, &phases, med_tokens / rows),
         "peak_rss_mib": peak_rss_mib().map(|x| round(x, 1)),
         "leak_check": r.leak,
         "steps_s": step_s.iter().map(|x| round(*x, 4)).collect::<Vec<_>>(),
@@ -440,17 +445,22 @@ fn step_report(
     })
 }
 
+/// Median seconds of a timed step's phases.
+struct Phases {
+    rollout: f64,
+    reference: f64,
+    policy: f64,
+}
+
 /// Achieved GFLOP/s of each phase (the model's FLOPs for the work sobre does,
 /// [`cost::grpo_batch_forward_flops`], over the phase's median time) next to the GEMM ceiling.
-fn gflops_report(cfg: &Config, mc: &ModelConfig, r: &Measured<'_>, completion_len: f64) -> Value {
-    let time = |k: &str| {
-        median(
-            &r.timed
-                .iter()
-                .map(|m| m.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN))
-                .collect::<Vec<_>>(),
-        )
-    };
+fn gflops_report(
+    cfg: &Config,
+    mc: &ModelConfig,
+    r: &Measured<'_>,
+    phases: &Phases,
+    completion_len: f64,
+) -> Value {
     let prompt_len = median(&r.prompt_lens.iter().map(|&l| l as f64).collect::<Vec<_>>());
     let (groups, group_size) = (cfg.grpo.num_prompts, cfg.grpo.group_size);
     let (p, c) = (prompt_len.round() as usize, completion_len.round() as usize);
@@ -464,9 +474,9 @@ fn gflops_report(cfg: &Config, mc: &ModelConfig, r: &Measured<'_>, completion_le
     json!({
         "note": "estimated from the model's shape for the tokens each phase computes (prompts once per group where shared, the LM head at completion positions); the update's time includes gradients to host and AdamW, and recomputed layers' second forward is not counted",
         "policy_update_tflop": round(update / 1e12, 3),
-        "policy_update": rate(update, time("time_policy")),
-        "reference_forward": (cfg.grpo.beta > 0.0).then(|| rate(once, time("time_reference"))),
-        "rollout": rate(once, time("time_rollout")),
+        "policy_update": rate(update, phases.policy),
+        "reference_forward": (cfg.grpo.beta > 0.0).then(|| rate(once, phases.reference)),
+        "rollout": rate(once, phases.rollout),
         "gemm_peak": r.gemm.clone(),
     })
 }
