@@ -25,7 +25,7 @@ pub struct Prompt {
 }
 
 /// Why a completion ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum FinishReason {
     /// An eos / stop token was sampled, or a stop string appeared.
     Stop,
@@ -42,8 +42,8 @@ impl FinishReason {
     }
 }
 
-/// One sampled completion.
-#[derive(Debug, Clone)]
+/// One sampled completion (serializable: the ranks of a multi-process run exchange them).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Completion {
     /// Index of its prompt in the `prompts` slice.
     pub prompt_index: usize,

@@ -68,7 +68,7 @@ pub struct ToolResponse {
 }
 
 /// One answered call of a completion.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ToolCallRecord {
     pub call: String,
     pub response: String,

@@ -379,6 +379,12 @@ pub struct RunSection {
     /// replicas, docs/PERF.md item 8), so this is how a run uses more than one core. Results depend on this value (each shard pads to its own length, and
     /// sums gradients in its own order), not on `threads` or the machine.
     pub data_parallel_size: usize,
+    /// How the run's processes are started: `"auto"` (MPI's world when an MPI launcher
+    /// started this process, else one process), `"mpi"` (MPI's world, or an error when this
+    /// build lacks the `mpi` feature), `"local"` (one process, whatever the environment says).
+    /// Each rank holds `data_parallel_size` replicas; a batch is cut into ranks × replicas
+    /// shards (docs/SCALE.md).
+    pub launcher: String,
     /// Non-finite losses or gradients in a row that stop the run.
     pub max_consecutive_nonfinite: usize,
     /// Show a progress bar (on a terminal).
@@ -404,6 +410,7 @@ impl Default for RunSection {
             samples_per_step: 2,
             threads: 0,
             data_parallel_size: 1,
+            launcher: "auto".into(),
             max_consecutive_nonfinite: 3,
             progress: true,
             tensorboard: true,
@@ -1328,6 +1335,15 @@ impl Config {
         }
         if self.run.data_parallel_size == 0 {
             return fail("run.data_parallel_size", "must be at least 1".into());
+        }
+        if !["auto", "local", "mpi"].contains(&self.run.launcher.as_str()) {
+            return fail(
+                "run.launcher",
+                format!(
+                    "must be \"auto\", \"local\" or \"mpi\", got {:?}",
+                    self.run.launcher
+                ),
+            );
         }
         if self.run.max_consecutive_nonfinite == 0 {
             return fail("run.max_consecutive_nonfinite", "must be at least 1".into());

@@ -40,7 +40,7 @@ use sobre_data::tasks::{self, Split};
 use sobre_data::{Sample, Template, Tokenizer};
 use sobre_model::MoeModel;
 use sobre_reward::{CombinedReward, Reward};
-use sobre_rollout::{FinishReason, Prompt, SamplingParams, generate_with_tools};
+use sobre_rollout::{FinishReason, Prompt, SamplingParams};
 
 use crate::data::{Detok, encode_prompt, reward_sample, task_config};
 use crate::metrics::num;
@@ -422,7 +422,7 @@ pub fn evaluate(
                 key: (start + i) as u64,
             });
         }
-        let mut completions = generate_with_tools(
+        let mut completions = crate::dist::generate_all(
             &policy,
             &requests,
             opts.samples,

@@ -15,7 +15,7 @@ use sobre_data::{Sample, Template, Tokenizer};
 use sobre_model::{ForwardOptions, InferenceModel, ModelConfig, MoeModel, RouteTotals};
 use sobre_reward::CombinedReward;
 use sobre_rollout::{
-    Completion, FinishReason, Prompt, SamplingParams, completion_logprobs_host, generate_with_tools,
+    Completion, FinishReason, Prompt, SamplingParams, completion_logprobs_host,
 };
 
 use crate::TrainError;
@@ -30,6 +30,7 @@ use crate::losses::{
     is_sequence_level, policy_loss_fn, shard_weight,
 };
 use crate::metrics::{add_counts, add_shard_counts, expert_load, num, peak_rss_mib};
+use crate::dist;
 use crate::optim::{AdamW, apply_gradients, sharded_gradients};
 use crate::parallel::{par_map, split_range};
 use crate::score::{Layout, host, score};
@@ -151,7 +152,7 @@ type ReferenceLogprobs = Vec<Vec<Option<Vec<f32>>>>;
 
 /// What one data-parallel shard of a mini-batch update reports: sums over its tokens, so the
 /// mini-batch's figures are the same whatever the number of shards.
-#[derive(Default)]
+#[derive(Default, serde::Serialize, serde::Deserialize)]
 struct ShardStats {
     /// Tokens in the loss (row mask applied).
     tokens: f64,
@@ -374,7 +375,7 @@ fn sample_and_score(
             ..ctx.cfg.rollout.clone()
         };
         let completions =
-            generate_with_tools(&policy, &requests, gs, &params, Some(&detok), ctx.tools)?;
+            dist::generate_all(&policy, &requests, gs, &params, Some(&detok), ctx.tools)?;
         out.generated_tokens += completions.iter().map(|c| c.tokens.len()).sum::<usize>();
         out.generation_flops += completions
             .iter()
@@ -497,7 +498,7 @@ fn plan_batches(ctx: &GrpoContext<'_>, kept: &[Scored], row_mask: &[f32]) -> Bat
         .collect();
     let shards: Vec<Vec<Range<usize>>> = chunks
         .iter()
-        .map(|r| split_range(r.clone(), cfg.run.data_parallel_size))
+        .map(|r| split_range(r.clone(), dist::total_replicas(cfg.run.data_parallel_size)))
         .collect();
     let layouts: Vec<Vec<Layout>> = shards
         .iter()
@@ -584,8 +585,11 @@ fn frozen_logprobs(
         .layouts
         .iter()
         .map(|ls| {
-            par_map(ls, |l| {
-                (l.max_completion > 0).then(|| match frozen {
+            // Only this rank's shards: the others' are read by the ranks that run them.
+            let mine = dist::local_shards(ls.len());
+            let all: Vec<(usize, &Layout)> = ls.iter().enumerate().collect();
+            par_map(&all, |&(si, l)| {
+                (mine.contains(&si) && l.max_completion > 0).then(|| match frozen {
                     FrozenModel::Host(h) => completion_logprobs_host(h, l, temperature),
                     FrozenModel::Tensors(m) => {
                         host(score(m, l, temperature, ForwardOptions::default(), false).logp)

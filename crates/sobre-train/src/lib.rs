@@ -28,6 +28,7 @@ pub mod compare;
 pub mod config;
 pub mod cost;
 pub mod data;
+pub mod dist;
 pub mod distill;
 pub mod eval;
 pub mod grpo;

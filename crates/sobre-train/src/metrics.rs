@@ -15,7 +15,8 @@ use crate::tensorboard::EventWriter;
 /// Appends JSON lines to a file, and optionally their scalars to TensorBoard.
 pub struct JsonlWriter {
     path: PathBuf,
-    file: File,
+    /// `None`: lines are dropped ([`JsonlWriter::discard`]).
+    file: Option<File>,
     tensorboard: Option<EventWriter>,
 }
 
@@ -50,9 +51,18 @@ impl JsonlWriter {
             .map_err(|e| TrainError::io(path, e))?;
         Ok(JsonlWriter {
             path: path.to_path_buf(),
-            file,
+            file: Some(file),
             tensorboard: None,
         })
+    }
+
+    /// A writer that drops every line: a run's ranks other than 0, whose lines rank 0 writes.
+    pub fn discard(path: &Path) -> Self {
+        JsonlWriter {
+            path: path.to_path_buf(),
+            file: None,
+            tensorboard: None,
+        }
     }
 
     /// Also write every line's numeric scalars to a new TensorBoard event file in `dir`
@@ -70,9 +80,12 @@ impl JsonlWriter {
     }
 
     pub fn write(&mut self, value: &Value) -> Result<(), TrainError> {
+        let Some(file) = &mut self.file else {
+            return Ok(());
+        };
         let line = serde_json::to_string(value).unwrap_or_default();
-        writeln!(self.file, "{line}")
-            .and_then(|_| self.file.flush())
+        writeln!(file, "{line}")
+            .and_then(|_| file.flush())
             .map_err(|e| TrainError::io(&self.path, e))?;
         if let Some(tb) = &mut self.tensorboard {
             let (step, scalars) = tensorboard_scalars(value);

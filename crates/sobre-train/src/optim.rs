@@ -25,7 +25,11 @@ use burn::prelude::*;
 use burn::tensor::Gradients;
 use sobre_model::{MoeModel, RouteTotals};
 
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
 use crate::TrainError;
+use crate::dist;
 use crate::config::Config;
 use crate::parallel::par_map;
 
@@ -747,20 +751,33 @@ pub fn apply_gradients(
 /// Returns the sum of the shard losses; the sum of their gradients, added in shard order (so
 /// the result depends on `shards`, not on the machine), or `None` when a shard's loss is not
 /// finite; and each shard's side output. One shard runs on the calling thread, unreplicated.
-pub fn sharded_gradients<S, R: Send>(
+///
+/// With several ranks ([`crate::dist`]) `shards` counts the shards of all of them: this rank
+/// runs its block ([`dist::local_shards`]), the totals, losses and gradients are summed over the
+/// ranks and the side outputs gathered, so every rank returns what one process running every
+/// shard would.
+pub fn sharded_gradients<S, R: Send + Serialize + DeserializeOwned>(
     model: &MoeModel,
     shards: usize,
     exchange_totals: bool,
     forward: impl Fn(&MoeModel, usize) -> (S, Option<RouteTotals>) + Sync,
     finish: impl Fn(S, Option<&RouteTotals>) -> (Option<Tensor<1>>, R) + Sync,
 ) -> (f64, Option<Vec<HostGrad>>, Vec<R>) {
-    let n = shards.max(1);
-    // Each shard's totals (`Err` if its forward panicked), filled before the barrier.
+    let ids: Vec<usize> = dist::local_shards(shards.max(1)).collect();
+    let n = ids.len();
+    // Each local shard's totals (`Err` if its forward panicked), filled before the barrier;
+    // then the totals of every shard of every rank, set by the first local shard.
     type Slot = Option<Result<Option<RouteTotals>, ()>>;
     let slots: Mutex<Vec<Slot>> = Mutex::new(vec![None; n]);
-    let barrier = Barrier::new(n);
-    let ids: Vec<usize> = (0..n).collect();
-    let results = par_map(&ids, |&i| {
+    let batch_totals: Mutex<Option<RouteTotals>> = Mutex::new(None);
+    let (barrier, published) = (Barrier::new(n.max(1)), Barrier::new(n.max(1)));
+    if n == 0 && exchange_totals {
+        // No shard here, but the peers' exchange needs this rank's (empty) share.
+        exchange_route_totals(None);
+    }
+    let positions: Vec<usize> = (0..n).collect();
+    let results = par_map(&positions, |&p| {
+        let i = ids[p];
         let replica;
         let m = if n > 1 {
             replica = model.clone().fork(&model.device());
@@ -771,19 +788,33 @@ pub fn sharded_gradients<S, R: Send>(
         let (state, batch) = if exchange_totals {
             // Every replica must reach the barrier, or the others wait forever.
             let ran = std::panic::catch_unwind(AssertUnwindSafe(|| forward(m, i)));
-            let published = ran.as_ref().map(|(_, t)| t.clone()).map_err(|_| ());
-            lock(&slots)[i] = Some(published);
+            let totals = ran.as_ref().map(|(_, t)| t.clone()).map_err(|_| ());
+            lock(&slots)[p] = Some(totals);
             barrier.wait();
-            let (state, _) = ran.unwrap_or_else(|e| std::panic::resume_unwind(e));
-            let mut batch: Option<RouteTotals> = None;
-            for slot in lock(&slots).iter() {
-                match slot {
-                    Some(Ok(Some(t))) => batch.get_or_insert_with(RouteTotals::default).add(t),
-                    Some(Ok(None)) => {}
-                    _ => panic!("another data-parallel replica failed in its forward pass"),
+            if p == 0 {
+                let mut local: Option<RouteTotals> = None;
+                let mut failed = false;
+                for slot in lock(&slots).iter() {
+                    match slot {
+                        Some(Ok(Some(t))) => {
+                            local.get_or_insert_with(RouteTotals::default).add(t)
+                        }
+                        Some(Ok(None)) => {}
+                        _ => failed = true,
+                    }
                 }
+                if failed && dist::world().size() > 1 {
+                    // The peers are waiting in the exchange: end the job, not just this rank.
+                    dist::fail("a data-parallel replica failed in its forward pass");
+                }
+                *lock(&batch_totals) = exchange_route_totals(local);
             }
-            (state, batch)
+            published.wait();
+            let (state, _) = ran.unwrap_or_else(|e| std::panic::resume_unwind(e));
+            if lock(&slots).iter().any(|s| !matches!(s, Some(Ok(_)))) {
+                panic!("another data-parallel replica failed in its forward pass");
+            }
+            (state, lock(&batch_totals).clone())
         } else {
             let (state, totals) = forward(m, i);
             debug_assert!(
@@ -813,7 +844,26 @@ pub fn sharded_gradients<S, R: Send>(
         };
         outs.push(out);
     }
-    (loss, sum, outs)
+    let loss = dist::sum(loss);
+    let sum = dist::reduce_grads(sum);
+    (loss, sum, dist::all_gather_concat(outs))
+}
+
+/// The router totals of every rank's shards, added in rank order (`local`: this rank's).
+fn exchange_route_totals(local: Option<RouteTotals>) -> Option<RouteTotals> {
+    if dist::world().size() == 1 {
+        return local;
+    }
+    let mine = local.map(|t| (t.tokens_per_expert, t.rows));
+    let mut out: Option<RouteTotals> = None;
+    for (tokens_per_expert, rows) in dist::all_gather_concat(vec![mine]).into_iter().flatten() {
+        let t = RouteTotals {
+            tokens_per_expert,
+            rows,
+        };
+        out.get_or_insert_with(RouteTotals::default).add(&t);
+    }
+    out
 }
 
 /// The guard of `m`, also after another thread panicked holding it (the data is still whole:

@@ -28,7 +28,7 @@ use crate::metrics::{JsonlWriter, add_shard_counts, expert_load, num, peak_rss_m
 use crate::optim::{AdamW, AdamWConfig, Schedule, apply_gradients, sharded_gradients};
 use crate::parallel::split_range;
 use crate::sft::{completion_tokens, next_batch, sft_forward, sft_loss};
-use crate::{Config, TrainError};
+use crate::{Config, TrainError, dist};
 
 /// How to run, beyond the config.
 #[derive(Debug, Clone, Default)]
@@ -86,7 +86,16 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    pub fn new(cfg: Config, source: Source, opts: RunOptions) -> Result<Self, TrainError> {
+    pub fn new(cfg: Config, source: Source, mut opts: RunOptions) -> Result<Self, TrainError> {
+        let world = dist::world().size();
+        if world > 1 && !cfg.stage.is_empty() {
+            return Err(TrainError::Data(format!(
+                "`[[stage]]` pipelines run in one process; this run has {world} ranks: run the \
+                 stages one by one (`sobre train` per stage), or with one rank"
+            )));
+        }
+        // Rank 0 speaks for the run.
+        opts.quiet |= !dist::is_main();
         Ok(Pipeline { cfg, source, opts })
     }
 
@@ -97,11 +106,15 @@ impl Pipeline {
             .unwrap_or_else(|| self.cfg.run.out_dir.clone())
     }
 
+    /// The stop flag, agreed by every rank (a Ctrl-C that reached some of them stops all at
+    /// the same step).
     fn stopped(&self) -> bool {
-        self.opts
+        let mine = self
+            .opts
             .stop
             .as_ref()
-            .is_some_and(|s| s.load(Ordering::SeqCst))
+            .is_some_and(|s| s.load(Ordering::SeqCst));
+        dist::any(mine)
     }
 
     fn say(&self, pb: &ProgressBar, line: &str) {
@@ -290,7 +303,7 @@ impl Pipeline {
         let Some(l) = &self.cfg.lora else {
             return Ok((model, None));
         };
-        if self.cfg.model.path.is_none() {
+        if self.cfg.model.path.is_none() && dist::is_main() {
             let dir = run_dir.join("base");
             sobre_model::save_model(&model, &dir, None)?;
             tok.save(&dir)
@@ -315,7 +328,9 @@ impl Pipeline {
         let run_dir = self.run_dir();
         let ckpt_root = run_dir.join("checkpoints");
         std::fs::create_dir_all(&run_dir).map_err(|e| TrainError::io(&run_dir, e))?;
-        checkpoint::clean_partials(&ckpt_root);
+        if dist::is_main() {
+            checkpoint::clean_partials(&ckpt_root);
+        }
         let resume_from = if self.opts.resume {
             checkpoint::latest(&ckpt_root)
         } else {
@@ -344,7 +359,9 @@ impl Pipeline {
                 cfg_path.display()
             );
         }
-        std::fs::write(&cfg_path, resolved).map_err(|e| TrainError::io(&cfg_path, e))?;
+        if dist::is_main() {
+            std::fs::write(&cfg_path, resolved).map_err(|e| TrainError::io(&cfg_path, e))?;
+        }
         Ok((run_dir, resume_from))
     }
 
@@ -365,8 +382,10 @@ impl Pipeline {
         {
             tok.set_chat_template(Some(chat.source()));
         }
-        tok.save(&run_dir.join("tokenizer"))
-            .map_err(|e| TrainError::Checkpoint(format!("tokenizer: {e}")))?;
+        if dist::is_main() {
+            tok.save(&run_dir.join("tokenizer"))
+                .map_err(|e| TrainError::Checkpoint(format!("tokenizer: {e}")))?;
+        }
         Ok((data, template, tok))
     }
 
@@ -409,11 +428,20 @@ impl Pipeline {
                 Stage::Sft => ("sft", state.step),
             }
         };
-        let mut metrics = JsonlWriter::open(&run_dir.join("metrics.jsonl"), Some(keep))?;
-        if self.cfg.run.tensorboard {
-            metrics = metrics.with_tensorboard(&run_dir.join("tensorboard"))?;
-        }
-        let samples = JsonlWriter::open(&run_dir.join("samples.jsonl"), Some(keep))?;
+        let (metrics_path, samples_path) =
+            (run_dir.join("metrics.jsonl"), run_dir.join("samples.jsonl"));
+        let (metrics, samples) = if dist::is_main() {
+            let mut metrics = JsonlWriter::open(&metrics_path, Some(keep))?;
+            if self.cfg.run.tensorboard {
+                metrics = metrics.with_tensorboard(&run_dir.join("tensorboard"))?;
+            }
+            (metrics, JsonlWriter::open(&samples_path, Some(keep))?)
+        } else {
+            (
+                JsonlWriter::discard(&metrics_path),
+                JsonlWriter::discard(&samples_path),
+            )
+        };
         let meter = match &state.cost {
             Some(c) if resumed => CostMeter::resume_from(c.clone()),
             _ => CostMeter::start(),
@@ -446,7 +474,9 @@ impl Pipeline {
         pb
     }
 
-    /// Save a checkpoint of `state` (its time and cost so far recorded in it).
+    /// Save a checkpoint of `state` (its time and cost so far recorded in it). Rank 0 writes it;
+    /// every rank returns once it is complete (the others may read it next: the reference, the
+    /// final evaluation).
     fn save(
         &self,
         inp: &Inputs,
@@ -457,15 +487,20 @@ impl Pipeline {
     ) -> Result<PathBuf, TrainError> {
         state.elapsed_seconds = pr.elapsed_before + pr.started.elapsed().as_secs_f64();
         state.cost = Some(pr.meter.snapshot(self.cfg.run.watts_per_core));
-        let dir = checkpoint::save(
-            &inp.ckpt_root,
-            model,
-            opt,
-            &inp.tok,
-            &inp.generation,
-            state,
-            inp.lora.as_ref(),
-        )?;
+        let dir = if dist::is_main() {
+            checkpoint::save(
+                &inp.ckpt_root,
+                model,
+                opt,
+                &inp.tok,
+                &inp.generation,
+                state,
+                inp.lora.as_ref(),
+            )?
+        } else {
+            inp.ckpt_root.join(checkpoint::name_for(state))
+        };
+        dist::barrier();
         pr.last_ckpt = Some(dir.clone());
         Ok(dir)
     }
@@ -524,14 +559,14 @@ impl Pipeline {
                 && state.step < cfg.sft.steps
             {
                 self.save(inp, pr, &model, &opt, state)?;
-                checkpoint::prune(&inp.ckpt_root, Stage::Sft, cfg.run.keep_last)?;
+                prune(&inp.ckpt_root, Stage::Sft, cfg.run.keep_last)?;
             }
         }
         pb.finish_and_clear();
         state.stage = Stage::SftDone;
         state.step = 0;
         self.save(inp, pr, &model, &opt, state)?;
-        checkpoint::prune(&inp.ckpt_root, Stage::Sft, 0)?;
+        prune(&inp.ckpt_root, Stage::Sft, 0)?;
         self.say(
             &pb,
             &format!(
@@ -572,7 +607,8 @@ impl Pipeline {
         )?;
         pr.meter.add(&sft_work(&model.config, &batch));
         let batch_tokens = completion_tokens(&batch);
-        let ranges = split_range(0..batch.len(), cfg.run.data_parallel_size);
+        let replicas = crate::dist::total_replicas(cfg.run.data_parallel_size);
+        let ranges = split_range(0..batch.len(), replicas);
         let (_, grads, shards) = sharded_gradients(
             &model,
             ranges.len(),
@@ -711,7 +747,7 @@ impl Pipeline {
             if (cfg.run.save_every > 0 && state.step.is_multiple_of(cfg.run.save_every)) || last {
                 self.save(inp, pr, &model, &opt, state)?;
                 saved_at = state.step;
-                checkpoint::prune(&inp.ckpt_root, Stage::Grpo, cfg.run.keep_last)?;
+                prune(&inp.ckpt_root, Stage::Grpo, cfg.run.keep_last)?;
             }
         }
         pb.finish_and_clear();
@@ -800,6 +836,9 @@ impl Pipeline {
                 let mut comparison =
                     crate::compare::compare(cfg, &contenders, &inp.template, &inp.rewards, &opts)?;
                 comparison.cost = Some(pr.meter.snapshot(cfg.run.watts_per_core));
+                if !dist::is_main() {
+                    return Ok(());
+                }
                 let path = comparison.save(&inp.run_dir)?;
                 let mut text = comparison.table();
                 for line in comparison.cost_lines() {
@@ -850,6 +889,14 @@ impl Pipeline {
             cost: pr.meter.snapshot(self.cfg.run.watts_per_core),
         }
     }
+}
+
+/// [`checkpoint::prune`] on rank 0 (the one that writes checkpoints).
+fn prune(root: &Path, stage: Stage, keep_last: usize) -> Result<(), TrainError> {
+    if dist::is_main() {
+        checkpoint::prune(root, stage, keep_last)?;
+    }
+    Ok(())
 }
 
 /// A run directory's `config.toml`: where the config came from (file and `--set`s), then every

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use sobre_train::Config;
+use sobre_train::{Config, dist};
 use sobre_train::pipeline::{Pipeline, RunOptions, install_ctrlc};
 
 /// Train a model with SFT then GRPO from one TOML config.
@@ -39,6 +39,8 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let (cfg, source) = Config::load(&args.config, &args.set)?;
+    let world = dist::launch(&cfg.run.launcher)
+        .map_err(|e| anyhow::anyhow!("run.launcher = {:?}: {e}", cfg.run.launcher))?;
     let stop = install_ctrlc();
     let opts = RunOptions {
         resume: args.resume,
@@ -49,9 +51,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let pipeline = Pipeline::new(cfg, source, opts)?;
     let run_dir = pipeline.run_dir();
-    let summary = pipeline
+    let result = pipeline
         .run()
-        .with_context(|| format!("training run in {}", run_dir.display()))?;
+        .with_context(|| format!("training run in {}", run_dir.display()));
+    let summary = match result {
+        Ok(s) => s,
+        // The other ranks may be waiting for this one: end the whole job.
+        Err(e) if dist::world().size() > 1 => {
+            dist::fail(&format!("{e:#}"));
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
+    if !dist::is_main() {
+        return Ok(());
+    }
     let ckpt = summary
         .last_checkpoint
         .as_ref()
@@ -70,6 +84,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             summary.sft_steps, summary.grpo_steps
         );
         if args.stop_after.is_none() {
+            drop(world);
             std::process::exit(130);
         }
         return Ok(());
