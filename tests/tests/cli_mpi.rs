@@ -42,7 +42,12 @@ fn train_args(out: &Path, replicas: usize, extra: &[&str]) -> Vec<String> {
     a.push(out.display().to_string());
     a.push("-q".into());
     let dp = format!("run.data_parallel_size={replicas}");
-    for s in EXCHANGES.iter().copied().chain([dp.as_str()]).chain(extra.iter().copied()) {
+    for s in EXCHANGES
+        .iter()
+        .copied()
+        .chain([dp.as_str()])
+        .chain(extra.iter().copied())
+    {
         a.push("--set".into());
         a.push(s.into());
     }
@@ -78,15 +83,26 @@ fn lines(path: &Path) -> Vec<Value> {
 
 /// Keys whose values are measurements of the machine, not of the run.
 fn measured(key: &str) -> bool {
-    ["time", "per_second", "peak_rss", "seconds", "cpu", "energy", "wh"]
-        .iter()
-        .any(|m| key.contains(m))
+    [
+        "time",
+        "per_second",
+        "peak_rss",
+        "seconds",
+        "cpu",
+        "energy",
+        "wh",
+    ]
+    .iter()
+    .any(|m| key.contains(m))
 }
 
 /// The metrics lines of two runs agree in every key that is not a measurement, numbers within
 /// `rel` (relative) of each other.
 fn assert_same_metrics(a: &Path, b: &Path, rel: f64) {
-    let (la, lb) = (lines(&a.join("metrics.jsonl")), lines(&b.join("metrics.jsonl")));
+    let (la, lb) = (
+        lines(&a.join("metrics.jsonl")),
+        lines(&b.join("metrics.jsonl")),
+    );
     assert_eq!(la.len(), lb.len(), "metrics lines");
     for (x, y) in la.iter().zip(&lb) {
         let (Some(x), Some(y)) = (x.as_object(), y.as_object()) else {
@@ -96,7 +112,9 @@ fn assert_same_metrics(a: &Path, b: &Path, rel: f64) {
             if measured(k) {
                 continue;
             }
-            let w = y.get(k).unwrap_or_else(|| panic!("{k} missing in {}", b.display()));
+            let w = y
+                .get(k)
+                .unwrap_or_else(|| panic!("{k} missing in {}", b.display()));
             match (v.as_f64(), w.as_f64()) {
                 (Some(p), Some(q)) => assert!(
                     (p - q).abs() <= rel * p.abs().max(q.abs()).max(1e-12),
@@ -163,7 +181,10 @@ fn a_killed_rank_leaves_the_last_checkpoint_resumable_exactly() {
     let ckpt = b.join("checkpoints/step-000004");
     let t = std::time::Instant::now();
     while !ckpt.exists() {
-        assert!(t.elapsed().as_secs() < 120, "no checkpoint of step 4 in 2 minutes");
+        assert!(
+            t.elapsed().as_secs() < 120,
+            "no checkpoint of step 4 in 2 minutes"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     // Kill rank 1 (a child of mpirun) mid-run: mpirun ends the job.
@@ -173,7 +194,10 @@ fn a_killed_rank_leaves_the_last_checkpoint_resumable_exactly() {
         .expect("ps");
     let pids = String::from_utf8_lossy(&children.stdout).to_string();
     let rank1 = pids.split_whitespace().last().expect("mpirun's ranks");
-    Command::new("kill").args(["-9", rank1]).status().expect("kill");
+    Command::new("kill")
+        .args(["-9", rank1])
+        .status()
+        .expect("kill");
     let status = job.wait().expect("waiting for mpirun");
     assert!(!status.success(), "the job ends when a rank is killed");
     let mut resume = mpirun_cmd(2, &b, 1, &long);
@@ -204,7 +228,10 @@ fn a_build_without_mpi_refuses_to_be_one_rank_of_many() {
         "--set",
         "run.launcher=\"mpi\"",
     ]));
-    assert!(err.contains("needs a sobre built with the `mpi` feature"), "{err}");
+    assert!(
+        err.contains("needs a sobre built with the `mpi` feature"),
+        "{err}"
+    );
     let err = err_stderr(&sobre(&[
         "train",
         "--config",

@@ -131,7 +131,9 @@ pub fn all_gather_concat<T: Serialize + DeserializeOwned>(local: Vec<T>) -> Vec<
         return local;
     }
     let bytes = postcard::to_allocvec(&local).unwrap_or_else(|e| {
-        fail(&format!("cannot encode what this rank sends its peers: {e}"));
+        fail(&format!(
+            "cannot encode what this rank sends its peers: {e}"
+        ));
         Vec::new()
     });
     drop(local);
@@ -230,16 +232,23 @@ pub fn generate_all(
     let local: Result<Vec<Completion>, String> = if range.is_empty() {
         Ok(Vec::new())
     } else {
-        generate_with_tools(model, &prompts[range.clone()], group_size, params, detok, tools)
-            .map(|cs| {
-                cs.into_iter()
-                    .map(|mut c| {
-                        c.prompt_index += range.start;
-                        c
-                    })
-                    .collect()
-            })
-            .map_err(|e| e.to_string())
+        generate_with_tools(
+            model,
+            &prompts[range.clone()],
+            group_size,
+            params,
+            detok,
+            tools,
+        )
+        .map(|cs| {
+            cs.into_iter()
+                .map(|mut c| {
+                    c.prompt_index += range.start;
+                    c
+                })
+                .collect()
+        })
+        .map_err(|e| e.to_string())
     };
     let mut out = Vec::with_capacity(prompts.len() * group_size);
     for (rank, part) in all_gather_concat(vec![local]).into_iter().enumerate() {
@@ -261,12 +270,23 @@ pub struct WorldGuard {
 /// started this process, and with how many ranks when it tells (Open MPI's, MPICH's and
 /// Slurm's variables).
 pub fn mpi_launch_size() -> Option<usize> {
-    let vars = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS"];
+    let vars = [
+        "OMPI_COMM_WORLD_SIZE",
+        "PMI_SIZE",
+        "PMIX_SIZE",
+        "MPI_LOCALNRANKS",
+    ];
     let told = vars.iter().find_map(|v| std::env::var(v).ok());
     match told {
         Some(n) => Some(n.trim().parse().unwrap_or(0)),
         None => std::env::var_os("PMIX_RANK").map(|_| 0),
     }
+}
+
+impl WorldGuard {
+    /// Leave the process group now (MPI_Finalize; every rank must): before
+    /// `std::process::exit`, which runs no destructors.
+    pub fn finalize(self) {}
 }
 
 /// Join the process group `launcher` (`run.launcher`) names, as the first thing a run does.
@@ -340,7 +360,10 @@ mod tests {
             shape: vec![2],
             values: vec![1.0, -2.0],
         }];
-        assert_eq!(reduce_grads(Some(g.clone())).unwrap()[0].values, g[0].values);
+        assert_eq!(
+            reduce_grads(Some(g.clone())).unwrap()[0].values,
+            g[0].values
+        );
         assert!(reduce_grads(None).is_none());
         assert_eq!(local_shards(3), 0..3);
     }

@@ -14,15 +14,14 @@ use serde_json::{Map, Value, json};
 use sobre_data::{Sample, Template, Tokenizer};
 use sobre_model::{ForwardOptions, InferenceModel, ModelConfig, MoeModel, RouteTotals};
 use sobre_reward::CombinedReward;
-use sobre_rollout::{
-    Completion, FinishReason, Prompt, SamplingParams, completion_logprobs_host,
-};
+use sobre_rollout::{Completion, FinishReason, Prompt, SamplingParams, completion_logprobs_host};
 
 use crate::TrainError;
 use crate::advantages::{ScaleRewards, group_advantages, mean_std, zero_std_groups};
 use crate::config::Config;
 use crate::cost::{TRAIN_FLOPS_FACTOR, Work, sequence_forward_flops};
 use crate::data::{Detok, Order, derive_seed, encode_prompt, reward_sample};
+use crate::dist;
 use crate::distill::{add_teacher_advantages, reverse_kl_sum};
 use crate::kl::KlEstimator;
 use crate::losses::{
@@ -30,7 +29,6 @@ use crate::losses::{
     is_sequence_level, policy_loss_fn, shard_weight,
 };
 use crate::metrics::{add_counts, add_shard_counts, expert_load, num, peak_rss_mib};
-use crate::dist;
 use crate::optim::{AdamW, apply_gradients, sharded_gradients};
 use crate::parallel::{par_map, split_range};
 use crate::score::{Layout, host, score};

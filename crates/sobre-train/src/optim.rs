@@ -29,8 +29,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::TrainError;
-use crate::dist;
 use crate::config::Config;
+use crate::dist;
 use crate::parallel::par_map;
 
 /// The learning-rate schedule: linear warmup from 0, then constant, linear or cosine decay to
@@ -796,9 +796,7 @@ pub fn sharded_gradients<S, R: Send + Serialize + DeserializeOwned>(
                 let mut failed = false;
                 for slot in lock(&slots).iter() {
                     match slot {
-                        Some(Ok(Some(t))) => {
-                            local.get_or_insert_with(RouteTotals::default).add(t)
-                        }
+                        Some(Ok(Some(t))) => local.get_or_insert_with(RouteTotals::default).add(t),
                         Some(Ok(None)) => {}
                         _ => failed = true,
                     }

@@ -252,7 +252,14 @@ fn step(a: StepArgs) -> anyhow::Result<()> {
         gemm_size: a.gemm_size,
     };
     anyhow::ensure!(a.steps > 0, "--steps must be positive");
+    // Under `mpirun` the step runs on every rank (docs/SCALE.md); rank 0 reports.
+    let _world = sobre_train::dist::launch(&cfg.run.launcher)
+        .map_err(|e| anyhow::anyhow!("run.launcher = {:?}: {e}", cfg.run.launcher))?;
     let mut report = sobre_train::bench::bench_step(&cfg, &opts)?;
+    if !sobre_train::dist::is_main() {
+        return Ok(());
+    }
+    report["ranks"] = serde_json::json!(sobre_train::dist::world().size());
     report["config"] = serde_json::json!(a.config.display().to_string());
     report["overrides"] = serde_json::json!(a.set);
     println!("{}", serde_json::to_string_pretty(&report)?);

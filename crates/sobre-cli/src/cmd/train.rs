@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use sobre_train::{Config, dist};
 use sobre_train::pipeline::{Pipeline, RunOptions, install_ctrlc};
+use sobre_train::{Config, dist};
 
 /// Train a model with SFT then GRPO from one TOML config.
 #[derive(clap::Args, Debug)]
@@ -71,8 +71,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .as_ref()
         .map_or("none".to_string(), |p| p.display().to_string());
     if summary.interrupted {
+        let ranks = dist::world().size();
+        let launcher = if ranks > 1 {
+            format!("mpirun -np {ranks} ")
+        } else {
+            String::new()
+        };
         let mut cmd = format!(
-            "sobre train --config {} --out {} --resume",
+            "{launcher}sobre train --config {} --out {} --resume",
             args.config.display(),
             summary.run_dir.display()
         );
@@ -84,7 +90,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             summary.sft_steps, summary.grpo_steps
         );
         if args.stop_after.is_none() {
-            drop(world);
+            world.finalize();
             std::process::exit(130);
         }
         return Ok(());
