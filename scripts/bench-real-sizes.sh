@@ -9,6 +9,8 @@
 #                                               # and at 512 with gradient checkpointing
 #   scripts/bench-real-sizes.sh w4 [ROUNDS]     # W4: sobre (bf16 reference; and with gradient
 #                                               # checkpointing), TRL (default 1)
+#   scripts/bench-real-sizes.sh lora [ROUNDS]   # W3 and W4: full fine-tune vs LoRA r = 16
+#                                               # (issue 27; default 1)
 #
 # Each side is its own process under /usr/bin/time -v, whose "Maximum resident set size" is
 # the peak RSS both sides are compared by; step times are each side's own median over its
@@ -104,5 +106,21 @@ case "$what" in
         --set 'model.frozen_dtype="bf16"' --set grpo.gradient_checkpointing=true
       run_trl trl-w4 w4 3
     done ;;
-  *) echo "usage: $0 w3|w3-long|w4 [ROUNDS]" >&2; exit 2 ;;
+  lora)
+    # Issue 27: full fine-tune against LoRA r = 16 (alpha 32) on the same workload, alternating.
+    # W3's only linear modules outside the routed experts are attention's (LoRA on routed
+    # experts is not supported); W4's adapters cover attention and the MLP.
+    w3_lora=(--set lora.r=16 --set lora.alpha=32
+      --set 'lora.target_modules=["q_proj","k_proj","v_proj","o_proj"]')
+    w4_lora=(--set lora.r=16 --set lora.alpha=32
+      --set 'lora.target_modules=["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"]')
+    for i in $(seq 1 "${2:-1}"); do
+      echo "round $i $(date +%H:%M:%S)" >&2
+      run_sobre sobre-w3-full configs/bench-w3.toml 3 --set 'model.frozen_dtype="bf16"'
+      run_sobre sobre-w3-lora16 configs/bench-w3.toml 3 "${w3_lora[@]}"
+      run_sobre sobre-w4-full configs/bench-w4.toml 1 --prompt-tokens 64 \
+        --set 'model.frozen_dtype="bf16"'
+      run_sobre sobre-w4-lora16 configs/bench-w4.toml 1 --prompt-tokens 64 "${w4_lora[@]}"
+    done ;;
+  *) echo "usage: $0 w3|w3-long|w4|lora [ROUNDS]" >&2; exit 2 ;;
 esac
