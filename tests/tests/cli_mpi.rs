@@ -244,3 +244,53 @@ fn a_build_without_mpi_refuses_to_be_one_rank_of_many() {
         "{err}"
     );
 }
+
+#[test]
+#[ignore = "needs mpirun and SOBRE_MPI_BIN: scripts/test-mpi.sh"]
+fn a_staged_run_on_two_ranks_equals_one_process_of_two() {
+    // R1's four stages (SFT, GRPO, rejection sampling, SFT) on the smoke config.
+    let smoke = std::fs::read_to_string(root().join("configs/smoke.toml")).unwrap();
+    let mut text: String = smoke
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("steps ="))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    text.push_str(concat!(
+        "[[stage]]\nname = \"cold_start\"\nkind = \"sft\"\n[stage.sft]\nsteps = 2\n",
+        "[[stage]]\nname = \"rl\"\nkind = \"grpo\"\n[stage.run]\nsteps = 2\n",
+        "[[stage]]\nname = \"rs\"\nkind = \"rejection_sampling\"\nn = 2\nthreshold = 0.0\nprompts = 4\n",
+        "[[stage]]\nname = \"sft_again\"\nkind = \"sft\"\n[stage.sft]\nsteps = 1\n",
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("staged.toml");
+    std::fs::write(&config, text).unwrap();
+    let args = |out: &Path, replicas: usize| -> Vec<String> {
+        let dp = format!("run.data_parallel_size={replicas}");
+        ["train", "--config", &config.display().to_string(), "--out"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([out.display().to_string(), "-q".into(), "--set".into(), dp])
+            .collect()
+    };
+    let (a, b) = (dir.path().join("one"), dir.path().join("two"));
+    let one = Command::new(mpi_bin())
+        .args(args(&a, 2))
+        .output()
+        .expect("sobre");
+    ok_stdout(&one);
+    let two = Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe", "-np", "2"])
+        .arg(mpi_bin())
+        .args(args(&b, 1))
+        .output()
+        .expect("mpirun");
+    ok_stdout(&two);
+    assert_same_metrics(&a, &b, 0.0);
+    let sft = |r: &Path| std::fs::read_to_string(r.join("stages/rs/sft.jsonl")).unwrap();
+    assert_eq!(
+        sft(&a),
+        sft(&b),
+        "rejection sampling kept the same completions"
+    );
+    assert_eq!(weights(&a, "sft_again"), weights(&b, "sft_again"));
+}

@@ -87,13 +87,6 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub fn new(cfg: Config, source: Source, mut opts: RunOptions) -> Result<Self, TrainError> {
-        let world = dist::world().size();
-        if world > 1 && !cfg.stage.is_empty() {
-            return Err(TrainError::Data(format!(
-                "`[[stage]]` pipelines run in one process; this run has {world} ranks: run the \
-                 stages one by one (`sobre train` per stage), or with one rank"
-            )));
-        }
         // Rank 0 speaks for the run.
         opts.quiet |= !dist::is_main();
         Ok(Pipeline { cfg, source, opts })

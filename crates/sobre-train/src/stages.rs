@@ -28,7 +28,7 @@ use crate::eval::EvalOptions;
 use crate::grpo::default_accuracy_reward;
 use crate::pipeline::{Pipeline, RunOptions, Summary};
 use crate::rejection::{Keep, RejectionReport, rejection_sample, write_atomically};
-use crate::{Config, TrainError, checkpoint};
+use crate::{Config, TrainError, checkpoint, dist};
 
 pub const KINDS: &[&str] = &["sft", "grpo", "rejection_sampling"];
 /// Sections a stage may set (merged over the top-level ones).
@@ -517,7 +517,9 @@ pub fn run(cfg: &Config, source: &Source, opts: &RunOptions) -> Result<Summary, 
         total.last_metrics = state.last_metrics.clone();
         total.last_checkpoint = Some(done.clone());
         trained.push((spec.name.clone(), done.clone()));
-        gather_metrics(&run_dir, &trained)?;
+        if dist::is_main() {
+            gather_metrics(&run_dir, &trained)?;
+        }
         model = Some(done);
         sft_data = None;
     }
@@ -536,6 +538,9 @@ fn prepare(cfg: &Config, source: &Source, run_dir: &Path, resume: bool) -> Resul
             run_dir.display()
         )));
     }
+    if !dist::is_main() {
+        return Ok(());
+    }
     let path = run_dir.join("config.toml");
     let text = crate::pipeline::resolved_config(cfg, source);
     std::fs::write(&path, text).map_err(|e| TrainError::io(&path, e))
@@ -552,7 +557,9 @@ fn run_training_stage(
     opts: &RunOptions,
 ) -> Result<Summary, TrainError> {
     let sub_ckpts = stage_dir.join("checkpoints");
-    checkpoint::clean_partials(&sub_ckpts);
+    if dist::is_main() {
+        checkpoint::clean_partials(&sub_ckpts);
+    }
     let finished = checkpoint::latest(&sub_ckpts).filter(|(_, st)| match spec.kind {
         StageKind::Sft => st.stage == checkpoint::Stage::SftDone,
         _ => st.stage == checkpoint::Stage::Grpo && st.step >= c.run.steps,
@@ -577,11 +584,15 @@ fn run_training_stage(
             (last, Some(summary))
         }
     };
-    if let Some(root) = done.parent() {
-        std::fs::create_dir_all(root).map_err(|e| TrainError::io(root, e))?;
+    if dist::is_main() {
+        if let Some(root) = done.parent() {
+            std::fs::create_dir_all(root).map_err(|e| TrainError::io(root, e))?;
+        }
+        // One rename: the stage is done exactly when its checkpoint is in place.
+        std::fs::rename(&last, done).map_err(|e| TrainError::io(done, e))?;
     }
-    // One rename: the stage is done exactly when its checkpoint is in place.
-    std::fs::rename(&last, done).map_err(|e| TrainError::io(done, e))?;
+    // Every rank reads the stage's checkpoint next.
+    dist::barrier();
     Ok(sub.unwrap_or(Summary {
         run_dir: stage_dir.to_path_buf(),
         sft_steps: 0,
@@ -644,12 +655,16 @@ fn rejection_stage(
             report.sampled, report.prompts
         )));
     }
-    std::fs::create_dir_all(stage_dir).map_err(|e| TrainError::io(stage_dir, e))?;
-    let path = stage_dir.join(REPORT_FILE);
-    let json =
-        serde_json::to_string_pretty(&report).map_err(|e| TrainError::Data(e.to_string()))?;
-    std::fs::write(&path, json).map_err(|e| TrainError::io(&path, e))?;
-    write_atomically(&kept, &stage_dir.join("sft.jsonl"))?;
+    if dist::is_main() {
+        std::fs::create_dir_all(stage_dir).map_err(|e| TrainError::io(stage_dir, e))?;
+        let path = stage_dir.join(REPORT_FILE);
+        let json =
+            serde_json::to_string_pretty(&report).map_err(|e| TrainError::Data(e.to_string()))?;
+        std::fs::write(&path, json).map_err(|e| TrainError::io(&path, e))?;
+        write_atomically(&kept, &stage_dir.join("sft.jsonl"))?;
+    }
+    // The next stage trains on the file on every rank.
+    dist::barrier();
     if !quiet {
         eprintln!(
             "rejection sampling: {}",
@@ -681,6 +696,9 @@ fn final_table(
     let opts = comparison_options(cfg, default_accuracy_reward(cfg, &rewards));
     let mut comparison = crate::compare::compare(cfg, &contenders, &template, &rewards, &opts)?;
     comparison.cost = Some(cost.clone());
+    if !dist::is_main() {
+        return Ok(());
+    }
     let path = comparison.save(run_dir)?;
     if !quiet {
         eprintln!("{}(written to {})", comparison.table(), path.display());
