@@ -325,7 +325,7 @@ impl FusedOps for Flex {
         let ([rows, inp], [_, out]) = (dims2(&x), dims2(&w));
         let y = product(
             View::dense(values(&x), rows, inp),
-            View::dense(values(&w), inp, out),
+            View::dense(&weight_values(&w), inp, out),
         );
         tensor(y, [rows, out].into())
     }
@@ -419,9 +419,8 @@ impl HeadInputs {
         }
     }
 
-    /// `W` as `[hidden, vocab]`.
-    fn weight(&self) -> View<'_> {
-        let w = values(&self.w);
+    /// `W` as `[hidden, vocab]`, from its elements `w` ([`weight_values`] of `self.w`).
+    fn weight<'a>(&self, w: &'a [f32]) -> View<'a> {
         if self.spec.tied {
             View::dense(w, self.vocab, self.hidden).t()
         } else {
@@ -435,10 +434,11 @@ impl HeadInputs {
         (0..self.rows.div_ceil(c)).map(move |i| i * c..((i + 1) * c).min(self.rows))
     }
 
-    /// The raw logits `h · W` of `rows` (unscaled), `[rows.len(), vocab]`.
-    fn logits(&self, rows: std::ops::Range<usize>) -> Vec<f32> {
+    /// The raw logits `h · W` of `rows` (unscaled), `[rows.len(), vocab]`; `w` as in
+    /// [`HeadInputs::weight`].
+    fn logits(&self, rows: std::ops::Range<usize>, w: &[f32]) -> Vec<f32> {
         let h = &values(&self.h)[rows.start * self.hidden..rows.end * self.hidden];
-        product(View::dense(h, rows.len(), self.hidden), self.weight())
+        product(View::dense(h, rows.len(), self.hidden), self.weight(w))
     }
 }
 
@@ -449,8 +449,9 @@ fn head_forward(head: &HeadInputs, keep: bool) -> (FlexTensor, Vec<f32>, Option<
     let mut out = vec![0.0; 2 * rows];
     let mut lse = Vec::with_capacity(rows);
     let mut kept = None;
+    let w = weight_values(&head.w);
     for range in head.chunks() {
-        let logits = head.logits(range.clone());
+        let logits = head.logits(range.clone(), &w);
         let targets = &head.spec.targets[range.clone()];
         let (logp, l, ent) = kernels::token_scores(&logits, vocab, targets, head.spec.scale);
         out[range.clone()].copy_from_slice(&logp);
@@ -677,11 +678,11 @@ impl MoeInputs {
         [dims2(&self.x)[1], self.down.layout().shape()[1]]
     }
 
-    /// Expert `e`'s `gate_up: [hidden, 2·inter]` and `down: [inter, hidden]`.
-    fn expert(&self, e: usize) -> (View<'_>, View<'_>) {
+    /// Expert `e`'s `gate_up: [hidden, 2·inter]` and `down: [inter, hidden]`, from the
+    /// elements of all of them (`gu`, `dn`: [`weight_values`] of `self.gate_up`, `self.down`).
+    fn expert<'a>(&self, e: usize, gu: &'a [f32], dn: &'a [f32]) -> (View<'a>, View<'a>) {
         let [hidden, inter] = self.dims();
         let (gu_len, dn_len) = (hidden * 2 * inter, inter * hidden);
-        let (gu, dn) = (values(&self.gate_up), values(&self.down));
         (
             View::dense(&gu[e * gu_len..(e + 1) * gu_len], hidden, 2 * inter),
             View::dense(&dn[e * dn_len..(e + 1) * dn_len], inter, hidden),
@@ -707,9 +708,10 @@ fn moe_forward(moe: &MoeInputs) -> (FlexTensor, Vec<Saved>) {
     let mut out = vec![0.0f32; tokens * hidden];
     let (mut xe, mut ye) = (Vec::new(), Vec::new());
     let mut saved = Vec::new();
+    let (gu, dn) = (weight_values(&moe.gate_up), weight_values(&moe.down));
     for (e, slots) in moe.groups() {
         let n = slots.len();
-        let (w_gu, w_down) = moe.expert(e);
+        let (w_gu, w_down) = moe.expert(e, &gu, &dn);
         gather_rows(&mut xe, x, hidden, slots, moe.k);
         let h = product(View::dense(&xe, n, hidden), w_gu);
         let a = kernels::silu_mul(&h, inter);
@@ -752,12 +754,13 @@ impl Backward<Flex, 4> for MoeBackward {
         let (gu_len, dn_len) = (hidden * 2 * inter, inter * hidden);
         let mut dx = vec![0.0f32; tokens * hidden];
         let mut dw = vec![0.0f32; tokens * moe.k];
-        let mut d_gate_up = vec![0.0f32; values(&moe.gate_up).len()];
-        let mut d_down = vec![0.0f32; values(&moe.down).len()];
+        let (gu, dn) = (weight_values(&moe.gate_up), weight_values(&moe.down));
+        let mut d_gate_up = vec![0.0f32; gu.len()];
+        let mut d_down = vec![0.0f32; dn.len()];
         let (mut xe, mut ge) = (Vec::new(), Vec::new());
         for ((e, slots), (h, a)) in moe.groups().zip(saved) {
             let n = slots.len();
-            let (w_gu, w_down) = moe.expert(e);
+            let (w_gu, w_down) = moe.expert(e, &gu, &dn);
             gather_rows(&mut ge, g, hidden, slots, moe.k);
             let mut da = product(View::dense(&ge, n, hidden), w_down.t());
             let rows = slots.iter().zip(da.chunks_exact_mut(inter));
@@ -813,7 +816,7 @@ impl Backward<Flex, 2> for LinearBackward {
         let dy = View::dense(values(&grad), rows, out);
         let [x_node, w_node] = ops.parents;
         if let Some(node) = x_node {
-            let dx = product(dy, View::dense(values(&w), inp, out).t());
+            let dx = product(dy, View::dense(&weight_values(&w), inp, out).t());
             grads.register::<Flex>(node.id, tensor(dx, [rows, inp].into()));
         }
         if let Some(node) = w_node {
@@ -998,8 +1001,11 @@ impl Backward<Flex, 2> for HeadLogprobsBackward {
         ];
         let mut dw = vec![0.0; if w_node.is_some() { hidden * vocab } else { 0 }];
         let mut kept = kept;
+        let w = weight_values(&head.w);
         for (i, range) in head.chunks().enumerate() {
-            let logits = kept.take().unwrap_or_else(|| head.logits(range.clone()));
+            let logits = kept
+                .take()
+                .unwrap_or_else(|| head.logits(range.clone(), &w));
             let targets = &head.spec.targets[range.clone()];
             let d = kernels::token_logprobs_backward(
                 &logits,
@@ -1012,7 +1018,7 @@ impl Backward<Flex, 2> for HeadLogprobsBackward {
             let d = View::dense(&d, range.len(), vocab);
             if h_node.is_some() {
                 let out = &mut dh[range.start * hidden..range.end * hidden];
-                gemm(out, hidden, d, head.weight().t(), false);
+                gemm(out, hidden, d, head.weight(&w).t(), false);
             }
             if w_node.is_some() {
                 let h = &values(&head.h)[range.start * hidden..range.end * hidden];
@@ -1236,6 +1242,22 @@ fn shape_of(t: &FlexTensor) -> Shape {
 fn values(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>()
         .expect("fused kernels take contiguous f32 tensors")
+}
+
+/// A weight's elements in `f32`: the tensor's own buffer, or — a frozen base stored in `bf16`
+/// (`lora.base_dtype = "bf16"`) — a widened copy that lives only while the op runs, so the
+/// graph keeps the `bf16` tensor and never a second, `f32` copy of the weights.
+fn weight_values(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
+    match t.as_slice::<f32>() {
+        Some(v) => std::borrow::Cow::Borrowed(v),
+        None => std::borrow::Cow::Owned(
+            t.as_slice::<half::bf16>()
+                .expect("fused kernels take contiguous f32 or bf16 weights")
+                .iter()
+                .map(|w| w.to_f32())
+                .collect(),
+        ),
+    }
 }
 
 fn tensor(values: Vec<f32>, shape: Shape) -> FlexTensor {

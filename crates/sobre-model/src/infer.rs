@@ -148,7 +148,13 @@ fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 /// A `[rows, cols]` weight tensor as a [`Weight`].
 fn weight(t: Tensor<2>) -> Weight {
     let [rows, cols] = t.dims();
-    Weight::new(&host(t), rows, cols)
+    // A base stored in bf16 keeps bf16 panels: the same values, half the memory.
+    let bf16 = t.dtype() == burn::tensor::DType::BF16;
+    let mut w = Weight::new(&host(t), rows, cols);
+    if bf16 {
+        w.store_bf16();
+    }
+    w
 }
 
 /// `x · W + b` with `W: [in, out]`.
@@ -926,16 +932,22 @@ fn host_moe(m: &MoeBlock, hidden: usize, residual: f32) -> HostMoe {
     let gate_up = host(m.experts_gate_up.val());
     let down = host(m.experts_down.val());
     let (gu, dn) = (hidden * two_i, two_i / 2 * hidden);
+    // Experts of a base stored in bf16 keep bf16 panels (exactly their values, unscaled).
+    let bf16 = m.experts_gate_up.val().dtype() == burn::tensor::DType::BF16 && residual == 1.0;
     HostMoe {
         router: weight(m.router.val()),
         experts: (0..e)
             .map(|ex| {
-                HostMlp::from_parts(
+                let mut mlp = HostMlp::from_parts(
                     &gate_up[ex * gu..(ex + 1) * gu],
                     &down[ex * dn..(ex + 1) * dn],
                     hidden,
                 )
-                .scaled(residual)
+                .scaled(residual);
+                if bf16 {
+                    mlp.weights().into_iter().for_each(Weight::store_bf16);
+                }
+                mlp
             })
             .collect(),
         shared: m

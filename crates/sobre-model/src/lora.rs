@@ -737,6 +737,31 @@ pub fn freeze_base(model: MoeModel) -> MoeModel {
     model.map(&mut Freeze(vec![]))
 }
 
+/// The frozen base's matrices (every parameter of two or more dimensions outside the adapters:
+/// projections, experts, embeddings, the LM head) stored in `bf16`, half their memory
+/// (`lora.base_dtype = "bf16"`, as QLoRA-style recipes keep the base in 16 bits). Norm weights
+/// and biases stay `f32`, and computation stays `f32`: the fused kernels widen a weight while
+/// they use it, the host engine keeps it in `bf16` panels. Call after the adapters are on and
+/// the base frozen: a base weight in `bf16` never receives a gradient.
+pub fn store_base_bf16(model: MoeModel) -> MoeModel {
+    struct Narrow(Vec<String>);
+    impl ModuleMapper for Narrow {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.0.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.0.pop();
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            if D < 2 || self.0.iter().any(|s| s.ends_with("lora")) {
+                return param;
+            }
+            param.map(|t| t.cast(burn::tensor::DType::BF16))
+        }
+    }
+    model.map(&mut Narrow(vec![]))
+}
+
 /// The adapters of `model` in PEFT's layout: `(name, shape, row-major values)`, A `[r, in]`
 /// then B `[out, r]` for each adapted projection, in layer order.
 pub fn adapter_tensors(model: &MoeModel) -> Vec<(String, Vec<usize>, Vec<f32>)> {

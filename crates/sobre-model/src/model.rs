@@ -434,7 +434,7 @@ impl Proj {
     /// an enabled adapter (what the host engine and `merge` use).
     pub fn merged_weight(&self) -> Tensor<2> {
         match self.lora.as_ref().filter(|l| l.enabled) {
-            Some(l) => self.weight.val() + l.product(),
+            Some(l) => as_f32(self.weight.val()) + l.product(),
             None => self.weight.val(),
         }
     }
@@ -558,7 +558,18 @@ fn linear(x: Tensor<2>, w: Tensor<2>, fused: bool) -> Tensor<2> {
     if fused {
         fused::linear(x, w)
     } else {
-        x.matmul(w)
+        x.matmul(as_f32(w))
+    }
+}
+
+/// `t` in `f32`. A frozen base may be stored in `bf16` (`crate::lora::store_base_bf16`): the
+/// fused kernels widen such weights inside the op, the tensor-op paths (the reference, other
+/// backends, merging) through this.
+pub(crate) fn as_f32<const D: usize>(t: Tensor<D>) -> Tensor<D> {
+    if t.dtype() == burn::tensor::DType::F32 {
+        t
+    } else {
+        t.cast(burn::tensor::DType::F32)
     }
 }
 
@@ -570,10 +581,10 @@ fn swiglu(x: Tensor<2>, gate_up: Tensor<2>, down: Tensor<2>, fused: bool) -> Ten
     }
     let [rows, _] = x.dims();
     let inter = gate_up.dims()[1] / 2;
-    let h = x.matmul(gate_up);
+    let h = x.matmul(as_f32(gate_up));
     let gate = h.clone().slice([0..rows, 0..inter]);
     let up = h.slice([0..rows, inter..2 * inter]);
-    (silu(gate) * up).matmul(down)
+    (silu(gate) * up).matmul(as_f32(down))
 }
 
 /// A dense SwiGLU FFN (also the shape of the shared expert), with optional LoRA adapters on
@@ -630,7 +641,7 @@ impl Mlp {
         if g.is_none() && u.is_none() {
             return self.gate_up.val();
         }
-        let w = self.gate_up.val();
+        let w = as_f32(self.gate_up.val());
         let [hidden, two_i] = w.dims();
         let device = w.device();
         let zeros = || Tensor::zeros([hidden, two_i / 2], &device);
@@ -640,7 +651,7 @@ impl Mlp {
     /// `down` with the enabled down adapter folded in, `[inter, hidden]`.
     pub fn merged_down(&self) -> Tensor<2> {
         match self.down_lora.as_ref().filter(|l| l.enabled) {
-            Some(l) => self.down.val() + l.product(),
+            Some(l) => as_f32(self.down.val()) + l.product(),
             None => self.down.val(),
         }
     }
@@ -1186,7 +1197,7 @@ impl MoeBlock {
         if let Some(shared) = &self.shared_expert {
             let mut s = shared.forward(x.clone(), fused);
             if let Some(g) = &self.shared_expert_gate {
-                s = s * sigmoid(x.clone().matmul(g.val()));
+                s = s * sigmoid(x.clone().matmul(as_f32(g.val())));
             }
             out = out + s;
         }
@@ -1266,8 +1277,10 @@ impl MoeBlock {
 /// flow back into the stack).
 fn expert_matrix(w: Tensor<3>, ex: usize) -> Tensor<2> {
     let [_, rows, cols] = w.dims();
-    w.slice([ex..ex + 1, 0..rows, 0..cols])
-        .reshape([rows, cols])
+    as_f32(
+        w.slice([ex..ex + 1, 0..rows, 0..cols])
+            .reshape([rows, cols]),
+    )
 }
 
 /// The routed experts as tensor ops, the reference for [`fused::moe_experts`]: the (token, j)
@@ -1285,6 +1298,7 @@ fn routed_reference(
     down: Tensor<3>,
     chosen: &[usize],
 ) -> Tensor<2> {
+    let (gate_up, down) = (as_f32(gate_up), as_f32(down));
     let [t, hidden] = x.dims();
     let device = &x.device();
     let [e, _, _] = gate_up.dims();
@@ -1710,11 +1724,7 @@ impl MoeModel {
         };
 
         let ids = int_tensor_1d(batch.input_ids.iter().map(|&i| i as i64).collect(), &device);
-        let mut h = self
-            .embed_tokens
-            .val()
-            .select(0, ids)
-            .reshape([b, s, cfg.hidden_size]);
+        let mut h = as_f32(self.embed_tokens.val().select(0, ids)).reshape([b, s, cfg.hidden_size]);
         if cfg.embedding_multiplier != 1.0 {
             h = h * cfg.embedding_multiplier;
         }

@@ -610,3 +610,95 @@ fn lora_dropout_masks_the_adapter_input_inside_a_scope_only() {
     let zeros = big.iter().filter(|&&v| v == 0.0).count();
     assert!((4_700..=5_300).contains(&zeros), "{zeros}");
 }
+
+/// A copy of `m` whose base matrices hold their bf16-rounded values, still in f32.
+fn rounded_base(m: &MoeModel) -> MoeModel {
+    struct Round(Vec<String>);
+    impl burn::module::ModuleMapper for Round {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.0.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.0.pop();
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            if D < 2 || self.0.iter().any(|s| s.ends_with("lora")) {
+                return param;
+            }
+            param.map(|t| {
+                t.cast(burn::tensor::DType::BF16)
+                    .cast(burn::tensor::DType::F32)
+            })
+        }
+    }
+    m.clone().map(&mut Round(vec![]))
+}
+
+/// `lora.base_dtype = "bf16"`: the base matrices are stored in bf16 and used in f32. The fused
+/// kernels (logits and adapter gradients), the reference compositions and the host engine all
+/// compute exactly what the f32 model with bf16-rounded weights computes (1e-5 relative: the
+/// same values, the same f32 arithmetic), only adapters get gradients, and against the f32
+/// base the logits move by no more than bf16's rounding allows (≤ 2e-2 relative here).
+#[test]
+fn a_bf16_base_computes_what_its_rounded_f32_base_computes() {
+    let device = default_device().autodiff();
+    for name in ["qwen2_tiny", "qwen2_moe_tiny", "deepseek_v3_tiny"] {
+        let base = load_model(&fixture(name), &device).unwrap();
+        let targets = lora::available_modules(&base);
+        let m = lora::add_adapters(base, &cfg(3, 6.0, &targets, LoraInit::Random), 9).unwrap();
+        let narrow = lora::store_base_bf16(m.clone());
+        let mut dtypes = Vec::new();
+        struct Dtypes<'a>(&'a mut Vec<(usize, burn::tensor::DType)>);
+        impl ModuleVisitor for Dtypes<'_> {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                self.0.push((D, param.val().dtype()));
+            }
+        }
+        narrow.visit(&mut Dtypes(&mut dtypes));
+        let n_bf16 = dtypes
+            .iter()
+            .filter(|(_, t)| *t == burn::tensor::DType::BF16)
+            .count();
+        assert!(n_bf16 > 0, "{name}: nothing stored in bf16");
+        assert!(
+            dtypes
+                .iter()
+                .all(|(d, t)| *d >= 2 || *t == burn::tensor::DType::F32),
+            "{name}: a norm or bias left f32"
+        );
+        let rounded = rounded_base(&m);
+        let b = batch(m.config.vocab_size);
+        let (yn, gn) = adapter_grads(&narrow, &b, Kernels::Fused);
+        let (yr, gr) = adapter_grads(&rounded, &b, Kernels::Fused);
+        assert!(rel_diff(&yn, &yr) <= 1e-5, "{name}: {}", rel_diff(&yn, &yr));
+        assert_eq!(
+            gn.len(),
+            lora::adapter_tensors(&m).len(),
+            "{name}: only adapters"
+        );
+        for (i, (a, r)) in gn.iter().zip(&gr).enumerate() {
+            let d = rel_diff(a, r);
+            assert!(d <= 1e-5, "{name}: gradient {i} differs by {d:e}");
+        }
+        let (yt, _) = adapter_grads(&narrow, &b, Kernels::Reference);
+        assert!(
+            rel_diff(&yt, &yr) <= 1e-5,
+            "{name}: reference {}",
+            rel_diff(&yt, &yr)
+        );
+        let (yf, _) = adapter_grads(&m, &b, Kernels::Fused);
+        let moved = rel_diff(&yn, &yf);
+        assert!(
+            moved > 0.0 && moved <= 2e-2,
+            "{name}: bf16 moved logits by {moved:e}"
+        );
+        let host_model = narrow.valid();
+        let positions: Vec<usize> = (0..b.batch * b.seq).collect();
+        let host = InferenceModel::new(&host_model).forward_positions(&b, &positions);
+        assert!(
+            rel_diff(&host, &yr) <= 1e-5,
+            "{name}: host {}",
+            rel_diff(&host, &yr)
+        );
+    }
+}

@@ -297,7 +297,10 @@ fn bench_models(
             None => l.resolve(),
         };
         let seed = crate::data::derive_seed(cfg.run.seed, &[5]);
-        let model = sobre_model::lora::add_adapters(model, &c, seed)?;
+        let mut model = sobre_model::lora::add_adapters(model, &c, seed)?;
+        if l.base_bf16() {
+            model = sobre_model::lora::store_base_bf16(model);
+        }
         let reference = (cfg.grpo.beta > 0.0).then(Reference::adapters_off);
         return Ok((model, reference));
     }
@@ -394,6 +397,7 @@ fn step_report(
             "adapter_tensors": tensors.len(),
             "trainable_parameters": n,
             "adapter_bytes_f32": 4 * n,
+            "base_dtype": if l.base_bf16() { "bf16" } else { "f32" },
         })
     });
     json!({

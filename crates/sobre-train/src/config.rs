@@ -488,9 +488,18 @@ pub struct LoraSection {
     /// A PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`) to
     /// continue training, on the base model of `[model]`.
     pub adapter: Option<PathBuf>,
+    /// How the frozen base's matrices are stored: `"f32"` (default) or `"bf16"` (half their
+    /// memory; computation stays f32, and rollouts, the reference and training all read the
+    /// same bf16 values, so their log-probabilities still agree).
+    pub base_dtype: Option<String>,
 }
 
 impl LoraSection {
+    /// Whether the frozen base is stored in bf16 (`base_dtype = "bf16"`).
+    pub fn base_bf16(&self) -> bool {
+        self.base_dtype.as_deref() == Some("bf16")
+    }
+
     /// The adapter settings without `adapter`: each unset key at PEFT's default.
     pub fn resolve(&self) -> sobre_model::LoraConfig {
         sobre_model::LoraConfig {
@@ -974,6 +983,11 @@ impl Config {
             && let Err(m) = one_of(init, sobre_model::LoraInit::NAMES)
         {
             return fail("lora.init", m);
+        }
+        if let Some(d) = &l.base_dtype
+            && let Err(m) = one_of(d, &["f32", "bf16"])
+        {
+            return fail("lora.base_dtype", m);
         }
         if let Some(t) = &l.target_modules {
             if t.is_empty() {

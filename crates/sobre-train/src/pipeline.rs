@@ -236,6 +236,11 @@ impl Pipeline {
                 (model, self.fresh_state(), lora)
             }
         };
+        // `lora.base_dtype = "bf16"`: the frozen base in half the memory (adapters stay f32).
+        let model = match &cfg.lora {
+            Some(l) if l.base_bf16() => sobre_model::lora::store_base_bf16(model),
+            _ => model,
+        };
         let pr = self.open_logs(&run_dir, resume_from.is_some(), &state, started)?;
         if let Some((dir, st)) = &resume_from
             && !self.opts.quiet

@@ -287,7 +287,13 @@ fn rollout_logprobs_equal_the_training_forward_with_lora() {
         sobre_model::init_model(&c, 2, &device),
         &["q_proj", "k_proj", "v_proj", "o_proj"],
     );
-    for m in [dense, moe] {
+    // Also with the base stored in bf16 (`lora.base_dtype`): rollouts and training read the
+    // same bf16 values.
+    let narrow = [
+        lora::store_base_bf16(dense.clone()),
+        lora::store_base_bf16(moe.clone()),
+    ];
+    for m in [dense, moe].into_iter().chain(narrow) {
         let prompts = vec![
             Prompt {
                 ids: vec![3, 4, 5, 6, 7],
@@ -333,6 +339,41 @@ fn rollout_logprobs_equal_the_training_forward_with_lora() {
             assert!(moved > 1e-3, "t={t}: the adapters change nothing ({moved})");
         }
     }
+}
+
+/// `lora.base_dtype = "bf16"` through a run: SFT and GRPO train the adapters (B moves, no
+/// skipped step), rollouts match training's log-probs (`logprob_mismatch` < 1e-4), the KL to
+/// the base is positive once the adapters moved, and the run resumes bit for bit.
+#[test]
+fn a_bf16_base_trains_the_adapters_and_resumes_exactly() {
+    let sets = with_lora(&[
+        "run.steps=3",
+        "lora.base_dtype=\"bf16\"",
+        "run.save_every=1",
+    ]);
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let whole = run(a.path(), &sets, false, None);
+    let rows = metrics(a.path());
+    let grpo: Vec<&Value> = rows.iter().filter(|r| r["stage"] == "grpo").collect();
+    assert_eq!(grpo.len(), 3);
+    for r in &grpo {
+        let mm = r["logprob_mismatch"].as_f64().unwrap();
+        assert!(mm < 1e-4, "rollout vs training log-probs: {mm}");
+        assert!(r["kl"].as_f64().unwrap() > 0.0, "{r}");
+        assert_eq!(r["skipped"], false);
+    }
+    let last = whole.last_checkpoint.unwrap();
+    let adapted = load_model(&last, &default_device()).unwrap();
+    let moved: f32 = lora::adapter_tensors(&adapted)
+        .iter()
+        .filter(|(n, _, _)| n.contains("lora_B"))
+        .flat_map(|(_, _, v)| v.iter().map(|x| x.abs()))
+        .fold(0.0, f32::max);
+    assert!(moved > 1e-4, "B did not move: {moved}");
+    run(b.path(), &sets, false, Some(1));
+    let resumed = run(b.path(), &sets, true, None);
+    let bytes = |d: &Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(bytes(&last), bytes(&resumed.last_checkpoint.unwrap()));
 }
 
 /// `[lora] adapter = DIR`: a run continues the adapters of a PEFT directory (here a previous
@@ -416,6 +457,11 @@ fn lora_config_errors_name_key_and_value() {
             "lora.init=\"kaiming\"",
             "lora.init",
             "unknown value `kaiming`",
+        ),
+        (
+            "lora.base_dtype=\"fp16\"",
+            "lora.base_dtype",
+            "unknown value `fp16`",
         ),
         (
             "lora.adapter=\"/nonexistent/adapter\"",
