@@ -118,9 +118,13 @@ case "$what" in
       echo "round $i $(date +%H:%M:%S)" >&2
       run_sobre sobre-w3-full configs/bench-w3.toml 3 --set 'model.frozen_dtype="bf16"'
       run_sobre sobre-w3-lora16 configs/bench-w3.toml 3 "${w3_lora[@]}"
+      run_sobre sobre-w3-lora16-bf16 configs/bench-w3.toml 3 "${w3_lora[@]}" \
+        --set 'lora.base_dtype="bf16"'
       run_sobre sobre-w4-full configs/bench-w4.toml 1 --prompt-tokens 64 \
         --set 'model.frozen_dtype="bf16"'
       run_sobre sobre-w4-lora16 configs/bench-w4.toml 1 --prompt-tokens 64 "${w4_lora[@]}"
+      run_sobre sobre-w4-lora16-bf16 configs/bench-w4.toml 1 --prompt-tokens 64 \
+        "${w4_lora[@]}" --set 'lora.base_dtype="bf16"'
     done ;;
   *) echo "usage: $0 w3|w3-long|w4|lora [ROUNDS]" >&2; exit 2 ;;
 esac
