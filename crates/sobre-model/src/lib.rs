@@ -146,6 +146,9 @@ pub fn device_by_name(name: &str) -> Result<burn::prelude::Device, ModelError> {
 /// before any work; a second call with another device is an error (tensors already made would
 /// live on the first).
 pub fn use_device(device: burn::prelude::Device) -> Result<(), ModelError> {
+    if !fused::available(&device) {
+        open_device(&device)?;
+    }
     let chosen = DEVICE.get_or_init(|| device.clone());
     if *chosen != device {
         return Err(ModelError::Device(format!(
@@ -153,4 +156,45 @@ pub fn use_device(device: burn::prelude::Device) -> Result<(), ModelError> {
         )));
     }
     Ok(())
+}
+
+/// Runs one tiny op on `device`, so that a backend that cannot start (no GPU, no CUDA driver,
+/// no libtorch) is a clear error now rather than a panic at the first real op: cubecl and
+/// libtorch open their device lazily and panic when they cannot (cudarc: "Unable to
+/// dynamically load the \"cuda\" shared library").
+fn open_device(device: &burn::prelude::Device) -> Result<(), ModelError> {
+    use std::sync::{Arc, Mutex};
+    let message: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = message.clone();
+    let previous = std::panic::take_hook();
+    // Quiet while probing: the backend's panics (on its own threads too) become the error.
+    std::panic::set_hook(Box::new(move |info| {
+        let text = info
+            .payload()
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "the backend panicked".into());
+        if let Ok(mut m) = seen.lock() {
+            m.push(text);
+        }
+    }));
+    let probe = device.clone();
+    let ran = std::panic::catch_unwind(move || {
+        burn::prelude::Tensor::<1>::zeros([1], &probe)
+            .try_into_vec_as::<f32>()
+            .map_err(|e| format!("{e:?}"))
+    });
+    std::panic::set_hook(previous);
+    let why = match ran {
+        Ok(Ok(_)) => return Ok(()),
+        Ok(Err(e)) => e,
+        Err(_) => message
+            .lock()
+            .map(|m| m.first().cloned().unwrap_or_default())
+            .unwrap_or_default(),
+    };
+    Err(ModelError::Device(format!(
+        "cannot open device {device:?}: {why}"
+    )))
 }
