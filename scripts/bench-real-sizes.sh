@@ -125,6 +125,12 @@ case "$what" in
       run_sobre sobre-w4-lora16 configs/bench-w4.toml 1 --prompt-tokens 64 "${w4_lora[@]}"
       run_sobre sobre-w4-lora16-bf16 configs/bench-w4.toml 1 --prompt-tokens 64 \
         "${w4_lora[@]}" --set 'lora.base_dtype="bf16"'
+      # Both with gradient checkpointing: the policy update's activations are most of what
+      # LoRA leaves (5 GB of W4's 8 GB peak).
+      run_sobre sobre-w4-full-ckpt configs/bench-w4.toml 1 --prompt-tokens 64 \
+        --set 'model.frozen_dtype="bf16"' --set grpo.gradient_checkpointing=true
+      run_sobre sobre-w4-lora16-bf16-ckpt configs/bench-w4.toml 1 --prompt-tokens 64 \
+        "${w4_lora[@]}" --set 'lora.base_dtype="bf16"' --set grpo.gradient_checkpointing=true
     done ;;
   *) echo "usage: $0 w3|w3-long|w4|lora [ROUNDS]" >&2; exit 2 ;;
 esac
