@@ -249,18 +249,7 @@ fn a_build_without_mpi_refuses_to_be_one_rank_of_many() {
 #[ignore = "needs mpirun and SOBRE_MPI_BIN: scripts/test-mpi.sh"]
 fn a_staged_run_on_two_ranks_equals_one_process_of_two() {
     // R1's four stages (SFT, GRPO, rejection sampling, SFT) on the smoke config.
-    let smoke = std::fs::read_to_string(root().join("configs/smoke.toml")).unwrap();
-    let mut text: String = smoke
-        .lines()
-        .filter(|l| !l.trim_start().starts_with("steps ="))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    text.push_str(concat!(
-        "[[stage]]\nname = \"cold_start\"\nkind = \"sft\"\n[stage.sft]\nsteps = 2\n",
-        "[[stage]]\nname = \"rl\"\nkind = \"grpo\"\n[stage.run]\nsteps = 2\n",
-        "[[stage]]\nname = \"rs\"\nkind = \"rejection_sampling\"\nn = 2\nthreshold = 0.0\nprompts = 4\n",
-        "[[stage]]\nname = \"sft_again\"\nkind = \"sft\"\n[stage.sft]\nsteps = 1\n",
-    ));
+    let text = common::staged(common::R1_STAGES);
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("staged.toml");
     std::fs::write(&config, text).unwrap();

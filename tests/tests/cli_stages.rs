@@ -4,32 +4,17 @@
 
 mod common;
 
-use common::{err_stderr, ok_stdout, root, sobre_in};
+use common::{err_stderr, ok_stdout, sobre_in};
 use serde_json::Value;
-
-/// configs/smoke.toml without its step counts, plus `stages`.
-fn staged(stages: &str) -> String {
-    let smoke = std::fs::read_to_string(root().join("configs/smoke.toml")).unwrap();
-    let mut out: String = smoke
-        .lines()
-        .filter(|l| !l.trim_start().starts_with("steps ="))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    out.push_str(stages);
-    out
-}
-
-const STAGES: &str = concat!(
-    "[[stage]]\nname = \"cold_start\"\nkind = \"sft\"\n[stage.sft]\nsteps = 2\n",
-    "[[stage]]\nname = \"rl\"\nkind = \"grpo\"\n[stage.run]\nsteps = 2\n",
-    "[[stage]]\nname = \"rs\"\nkind = \"rejection_sampling\"\nn = 2\nthreshold = 0.0\nprompts = 4\n",
-    "[[stage]]\nname = \"sft_again\"\nkind = \"sft\"\n[stage.sft]\nsteps = 1\n",
-);
 
 #[test]
 fn a_staged_run_and_traces_from_its_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("staged.toml"), staged(STAGES)).unwrap();
+    std::fs::write(
+        dir.path().join("staged.toml"),
+        common::staged(common::R1_STAGES),
+    )
+    .unwrap();
     let out = ok_stdout(&sobre_in(
         dir.path(),
         &[
@@ -133,7 +118,7 @@ fn a_staged_run_and_traces_from_its_checkpoint() {
 #[test]
 fn mixing_the_two_forms_names_both() {
     let dir = tempfile::tempdir().unwrap();
-    let text = staged(STAGES).replacen("[sft]\n", "[sft]\nsteps = 3\n", 1);
+    let text = common::staged(common::R1_STAGES).replacen("[sft]\n", "[sft]\nsteps = 3\n", 1);
     std::fs::write(dir.path().join("mixed.toml"), text).unwrap();
     let e = err_stderr(&sobre_in(dir.path(), &["train", "--config", "mixed.toml"]));
     assert!(e.contains("sft.steps") && e.contains("[[stage]]"), "{e}");

@@ -715,51 +715,57 @@ pub fn add_adapters(
     Ok(freeze_base(model))
 }
 
+/// What [`OnBase`] does to each base parameter.
+#[derive(Clone, Copy)]
+enum BaseAction {
+    Freeze,
+    /// Store the matrices (two or more dimensions) in this dtype.
+    Cast(burn::tensor::DType),
+}
+
+/// Applies a [`BaseAction`] to every parameter outside the adapters (under a `…lora` field).
+struct OnBase(Vec<String>, BaseAction);
+
+impl ModuleMapper for OnBase {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.0.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.0.pop();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        if self.0.iter().any(|s| s.ends_with("lora")) {
+            return param;
+        }
+        match self.1 {
+            BaseAction::Freeze => param.set_require_grad(false),
+            BaseAction::Cast(_) if D < 2 => param,
+            BaseAction::Cast(dtype) => param.map(|t| t.cast(dtype)),
+        }
+    }
+}
+
 /// Every base parameter frozen (no gradient, so no optimizer state); adapter parameters
 /// (under a `…lora` field) untouched.
 pub fn freeze_base(model: MoeModel) -> MoeModel {
-    struct Freeze(Vec<String>);
-    impl ModuleMapper for Freeze {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.0.push(name.to_string());
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.0.pop();
-        }
-        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-            if self.0.iter().any(|s| s.ends_with("lora")) {
-                param
-            } else {
-                param.set_require_grad(false)
-            }
-        }
-    }
-    model.map(&mut Freeze(vec![]))
+    model.map(&mut OnBase(vec![], BaseAction::Freeze))
 }
 
 /// The frozen base's matrices (every parameter of two or more dimensions outside the adapters:
-/// projections, experts, embeddings, the LM head) stored in `bf16`, half their memory
+/// projections, experts, embeddings, the LM head) stored in `dtype`; norm weights, biases and
+/// the adapters untouched. [`store_base_bf16`] is the use; a test widens such a base back to
+/// `f32` to compare against.
+pub fn cast_base(model: MoeModel, dtype: burn::tensor::DType) -> MoeModel {
+    model.map(&mut OnBase(vec![], BaseAction::Cast(dtype)))
+}
+
+/// The frozen base's matrices stored in `bf16` ([`cast_base`]), half their memory
 /// (`lora.base_dtype = "bf16"`, as QLoRA-style recipes keep the base in 16 bits). Norm weights
 /// and biases stay `f32`, and computation stays `f32`: the fused kernels widen a weight while
 /// they use it, the host engine keeps it in `bf16` panels. Call after the adapters are on and
 /// the base frozen: a base weight in `bf16` never receives a gradient.
 pub fn store_base_bf16(model: MoeModel) -> MoeModel {
-    struct Narrow(Vec<String>);
-    impl ModuleMapper for Narrow {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.0.push(name.to_string());
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.0.pop();
-        }
-        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-            if D < 2 || self.0.iter().any(|s| s.ends_with("lora")) {
-                return param;
-            }
-            param.map(|t| t.cast(burn::tensor::DType::BF16))
-        }
-    }
-    model.map(&mut Narrow(vec![]))
+    cast_base(model, burn::tensor::DType::BF16)
 }
 
 /// The adapters of `model` in PEFT's layout: `(name, shape, row-major values)`, A `[r, in]`

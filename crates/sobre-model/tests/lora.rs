@@ -613,25 +613,7 @@ fn lora_dropout_masks_the_adapter_input_inside_a_scope_only() {
 
 /// A copy of `m` whose base matrices hold their bf16-rounded values, still in f32.
 fn rounded_base(m: &MoeModel) -> MoeModel {
-    struct Round(Vec<String>);
-    impl burn::module::ModuleMapper for Round {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.0.push(name.to_string());
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.0.pop();
-        }
-        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-            if D < 2 || self.0.iter().any(|s| s.ends_with("lora")) {
-                return param;
-            }
-            param.map(|t| {
-                t.cast(burn::tensor::DType::BF16)
-                    .cast(burn::tensor::DType::F32)
-            })
-        }
-    }
-    m.clone().map(&mut Round(vec![]))
+    lora::cast_base(lora::store_base_bf16(m.clone()), burn::tensor::DType::F32)
 }
 
 /// `lora.base_dtype = "bf16"`: the base matrices are stored in bf16 and used in f32. The fused

@@ -82,3 +82,23 @@ pub fn err_stderr(out: &Output) -> String {
     );
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// configs/smoke.toml without its step counts, plus `stages` (`[[stage]]` tables).
+pub fn staged(stages: &str) -> String {
+    let smoke = std::fs::read_to_string(root().join("configs/smoke.toml")).unwrap();
+    let mut out: String = smoke
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("steps ="))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    out.push_str(stages);
+    out
+}
+
+/// R1's four stages in miniature: SFT, GRPO, rejection sampling, SFT again.
+pub const R1_STAGES: &str = concat!(
+    "[[stage]]\nname = \"cold_start\"\nkind = \"sft\"\n[stage.sft]\nsteps = 2\n",
+    "[[stage]]\nname = \"rl\"\nkind = \"grpo\"\n[stage.run]\nsteps = 2\n",
+    "[[stage]]\nname = \"rs\"\nkind = \"rejection_sampling\"\nn = 2\nthreshold = 0.0\nprompts = 4\n",
+    "[[stage]]\nname = \"sft_again\"\nkind = \"sft\"\n[stage.sft]\nsteps = 1\n",
+);
