@@ -28,7 +28,7 @@ if ! command -v mpicc >/dev/null 2>&1 || ! ls /usr/lib/llvm-*/lib/libclang.so* >
     echo "installing Open MPI and libclang (Debian packages)"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        libopenmpi-dev openmpi-bin libclang-dev >/dev/null
+        libopenmpi-dev openmpi-bin libclang-dev clang >/dev/null
 fi
 mpirun --version | head -1
 

@@ -1063,8 +1063,8 @@ impl Config {
         Ok(())
     }
 
-    /// Every value check; the first failure is the error, located in the file. Long because it
-    /// is one flat list of independent checks, section by section, each naming its key.
+    /// Every value check, section by section, each naming its key; the first failure is the
+    /// error, located in the file (the `--set` that gave the value, or the file's line).
     pub fn validate(&self, source: &Source) -> Result<(), ConfigError> {
         let fail = |key: &str, msg: String| {
             let overridden = source
@@ -1083,21 +1083,26 @@ impl Config {
                 msg,
             })
         };
-        let pos = |key: &str, v: f64| {
-            if v > 0.0 && v.is_finite() {
-                Ok(())
-            } else {
-                fail(key, format!("must be a finite number > 0, found {v}"))
-            }
-        };
-        let nonneg = |key: &str, v: f64| {
-            if v >= 0.0 && v.is_finite() {
-                Ok(())
-            } else {
-                fail(key, format!("must be a finite number ≥ 0, found {v}"))
-            }
-        };
+        self.check_model(&fail)?;
+        self.check_data(&fail)?;
+        self.check_training(&fail)?;
+        self.check_optim_lora_run(&fail)?;
+        self.check_eval(&fail)?;
+        // [[reward]]
+        if let Err(m) = self.check_rewards() {
+            return fail("reward", m);
+        }
+        // [[stage]]: each stage's own config is checked as a whole config.
+        if !self.stage.is_empty() {
+            crate::stages::plan(self, source)?;
+        }
+        Ok(())
+    }
+}
 
+impl Config {
+    /// The `[model]` checks of [`Config::validate`].
+    fn check_model(&self, fail: &Fail<'_>) -> Result<(), ConfigError> {
         // [model]
         if let Some(d) = &self.model.frozen_dtype
             && d != "f32"
@@ -1128,10 +1133,10 @@ impl Config {
             }
         }
         if let Some(r) = self.model.router_aux_loss_coef {
-            nonneg("model.router_aux_loss_coef", r)?;
+            nonneg(fail, "model.router_aux_loss_coef", r)?;
         }
         if let Some(r) = self.model.bias_update_rate {
-            nonneg("model.bias_update_rate", r)?;
+            nonneg(fail, "model.bias_update_rate", r)?;
         }
         if let Some(p) = &self.model.path
             && !p.join("config.json").exists()
@@ -1169,6 +1174,11 @@ impl Config {
                 format!("{} has no tokenizer.json", p.display()),
             );
         }
+        Ok(())
+    }
+
+    /// The `[tokenizer]`, `[data]` and `[template]` checks of [`Config::validate`].
+    fn check_data(&self, fail: &Fail<'_>) -> Result<(), ConfigError> {
         // [tokenizer]
         if self.tokenizer.path.is_none()
             && self.model.path.is_none()
@@ -1246,12 +1256,17 @@ impl Config {
         if let Err(m) = one_of(&self.template.name, TEMPLATES) {
             return fail("template.name", m);
         }
+        Ok(())
+    }
+
+    /// The `[sft]`, `[rollout]` and `[grpo]` checks of [`Config::validate`].
+    fn check_training(&self, fail: &Fail<'_>) -> Result<(), ConfigError> {
         // [sft]
         if self.sft.steps > 0 {
             if self.sft.batch_size == 0 {
                 return fail("sft.batch_size", "must be at least 1".into());
             }
-            pos("sft.lr", self.sft.lr)?;
+            pos(fail, "sft.lr", self.sft.lr)?;
             if self.sft.max_length < 2 {
                 return fail("sft.max_length", "must be at least 2".into());
             }
@@ -1291,11 +1306,11 @@ impl Config {
         if let Err(m) = one_of(&g.loss, LOSSES) {
             return fail("grpo.loss", m);
         }
-        pos("grpo.epsilon", g.epsilon)?;
+        pos(fail, "grpo.epsilon", g.epsilon)?;
         if let Some(h) = g.epsilon_high {
-            pos("grpo.epsilon_high", h)?;
+            pos(fail, "grpo.epsilon_high", h)?;
         }
-        nonneg("grpo.beta", g.beta)?;
+        nonneg(fail, "grpo.beta", g.beta)?;
         if let Err(m) = one_of(&g.kl_estimator, KL_ESTIMATORS) {
             return fail("grpo.kl_estimator", m);
         }
@@ -1303,7 +1318,7 @@ impl Config {
             return fail("grpo.scale_rewards", m);
         }
         if let Some(a) = g.aux_loss_coef {
-            nonneg("grpo.aux_loss_coef", a)?;
+            nonneg(fail, "grpo.aux_loss_coef", a)?;
         }
         self.validate_teacher(&fail)?;
         if let Some(t) = &self.tools
@@ -1311,10 +1326,15 @@ impl Config {
         {
             return fail(&format!("tools.{}", e.key), e.msg);
         }
+        Ok(())
+    }
+
+    /// The `[optim]`, `[lora]` and `[run]` checks of [`Config::validate`].
+    fn check_optim_lora_run(&self, fail: &Fail<'_>) -> Result<(), ConfigError> {
         // [optim]
         let o = &self.optim;
-        pos("optim.lr", o.lr)?;
-        nonneg("optim.weight_decay", o.weight_decay)?;
+        pos(fail, "optim.lr", o.lr)?;
+        nonneg(fail, "optim.weight_decay", o.weight_decay)?;
         for b in o.betas {
             if !(0.0..1.0).contains(&b) {
                 return fail(
@@ -1323,7 +1343,7 @@ impl Config {
                 );
             }
         }
-        pos("optim.eps", o.eps)?;
+        pos(fail, "optim.eps", o.eps)?;
         if let Some(sched) = &self.sft.schedule
             && let Err(m) = one_of(sched, SCHEDULES)
         {
@@ -1338,10 +1358,10 @@ impl Config {
                 format!("must be in [0, 1], found {}", o.min_lr_ratio),
             );
         }
-        nonneg("optim.max_grad_norm", o.max_grad_norm)?;
+        nonneg(fail, "optim.max_grad_norm", o.max_grad_norm)?;
         // [lora]
         if let Some(l) = &self.lora {
-            self.validate_lora(l, &fail)?;
+            self.validate_lora(l, fail)?;
         }
         // [run]
         if self.run.keep_last == 0 {
@@ -1371,6 +1391,11 @@ impl Config {
                 ),
             );
         }
+        Ok(())
+    }
+
+    /// The `[eval]` checks of [`Config::validate`].
+    fn check_eval(&self, fail: &Fail<'_>) -> Result<(), ConfigError> {
         // [eval]
         if (self.eval.eval_every > 0 || self.eval.at_end) && self.eval.n == 0 {
             return fail(
@@ -1408,15 +1433,28 @@ impl Config {
                 ),
             );
         }
-        // [[reward]]
-        if let Err(m) = self.check_rewards() {
-            return fail("reward", m);
-        }
-        // [[stage]]: each stage's own config is checked as a whole config.
-        if !self.stage.is_empty() {
-            crate::stages::plan(self, source)?;
-        }
         Ok(())
+    }
+}
+
+/// How a check reports a bad value: the key and what is wrong, located by [`Config::validate`].
+type Fail<'a> = dyn Fn(&str, String) -> Result<(), ConfigError> + 'a;
+
+/// `v` must be a finite number > 0.
+fn pos(fail: &Fail<'_>, key: &str, v: f64) -> Result<(), ConfigError> {
+    if v > 0.0 && v.is_finite() {
+        Ok(())
+    } else {
+        fail(key, format!("must be a finite number > 0, found {v}"))
+    }
+}
+
+/// `v` must be a finite number ≥ 0.
+fn nonneg(fail: &Fail<'_>, key: &str, v: f64) -> Result<(), ConfigError> {
+    if v >= 0.0 && v.is_finite() {
+        Ok(())
+    } else {
+        fail(key, format!("must be a finite number ≥ 0, found {v}"))
     }
 }
 
