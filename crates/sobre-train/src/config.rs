@@ -1098,9 +1098,7 @@ impl Config {
         }
         Ok(())
     }
-}
 
-impl Config {
     /// The `[model]` checks of [`Config::validate`].
     fn check_model(&self, fail: &Fail<'_>) -> Result<(), ConfigError> {
         // [model]

@@ -96,6 +96,17 @@ pub fn barrier() {
     }
 }
 
+/// Run `write` on rank 0 (the one that writes the run's files), then wait until every rank is
+/// here: the others may read what it wrote next. An error on rank 0 is returned there before
+/// the barrier; the binary then ends the job ([`fail`]), so no rank waits forever.
+pub fn written_by_main<E>(write: impl FnOnce() -> Result<(), E>) -> Result<(), E> {
+    if is_main() {
+        write()?;
+    }
+    barrier();
+    Ok(())
+}
+
 /// The sum of `x` over the ranks.
 pub fn sum(x: f64) -> f64 {
     let mut v = [x];

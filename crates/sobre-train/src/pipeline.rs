@@ -485,20 +485,11 @@ impl Pipeline {
     ) -> Result<PathBuf, TrainError> {
         state.elapsed_seconds = pr.elapsed_before + pr.started.elapsed().as_secs_f64();
         state.cost = Some(pr.meter.snapshot(self.cfg.run.watts_per_core));
-        let dir = if dist::is_main() {
-            checkpoint::save(
-                &inp.ckpt_root,
-                model,
-                opt,
-                &inp.tok,
-                &inp.generation,
-                state,
-                inp.lora.as_ref(),
-            )?
-        } else {
-            inp.ckpt_root.join(checkpoint::name_for(state))
-        };
-        dist::barrier();
+        dist::written_by_main(|| {
+            let (tok, generation, lora) = (&inp.tok, &inp.generation, inp.lora.as_ref());
+            checkpoint::save(&inp.ckpt_root, model, opt, tok, generation, state, lora).map(drop)
+        })?;
+        let dir = inp.ckpt_root.join(checkpoint::name_for(state));
         pr.last_ckpt = Some(dir.clone());
         Ok(dir)
     }

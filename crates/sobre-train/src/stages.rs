@@ -584,15 +584,14 @@ fn run_training_stage(
             (last, Some(summary))
         }
     };
-    if dist::is_main() {
+    // Every rank reads the stage's checkpoint next.
+    dist::written_by_main(|| {
         if let Some(root) = done.parent() {
             std::fs::create_dir_all(root).map_err(|e| TrainError::io(root, e))?;
         }
         // One rename: the stage is done exactly when its checkpoint is in place.
-        std::fs::rename(&last, done).map_err(|e| TrainError::io(done, e))?;
-    }
-    // Every rank reads the stage's checkpoint next.
-    dist::barrier();
+        std::fs::rename(&last, done).map_err(|e| TrainError::io(done, e))
+    })?;
     Ok(sub.unwrap_or(Summary {
         run_dir: stage_dir.to_path_buf(),
         sft_steps: 0,
@@ -655,16 +654,15 @@ fn rejection_stage(
             report.sampled, report.prompts
         )));
     }
-    if dist::is_main() {
+    // The next stage trains on the file on every rank.
+    dist::written_by_main(|| {
         std::fs::create_dir_all(stage_dir).map_err(|e| TrainError::io(stage_dir, e))?;
         let path = stage_dir.join(REPORT_FILE);
         let json =
             serde_json::to_string_pretty(&report).map_err(|e| TrainError::Data(e.to_string()))?;
         std::fs::write(&path, json).map_err(|e| TrainError::io(&path, e))?;
-        write_atomically(&kept, &stage_dir.join("sft.jsonl"))?;
-    }
-    // The next stage trains on the file on every rank.
-    dist::barrier();
+        write_atomically(&kept, &stage_dir.join("sft.jsonl"))
+    })?;
     if !quiet {
         eprintln!(
             "rejection sampling: {}",
